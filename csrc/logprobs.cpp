@@ -1,0 +1,307 @@
+// Chunked drivers for masked_logprobs / logprobs_from_logits (SPEC 2.3). The [N, V] logits are
+// never materialized: the vocabulary is streamed in chunks of k.vocab_chunk columns and the rows
+// in chunks of k.row_chunk, so the only logits buffer is [row_chunk, vocab_chunk] fp32.
+#include "logprobs.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <string>
+
+namespace dlmkern {
+namespace {
+
+constexpr const char* kOp = "dlmkern.masked_logprobs";
+constexpr const char* kOpLogits = "dlmkern.logprobs_from_logits";
+
+bool is_float_type(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+void check_temperature(const char* op, double temperature) {
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,
+                    ": `temperature` must be a finite number > 0, got ", temperature);
+}
+
+// Targets must lie in [0, V) or equal ignore_index. A value check reads device memory, so it is
+// skipped only while a CUDA graph is being captured (the caller validated before capture).
+void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t vocab,
+                   int64_t ignore_index, const RowKernels& k) {
+  TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": `targets` must be int64, got ",
+                   targets.scalar_type());
+  TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == n, op,
+                    ": `targets` must have shape [", n, "], got ", targets.sizes());
+  if (n == 0 || !k.can_sync()) return;
+  auto bad = (targets != ignore_index).logical_and_((targets < 0).logical_or_(targets >= vocab));
+  if (bad.any().item<bool>()) {
+    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": `targets` must lie in [0, ", vocab,
+                      ") or equal ignore_index=", ignore_index, "; targets[", i,
+                      "] = ", targets[i].item<int64_t>());
+  }
+}
+
+// Returns int64 row indices (a bool mask is turned into the indices of its true entries).
+at::Tensor row_indices(const at::Tensor& rows, int64_t n_total, const at::Tensor& like,
+                       const RowKernels& k) {
+  TORCH_CHECK_VALUE(rows.device() == like.device(), kOp, ": `rows` must be on ", like.device(),
+                    ", got ", rows.device());
+  TORCH_CHECK_VALUE(rows.dim() == 1, kOp, ": `rows` must be 1-D, got shape ", rows.sizes());
+  if (rows.scalar_type() == at::kBool) {
+    TORCH_CHECK_VALUE(rows.size(0) == n_total, kOp, ": bool `rows` must have shape [", n_total,
+                      "], got ", rows.sizes());
+    return rows.nonzero().select(1, 0);
+  }
+  TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, kOp,
+                   ": `rows` must be int64 indices or a bool mask, got ", rows.scalar_type());
+  if (rows.numel() > 0 && k.can_sync()) {
+    auto bad = (rows < 0).logical_or_(rows >= n_total);
+    TORCH_CHECK_INDEX(!bad.any().item<bool>(), kOp, ": `rows` indices must lie in [0, ", n_total,
+                      "), got min ", rows.min().item<int64_t>(), " max ",
+                      rows.max().item<int64_t>());
+  }
+  return rows;
+}
+
+void check_hidden_weight(const at::Tensor& hidden, const at::Tensor& weight) {
+  TORCH_CHECK_VALUE(hidden.dim() == 2, kOp, ": `hidden` must be 2-D [N, H], got shape ",
+                    hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, kOp, ": `weight` must be 2-D [V, H], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_TYPE(is_float_type(hidden.scalar_type()), kOp,
+                   ": `hidden` must be float32, float16 or bfloat16, got ", hidden.scalar_type());
+  TORCH_CHECK_TYPE(weight.scalar_type() == hidden.scalar_type(), kOp,
+                   ": `weight` must have the dtype of `hidden` (", hidden.scalar_type(),
+                   "), got ", weight.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), kOp, ": `weight` must be [V, ",
+                    hidden.size(1), "] to match `hidden`'s hidden size, got ", weight.sizes());
+  TORCH_CHECK_VALUE(weight.size(0) > 0, kOp, ": `weight` must have at least one vocabulary row");
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), kOp, ": `weight` must be on ",
+                    hidden.device(), " like `hidden`, got ", weight.device());
+}
+
+// Dtype of the GEMM operands: the input dtype on CUDA (tensor cores, fp32 accumulation and fp32
+// output), fp32 on CPU (reduced-precision GEMMs on CPU are slow and less accurate).
+at::ScalarType gemm_dtype(const at::Tensor& t) {
+  return t.is_cuda() ? t.scalar_type() : at::kFloat;
+}
+
+// out(fp32) = a @ b.t() with fp32 accumulation.
+void gemm_nt(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    at::mm_out(out, a, b.t());
+  } else {
+    at::mm_out(out, a, b.t(), at::kFloat);
+  }
+}
+
+// acc(fp32) += a @ b, with fp32 accumulation for half inputs.
+void gemm_acc(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() == at::kFloat) {
+    acc.addmm_(a, b);
+  } else {
+    at::addmm_out(acc, acc, a, b, at::kFloat);
+  }
+}
+
+at::Tensor init_state(int64_t n, const at::TensorOptions& opts) {
+  auto state = at::zeros({n, 4}, opts.dtype(at::kFloat));
+  state.select(1, 0).fill_(-INFINITY);
+  return state;
+}
+
+// logp = z_target - lse, entropy = lse - E[z]; ignored rows give 0 for both.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize(const at::Tensor& state,
+                                                        const at::Tensor& targets,
+                                                        int64_t ignore_index) {
+  auto m = state.select(1, 0), s = state.select(1, 1), t = state.select(1, 2);
+  auto tz = state.select(1, 3);
+  auto lse = m + s.log();
+  auto valid = targets != ignore_index;
+  auto zero = at::zeros({}, lse.options());
+  auto logp = at::where(valid, tz - lse, zero);
+  auto entropy = at::where(valid, lse - t / s, zero);
+  return {logp, entropy, lse};
+}
+
+// Upstream gradients as fp32 with ignored rows zeroed (they get no gradient).
+at::Tensor masked_grad(const std::optional<at::Tensor>& g, const at::Tensor& valid) {
+  if (!g.has_value() || !g->defined()) return at::zeros(valid.sizes(), valid.options().dtype(at::kFloat));
+  return at::where(valid, g->to(at::kFloat), at::zeros({}, valid.options().dtype(at::kFloat)));
+}
+
+void check_saved(const char* op, const at::Tensor& t, const char* name, int64_t n) {
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == n && t.scalar_type() == at::kFloat, op, ": `",
+                    name, "` must be float32 [", n, "], got ", t.scalar_type(), " ", t.sizes());
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index,
+    const RowKernels& k) {
+  check_hidden_weight(hidden, weight);
+  check_temperature(kOp, temperature);
+  TORCH_CHECK_VALUE(targets.device() == hidden.device(), kOp, ": `targets` must be on ",
+                    hidden.device(), ", got ", targets.device());
+  const int64_t N = hidden.size(0), V = weight.size(0);
+  check_targets(kOp, targets, N, V, ignore_index, k);
+
+  at::Tensor h = hidden, tgt = targets;
+  if (rows.has_value() && rows->defined()) {
+    auto idx = row_indices(*rows, N, hidden, k);
+    h = hidden.index_select(0, idx);
+    tgt = targets.index_select(0, idx);
+  }
+  const int64_t n = h.size(0);
+  const auto cdt = gemm_dtype(hidden);
+  h = h.to(cdt).contiguous();
+  tgt = tgt.contiguous();
+  auto state = init_state(n, hidden.options());
+  if (n > 0) {
+    const int64_t rc = std::min(k.row_chunk, n), vc = std::min(k.vocab_chunk, V);
+    auto logits = at::empty({rc, vc}, hidden.options().dtype(at::kFloat));
+    const double inv_temp = 1.0 / temperature;
+    for (int64_t v0 = 0; v0 < V; v0 += vc) {
+      const int64_t vn = std::min(vc, V - v0);
+      auto w = weight.narrow(0, v0, vn).to(cdt).contiguous();
+      for (int64_t r0 = 0; r0 < n; r0 += rc) {
+        const int64_t rn = std::min(rc, n - r0);
+        auto buf = logits.narrow(0, 0, rn).narrow(1, 0, vn);
+        gemm_nt(buf, h.narrow(0, r0, rn), w);
+        auto st = state.narrow(0, r0, rn);
+        k.update(buf, tgt.narrow(0, r0, rn), v0, inv_temp, st);
+      }
+    }
+  }
+  return finalize(state, tgt, ignore_index);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
+    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
+    double temperature, int64_t ignore_index, std::array<bool, 2> output_mask,
+    const RowKernels& k) {
+  check_hidden_weight(hidden, weight);
+  check_temperature(kOp, temperature);
+  const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
+  check_targets(kOp, targets, N, V, ignore_index, k);
+
+  at::Tensor h = hidden, tgt = targets, idx;
+  if (rows.has_value() && rows->defined()) {
+    idx = row_indices(*rows, N, hidden, k);
+    h = hidden.index_select(0, idx);
+    tgt = targets.index_select(0, idx);
+  }
+  const int64_t n = h.size(0);
+  check_saved(kOp, lse, "lse", n);
+  check_saved(kOp, entropy, "entropy", n);
+  const auto cdt = gemm_dtype(hidden);
+  h = h.to(cdt).contiguous();
+  tgt = tgt.contiguous();
+  auto valid = tgt != ignore_index;
+  auto g_lp = masked_grad(grad_logp, valid).contiguous();
+  auto g_ent = masked_grad(grad_entropy, valid).contiguous();
+  auto mean_z = (lse - entropy).contiguous();
+  auto lse_c = lse.contiguous();
+
+  const bool want_h = output_mask[0], want_w = output_mask[1];
+  auto f32 = hidden.options().dtype(at::kFloat);
+  at::Tensor dh = want_h ? at::zeros({n, H}, f32) : at::Tensor();
+  at::Tensor dw = want_w ? at::zeros({V, H}, weight.options()) : at::Tensor();
+  if (n > 0 && (want_h || want_w)) {
+    const int64_t rc = std::min(k.row_chunk, n), vc = std::min(k.vocab_chunk, V);
+    auto logits = at::empty({rc, vc}, f32);
+    auto gbuf = at::empty({rc, vc}, hidden.options().dtype(cdt));
+    at::Tensor dw_acc = want_w ? at::empty({vc, H}, f32) : at::Tensor();
+    const double inv_temp = 1.0 / temperature;
+    for (int64_t v0 = 0; v0 < V; v0 += vc) {
+      const int64_t vn = std::min(vc, V - v0);
+      auto w = weight.narrow(0, v0, vn).to(cdt).contiguous();
+      at::Tensor dwc;
+      if (want_w) {
+        dwc = dw_acc.narrow(0, 0, vn);
+        dwc.zero_();
+      }
+      for (int64_t r0 = 0; r0 < n; r0 += rc) {
+        const int64_t rn = std::min(rc, n - r0);
+        auto buf = logits.narrow(0, 0, rn).narrow(1, 0, vn);
+        auto hr = h.narrow(0, r0, rn);
+        gemm_nt(buf, hr, w);
+        auto g = gbuf.narrow(0, 0, rn).narrow(1, 0, vn);
+        k.grad(buf, tgt.narrow(0, r0, rn), v0, inv_temp, lse_c.narrow(0, r0, rn),
+               mean_z.narrow(0, r0, rn), g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), g);
+        if (want_h) {
+          auto dhr = dh.narrow(0, r0, rn);
+          gemm_acc(dhr, g, w);
+        }
+        if (want_w) gemm_acc(dwc, g.t(), hr);
+      }
+      if (want_w) dw.narrow(0, v0, vn).copy_(dwc);
+    }
+  }
+  at::Tensor d_hidden;
+  if (want_h) {
+    if (idx.defined()) {
+      d_hidden = at::zeros({N, H}, hidden.options());
+      d_hidden.index_add_(0, idx, dh.to(hidden.scalar_type()));
+    } else {
+      d_hidden = dh.to(hidden.scalar_type());
+    }
+  } else {
+    d_hidden = at::empty({0}, hidden.options());
+  }
+  if (!want_w) dw = at::empty({0}, weight.options());
+  return {d_hidden, dw};
+}
+
+namespace {
+void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
+  TORCH_CHECK_VALUE(logits.dim() == 2, kOpLogits, ": `logits` must be 2-D [N, V], got shape ",
+                    logits.sizes());
+  TORCH_CHECK_TYPE(is_float_type(logits.scalar_type()), kOpLogits,
+                   ": `logits` must be float32, float16 or bfloat16, got ", logits.scalar_type());
+  TORCH_CHECK_VALUE(logits.size(1) > 0, kOpLogits, ": `logits` must have at least one column");
+  TORCH_CHECK_VALUE(targets.device() == logits.device(), kOpLogits, ": `targets` must be on ",
+                    logits.device(), ", got ", targets.device());
+}
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_forward(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
+    const RowKernels& k) {
+  check_logits(logits, targets);
+  check_temperature(kOpLogits, temperature);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_targets(kOpLogits, targets, N, V, ignore_index, k);
+  auto x = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto tgt = targets.contiguous();
+  auto state = init_state(N, logits.options());
+  if (N > 0) k.update(x, tgt, 0, 1.0 / temperature, state);
+  return finalize(state, tgt, ignore_index);
+}
+
+at::Tensor logprobs_from_logits_backward(
+    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& entropy, double temperature, int64_t ignore_index, const RowKernels& k) {
+  check_logits(logits, targets);
+  check_temperature(kOpLogits, temperature);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_targets(kOpLogits, targets, N, V, ignore_index, k);
+  check_saved(kOpLogits, lse, "lse", N);
+  check_saved(kOpLogits, entropy, "entropy", N);
+  auto x = logits.stride(1) == 1 ? logits : logits.contiguous();
+  auto tgt = targets.contiguous();
+  auto valid = tgt != ignore_index;
+  auto out = at::empty({N, V}, logits.options());
+  if (N > 0) {
+    k.grad(x, tgt, 0, 1.0 / temperature, lse.contiguous(), (lse - entropy).contiguous(),
+           masked_grad(grad_logp, valid).contiguous(), masked_grad(grad_entropy, valid).contiguous(),
+           out);
+  }
+  return out;
+}
+
+}  // namespace dlmkern

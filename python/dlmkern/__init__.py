@@ -1,0 +1,11 @@
+"""dlmkern: fast, tested RL post-training for diffusion language models.
+
+Kernels (``dlmkern.ops``) are C++/CUDA ops registered as ``torch.ops.dlmkern.*``; each one also has
+a pure-torch reference in ``dlmkern.ops.reference``.
+"""
+
+from dlmkern._build import build_info
+from dlmkern import ops
+
+__all__ = ["build_info", "ops"]
+__version__ = "0.1.0"
