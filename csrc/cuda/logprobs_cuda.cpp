@@ -1,0 +1,102 @@
+// CUDA backend glue of the log-prob ops: torch tensors in, raw pointers to the .cu launchers out.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include "cuda/logprobs_kernels.h"
+#include "logprobs.h"
+
+namespace dlmkern {
+namespace {
+
+constexpr int64_t kCudaRowChunk = 4096;    // rows per GEMM
+constexpr int64_t kCudaVocabChunk = 4096;  // vocabulary columns per GEMM
+
+DType to_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK_TYPE(false, "dlmkern: unsupported dtype ", t);
+  }
+}
+
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+void check_launch(int err) {
+  TORCH_CHECK(err == 0, "dlmkern: CUDA kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+
+void cuda_update(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0, double inv_temp,
+                 at::Tensor& state) {
+  check_launch(cuda::launch_lse_update(
+      to_dtype(chunk.scalar_type()), chunk.const_data_ptr(), chunk.size(0), chunk.size(1),
+      chunk.stride(0), targets.const_data_ptr<int64_t>(), col0, static_cast<float>(inv_temp),
+      state.data_ptr<float>(), state.stride(0), current_stream()));
+}
+
+void cuda_grad(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0, double inv_temp,
+               const at::Tensor& lse, const at::Tensor& mean_z, const at::Tensor& g_logp,
+               const at::Tensor& g_ent, at::Tensor& out) {
+  check_launch(cuda::launch_logprob_grad(
+      to_dtype(chunk.scalar_type()), to_dtype(out.scalar_type()), chunk.const_data_ptr(),
+      chunk.size(0), chunk.size(1), chunk.stride(0), targets.const_data_ptr<int64_t>(), col0,
+      static_cast<float>(inv_temp), lse.const_data_ptr<float>(), mean_z.const_data_ptr<float>(),
+      g_logp.const_data_ptr<float>(), g_ent.const_data_ptr<float>(), out.data_ptr(),
+      out.stride(0), current_stream()));
+}
+
+// Value checks (targets / rows in range) synchronize; they are skipped inside graph capture.
+bool cuda_can_sync() {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
+  return status == cudaStreamCaptureStatusNone;
+}
+
+const RowKernels kCuda{cuda_update, cuda_grad, cuda_can_sync, kCudaRowChunk, kCudaVocabChunk};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_cuda(
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return masked_logprobs_forward(hidden, weight, targets, rows, temperature, ignore_index, kCuda);
+}
+
+std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward_cuda(
+    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
+    double temperature, int64_t ignore_index, std::array<bool, 2> output_mask) {
+  const c10::cuda::CUDAGuard guard(hidden.device());
+  return masked_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targets, rows, lse,
+                                  entropy, temperature, ignore_index, output_mask, kCuda);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_cuda(
+    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return logprobs_from_logits_forward(logits, targets, temperature, ignore_index, kCuda);
+}
+
+at::Tensor logprobs_from_logits_backward_cuda(
+    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+    const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+  const c10::cuda::CUDAGuard guard(logits.device());
+  return logprobs_from_logits_backward(grad_logp, grad_entropy, logits, targets, lse, entropy,
+                                       temperature, ignore_index, kCuda);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dlmkern, CUDA, m) {
+  m.impl("masked_logprobs", &masked_logprobs_cuda);
+  m.impl("masked_logprobs_backward", &masked_logprobs_backward_cuda);
+  m.impl("logprobs_from_logits", &logprobs_from_logits_cuda);
+  m.impl("logprobs_from_logits_backward", &logprobs_from_logits_backward_cuda);
+}
+
+}  // namespace dlmkern
