@@ -1,0 +1,11 @@
+.PHONY: setup test bench lint gpu-check
+setup:        ## venv + torch + build + demo
+	bash scripts/setup.sh
+test:         ## build (incremental) + pytest
+	bash scripts/test.sh
+bench:        ## CPU benchmarks, rows appended to bench/results/results.jsonl
+	.venv/bin/python bench/bench_masked_logprobs.py
+lint:
+	.venv/bin/ruff check python tests bench examples
+gpu-check:    ## on a GPU machine: build, CUDA tests, all benchmarks into $(OUT)
+	bash bench/gpu_check.sh $(OUT)

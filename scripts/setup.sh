@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up a fresh machine: a virtual environment in .venv with torch, the build tools and the test
+# extras, then builds dlmkern (CPU kernels, plus CUDA kernels when nvcc is present) and runs the
+# embedded demo. `--no-demo` stops after the build (used by scripts/test.sh and CI).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+TORCH_SPEC=${DLMKERN_TORCH:-torch==2.14.1}   # the wheel on this machine kind's disk (BUILD-NOTES.md)
+demo=1
+[[ "${1:-}" == "--no-demo" ]] && demo=0
+
+if [[ ! -x .venv/bin/python ]]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+if ! "$VPY" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing $TORCH_SPEC and build/test tools into .venv"
+  "$VPY" -m pip install -q --upgrade pip
+  "$VPY" -m pip install -q "$TORCH_SPEC"
+fi
+"$VPY" -m pip install -q numpy pytest pyyaml "scikit-build-core>=0.10" ninja ruff
+
+# CUDA sources compile whenever nvcc is found (CUDA_HOME, /usr/local/cuda or PATH).
+if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+echo "[setup] building dlmkern (DLMKERN_CUDA=${DLMKERN_CUDA:-AUTO})"
+"$VPY" -m pip install -q --no-build-isolation -e .
+"$VPY" -c "import dlmkern, json; print('[setup] build_info:', json.dumps(dlmkern.build_info()))"
+
+if [[ $demo == 1 ]]; then
+  "$VPY" examples/smoke.py
+fi

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs the test suite. On a fresh clone it first sets everything up (scripts/setup.sh --no-demo);
+# otherwise it rebuilds incrementally so the tests always run against the current sources.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --no-demo
+exec .venv/bin/python -m pytest -q "$@"
