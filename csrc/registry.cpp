@@ -17,4 +17,16 @@ TORCH_LIBRARY(dlmkern, m) {
   m.def(
       "logprobs_from_logits_backward(Tensor? grad_logp, Tensor? grad_entropy, Tensor logits, "
       "Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
+  // SPEC 2.4. Returns (loss, stats, u_logp, u_values, seq_scale): the loss, the statistics
+  // vector, the per-token gradients before the reduction weight, and that weight.
+  // reduction: 0 token_mean, 1 seq_mean, 2 sum.
+  m.def(
+      "policy_value_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
+      "Tensor? ref_logp, Tensor? values, Tensor? old_values, Tensor? returns, Tensor? seq_ids, "
+      "float eps_low, float eps_high, float? dual_clip, float kl_coef, float vf_coef, "
+      "float vf_clip, int reduction, int num_seqs, float normalizer) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "policy_value_loss_backward(Tensor grad_loss, Tensor u_logp, Tensor u_values, "
+      "Tensor? seq_ids, Tensor seq_scale, int reduction) -> (Tensor, Tensor)");
 }

@@ -3,5 +3,6 @@ autograd registrations beside each op, and pure-torch references in ``dlmkern.op
 
 from dlmkern.ops import reference
 from dlmkern.ops.logprobs import logprobs_from_logits, masked_logprobs
+from dlmkern.ops.policy_value_loss import policy_value_loss
 
-__all__ = ["logprobs_from_logits", "masked_logprobs", "reference"]
+__all__ = ["logprobs_from_logits", "masked_logprobs", "policy_value_loss", "reference"]

@@ -67,3 +67,117 @@ def masked_logprobs(
         return_entropy=return_entropy,
         ignore_index=ignore_index,
     )
+
+
+def policy_value_loss(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    ref_logp=None,
+    values=None,
+    old_values=None,
+    returns=None,
+    eps_low=0.2,
+    eps_high=0.2,
+    dual_clip=None,
+    kl_coef=0.0,
+    vf_coef=0.5,
+    vf_clip=0.2,
+    reduction="token_mean",
+    seq_ids=None,
+    normalizer=None,
+):
+    """The eager torch composition of SPEC 2.4 (what PPO / GRPO trainers write by hand).
+
+    Returns (loss, stats) with the same keys as dlmkern.ops.policy_value_loss. Gradients flow to
+    logp and values through ordinary autograd.
+    """
+    f = torch.float32
+    lp, olp, adv = logp.to(f), old_logp.to(f), advantages.to(f)
+    m = mask
+    zero = torch.zeros((), dtype=f, device=lp.device)
+    diff = lp - olp
+    ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
+    s1 = ratio * adv
+    s2 = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
+    pg = -torch.minimum(s1, s2)
+    clipped = s2 < s1
+    dual = torch.zeros_like(clipped)
+    if dual_clip is not None:
+        bound = -dual_clip * adv
+        dual = (adv < 0) & (bound < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+    kl = torch.zeros_like(pg)
+    if ref_logp is not None:
+        x = torch.clamp(ref_logp.to(f) - lp, -20.0, 20.0)
+        kl = torch.exp(x) - x - 1
+    vf = torch.zeros_like(pg)
+    vf_clipped = torch.zeros_like(clipped)
+    if values is not None:
+        v, r = values.to(f), returns.to(f)
+        vf1 = (v - r) ** 2
+        if old_values is not None:
+            ov = old_values.to(f)
+            vclip = ov + torch.clamp(v - ov, -vf_clip, vf_clip)
+            vf2 = (vclip - r) ** 2
+            vf_clipped = vf2 > vf1
+            vf = 0.5 * torch.maximum(vf1, vf2)
+        else:
+            vf = 0.5 * vf1
+
+    count = m.sum().to(f)
+    denom = count.clamp(min=1)
+
+    def masked(x):
+        return torch.where(m, x, zero)
+
+    def reduce(x):
+        x = masked(x)
+        if reduction == "token_mean":
+            return x.sum() / denom
+        if reduction == "sum":
+            return x.sum() / (1.0 if normalizer is None else normalizer)
+        if reduction == "seq_mean":
+            sid = seq_ids if seq_ids is not None else (
+                torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
+            sid = sid.reshape(-1)
+            n_seq = int(sid.max()) + 1 if sid.numel() else 0
+            per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
+            per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
+                0, sid, m.reshape(-1).to(f))
+            nonempty = per_cnt > 0
+            if not bool(nonempty.any()):
+                return x.sum() * 0
+            return (per_sum[nonempty] / per_cnt[nonempty]).mean()
+        raise ValueError(reduction)
+
+    pg_loss, kl_loss, vf_loss = reduce(pg), reduce(kl), reduce(vf)
+    loss = pg_loss
+    if ref_logp is not None:
+        loss = loss + kl_coef * kl_loss
+    if values is not None:
+        loss = loss + vf_coef * vf_loss
+
+    def frac(b):
+        return masked(b.to(f)).sum() / denom
+
+    with torch.no_grad():
+        low = clipped & (ratio < 1 - eps_low)
+        high = clipped & (ratio > 1 + eps_high)
+        stats = {
+            "pg_loss": pg_loss.detach(),
+            "kl": kl_loss.detach(),
+            "vf_loss": vf_loss.detach(),
+            "clip_frac": frac(low | high),
+            "clip_frac_low": frac(low),
+            "clip_frac_high": frac(high),
+            "approx_kl": masked(0.5 * diff**2).sum() / denom,
+            "ratio_mean": masked(ratio).sum() / denom,
+            "ratio_max": masked(ratio).max() if bool(m.any()) else zero,
+            "vf_clip_frac": frac(vf_clipped),
+            "dual_clip_frac": frac(dual),
+            "num_tokens": count,
+        }
+    return loss, stats

@@ -1,0 +1,36 @@
+// Device-agnostic driver of the fused policy-value loss; backends supply the two kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+#include "policy_value_loss_args.h"
+
+namespace dlmkern {
+
+struct PvKernels {
+  void (*forward)(PvForwardArgs& a);
+  void (*backward)(PvBackwardArgs& a);
+  bool (*can_sync)();
+};
+
+// Returns (loss [], stats [kNumPvOutStats], u_logp, u_values, seq_scale).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_value_loss_forward(
+    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
+    const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
+    const std::optional<at::Tensor>& returns, const std::optional<at::Tensor>& seq_ids,
+    double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
+    double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer,
+    const PvKernels& k);
+
+// Returns (grad_logp, grad_values) in fp32 with the shape of u_logp (grad_values empty when
+// there were no values).
+std::tuple<at::Tensor, at::Tensor> policy_value_loss_backward(
+    const at::Tensor& grad_loss, const at::Tensor& u_logp, const at::Tensor& u_values,
+    const std::optional<at::Tensor>& seq_ids, const at::Tensor& seq_scale, int64_t reduction,
+    const PvKernels& k);
+
+}  // namespace dlmkern
