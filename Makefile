@@ -4,7 +4,7 @@ setup:        ## venv + torch + build + demo
 test:         ## build (incremental) + pytest
 	bash scripts/test.sh
 bench:        ## CPU benchmarks, rows appended to bench/results/results.jsonl
-	.venv/bin/python bench/bench_masked_logprobs.py
+	for b in bench/bench_*.py; do .venv/bin/python $$b; done
 lint:
 	.venv/bin/ruff check python tests bench examples
 gpu-check:    ## on a GPU machine: build, CUDA tests, all benchmarks into $(OUT)

@@ -18,7 +18,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 import dlmkern  # noqa: E402,F401
 
 DEFAULTS = {"cpu": (4096, 512, 32000, "float32"), "cuda": (8192, 4096, 151936, "bfloat16")}

@@ -99,7 +99,7 @@ def git_rev() -> str:
 def append_result(row: dict, path: str | None = None):
     """Appends one JSON row (op, shape, device, versions, date, numbers) to the results file."""
     row = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "git": git_rev(),
         **row,

@@ -3,9 +3,8 @@ of a random lm_head against the naive full-logits path, on whatever device is av
 
 import time
 
-import torch
-
 import dlmkern
+import torch
 from dlmkern.ops import masked_logprobs, reference
 
 device = "cuda" if torch.cuda.is_available() else "cpu"

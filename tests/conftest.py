@@ -1,7 +1,6 @@
+import dlmkern  # noqa: F401  (registers the ops)
 import pytest
 import torch
-
-import dlmkern  # noqa: F401  (registers the ops)
 
 HAS_CUDA = torch.cuda.is_available() and dlmkern.build_info()["cuda_kernels_registered"]
 

@@ -1,6 +1,5 @@
-import torch
-
 import dlmkern
+import torch
 
 
 def test_build_info_reports_build_and_runtime():

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dlmkern.ops import logprobs_from_logits, masked_logprobs
 from dlmkern.ops import reference as ref
 
@@ -223,7 +222,8 @@ def test_bad_input_shapes():
     _bad_call(r"`weight` must be \[V, 8\]", ValueError, weight=torch.randn(20, 7))
     _bad_call(r"`hidden` must be 2-D", ValueError, hidden=torch.randn(6, 8, 1))
     _bad_call(r"`weight` must be 2-D", ValueError, weight=torch.randn(20))
-    _bad_call(r"`targets` must have shape \[6\]", ValueError, targets=torch.zeros(5, dtype=torch.long))
+    _bad_call(r"`targets` must have shape \[6\]", ValueError,
+              targets=torch.zeros(5, dtype=torch.long))
 
 
 def test_bad_input_target_range():
@@ -246,7 +246,8 @@ def test_bad_input_dtypes():
 
 def test_bad_input_rows_and_temperature():
     _bad_call(r"`rows` indices must lie in \[0, 6\)", IndexError, rows=torch.tensor([0, 6]))
-    _bad_call(r"bool `rows` must have shape \[6\]", ValueError, rows=torch.ones(5, dtype=torch.bool))
+    _bad_call(r"bool `rows` must have shape \[6\]", ValueError,
+              rows=torch.ones(5, dtype=torch.bool))
     _bad_call(r"`temperature` must be a finite number > 0", ValueError, temperature=0.0)
     _bad_call(r"`temperature` must be a finite number > 0", ValueError, temperature=float("nan"))
 

@@ -4,8 +4,8 @@ Kernels (``dlmkern.ops``) are C++/CUDA ops registered as ``torch.ops.dlmkern.*``
 a pure-torch reference in ``dlmkern.ops.reference``.
 """
 
-from dlmkern._build import build_info
 from dlmkern import ops
+from dlmkern._build import build_info
 
 __all__ = ["build_info", "ops"]
 __version__ = "0.1.0"

@@ -70,7 +70,8 @@ def policy_value_loss(
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(
-                f"dlmkern.policy_value_loss: `{name}` must be a torch.Tensor, got {type(t).__name__}"
+                f"dlmkern.policy_value_loss: `{name}` must be a torch.Tensor, "
+                f"got {type(t).__name__}"
             )
         if t is not None and t.device != logp.device:
             raise ValueError(
@@ -95,7 +96,7 @@ def policy_value_loss(
         float(kl_coef), float(vf_coef), float(vf_clip), REDUCTIONS[reduction], int(num_seqs),
         1.0 if normalizer is None else float(normalizer),
     )
-    return loss, dict(zip(STAT_NAMES, stats.unbind(0)))
+    return loss, dict(zip(STAT_NAMES, stats.unbind(0), strict=True))
 
 
 @torch.library.register_fake("dlmkern::policy_value_loss")

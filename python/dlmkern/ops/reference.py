@@ -88,6 +88,7 @@ def policy_value_loss(
     reduction="token_mean",
     seq_ids=None,
     normalizer=None,
+    num_seqs=None,
 ):
     """The eager torch composition of SPEC 2.4 (what PPO / GRPO trainers write by hand).
 
@@ -143,7 +144,7 @@ def policy_value_loss(
             sid = seq_ids if seq_ids is not None else (
                 torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
             sid = sid.reshape(-1)
-            n_seq = int(sid.max()) + 1 if sid.numel() else 0
+            n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
             per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
             per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
                 0, sid, m.reshape(-1).to(f))
