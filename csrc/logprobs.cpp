@@ -3,6 +3,8 @@
 // in chunks of k.row_chunk, so the only logits buffer is [row_chunk, vocab_chunk] fp32.
 #include "logprobs.h"
 
+#include <c10/core/DeviceGuard.h>
+
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -140,6 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
     const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
     const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index,
     const RowKernels& k) {
+  const c10::DeviceGuard guard(hidden.device());
   check_hidden_weight(hidden, weight);
   check_temperature(kOp, temperature);
   TORCH_CHECK_VALUE(targets.device() == hidden.device(), kOp, ": `targets` must be on ",
@@ -183,6 +186,7 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
     const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, std::array<bool, 2> output_mask,
     const RowKernels& k) {
+  const c10::DeviceGuard guard(hidden.device());
   check_hidden_weight(hidden, weight);
   check_temperature(kOp, temperature);
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
@@ -271,6 +275,7 @@ void check_logits(const at::Tensor& logits, const at::Tensor& targets) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_forward(
     const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index,
     const RowKernels& k) {
+  const c10::DeviceGuard guard(logits.device());
   check_logits(logits, targets);
   check_temperature(kOpLogits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);
@@ -286,6 +291,7 @@ at::Tensor logprobs_from_logits_backward(
     const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, const RowKernels& k) {
+  const c10::DeviceGuard guard(logits.device());
   check_logits(logits, targets);
   check_temperature(kOpLogits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);

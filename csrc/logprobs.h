@@ -48,4 +48,34 @@ at::Tensor logprobs_from_logits_backward(
     const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
     const at::Tensor& entropy, double temperature, int64_t ignore_index, const RowKernels& k);
 
+// The ops' kernels for one backend: TORCH_LIBRARY_IMPL registers &LogprobOps<kTable>::... .
+template <const RowKernels& K>
+struct LogprobOps {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> masked(
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+      const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index) {
+    return masked_logprobs_forward(hidden, weight, targets, rows, temperature, ignore_index, K);
+  }
+  static std::tuple<at::Tensor, at::Tensor> masked_backward(
+      const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+      const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+      const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
+      double temperature, int64_t ignore_index, std::array<bool, 2> output_mask) {
+    return masked_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targets, rows, lse,
+                                    entropy, temperature, ignore_index, output_mask, K);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> from_logits(
+      const at::Tensor& logits, const at::Tensor& targets, double temperature,
+      int64_t ignore_index) {
+    return logprobs_from_logits_forward(logits, targets, temperature, ignore_index, K);
+  }
+  static at::Tensor from_logits_backward(
+      const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+      const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
+      const at::Tensor& entropy, double temperature, int64_t ignore_index) {
+    return logprobs_from_logits_backward(grad_logp, grad_entropy, logits, targets, lse, entropy,
+                                         temperature, ignore_index, K);
+  }
+};
+
 }  // namespace dlmkern

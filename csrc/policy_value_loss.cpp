@@ -2,6 +2,8 @@
 // the backends run one kernel forward (loss, stats and unscaled gradients) and one backward.
 #include "policy_value_loss.h"
 
+#include <c10/core/DeviceGuard.h>
+
 #include <cmath>
 
 namespace dlmkern {
@@ -38,6 +40,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
     double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
     double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer,
     const PvKernels& k) {
+  const c10::DeviceGuard guard(logp.device());
   TORCH_CHECK_VALUE(logp.dim() == 1 || logp.dim() == 2, kOp,
                     ": token tensors must be [T] or [B, L], got `logp` of shape ", logp.sizes());
   check_token_tensor(logp, "logp", logp);
@@ -146,6 +149,7 @@ std::tuple<at::Tensor, at::Tensor> policy_value_loss_backward(
     const at::Tensor& grad_loss, const at::Tensor& u_logp, const at::Tensor& u_values,
     const std::optional<at::Tensor>& seq_ids, const at::Tensor& seq_scale, int64_t reduction,
     const PvKernels& k) {
+  const c10::DeviceGuard guard(u_logp.device());
   TORCH_CHECK_VALUE(grad_loss.numel() == 1, kOp, ": `grad_loss` must be a scalar");
   TORCH_CHECK_VALUE(u_logp.scalar_type() == at::kFloat && u_logp.is_contiguous(), kOp,
                     ": internal gradient buffers must be contiguous float32");

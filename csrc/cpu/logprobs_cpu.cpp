@@ -94,41 +94,13 @@ bool cpu_can_sync() { return true; }
 
 const RowKernels kCpu{cpu_update, cpu_grad, cpu_can_sync, kCpuRowChunk, kCpuVocabChunk};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_cpu(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index) {
-  return masked_logprobs_forward(hidden, weight, targets, rows, temperature, ignore_index, kCpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward_cpu(
-    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
-    double temperature, int64_t ignore_index, std::array<bool, 2> output_mask) {
-  return masked_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targets, rows, lse,
-                                  entropy, temperature, ignore_index, output_mask, kCpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_cpu(
-    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index) {
-  return logprobs_from_logits_forward(logits, targets, temperature, ignore_index, kCpu);
-}
-
-at::Tensor logprobs_from_logits_backward_cpu(
-    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& entropy, double temperature, int64_t ignore_index) {
-  return logprobs_from_logits_backward(grad_logp, grad_entropy, logits, targets, lse, entropy,
-                                       temperature, ignore_index, kCpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dlmkern, CPU, m) {
-  m.impl("masked_logprobs", &masked_logprobs_cpu);
-  m.impl("masked_logprobs_backward", &masked_logprobs_backward_cpu);
-  m.impl("logprobs_from_logits", &logprobs_from_logits_cpu);
-  m.impl("logprobs_from_logits_backward", &logprobs_from_logits_backward_cpu);
+  m.impl("masked_logprobs", &LogprobOps<kCpu>::masked);
+  m.impl("masked_logprobs_backward", &LogprobOps<kCpu>::masked_backward);
+  m.impl("logprobs_from_logits", &LogprobOps<kCpu>::from_logits);
+  m.impl("logprobs_from_logits_backward", &LogprobOps<kCpu>::from_logits_backward);
 }
 
 }  // namespace dlmkern

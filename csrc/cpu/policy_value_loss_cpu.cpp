@@ -108,32 +108,11 @@ bool cpu_can_sync() { return true; }
 
 const PvKernels kCpu{cpu_forward, cpu_backward, cpu_can_sync};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward_cpu(
-    const at::Tensor& logp, const at::Tensor& old_logp, const at::Tensor& advantages,
-    const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
-    const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
-    const std::optional<at::Tensor>& returns, const std::optional<at::Tensor>& seq_ids,
-    double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
-    double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer) {
-  return policy_value_loss_forward(logp, old_logp, advantages, mask, ref_logp, values, old_values,
-                                   returns, seq_ids, eps_low, eps_high, dual_clip, kl_coef,
-                                   vf_coef, vf_clip, reduction, num_seqs, normalizer, kCpu);
-}
-
-std::tuple<at::Tensor, at::Tensor> backward_cpu(const at::Tensor& grad_loss,
-                                                const at::Tensor& u_logp,
-                                                const at::Tensor& u_values,
-                                                const std::optional<at::Tensor>& seq_ids,
-                                                const at::Tensor& seq_scale, int64_t reduction) {
-  return policy_value_loss_backward(grad_loss, u_logp, u_values, seq_ids, seq_scale, reduction,
-                                    kCpu);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dlmkern, CPU, m) {
-  m.impl("policy_value_loss", &forward_cpu);
-  m.impl("policy_value_loss_backward", &backward_cpu);
+  m.impl("policy_value_loss", &PvOps<kCpu>::forward);
+  m.impl("policy_value_loss_backward", &PvOps<kCpu>::backward);
 }
 
 }  // namespace dlmkern

@@ -1,6 +1,5 @@
 // CUDA backend glue of the log-prob ops: torch tensors in, raw pointers to the .cu launchers out.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -58,45 +57,13 @@ bool cuda_can_sync() {
 
 const RowKernels kCuda{cuda_update, cuda_grad, cuda_can_sync, kCudaRowChunk, kCudaVocabChunk};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_cuda(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  return masked_logprobs_forward(hidden, weight, targets, rows, temperature, ignore_index, kCuda);
-}
-
-std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward_cuda(
-    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
-    const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
-    double temperature, int64_t ignore_index, std::array<bool, 2> output_mask) {
-  const c10::cuda::CUDAGuard guard(hidden.device());
-  return masked_logprobs_backward(grad_logp, grad_entropy, hidden, weight, targets, rows, lse,
-                                  entropy, temperature, ignore_index, output_mask, kCuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_cuda(
-    const at::Tensor& logits, const at::Tensor& targets, double temperature, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  return logprobs_from_logits_forward(logits, targets, temperature, ignore_index, kCuda);
-}
-
-at::Tensor logprobs_from_logits_backward_cuda(
-    const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& logits, const at::Tensor& targets, const at::Tensor& lse,
-    const at::Tensor& entropy, double temperature, int64_t ignore_index) {
-  const c10::cuda::CUDAGuard guard(logits.device());
-  return logprobs_from_logits_backward(grad_logp, grad_entropy, logits, targets, lse, entropy,
-                                       temperature, ignore_index, kCuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dlmkern, CUDA, m) {
-  m.impl("masked_logprobs", &masked_logprobs_cuda);
-  m.impl("masked_logprobs_backward", &masked_logprobs_backward_cuda);
-  m.impl("logprobs_from_logits", &logprobs_from_logits_cuda);
-  m.impl("logprobs_from_logits_backward", &logprobs_from_logits_backward_cuda);
+  m.impl("masked_logprobs", &LogprobOps<kCuda>::masked);
+  m.impl("masked_logprobs_backward", &LogprobOps<kCuda>::masked_backward);
+  m.impl("logprobs_from_logits", &LogprobOps<kCuda>::from_logits);
+  m.impl("logprobs_from_logits_backward", &LogprobOps<kCuda>::from_logits_backward);
 }
 
 }  // namespace dlmkern
