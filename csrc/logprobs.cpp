@@ -100,9 +100,26 @@ void gemm_nt(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
 void gemm_acc(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     acc.addmm_(a, b);
-  } else {
-    at::addmm_out(acc, acc, a, b, at::kFloat);
+    return;
   }
+  // addmm.dtype_out accumulates in place with beta = 1. Should a torch build reject the aliasing,
+  // fall back (once, for good) to a separate fp32 product.
+  static bool in_place_ok = true;
+  if (in_place_ok) {
+    try {
+      at::addmm_out(acc, acc, a, b, at::kFloat);
+      return;
+    } catch (const c10::Error&) {
+      in_place_ok = false;
+    }
+  }
+  acc.add_(at::mm(a, b, at::kFloat));
+}
+
+// A contiguous [rows, cols] view at the start of a flat scratch buffer (GEMM outputs and the
+// row kernels then see a dense tile even for the last, partial chunk).
+at::Tensor tile(const at::Tensor& flat, int64_t rows, int64_t cols) {
+  return flat.narrow(0, 0, rows * cols).view({rows, cols});
 }
 
 at::Tensor init_state(int64_t n, const at::TensorOptions& opts) {
@@ -163,14 +180,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
   auto state = init_state(n, hidden.options());
   if (n > 0) {
     const int64_t rc = std::min(k.row_chunk, n), vc = std::min(k.vocab_chunk, V);
-    auto logits = at::empty({rc, vc}, hidden.options().dtype(at::kFloat));
+    auto logits = at::empty({rc * vc}, hidden.options().dtype(at::kFloat));
     const double inv_temp = 1.0 / temperature;
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
       const int64_t vn = std::min(vc, V - v0);
       auto w = weight.narrow(0, v0, vn).to(cdt).contiguous();
       for (int64_t r0 = 0; r0 < n; r0 += rc) {
         const int64_t rn = std::min(rc, n - r0);
-        auto buf = logits.narrow(0, 0, rn).narrow(1, 0, vn);
+        auto buf = tile(logits, rn, vn);
         gemm_nt(buf, h.narrow(0, r0, rn), w);
         auto st = state.narrow(0, r0, rn);
         k.update(buf, tgt.narrow(0, r0, rn), v0, inv_temp, st);
@@ -216,8 +233,8 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
   at::Tensor dw = want_w ? at::zeros({V, H}, weight.options()) : at::Tensor();
   if (n > 0 && (want_h || want_w)) {
     const int64_t rc = std::min(k.row_chunk, n), vc = std::min(k.vocab_chunk, V);
-    auto logits = at::empty({rc, vc}, f32);
-    auto gbuf = at::empty({rc, vc}, hidden.options().dtype(cdt));
+    auto logits = at::empty({rc * vc}, f32);
+    auto gbuf = at::empty({rc * vc}, hidden.options().dtype(cdt));
     at::Tensor dw_acc = want_w ? at::empty({vc, H}, f32) : at::Tensor();
     const double inv_temp = 1.0 / temperature;
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
@@ -230,10 +247,10 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
       }
       for (int64_t r0 = 0; r0 < n; r0 += rc) {
         const int64_t rn = std::min(rc, n - r0);
-        auto buf = logits.narrow(0, 0, rn).narrow(1, 0, vn);
+        auto buf = tile(logits, rn, vn);
         auto hr = h.narrow(0, r0, rn);
         gemm_nt(buf, hr, w);
-        auto g = gbuf.narrow(0, 0, rn).narrow(1, 0, vn);
+        auto g = tile(gbuf, rn, vn);
         k.grad(buf, tgt.narrow(0, r0, rn), v0, inv_temp, lse_c.narrow(0, r0, rn),
                mean_z.narrow(0, r0, rn), g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), g);
         if (want_h) {
