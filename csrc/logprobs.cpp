@@ -156,10 +156,12 @@ void check_saved(const char* op, const at::Tensor& t, const char* name, int64_t 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets,
     const std::optional<at::Tensor>& rows, double temperature, int64_t ignore_index,
     const RowKernels& k) {
-  const c10::DeviceGuard guard(hidden.device());
+  const c10::DeviceGuard guard(hidden_in.device());
+  // The GEMMs write into scratch with out=, which autograd forbids on tensors requiring grad.
+  const at::Tensor hidden = hidden_in.detach(), weight = weight_in.detach();
   check_hidden_weight(hidden, weight);
   check_temperature(kOp, temperature);
   TORCH_CHECK_VALUE(targets.device() == hidden.device(), kOp, ": `targets` must be on ",
@@ -199,11 +201,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
 
 std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
     const std::optional<at::Tensor>& grad_logp, const std::optional<at::Tensor>& grad_entropy,
-    const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& targets,
+    const at::Tensor& hidden_in, const at::Tensor& weight_in, const at::Tensor& targets,
     const std::optional<at::Tensor>& rows, const at::Tensor& lse, const at::Tensor& entropy,
     double temperature, int64_t ignore_index, std::array<bool, 2> output_mask,
     const RowKernels& k) {
-  const c10::DeviceGuard guard(hidden.device());
+  const c10::DeviceGuard guard(hidden_in.device());
+  const at::Tensor hidden = hidden_in.detach(), weight = weight_in.detach();
   check_hidden_weight(hidden, weight);
   check_temperature(kOp, temperature);
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);

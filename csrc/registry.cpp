@@ -29,4 +29,19 @@ TORCH_LIBRARY(dlmkern, m) {
   m.def(
       "policy_value_loss_backward(Tensor grad_loss, Tensor u_logp, Tensor u_values, "
       "Tensor? seq_ids, Tensor seq_scale, int reduction) -> (Tensor, Tensor)");
+  // SPEC 2.1. out [T, Hq, D], lse [Hq, T] fp32 (natural log of the softmax normalizer of the
+  // scaled scores). `full` ignores block / stream (bidirectional per sequence).
+  m.def(
+      "block_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor block, "
+      "Tensor stream, bool full, float? scale) -> (Tensor, Tensor)");
+  m.def(
+      "block_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
+      "Tensor lse, Tensor cu_seqlens, Tensor block, Tensor stream, bool full, float? scale) "
+      "-> (Tensor, Tensor, Tensor)");
+  // SPEC 2.2. With commit=True the block's k/v are appended to the caches and cache_seqlens
+  // advances, in the same call.
+  m.def(
+      "decode_attention(Tensor q, Tensor k_new, Tensor v_new, Tensor(a!) k_cache, "
+      "Tensor(b!) v_cache, Tensor(c!) cache_seqlens, Tensor cu_seqlens_q, bool commit, "
+      "float? scale) -> Tensor");
 }

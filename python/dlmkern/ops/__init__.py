@@ -1,8 +1,9 @@
 """dlmkern's ops: C++/CPU and CUDA kernels behind ``torch.ops.dlmkern``, with fake (meta) and
 autograd registrations beside each op, and pure-torch references in ``dlmkern.ops.reference``."""
 
-from dlmkern.ops import reference
+from dlmkern.ops import layouts, reference
+from dlmkern.ops.attention import block_attention, decode_attention
 from dlmkern.ops.logprobs import logprobs_from_logits, masked_logprobs
 from dlmkern.ops.policy_value_loss import policy_value_loss
 
-__all__ = ["logprobs_from_logits", "masked_logprobs", "policy_value_loss", "reference"]
+__all__ = ["block_attention", "decode_attention", "layouts", "logprobs_from_logits", "masked_logprobs", "policy_value_loss", "reference"]

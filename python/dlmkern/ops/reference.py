@@ -182,3 +182,74 @@ def policy_value_loss(
             "num_tokens": count,
         }
     return loss, stats
+
+
+def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
+    """[n, Hkv, D] -> [n, Hq, D] for grouped-query attention (query head h uses kv head
+    h // (Hq / Hkv))."""
+    return x.repeat_interleave(hq // x.shape[1], dim=1)
+
+
+def _attend(q, k, v, mask, scale):
+    """q [n, Hq, D], k/v [m, Hq, D], mask [n, m] bool -> (out [n, Hq, D], lse [Hq, n])."""
+    s = torch.einsum("nhd,mhd->hnm", q, k) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing give 0
+    return torch.einsum("hnm,mhd->nhd", p, v), lse
+
+
+def block_attention(q, k, v, cu_seqlens, block, stream, *, full=False, scale=None):
+    """Dense-mask reference of dlmkern.ops.block_attention (materializes the per-sequence mask).
+
+    Returns (out [T, Hq, D] in q's dtype, lse [Hq, T] fp32 (fp64 for fp64 input))."""
+    from dlmkern.ops.layouts import visible
+
+    dt = _compute_dtype(q)
+    hq, d = q.shape[1], q.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=dt, device=q.device)
+    lse = torch.full((hq, q.shape[0]), float("-inf"), dtype=dt, device=q.device)
+    cu = cu_seqlens.tolist()
+    for s, e in zip(cu[:-1], cu[1:], strict=True):
+        if e == s:
+            continue
+        b, r = block[s:e].long(), stream[s:e].long()
+        if full:
+            mask = torch.ones(e - s, e - s, dtype=torch.bool, device=q.device)
+        else:
+            mask = visible(b[:, None], r[:, None], b[None, :], r[None, :])
+        o, l_ = _attend(q[s:e].to(dt), _expand_kv(k[s:e].to(dt), hq),
+                        _expand_kv(v[s:e].to(dt), hq), mask, scale)
+        out[s:e] = o
+        lse[:, s:e] = l_
+    return out.to(q.dtype), lse
+
+
+def decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cu_seqlens_q, *,
+                     commit=False, scale=None):
+    """Reference of dlmkern.ops.decode_attention: sequence i's current block (queries
+    q[cu[i]:cu[i+1]]) attends to its cached prefix k_cache[i, :cache_seqlens[i]] and,
+    bidirectionally, to the block's own k_new / v_new. commit=True then appends the block's k/v
+    to the cache and advances cache_seqlens (in place)."""
+    dt = _compute_dtype(q)
+    hq, d = q.shape[1], q.shape[2]
+    scale = d**-0.5 if scale is None else scale
+    out = torch.zeros(q.shape, dtype=dt, device=q.device)
+    cu = cu_seqlens_q.tolist()
+    lens = cache_seqlens.tolist()
+    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+        n = lens[i]
+        keys = torch.cat([k_cache[i, :n], k_new[s:e]]).to(dt)
+        vals = torch.cat([v_cache[i, :n], v_new[s:e]]).to(dt)
+        mask = torch.ones(e - s, n + e - s, dtype=torch.bool, device=q.device)
+        o, _ = _attend(q[s:e].to(dt), _expand_kv(keys, hq), _expand_kv(vals, hq), mask, scale)
+        out[s:e] = o
+    if commit:
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+            n = lens[i]
+            k_cache[i, n:n + e - s] = k_new[s:e]
+            v_cache[i, n:n + e - s] = v_new[s:e]
+        cache_seqlens += torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:], strict=True)],
+                                      dtype=cache_seqlens.dtype, device=cache_seqlens.device)
+    return out.to(q.dtype)

@@ -1,0 +1,43 @@
+// Shared pieces of the attention ops: input validation and the per-sequence tile metadata used
+// to skip (query tile, key tile) pairs with no visible pair.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <vector>
+
+#include "dlmkern/block_mask.h"
+
+namespace dlmkern {
+
+struct AttnDims {
+  int64_t T, Hq, Hkv, D, S;  // tokens, query heads, kv heads, head dim, sequences
+  double scale;
+};
+
+// Validates q/k/v/cu_seqlens/block/stream of block_attention and returns the sizes.
+AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& cu_seqlens, const at::Tensor& block,
+                               const at::Tensor& stream, std::optional<double> scale,
+                               bool check_values);
+
+// Validates the decode_attention arguments and returns the sizes (S = number of sequences).
+AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
+                                const at::Tensor& v_new, const at::Tensor& k_cache,
+                                const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
+                                const at::Tensor& cu_seqlens_q, bool commit,
+                                std::optional<double> scale, bool check_values);
+
+// Tiles of `tile` consecutive tokens of one sequence [start, start + len).
+struct SeqTiles {
+  int64_t start = 0, len = 0;
+  std::vector<TileMeta> tiles;
+};
+
+// Tile metadata of every sequence (block / stream read on the host; null pointers = full
+// attention, every token clean in block 0).
+std::vector<SeqTiles> make_seq_tiles(const int32_t* cu, int64_t num_seqs, const int32_t* block,
+                                     const int32_t* stream, int64_t tile);
+
+}  // namespace dlmkern

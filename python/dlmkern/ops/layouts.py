@@ -1,0 +1,169 @@
+"""Layout builders for block_attention (SPEC 2.1 / 4.2).
+
+A layout packs sequences back to back (varlen, ``cu_seqlens``) and gives every token its absolute
+``block`` (position // block_size, positions counted from the start of the sequence including the
+prompt), its ``stream`` (0 = clean copy, r >= 1 = noisy copy r) and its ``position_ids`` (RoPE
+position; a noisy copy shares the positions of the clean tokens it copies). One visibility rule
+(see ``csrc/include/dlmkern/block_mask.h``) then covers every layout below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Layout:
+    block: torch.Tensor         # [T] int32
+    stream: torch.Tensor        # [T] int32
+    position_ids: torch.Tensor  # [T] int64, position in the sequence's clean copy
+    cu_seqlens: torch.Tensor    # [S + 1] int32
+    max_seqlen: int
+    full: bool = False          # bidirectional attention per sequence (LLaDA / Dream)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.block.numel())
+
+    def to(self, device) -> Layout:
+        return Layout(self.block.to(device), self.stream.to(device), self.position_ids.to(device),
+                      self.cu_seqlens.to(device), self.max_seqlen, self.full)
+
+
+def _pack(parts: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, full=False) -> Layout:
+    """parts: per sequence (positions [n] int64, streams [n] int64)."""
+    lens = [int(p.numel()) for p, _ in parts]
+    cu = torch.zeros(len(parts) + 1, dtype=torch.int32)
+    if parts:
+        cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    pos = torch.cat([p for p, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    stream = torch.cat([s for _, s in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    block = torch.zeros_like(pos) if full else pos // block_size
+    return Layout(block.to(torch.int32), stream.to(torch.int32), pos, cu, max(lens, default=0),
+                  full)
+
+
+def _check(block_size: int, **lists):
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    n = None
+    for name, v in lists.items():
+        if n is not None and len(v) != n:
+            raise ValueError(f"`{name}` has {len(v)} entries, expected {n}")
+        n = len(v)
+        if name != "block_rounds" and any(int(x) < 0 for x in v):
+            raise ValueError(f"`{name}` entries must be >= 0")
+
+
+def _ar(a: int, b: int) -> torch.Tensor:
+    return torch.arange(a, b, dtype=torch.int64)
+
+
+def block_causal(seq_lens: Sequence[int], block_size: int) -> Layout:
+    """Plain block-causal sequences (prefill, block SFT on clean text): one clean copy each."""
+    _check(block_size, seq_lens=seq_lens)
+    return _pack([(_ar(0, n), torch.zeros(n, dtype=torch.int64)) for n in seq_lens], block_size)
+
+
+def full(seq_lens: Sequence[int]) -> Layout:
+    """Bidirectional attention inside each sequence (LLaDA / Dream)."""
+    _check(1, seq_lens=seq_lens)
+    return _pack([(_ar(0, n), torch.zeros(n, dtype=torch.int64)) for n in seq_lens], 1,
+                 full=True)
+
+
+def bd3(seq_lens: Sequence[int], block_size: int) -> Layout:
+    """The BD3 / DiRL training layout [noisy | clean]: a noisy copy (stream 1) of the whole
+    sequence, then its clean copy (stream 0), both with positions 0..L-1."""
+    _check(block_size, seq_lens=seq_lens)
+    parts = []
+    for n in seq_lens:
+        parts.append((torch.cat([_ar(0, n), _ar(0, n)]),
+                      torch.cat([torch.ones(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)])))
+    return _pack(parts, block_size)
+
+
+def _first_block_start(prompt_len: int, block_size: int) -> int:
+    return (prompt_len // block_size) * block_size
+
+
+def tracerl(prompt_lens: Sequence[int], seq_lens: Sequence[int], block_size: int) -> Layout:
+    """TraceRL's layout [prompt | clean response | noisy response] for one round.
+
+    The noisy copy (stream 1) covers every block holding response tokens, whole: when the prompt
+    ends mid-block, that block's prompt tail is part of the noisy copy too (unmasked), exactly as
+    the sampler denoises that block.
+    """
+    _check(block_size, prompt_lens=prompt_lens, seq_lens=seq_lens)
+    parts = []
+    for p, n in zip(prompt_lens, seq_lens, strict=True):
+        if p > n:
+            raise ValueError(f"prompt length {p} exceeds sequence length {n}")
+        start = _first_block_start(p, block_size) if n > p else n
+        pos = torch.cat([_ar(0, n), _ar(start, n)])
+        stream = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(n - start, dtype=torch.int64)])
+        parts.append((pos, stream))
+    return _pack(parts, block_size)
+
+
+def packed_rounds(
+    prompt_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    block_size: int,
+    block_rounds: Sequence[Sequence[int]],
+) -> Layout:
+    """dlmkern's packed KV-reuse layout (SPEC 4.2), one packed sequence per trajectory:
+    [prompt + clean response (stream 0) | noisy_1 | ... | noisy_K].
+
+    ``block_rounds[i][j]`` is the number of rounds of the j-th block of trajectory i that holds
+    response tokens (blocks from prompt_len // block_size on). Noisy copy r holds, in order, the
+    whole blocks with at least r rounds; its tokens share the clean copy's positions.
+    """
+    _check(block_size, prompt_lens=prompt_lens, seq_lens=seq_lens, block_rounds=block_rounds)
+    parts = []
+    for p, n, rounds in zip(prompt_lens, seq_lens, block_rounds, strict=True):
+        first = p // block_size if n > p else 0
+        n_blocks = (n + block_size - 1) // block_size - first if n > p else 0
+        rounds = [int(r) for r in rounds]
+        if len(rounds) != n_blocks:
+            raise ValueError(
+                f"block_rounds has {len(rounds)} entries for a trajectory with {n_blocks} "
+                f"response blocks (prompt {p}, length {n}, block size {block_size})"
+            )
+        if any(r < 0 for r in rounds):
+            raise ValueError("block_rounds entries must be >= 0")
+        pos, stream = [_ar(0, n)], [torch.zeros(n, dtype=torch.int64)]
+        for r in range(1, max(rounds, default=0) + 1):
+            for j, nr in enumerate(rounds):
+                if nr >= r:
+                    b = first + j
+                    seg = _ar(max(b * block_size, 0), min((b + 1) * block_size, n))
+                    pos.append(seg)
+                    stream.append(torch.full_like(seg, r))
+        parts.append((torch.cat(pos), torch.cat(stream)))
+    return _pack(parts, block_size)
+
+
+def dense_mask(layout: Layout) -> torch.Tensor:
+    """The [T, T] boolean visibility matrix of a layout (for references and tests only)."""
+    T = layout.num_tokens
+    seq = torch.zeros(T, dtype=torch.int64)
+    cu = layout.cu_seqlens.to(torch.int64)
+    for i in range(len(cu) - 1):
+        seq[cu[i]:cu[i + 1]] = i
+    same = seq[:, None] == seq[None, :]
+    if layout.full:
+        return same
+    return same & visible(layout.block[:, None], layout.stream[:, None], layout.block[None, :],
+                          layout.stream[None, :])
+
+
+def visible(q_block, q_stream, k_block, k_stream):
+    """The SPEC 2.1 rule on tensors (broadcasting), mirroring dlmkern/block_mask.h."""
+    clean_k = k_stream == 0
+    clean_vis = torch.where(q_stream == 0, k_block <= q_block, k_block < q_block)
+    noisy_vis = (k_stream == q_stream) & (k_block == q_block)
+    return torch.where(clean_k, clean_vis, noisy_vis)
