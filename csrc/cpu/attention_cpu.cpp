@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "attention.h"
+#include "cpu/vec_math.h"
 #include "dlmkern/block_mask.h"
 
 namespace dlmkern {
@@ -26,12 +27,18 @@ struct Run {
   bool needs_mask;
 };
 
-// Runs of consecutive visible key tiles for query tile qt of sequence st.
-std::vector<Run> visible_runs(const SeqTiles& st, int64_t qt, bool full) {
+// Tile metadata of one sequence at query-tile and key-tile granularity.
+struct SeqMeta {
+  SeqTiles q, k;
+};
+
+// Runs of consecutive visible key tiles for query tile qt of a sequence.
+std::vector<Run> visible_runs(const SeqMeta& sm, int64_t qt, bool full) {
   std::vector<Run> runs;
+  const SeqTiles& st = sm.k;
   const int64_t n_k = static_cast<int64_t>(st.tiles.size());
   for (int64_t kt = 0; kt < n_k; ++kt) {
-    const int vis = full ? kTileFull : tile_visibility(st.tiles[qt], st.tiles[kt]);
+    const int vis = full ? kTileFull : tile_visibility(sm.q.tiles[qt], st.tiles[kt]);
     if (vis == kTileNone) continue;
     const int64_t k0 = st.start + kt * kKTile;
     const int64_t nk = std::min(kKTile, st.start + st.len - k0);
@@ -63,19 +70,24 @@ struct Meta {
   }
 };
 
-std::vector<SeqTiles> host_tiles(const at::Tensor& cu_seqlens, const at::Tensor& block,
-                                 const at::Tensor& stream, bool full, int64_t S) {
+std::vector<SeqMeta> host_tiles(const at::Tensor& cu_seqlens, const at::Tensor& block,
+                                const at::Tensor& stream, bool full, int64_t S) {
   auto cu = cu_seqlens.contiguous();
-  return make_seq_tiles(cu.const_data_ptr<int32_t>(), S,
-                        full ? nullptr : block.const_data_ptr<int32_t>(),
-                        full ? nullptr : stream.const_data_ptr<int32_t>(), kKTile);
+  const int32_t* b = full ? nullptr : block.const_data_ptr<int32_t>();
+  const int32_t* r = full ? nullptr : stream.const_data_ptr<int32_t>();
+  auto qt = make_seq_tiles(cu.const_data_ptr<int32_t>(), S, b, r, kQTile);
+  auto kt = make_seq_tiles(cu.const_data_ptr<int32_t>(), S, b, r, kKTile);
+  std::vector<SeqMeta> seqs(S);
+  for (int64_t s = 0; s < S; ++s) seqs[s] = SeqMeta{std::move(qt[s]), std::move(kt[s])};
+  return seqs;
 }
 
 // Per (sequence, query tile) job list.
-std::vector<std::pair<int64_t, int64_t>> query_jobs(const std::vector<SeqTiles>& seqs) {
+std::vector<std::pair<int64_t, int64_t>> query_jobs(const std::vector<SeqMeta>& seqs) {
   std::vector<std::pair<int64_t, int64_t>> jobs;
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s)
-    for (int64_t t = 0; t < static_cast<int64_t>(seqs[s].tiles.size()); ++t) jobs.emplace_back(s, t);
+    for (int64_t t = 0; t < static_cast<int64_t>(seqs[s].q.tiles.size()); ++t)
+      jobs.emplace_back(s, t);
   return jobs;
 }
 
@@ -103,7 +115,8 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cpu(
     for (int64_t job = begin; job < end; ++job) {
       const auto [s, qt] = jobs[job / d.Hq];
       const int64_t h = job % d.Hq, hk = h / group;
-      const SeqTiles& st = seqs[s];
+      const SeqMeta& sm = seqs[s];
+      const SeqTiles& st = sm.q;
       const int64_t q0 = st.start + qt * kQTile, nq = std::min(kQTile, st.start + st.len - q0);
       auto qt_v = qf.narrow(0, q0, nq).select(1, h);
       auto a = acc.narrow(0, 0, nq);
@@ -111,34 +124,25 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cpu(
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
       float* ap = a.data_ptr<float>();
-      for (const Run& r : visible_runs(st, qt, full)) {
+      for (const Run& r : visible_runs(sm, qt, full)) {
         auto sc_t = scratch(sbuf, nq, r.nk);
         at::mm_out(sc_t, qt_v, kf.narrow(0, r.k0, r.nk).select(1, hk).t());
         float* sp = sc_t.data_ptr<float>();
         for (int64_t i = 0; i < nq; ++i) {
           float* row = sp + i * r.nk;
-          float mx = m[i];
-          for (int64_t j = 0; j < r.nk; ++j) {
-            float x = row[j] * sc;
-            if (r.needs_mask && !meta.visible(q0 + i, r.k0 + j)) x = kNegInf;
-            row[j] = x;
-            mx = x > mx ? x : mx;
+          if (r.needs_mask) {
+            cpu::mask_row(row, r.nk, meta.block[q0 + i], meta.stream[q0 + i], meta.block + r.k0,
+                     meta.stream + r.k0);
           }
-          if (mx == kNegInf) {  // nothing visible in this run for this row
-            for (int64_t j = 0; j < r.nk; ++j) row[j] = 0.f;
+          const float mx = std::max(m[i], cpu::scale_and_max(row, r.nk, sc));
+          if (mx == kNegInf) {  // nothing visible yet for this row
+            std::fill(row, row + r.nk, 0.f);
             continue;
           }
-          const float alpha = std::exp(m[i] - mx);  // 0 when m[i] = -inf
-          float sum = 0.f;
-          for (int64_t j = 0; j < r.nk; ++j) {
-            const float p = std::exp(row[j] - mx);
-            row[j] = p;
-            sum += p;
-          }
-          l[i] = l[i] * alpha + sum;
+          const float alpha = cpu::fast_exp(m[i] - mx);  // 0 when m[i] = -inf
+          l[i] = l[i] * alpha + cpu::exp_shift_sum(row, r.nk, mx);
           m[i] = mx;
-          float* arow = ap + i * D;
-          for (int64_t c = 0; c < D; ++c) arow[c] *= alpha;
+          cpu::scale_row(ap + i * D, D, alpha);
         }
         a.addmm_(sc_t, vf.narrow(0, r.k0, r.nk).select(1, hk));
       }
@@ -185,7 +189,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
     auto dpbuf = at::empty({kQTile * kMaxRun}, qf.options());
     for (int64_t job = begin; job < end; ++job) {
       const int64_t s = job / d.Hkv, hk = job % d.Hkv;
-      const SeqTiles& st = seqs[s];
+      const SeqMeta& sm = seqs[s];
+      const SeqTiles& st = sm.q;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t qt = 0; qt < static_cast<int64_t>(st.tiles.size()); ++qt) {
           const int64_t q0 = st.start + qt * kQTile;
@@ -193,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
           auto q_t = qf.narrow(0, q0, nq).select(1, h);
           auto do_t = dof.narrow(0, q0, nq).select(1, h);
           auto dq_t = dq.narrow(0, q0, nq).select(1, h);
-          for (const Run& r : visible_runs(st, qt, full)) {
+          for (const Run& r : visible_runs(sm, qt, full)) {
             auto k_r = kf.narrow(0, r.k0, r.nk).select(1, hk);
             auto v_r = vf.narrow(0, r.k0, r.nk).select(1, hk);
             auto p = scratch(pbuf, nq, r.nk), dp = scratch(dpbuf, nq, r.nk);
@@ -203,13 +208,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
             float* dpp = dp.data_ptr<float>();
             for (int64_t i = 0; i < nq; ++i) {
               const float li = lse_p[h * d.T + q0 + i], di = delta_p[h * d.T + q0 + i];
-              for (int64_t j = 0; j < r.nk; ++j) {
-                const int64_t e = i * r.nk + j;
-                const bool vis = !r.needs_mask || meta.visible(q0 + i, r.k0 + j);
-                const float pe = vis && li != kNegInf ? std::exp(pp[e] * sc - li) : 0.f;
-                pp[e] = pe;
-                dpp[e] = pe * (dpp[e] - di) * sc;  // d(scores before scaling)
+              float* prow = pp + i * r.nk;
+              float* dprow = dpp + i * r.nk;
+              if (li == kNegInf) {  // the row saw nothing: no gradient
+                std::fill(prow, prow + r.nk, 0.f);
+                std::fill(dprow, dprow + r.nk, 0.f);
+                continue;
               }
+              if (r.needs_mask) {
+                cpu::mask_row(prow, r.nk, meta.block[q0 + i], meta.stream[q0 + i], meta.block + r.k0,
+                         meta.stream + r.k0);
+              }
+              cpu::softmax_grad_row(prow, dprow, r.nk, sc, li, di);
             }
             dv.narrow(0, r.k0, r.nk).select(1, hk).addmm_(p.t(), do_t);
             dq_t.addmm_(dp, k_r);
