@@ -1,7 +1,7 @@
 """block_attention fwd+bwd vs dense-mask SDPA (and FlexAttention on GPU), one run.
 
-    python bench/bench_block_attention.py                  # CPU: B=4, 2 x 1024 tokens, D=64, 8 heads fp32
-    python bench/bench_block_attention.py --device cuda    # GPU: L=8k, D=128, 32q/8kv heads bf16
+    python bench/bench_block_attention.py                # CPU: B=4, 2 x 1024, D=64, 8 heads fp32
+    python bench/bench_block_attention.py --device cuda  # GPU: L=8k, D=128, 32q/8kv heads bf16
 
 Layout: BD3 / DiRL [noisy | clean] per sequence. Also compares packed multi-round rows (SPEC 4.2)
 with one row per round for the same trajectories (tokens and time). TFLOP/s count visible pairs
@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
-
 from dlmkern.ops import block_attention, layouts  # noqa: E402
 
 DEFAULTS = {"cpu": dict(batch=4, seq=1024, heads=8, kv_heads=8, dim=64, dtype="float32"),
@@ -73,6 +72,53 @@ def flex_fn(layout, T, device):
     return run
 
 
+def bench_one(bs, cfg, args):
+    dev, dtype = args.device, getattr(torch, cfg["dtype"])
+    lay = layouts.bd3([cfg["seq"]] * cfg["batch"], bs)
+    T = lay.num_tokens
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+    k = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+    v = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+    lay_d = lay.to(dev)
+    one = layouts.bd3([cfg["seq"]], bs)
+    mask = layouts.dense_mask(one).to(dev)[None, None].expand(cfg["batch"], 1, -1, -1)
+    grad = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype)
+
+    def step(fn):
+        def run():
+            for x in (q, k, v):
+                x.grad = None
+            fn().backward(grad)
+        return run
+
+    paths = {"dlmkern": step(lambda: block_attention(q, k, v, lay_d)[0]),
+             "sdpa_dense": step(lambda: dense_sdpa(q, k, v, mask, cfg["batch"]))}
+    if dev == "cuda":
+        flex = flex_fn(lay, T, dev)
+        if flex is not None:
+            paths["flex"] = step(lambda: flex(q, k, v))
+    times = {name: common.time_fn(fn, dev, repeat=args.repeat) for name, fn in paths.items()}
+    pairs = visible_pairs(lay, cfg["heads"])
+    flops = 2.0 * 2 * pairs * cfg["dim"] * 3.5  # fwd 2 GEMMs, bwd 5 GEMMs (2.5x fwd)
+    frac = pairs / (cfg["heads"] * T * T / cfg["batch"])
+    print(f"block_attention fwd+bwd [noisy|clean] B={cfg['batch']} L=2x{cfg['seq']} "
+          f"block={bs} Hq={cfg['heads']} Hkv={cfg['kv_heads']} D={cfg['dim']} {cfg['dtype']} "
+          f"on {common.device_name(dev)}; visible pairs {frac:.1%} of each sequence's L x L")
+    for name, t in times.items():
+        print(f"  {name:<11} {t * 1e3:10.2f} ms  {flops / t / 1e12:8.3f} TFLOP/s (visible)  "
+              f"dlmkern speed-up {t / times['dlmkern']:.2f}x")
+    if not args.no_save:
+        common.append_result({
+            "op": "block_attention_fwd_bwd", "device": common.device_name(dev),
+            "shape": {"layout": "bd3", "B": cfg["batch"], "L": 2 * cfg["seq"],
+                      "block": bs, "Hq": cfg["heads"], "Hkv": cfg["kv_heads"],
+                      "D": cfg["dim"]},
+            "dtype": cfg["dtype"], "time_ms": {n: round(t * 1e3, 3) for n, t in times.items()},
+            "speedup_vs": {n: round(t / times["dlmkern"], 3) for n, t in times.items()},
+            "tflops_visible": round(flops / times["dlmkern"] / 1e12, 3)})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -84,52 +130,8 @@ def main():
     args = p.parse_args()
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v
            for k, v in DEFAULTS[args.device].items()}
-    dev, dtype = args.device, getattr(torch, cfg["dtype"])
     for bs in args.block_size:
-        lay = layouts.bd3([cfg["seq"]] * cfg["batch"], bs)
-        T = lay.num_tokens
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        k = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        v = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        lay_d = lay.to(dev)
-        one = layouts.bd3([cfg["seq"]], bs)
-        mask = layouts.dense_mask(one).to(dev)[None, None].expand(cfg["batch"], 1, -1, -1)
-        grad = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype)
-
-        def step(fn):
-            def run():
-                for x in (q, k, v):
-                    x.grad = None
-                fn().backward(grad)
-            return run
-
-        paths = {"dlmkern": step(lambda: block_attention(q, k, v, lay_d)[0]),
-                 "sdpa_dense": step(lambda: dense_sdpa(q, k, v, mask, cfg["batch"]))}
-        if dev == "cuda":
-            flex = flex_fn(lay, T, dev)
-            if flex is not None:
-                paths["flex"] = step(lambda: flex(q, k, v))
-        times = {name: common.time_fn(fn, dev, repeat=args.repeat) for name, fn in paths.items()}
-        pairs = visible_pairs(lay, cfg["heads"])
-        flops = 2.0 * 2 * pairs * cfg["dim"] * 3.5  # fwd 2 GEMMs, bwd 5 GEMMs (2.5x fwd)
-        print(f"block_attention fwd+bwd [noisy|clean] B={cfg['batch']} L=2x{cfg['seq']} "
-              f"block={bs} Hq={cfg['heads']} Hkv={cfg['kv_heads']} D={cfg['dim']} {cfg['dtype']} "
-              f"on {common.device_name(dev)}; visible pairs {pairs / (cfg['heads'] * T * T / cfg['batch']):.1%}"
-              " of each sequence's L x L")
-        for name, t in times.items():
-            print(f"  {name:<11} {t * 1e3:10.2f} ms  {flops / t / 1e12:8.3f} TFLOP/s (visible)  "
-                  f"dlmkern speed-up {t / times['dlmkern']:.2f}x")
-        if not args.no_save:
-            common.append_result({
-                "op": "block_attention_fwd_bwd", "device": common.device_name(dev),
-                "shape": {"layout": "bd3", "B": cfg["batch"], "L": 2 * cfg["seq"],
-                          "block": bs, "Hq": cfg["heads"], "Hkv": cfg["kv_heads"],
-                          "D": cfg["dim"]},
-                "dtype": cfg["dtype"], "time_ms": {n: round(t * 1e3, 3) for n, t in times.items()},
-                "speedup_vs": {n: round(t / times["dlmkern"], 3) for n, t in times.items()},
-                "tflops_visible": round(flops / times["dlmkern"] / 1e12, 3)})
-
+        bench_one(bs, cfg, args)
 
 if __name__ == "__main__":
     main()

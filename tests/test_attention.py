@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from dlmkern.ops import block_attention, decode_attention, layouts
 from dlmkern.ops import reference as ref
 
@@ -203,7 +202,7 @@ def _cache(S, max_len, hkv, d, lens, dtype, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("hq, hkv", [(4, 4), (8, 2)])
 def test_decode_matches_reference_and_commits(device, dtype, hq, hkv):
-    blocks = [4, 3, 4]  # varlen current blocks (a prompt ending mid-block starts one mid-block)
+    # varlen current blocks of 4, 3, 4 tokens (a prompt ending mid-block starts one mid-block)
     cu = torch.tensor([0, 4, 7, 11], dtype=torch.int32, device=device)
     q, kn, vn = _qkv(11, hq, hkv, 64, dtype, device)
     kc, vc, lens = _cache(3, 40, hkv, 64, [9, 0, 30], dtype, device)

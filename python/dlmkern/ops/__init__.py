@@ -6,4 +6,7 @@ from dlmkern.ops.attention import block_attention, decode_attention
 from dlmkern.ops.logprobs import logprobs_from_logits, masked_logprobs
 from dlmkern.ops.policy_value_loss import policy_value_loss
 
-__all__ = ["block_attention", "decode_attention", "layouts", "logprobs_from_logits", "masked_logprobs", "policy_value_loss", "reference"]
+__all__ = [
+    "block_attention", "decode_attention", "layouts", "logprobs_from_logits", "masked_logprobs",
+    "policy_value_loss", "reference",
+]

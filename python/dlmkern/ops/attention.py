@@ -16,7 +16,9 @@ def _check_devices(op: str, first: str, **tensors):
         if t is None:
             continue
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"dlmkern.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"dlmkern.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}"
+            )
         if t.device != device:
             raise ValueError(f"dlmkern.{op}: `{name}` must be on {device} like `{first}`, "
                              f"got {t.device}")

@@ -82,7 +82,8 @@ def bd3(seq_lens: Sequence[int], block_size: int) -> Layout:
     parts = []
     for n in seq_lens:
         parts.append((torch.cat([_ar(0, n), _ar(0, n)]),
-                      torch.cat([torch.ones(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)])))
+                      torch.cat([torch.ones(n, dtype=torch.int64),
+                                 torch.zeros(n, dtype=torch.int64)])))
     return _pack(parts, block_size)
 
 
@@ -104,7 +105,8 @@ def tracerl(prompt_lens: Sequence[int], seq_lens: Sequence[int], block_size: int
             raise ValueError(f"prompt length {p} exceeds sequence length {n}")
         start = _first_block_start(p, block_size) if n > p else n
         pos = torch.cat([_ar(0, n), _ar(start, n)])
-        stream = torch.cat([torch.zeros(n, dtype=torch.int64), torch.ones(n - start, dtype=torch.int64)])
+        stream = torch.cat([torch.zeros(n, dtype=torch.int64),
+                            torch.ones(n - start, dtype=torch.int64)])
         parts.append((pos, stream))
     return _pack(parts, block_size)
 
