@@ -10,7 +10,13 @@ from .conftest import devices
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 
 
+def _cuda_dtype(dtype, device):
+    """The CUDA kernels take bf16 / fp16 (tensor cores); fp32 runs on the CPU."""
+    return torch.bfloat16 if device == "cuda" and dtype == torch.float32 else dtype
+
+
 def _qkv(T, hq, hkv, d, dtype, device, requires_grad=False):
+    dtype = _cuda_dtype(dtype, device)
     g = torch.Generator().manual_seed(T * 7 + hq)
     mk = [torch.randn(T, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv)]
     return [x.requires_grad_(requires_grad) for x in mk]
@@ -18,6 +24,7 @@ def _qkv(T, hq, hkv, d, dtype, device, requires_grad=False):
 
 def _check(layout, hq=4, hkv=2, d=64, dtype=torch.float32, device="cpu", grads=True, scale=None):
     layout = layout.to(device)
+    dtype = _cuda_dtype(dtype, device)
     q, k, v = _qkv(layout.num_tokens, hq, hkv, d, dtype, device, requires_grad=grads)
     out, lse = block_attention(q, k, v, layout, scale=scale)
     q2, k2, v2 = (x.detach().clone().requires_grad_(grads) for x in (q, k, v))
@@ -116,7 +123,8 @@ def test_torch_compile_fullgraph(device):
     q, k, v = _qkv(lay.num_tokens, 2, 2, 64, torch.float32, device)
 
     def f(q, k, v):
-        return block_attention(q, k, v, lay.cu_seqlens, lay.block, lay.stream)[0].square().sum()
+        out = block_attention(q, k, v, lay.cu_seqlens, lay.block, lay.stream)[0]
+        return out.float().square().sum()
 
     args1 = [x.clone().requires_grad_() for x in (q, k, v)]
     args2 = [x.clone().requires_grad_() for x in (q, k, v)]
@@ -127,6 +135,28 @@ def test_torch_compile_fullgraph(device):
     out_e.backward()
     for a, b in zip(args1, args2, strict=True):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.cuda
+def test_cuda_rejects_fp32_and_other_head_dims():
+    lay = layouts.bd3([16], 4).to("cuda")
+    q, k, v = (torch.randn(32, 2, 64, device="cuda") for _ in range(3))
+    with pytest.raises(TypeError, match=r"bfloat16 or float16"):
+        block_attention(q, k, v, lay)
+    q, k, v = (torch.randn(32, 2, 32, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    with pytest.raises(ValueError, match=r"head dim 64 or 128"):
+        block_attention(q, k, v, lay)
+
+
+@pytest.mark.cuda
+def test_cuda_decode_long_prefix_uses_splits():
+    # A prefix longer than one split (512 keys) exercises the split-KV combine.
+    q, kn, vn = _qkv(8, 8, 2, 128, torch.bfloat16, "cuda")
+    kc, vc, lens = _cache(2, 3000, 2, 128, [2500, 700], torch.bfloat16, "cuda")
+    cu = torch.tensor([0, 4, 8], dtype=torch.int32, device="cuda")
+    out = decode_attention(q, kn, vn, kc, vc, lens, cu)
+    out_r = ref.decode_attention(q, kn, vn, kc, vc, lens, cu)
+    torch.testing.assert_close(out.float(), out_r.float(), atol=2e-2, rtol=2e-2)
 
 
 def test_gradients_match_finite_differences():
@@ -204,6 +234,7 @@ def _cache(S, max_len, hkv, d, lens, dtype, device):
 def test_decode_matches_reference_and_commits(device, dtype, hq, hkv):
     # varlen current blocks of 4, 3, 4 tokens (a prompt ending mid-block starts one mid-block)
     cu = torch.tensor([0, 4, 7, 11], dtype=torch.int32, device=device)
+    dtype = _cuda_dtype(dtype, device)
     q, kn, vn = _qkv(11, hq, hkv, 64, dtype, device)
     kc, vc, lens = _cache(3, 40, hkv, 64, [9, 0, 30], dtype, device)
     kc_r, vc_r, lens_r = kc.clone(), vc.clone(), lens.clone()
