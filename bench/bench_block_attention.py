@@ -119,6 +119,47 @@ def bench_one(bs, cfg, args):
             "tflops_visible": round(flops / times["dlmkern"] / 1e12, 3)})
 
 
+def bench_rounds(cfg, args, rounds=4, prompt=128, response=512, block=4, n_traj=4):
+    """Packed KV-reuse rows (SPEC 4.2) vs one [prompt | clean | noisy_r] row per round (TraceRL),
+    same trajectories (every block has `rounds` rounds): tokens and fwd+bwd time."""
+    dev, dtype = args.device, getattr(torch, cfg["dtype"])
+    n_blocks = (prompt + response + block - 1) // block - prompt // block
+    packed = layouts.packed_rounds([prompt] * n_traj, [prompt + response] * n_traj, block,
+                                   [[rounds] * n_blocks] * n_traj)
+    n_rows = n_traj * rounds
+    per_round = layouts.tracerl([prompt] * n_rows, [prompt + response] * n_rows, block)
+    times, tokens = {}, {}
+    for name, lay in (("packed", packed), ("per_round", per_round)):
+        T = lay.num_tokens
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+        k = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+        v = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+        lay_d = lay.to(dev)
+
+        def run(q=q, k=k, v=v, lay_d=lay_d):
+            block_attention(q, k, v, lay_d)[0].sum().backward()
+        times[name] = common.time_fn(run, dev, repeat=args.repeat)
+        tokens[name] = T
+    print(f"packed rounds vs per-round rows: {n_traj} trajectories, prompt {prompt}, response "
+          f"{response}, block {block}, {rounds} rounds per block")
+    print(f"  tokens  packed {tokens['packed']}  per-round {tokens['per_round']}  "
+          f"({tokens['per_round'] / tokens['packed']:.2f}x fewer)")
+    speed = times["per_round"] / times["packed"]
+    print(f"  fwd+bwd packed {times['packed'] * 1e3:.2f} ms  per-round "
+          f"{times['per_round'] * 1e3:.2f} ms  ({speed:.2f}x faster)")
+    if not args.no_save:
+        common.append_result({
+            "op": "block_attention_packed_rounds", "device": common.device_name(dev),
+            "shape": {"trajectories": n_traj, "prompt": prompt, "response": response,
+                      "block": block, "rounds": rounds, "Hq": cfg["heads"],
+                      "Hkv": cfg["kv_heads"], "D": cfg["dim"]},
+            "dtype": cfg["dtype"], "tokens": tokens,
+            "time_ms": {n: round(t * 1e3, 3) for n, t in times.items()},
+            "token_ratio": round(tokens["per_round"] / tokens["packed"], 3),
+            "time_ratio": round(times["per_round"] / times["packed"], 3)})
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -132,6 +173,7 @@ def main():
            for k, v in DEFAULTS[args.device].items()}
     for bs in args.block_size:
         bench_one(bs, cfg, args)
+    bench_rounds(cfg, args)
 
 if __name__ == "__main__":
     main()

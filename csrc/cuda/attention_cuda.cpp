@@ -35,6 +35,12 @@ void check_head_dim(const char* op, int64_t D) {
                     D);
 }
 
+// Contiguous with a 16-byte aligned base (the kernels copy tiles with 16-byte vector loads).
+at::Tensor aligned(const at::Tensor& t) {
+  auto c = t.contiguous();
+  return reinterpret_cast<uintptr_t>(c.const_data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 // Tile table tensors kept alive for the duration of a launch.
 struct Tiles {
   at::Tensor slot_seq, slot_tile, meta;
@@ -85,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cuda(
                                            !capturing());
   check_head_dim(kBlockOp, d.D);
   half_dtype(kBlockOp, q_in);
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  auto q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
   auto cu = cu_in.contiguous(), block = block_in.contiguous(), stream = stream_in.contiguous();
   Tiles tiles = make_tiles(q, d.T, d.S);
   auto a = attn_args(q, k, v, cu, block, stream, full, d, tiles);
@@ -109,8 +115,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == d.Hq && lse.size(1) == d.T &&
                         lse.scalar_type() == at::kFloat,
                     "dlmkern.block_attention_backward: `lse` must be float32 [Hq, T]");
-  auto q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  auto dout = grad_out.to(q.scalar_type()).contiguous();
+  auto q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  auto dout = aligned(grad_out.to(q.scalar_type()));
   auto cu = cu_in.contiguous(), block = block_in.contiguous(), stream = stream_in.contiguous();
   auto delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).t().contiguous();
   Tiles tiles = make_tiles(q, d.T, d.S);
