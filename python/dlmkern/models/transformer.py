@@ -1,0 +1,254 @@
+"""The diffusion language model: one transformer for SDAR / TraDo (block-causal), LLaDA and Dream
+(bidirectional). Attention goes through dlmkern.ops.block_attention (training, prefill) and
+dlmkern.ops.decode_attention (sampling with a KV cache) only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from dlmkern.models.config import ModelConfig
+from dlmkern.ops import block_attention, decode_attention
+from dlmkern.ops.layouts import Layout
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention), x [T, H, D], positions [T]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    ang = positions.to(torch.float32)[:, None] * inv[None, :]
+    cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :]
+    sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated * sin).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Per-layer caches [S, max_len, Hkv, D] and per-layer filled lengths [S] int32 (each layer's
+    decode_attention(commit=True) advances its own)."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    seqlens: list[torch.Tensor]
+
+    @classmethod
+    def empty(cls, config: ModelConfig, num_seqs: int, max_len: int, device, dtype):
+        shape = (num_seqs, max_len, config.num_kv_heads, config.head_dim)
+        n = config.num_layers
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
+                   [torch.zeros(num_seqs, device=device, dtype=torch.int32) for _ in range(n)])
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.seqlens[0]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.c = c
+        self.wq = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+
+    def qkv(self, x, positions):
+        c, T = self.c, x.shape[0]
+        q = self.wq(x).view(T, c.num_heads, c.head_dim)
+        k = self.wk(x).view(T, c.num_kv_heads, c.head_dim)
+        v = self.wv(x).view(T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+
+    def forward(self, x, layout: Layout):
+        q, k, v = self.qkv(x, layout.position_ids)
+        out, _ = block_attention(q, k, v, layout)
+        return self.wo(out.reshape(x.shape[0], -1))
+
+    def prefill(self, x, layout: Layout, cache: KVCache, layer: int):
+        q, k, v = self.qkv(x, layout.position_ids)
+        out, _ = block_attention(q, k, v, layout)
+        cu = layout.cu_seqlens.tolist()
+        lens = cache.seqlens[layer]
+        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
+            cache.k[layer][i, : e - s] = k[s:e]
+            cache.v[layer][i, : e - s] = v[s:e]
+            lens[i] = e - s
+        return self.wo(out.reshape(x.shape[0], -1))
+
+    def decode(self, x, positions, cu_seqlens_q, cache: KVCache, layer: int, commit: bool):
+        q, k, v = self.qkv(x, positions)
+        out = decode_attention(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens[layer],
+                               cu_seqlens_q, commit=commit)
+        return self.wo(out.reshape(x.shape[0], -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.w_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class Layer(nn.Module):
+    def __init__(self, c: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn = Attention(c)
+        self.mlp_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, layout):
+        x = x + self.attn(self.attn_norm(x), layout)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def prefill(self, x, layout, cache, layer):
+        x = x + self.attn.prefill(self.attn_norm(x), layout, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+    def decode(self, x, positions, cu, cache, layer, commit):
+        x = x + self.attn.decode(self.attn_norm(x), positions, cu, cache, layer, commit)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class DiffusionLM(nn.Module):
+    """Token ids -> hidden states; ``logits`` on request. Tokens are packed ([T], varlen) and the
+    attention pattern comes from a :class:`Layout` (block-causal families use its block / stream
+    metadata; LLaDA / Dream are bidirectional per sequence whatever the layout says)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self.gradient_checkpointing = False
+        self.apply(self._init)
+
+    def save_pretrained(self, path: str) -> None:
+        from dlmkern.models.io import save_pretrained
+
+        save_pretrained(self, path)
+
+    def _init(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+    def _layout(self, layout: Layout) -> Layout:
+        if self.config.block_causal or layout.full:
+            return layout
+        return Layout(layout.block, layout.stream, layout.position_ids, layout.cu_seqlens,
+                      layout.max_seqlen, full=True)
+
+    def forward(self, input_ids: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """Training / prefill forward: input_ids [T] on a layout -> final hidden states [T, H]."""
+        layout = self._layout(layout)
+        x = self.embed(input_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = checkpoint(layer, x, layout, use_reentrant=False)
+            else:
+                x = layer(x, layout)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+    def prediction_hidden(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """The hidden state that predicts each position: itself, or (Dream) the previous position
+        of the same sequence (a sequence's first position predicts itself)."""
+        if not self.config.logits_shift:
+            return hidden
+        idx = torch.arange(hidden.shape[0], device=hidden.device) - 1
+        starts = cu_seqlens[:-1].long()
+        idx[starts[starts < hidden.shape[0]]] += 1
+        return hidden[idx]
+
+    @torch.no_grad()
+    def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:
+        """Runs the prompts (packed [T], one per cache row, the cache empty) with the training
+        attention pattern (block-causal for SDAR, bidirectional for LLaDA / Dream) and stores
+        their k / v in the cache. Returns the final hidden states [T, H]."""
+        from dlmkern.ops import layouts
+
+        if int(cache.lengths.max()) != 0:
+            raise ValueError("prefill expects an empty cache (cache.lengths must be 0)")
+        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+        lay = layouts.block_causal(lens, self.config.block_size).to(input_ids.device)
+        lay = self._layout(lay)
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer.prefill(x, lay, cache, i)
+        return self.norm(x)
+
+    @torch.no_grad()
+    def decode(self, input_ids, positions, cu_seqlens_q, cache: KVCache,
+               commit=False) -> torch.Tensor:
+        """One denoising step: the current block of each sequence (packed [T], positions [T])
+        against the cache; commit=True appends the block's k / v. Block-causal families see the
+        cached prefix plus their own block bidirectionally, exactly as in training."""
+        x = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer.decode(x, positions, cu_seqlens_q, cache, i, commit)
+        return self.norm(x)
+
+
+class ValueModel(nn.Module):
+    """A policy trunk with a scalar head (zero-initialised, so training starts from V = 0)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.trunk = DiffusionLM(config)
+        self.value_head = nn.Linear(config.hidden_size, 1)
+        nn.init.zeros_(self.value_head.weight)
+        nn.init.zeros_(self.value_head.bias)
+
+    @classmethod
+    def from_policy(cls, policy: DiffusionLM) -> ValueModel:
+        vm = cls(policy.config)
+        vm.trunk.load_state_dict(policy.state_dict())
+        return vm.to(next(policy.parameters()).dtype).to(next(policy.parameters()).device)
+
+    def save_pretrained(self, path: str) -> None:
+        from dlmkern.models.io import save_pretrained
+
+        save_pretrained(self, path)
+
+    def forward(self, input_ids, layout: Layout) -> torch.Tensor:
+        """Values [T] fp32 at every position of the layout."""
+        return self.value_head(self.trunk(input_ids, layout)).squeeze(-1).float()
