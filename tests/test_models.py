@@ -258,3 +258,24 @@ def test_sharded_checkpoint_loads(tmp_path):
     m2 = load(str(tmp_path))
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(),
                                                   m2.state_dict().values(), strict=True))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_forward_close_to_fp32(family):
+    m = _model(family)
+    lay = layouts.bd3([24], 4)
+    ids = torch.randint(0, 62, (48,))
+    ref = m(ids, lay)
+    out = m.to(torch.bfloat16)(ids, lay)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
+
+
+def test_value_model_from_policy_checkpoint(tmp_path):
+    policy = _model("dream")
+    policy.save_pretrained(str(tmp_path))
+    vm = ValueModel.from_policy_checkpoint(str(tmp_path))
+    lay = layouts.block_causal([9], 4)
+    ids = torch.randint(0, 62, (9,))
+    assert torch.equal(vm.trunk(ids, lay), policy(ids, lay))
+    assert torch.all(vm(ids, lay) == 0)

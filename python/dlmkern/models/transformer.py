@@ -244,6 +244,13 @@ class ValueModel(nn.Module):
         vm.trunk.load_state_dict(policy.state_dict())
         return vm.to(next(policy.parameters()).dtype).to(next(policy.parameters()).device)
 
+    @classmethod
+    def from_policy_checkpoint(cls, path: str, dtype=None, device=None) -> ValueModel:
+        """A value model whose trunk starts from the policy saved at ``path``."""
+        from dlmkern.models.io import load
+
+        return cls.from_policy(load(path, dtype=dtype, device=device))
+
     def save_pretrained(self, path: str) -> None:
         from dlmkern.models.io import save_pretrained
 
