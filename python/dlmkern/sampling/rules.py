@@ -1,0 +1,101 @@
+"""Token choice and unmasking rules shared by the samplers (SPEC 3).
+
+Every rule sees, for the still-masked positions of one block (in position order), the sampled
+token, its confidence and the entropy of its distribution, and returns which positions to unmask
+at this step. Equal confidences break ties by the lower position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RULES = ("static", "dynamic", "entropy_bounded", "sequential")
+CONFIDENCES = ("prob", "margin", "neg_entropy")
+
+
+@dataclass
+class SamplingConfig:
+    rule: str = "static"            # static | dynamic | entropy_bounded | sequential
+    steps: int = 4                  # denoising steps per block (static / sequential schedules)
+    threshold: float = 0.9          # dynamic: unmask every token with confidence > threshold
+    entropy_bound: float = 1.0      # entropy_bounded: cumulative entropy budget per step
+    temperature: float = 1.0        # 0 = greedy
+    top_k: int = 0                  # 0 = off
+    top_p: float = 1.0              # 1 = off
+    confidence: str = "prob"        # prob | margin (top1 - top2) | neg_entropy
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"unknown unmasking rule {self.rule!r}; expected one of {RULES}")
+        if self.confidence not in CONFIDENCES:
+            raise ValueError(f"unknown confidence {self.confidence!r}; expected {CONFIDENCES}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+
+
+def transfer_schedule(masked: int, steps: int) -> list[int]:
+    """How many tokens each of `steps` steps unmasks so that `masked` tokens are done: an even
+    split, the remainder going to the first steps (LLaDA's schedule)."""
+    base, rem = divmod(masked, steps)
+    return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
+                  generator: torch.Generator | None):
+    """logits [n, V] -> (token [n], confidence [n], logprob [n], entropy [n]).
+
+    The mask token is never produced. Greedy when temperature == 0."""
+    logits = logits.float().clone()
+    logits[:, mask_token_id] = float("-inf")
+    if cfg.temperature > 0:
+        logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_l, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_l.softmax(-1).cumsum(-1)
+        drop = cum - sorted_l.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_l)
+    logp = torch.log_softmax(logits, dim=-1)
+    probs = logp.exp()
+    if cfg.temperature == 0:
+        token = torch.argmax(logits, dim=-1)
+    else:
+        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    tok_logp = logp.gather(-1, token[:, None]).squeeze(-1)
+    entropy = -(probs * logp.nan_to_num(0.0, neginf=0.0)).sum(-1)
+    if cfg.confidence == "prob":
+        conf = tok_logp.exp()
+    elif cfg.confidence == "margin":
+        top2 = torch.topk(probs, 2, dim=-1).values
+        conf = top2[:, 0] - top2[:, 1]
+    else:
+        conf = -entropy
+    return token, conf, tok_logp, entropy
+
+
+def choose(cfg: SamplingConfig, conf: torch.Tensor, entropy: torch.Tensor,
+           n_static: int) -> torch.Tensor:
+    """Indices (into the masked positions, ascending position order) to unmask at this step."""
+    n = conf.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    if cfg.rule == "sequential":
+        return torch.arange(min(n, max(n_static, 1)))
+    # Rank by confidence (descending); the stable sort keeps lower positions first on ties.
+    order = torch.sort(-conf, stable=True).indices
+    if cfg.rule == "static":
+        k = min(n, max(n_static, 1))
+    elif cfg.rule == "dynamic":
+        k = max(1, int((conf > cfg.threshold).sum()))
+    else:  # entropy_bounded: lowest-entropy prefix within the budget
+        order = torch.sort(entropy, stable=True).indices
+        cum = entropy[order].cumsum(0)
+        k = max(1, int((cum <= cfg.entropy_bound).sum()))
+    return torch.sort(order[:k]).values

@@ -1,0 +1,134 @@
+"""Block sampler and unmasking rules (SPEC 3)."""
+
+from collections import Counter
+
+import pytest
+import torch
+from dlmkern.models import DiffusionLM, tiny_config
+from dlmkern.sampling import BlockSampler, SamplingConfig, choose, sample_tokens, transfer_schedule
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [3]]
+
+
+def _model(block_size=4, seed=0):
+    torch.manual_seed(seed)
+    return DiffusionLM(tiny_config("sdar", block_size=block_size)).eval()
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 8])
+@pytest.mark.parametrize("rule", ["static", "dynamic", "entropy_bounded", "sequential"])
+def test_cached_sampler_equals_recomputing_sampler(block_size, rule):
+    m = _model(block_size)
+    cfg = SamplingConfig(rule=rule, steps=3, temperature=0, threshold=0.05, entropy_bound=8.0)
+    a = BlockSampler(m, cfg, max_new_tokens=13).generate(PROMPTS)
+    b = BlockSampler(m, cfg, max_new_tokens=13, use_cache=False).generate(PROMPTS)
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        assert x.step_map == y.step_map
+        assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+
+
+def _per_block_counts(traj, prompt_len, block):
+    """{block index: Counter(step -> tokens unmasked at that step)}."""
+    out = {}
+    for i, st in enumerate(traj.step_map):
+        out.setdefault((prompt_len + i) // block, Counter())[st] += 1
+    return out
+
+
+def test_static_rule_unmasks_the_scheduled_count_each_step():
+    m = _model(4)
+    cfg = SamplingConfig(rule="static", steps=2, temperature=0)
+    trajs = BlockSampler(m, cfg, max_new_tokens=14).generate(PROMPTS)
+    for p, t in zip(PROMPTS, trajs, strict=True):
+        assert len(t.token_ids) == 14 and all(s >= 0 for s in t.step_map)
+        for b, counts in _per_block_counts(t, len(p), 4).items():
+            n_masked = sum(counts.values())
+            assert sorted(counts.values(), reverse=True) == \
+                [c for c in transfer_schedule(n_masked, 2) if c > 0], (b, counts)
+        # steps are global and increase block after block
+        blocks = _per_block_counts(t, len(p), 4)
+        keys = sorted(blocks)
+        for b1, b2 in zip(keys, keys[1:], strict=False):
+            assert max(blocks[b1]) < min(blocks[b2])
+
+
+def test_sequential_rule_goes_left_to_right():
+    m = _model(4)
+    t = BlockSampler(m, SamplingConfig(rule="sequential", steps=4, temperature=0),
+                     max_new_tokens=12).generate([[1, 2, 3, 4]])[0]
+    assert t.step_map == sorted(t.step_map) and len(set(t.step_map)) == 12
+
+
+def test_rules_on_hand_made_confidences():
+    conf = torch.tensor([0.2, 0.95, 0.5, 0.95, 0.91])
+    ent = torch.tensor([2.0, 0.1, 1.0, 0.3, 0.5])
+    static = SamplingConfig(rule="static")
+    assert choose(static, conf, ent, 2).tolist() == [1, 3]      # ties -> lower position
+    assert choose(static, conf, ent, 3).tolist() == [1, 3, 4]
+    dyn = SamplingConfig(rule="dynamic", threshold=0.9)
+    assert choose(dyn, conf, ent, 1).tolist() == [1, 3, 4]      # every token above threshold
+    assert choose(SamplingConfig(rule="dynamic", threshold=0.99), conf, ent, 1).tolist() == [1]
+    eb = SamplingConfig(rule="entropy_bounded", entropy_bound=0.95)
+    assert choose(eb, conf, ent, 1).tolist() == [1, 3, 4]       # 0.1 + 0.3 + 0.5 <= 0.95
+    assert choose(SamplingConfig(rule="entropy_bounded", entropy_bound=0.0), conf, ent, 1).tolist() \
+        == [1]                                                  # at least one
+    assert choose(SamplingConfig(rule="sequential"), conf, ent, 2).tolist() == [0, 1]
+    assert transfer_schedule(7, 3) == [3, 2, 2] and transfer_schedule(2, 4) == [1, 1, 0, 0]
+
+
+def test_mask_token_is_never_sampled():
+    m = _model(4)
+    with torch.no_grad():  # make the mask token by far the most likely output
+        m.lm_head.weight[m.config.mask_token_id] = m.norm.weight * 50
+    for temperature in (0.0, 1.0):
+        cfg = SamplingConfig(temperature=temperature)
+        for t in BlockSampler(m, cfg, max_new_tokens=12).generate(PROMPTS):
+            assert m.config.mask_token_id not in t.token_ids
+
+
+def test_sample_tokens_greedy_topk_topp():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, 5.0]])  # index 4 is the mask token
+    greedy = SamplingConfig(temperature=0)
+    tok, conf, lp, _ = sample_tokens(logits, greedy, mask_token_id=4, generator=None)
+    assert tok.item() == 1
+    p = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
+    assert conf.item() == pytest.approx(p[1].item(), rel=1e-5)
+    assert lp.item() == pytest.approx(p[1].log().item(), rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    topk = SamplingConfig(temperature=1.0, top_k=1)
+    assert {sample_tokens(logits, topk, 4, g)[0].item() for _ in range(20)} == {1}
+    topp = SamplingConfig(temperature=1.0, top_p=0.6)  # 1 alone has p = 0.66
+    assert {sample_tokens(logits, topp, 4, g)[0].item() for _ in range(20)} == {1}
+
+
+def test_eos_ends_the_sequence_after_its_block():
+    m = _model(4)
+    cfg = SamplingConfig(temperature=0)
+    free = BlockSampler(m, cfg, max_new_tokens=12).generate([[1, 2, 3, 4]])[0]
+    eos = free.token_ids[5]  # a token greedy decoding produces in the second block
+    t = BlockSampler(m, cfg, max_new_tokens=12, eos_token_id=eos).generate([[1, 2, 3, 4]])[0]
+    first = free.token_ids.index(eos)
+    assert t.finish_reason == "eos"
+    assert t.token_ids == free.token_ids[: first + 1]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+
+
+def test_seeded_and_reproducible():
+    m = _model(4)
+    cfg = SamplingConfig(temperature=1.0, rule="static", steps=2)
+    a = BlockSampler(m, cfg, max_new_tokens=12).generate(PROMPTS, n_samples=2, seed=3)
+    b = BlockSampler(m, cfg, max_new_tokens=12).generate(PROMPTS, n_samples=2, seed=3)
+    c = BlockSampler(m, cfg, max_new_tokens=12).generate(PROMPTS, n_samples=2, seed=4)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.token_ids for t in a] != [t.token_ids for t in c]
+    assert len(a) == 2 * len(PROMPTS)
+
+
+def test_bad_configs():
+    with pytest.raises(ValueError, match="unknown unmasking rule"):
+        SamplingConfig(rule="random")
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        SamplingConfig(steps=0)
+    with pytest.raises(ValueError, match="needs a block-diffusion"):
+        BlockSampler(DiffusionLM(tiny_config("llada")))
