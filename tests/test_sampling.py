@@ -71,8 +71,8 @@ def test_rules_on_hand_made_confidences():
     assert choose(SamplingConfig(rule="dynamic", threshold=0.99), conf, ent, 1).tolist() == [1]
     eb = SamplingConfig(rule="entropy_bounded", entropy_bound=0.95)
     assert choose(eb, conf, ent, 1).tolist() == [1, 3, 4]       # 0.1 + 0.3 + 0.5 <= 0.95
-    assert choose(SamplingConfig(rule="entropy_bounded", entropy_bound=0.0), conf, ent, 1).tolist() \
-        == [1]                                                  # at least one
+    eb0 = SamplingConfig(rule="entropy_bounded", entropy_bound=0.0)
+    assert choose(eb0, conf, ent, 1).tolist() == [1]            # at least one
     assert choose(SamplingConfig(rule="sequential"), conf, ent, 2).tolist() == [0, 1]
     assert transfer_schedule(7, 3) == [3, 2, 2] and transfer_schedule(2, 4) == [1, 1, 0, 0]
 
@@ -132,3 +132,11 @@ def test_bad_configs():
         SamplingConfig(steps=0)
     with pytest.raises(ValueError, match="needs a block-diffusion"):
         BlockSampler(DiffusionLM(tiny_config("llada")))
+
+
+def test_prompt_tail_is_never_resampled():
+    m = _model(4)
+    mask = m.config.mask_token_id
+    prompt = [1, 2, 3, 4, 5, mask]  # even a mask-token id inside the prompt tail stays as given
+    t = BlockSampler(m, SamplingConfig(temperature=0), max_new_tokens=6).generate([prompt])[0]
+    assert len(t.token_ids) == 6 and mask not in t.token_ids and all(s >= 0 for s in t.step_map)

@@ -81,14 +81,15 @@ class BlockSampler:
             start = (len(s.tokens) // B) * B
             end = min(start + B, s.limit)
             spans.append((start, end) if not s.done else (start, start))
-        for s, (start, end) in zip(seqs, spans, strict=True):
+        for s, (_, end) in zip(seqs, spans, strict=True):
             s.tokens.extend([self.mask_id] * (end - len(s.tokens)))
-        schedules = [transfer_schedule(sum(t == self.mask_id for t in s.tokens[a:e]), self.cfg.steps)
-                     for s, (a, e) in zip(seqs, spans, strict=True)]
+        # Generated positions only: a prompt tail in the block is never re-sampled.
+        todo = [set(range(max(a, len(s.traj.prompt_ids)), e))
+                for s, (a, e) in zip(seqs, spans, strict=True)]
+        schedules = [transfer_schedule(len(t), self.cfg.steps) for t in todo]
         step_in_block = 0
         while True:
-            masked = [[i for i in range(a, e) if s.tokens[i] == self.mask_id] if not s.done else []
-                      for s, (a, e) in zip(seqs, spans, strict=True)]
+            masked = [sorted(t) for t in todo]
             if not any(masked):
                 break
             logits = self._block_logits(seqs, spans, cache, device)
@@ -96,13 +97,15 @@ class BlockSampler:
                 if not masked[j]:
                     continue
                 a, _ = spans[j]
-                rows = torch.tensor([i - a for i in masked[j]], device=device) + self._offset(spans, j)
+                rows = torch.tensor([i - a for i in masked[j]], device=device)
+                rows = rows + self._offset(spans, j)
                 tok, conf, lp, ent = sample_tokens(logits[rows], self.cfg, self.mask_id, gen)
                 sched = schedules[j]
                 n_static = sched[step_in_block] if step_in_block < len(sched) else len(masked[j])
                 for k in choose(self.cfg, conf.cpu(), ent.cpu(), n_static).tolist():
                     pos = masked[j][k]
                     s.tokens[pos] = int(tok[k])
+                    todo[j].discard(pos)
                     self._record(s, pos, float(lp[k]))
                 s.step += 1
             step_in_block += 1
