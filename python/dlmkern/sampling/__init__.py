@@ -1,7 +1,9 @@
-"""Samplers: block diffusion with a KV cache (SDAR / TraDo); unmasking rules."""
+"""Samplers: block diffusion with a KV cache (SDAR / TraDo), full attention (LLaDA / Dream);
+unmasking rules."""
 
 from dlmkern.sampling.block import BlockSampler, Trajectory
+from dlmkern.sampling.full import FullSampler
 from dlmkern.sampling.rules import SamplingConfig, choose, sample_tokens, transfer_schedule
 
-__all__ = ["BlockSampler", "SamplingConfig", "Trajectory", "choose", "sample_tokens",
+__all__ = ["BlockSampler", "FullSampler", "SamplingConfig", "Trajectory", "choose", "sample_tokens",
            "transfer_schedule"]

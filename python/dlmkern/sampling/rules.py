@@ -25,12 +25,16 @@ class SamplingConfig:
     top_k: int = 0                  # 0 = off
     top_p: float = 1.0              # 1 = off
     confidence: str = "prob"        # prob | margin (top1 - top2) | neg_entropy
+    schedule: str = "even"          # static counts: "even" (LLaDA) or "dream" (Dream's timesteps)
+    eps: float = 1e-3               # Dream's final timestep
 
     def __post_init__(self):
         if self.rule not in RULES:
             raise ValueError(f"unknown unmasking rule {self.rule!r}; expected one of {RULES}")
         if self.confidence not in CONFIDENCES:
             raise ValueError(f"unknown confidence {self.confidence!r}; expected {CONFIDENCES}")
+        if self.schedule not in ("even", "dream"):
+            raise ValueError(f"unknown schedule {self.schedule!r}; expected 'even' or 'dream'")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
@@ -42,6 +46,16 @@ def transfer_schedule(masked: int, steps: int) -> list[int]:
     split, the remainder going to the first steps (LLaDA's schedule)."""
     base, rem = divmod(masked, steps)
     return [base + (1 if i < rem else 0) for i in range(steps)]
+
+
+def dream_transfer_count(masked_now: int, step: int, steps: int, eps: float) -> int:
+    """Dream's count for step `step`: with timesteps linspace(1, eps, steps + 1),
+    int(masked_now * (1 - s / t)), everything left at the last step."""
+    if step >= steps - 1:
+        return masked_now
+    t = 1 + (eps - 1) * step / steps
+    s = 1 + (eps - 1) * (step + 1) / steps
+    return int(masked_now * (1 - s / t))
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
