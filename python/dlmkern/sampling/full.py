@@ -88,10 +88,11 @@ class FullSampler:
                 if not done[i] and self.eos is not None and \
                         self.eos in canvases[i][len(p) + lo:len(p) + hi]:
                     done[i] = True
-        for i, t in enumerate(trajs):
+        for t in trajs:
             if self.eos is not None and self.eos in t.token_ids:
                 n = t.token_ids.index(self.eos) + 1
-                t.token_ids, t.step_map, t.logprobs = t.token_ids[:n], t.step_map[:n], t.logprobs[:n]
+                t.token_ids, t.step_map = t.token_ids[:n], t.step_map[:n]
+                t.logprobs = t.logprobs[:n]
                 t.finish_reason = "eos"
         return trajs
 
@@ -132,6 +133,6 @@ class FullSampler:
         if m.config.logits_shift:  # row r predicts the next position: shift within the segment
             h = m.prediction_hidden(h, cu)
         out = []
-        for x, s, lg in zip(segs, start, m.logits(h).split(lens), strict=True):
+        for s, lg in zip(start, m.logits(h).split(lens), strict=True):
             out.append(torch.cat([lg.new_zeros(s, lg.shape[-1]), lg]))
         return out
