@@ -130,6 +130,7 @@ def code_reward(prompts: list, completions: list[str], tests: list, *,
     for completion, cases in zip(completions, tests, strict=True):
         cases = [cases] if isinstance(cases, str) else list(cases)
         code = extract_code(completion)
-        passed = sum(1 for case in cases if run_program(code + "\n\n" + case, limits=limits)[0] == 0)
+        passed = sum(1 for case in cases
+                     if run_program(code + "\n\n" + case, limits=limits)[0] == 0)
         scores.append(passed / len(cases) if cases else 0.0)
     return scores
