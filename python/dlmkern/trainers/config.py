@@ -1,0 +1,139 @@
+"""Typed trainer configuration: dataclasses loadable from YAML with key=value overrides.
+Unknown keys and wrongly typed values fail before any work starts, naming the key."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class RLConfig:
+    # rollout
+    prompts_per_step: int = 8
+    group_size: int = 8                  # samples per prompt
+    max_new_tokens: int = 256
+    steps_per_block: int = 4             # block models: denoising steps per block
+    gen_block_length: int = 32           # full-attention models: semi-AR block length
+    rule: str = "static"
+    threshold: float = 0.9
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    # algorithm
+    shrinkage: int = 1                   # trace shrinkage s (TraceRL: 1 block models, 8 full)
+    reduction: str = "token_mean"        # token_mean | seq_mean | sum
+    loss_normalizer: float = 1.0         # for reduction="sum" (Dr.GRPO constant)
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0               # 0 = off
+    kl_coef: float = 0.0
+    kl_to: str = "old"                   # "old" (TraceRL) or "ref" (frozen reference policy)
+    pass_rate_low: float = 0.0           # keep groups whose mean reward lies in [low, high]
+    pass_rate_high: float = 1.0
+    dynamic_sampling: bool = False       # DAPO: keep 0 < mean < 1, oversample to fill the batch
+    max_oversample_rounds: int = 4
+    use_value_model: bool = False
+    gamma: float = 1.0
+    lam: float = 1.0
+    vf_clip: float = 0.2
+    # optimisation
+    lr: float = 1e-6
+    value_lr: float = 5e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    total_steps: int = 100
+    # bookkeeping
+    seed: int = 0
+    output_dir: str = "runs/rl"
+    save_every: int = 0                  # 0 = only at the end
+    log_every: int = 1
+    progress_bar: bool = True
+
+    def validate(self):
+        checks = [
+            (self.group_size >= 1, "group_size must be >= 1"),
+            (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+            (self.reduction in ("token_mean", "seq_mean", "sum"),
+             "reduction must be token_mean, seq_mean or sum"),
+            (self.kl_to in ("old", "ref"), "kl_to must be 'old' or 'ref'"),
+            (self.shrinkage >= 1, "shrinkage must be >= 1"),
+            (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
+             "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"config: {msg}")
+        return self
+
+
+@dataclass
+class SFTConfig:
+    batch_size: int = 16
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    total_steps: int = 200
+    min_mask_ratio: float = 1e-3         # t ~ U(eps, 1)
+    seed: int = 0
+    output_dir: str = "runs/sft"
+    log_every: int = 10
+    progress_bar: bool = True
+
+    def validate(self):
+        if not 0 < self.min_mask_ratio < 1:
+            raise ValueError("config: min_mask_ratio must lie in (0, 1)")
+        return self
+
+
+def _coerce(cls, key: str, value):
+    types = typing.get_type_hints(cls)
+    if key not in types:
+        known = ", ".join(f.name for f in fields(cls))
+        raise ValueError(f"config: unknown key {key!r} for {cls.__name__} (known: {known})")
+    t = types[key]
+    if isinstance(value, str) and t is not str:
+        if t is bool:
+            if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(f"config: {key} must be a bool, got {value!r}")
+            return value.lower() in ("true", "1", "yes")
+        try:
+            return t(value)
+        except ValueError:
+            raise ValueError(f"config: {key} must be {t.__name__}, got {value!r}") from None
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, t) or (t is int and isinstance(value, bool)):
+        raise ValueError(f"config: {key} must be {t.__name__}, got {type(value).__name__} "
+                         f"{value!r}")
+    return value
+
+
+def build_config(cls, values: dict | None = None, overrides: list[str] | None = None):
+    """cls(**values) with `key=value` overrides, type-checked and validated."""
+    merged = dict(values or {})
+    for ov in overrides or []:
+        if "=" not in ov:
+            raise ValueError(f"config: override {ov!r} is not key=value")
+        k, v = ov.split("=", 1)
+        merged[k.strip()] = v.strip()
+    kwargs = {k: _coerce(cls, k, v) for k, v in merged.items()}
+    return cls(**kwargs).validate()
+
+
+def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
+    """From a YAML file (a mapping of keys) plus key=value overrides."""
+    values = {}
+    if path:
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config: {path} must hold a mapping of keys")
+    return build_config(cls, values, overrides)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,321 @@
+"""The RL loop (SPEC 4.6) shared by TraceRL and DiPO: sample with the live weights -> reward ->
+advantages and group filters -> packed rows -> (value update) -> policy update, in one process.
+Optimizer state persists across steps; checkpoints hold model, value model, optimizer, RNG, step
+and data position, written atomically, and resume exactly."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from dlmkern.data import load_dataset
+from dlmkern.models import DiffusionLM, ValueModel, load
+from dlmkern.ops import masked_logprobs, policy_value_loss
+from dlmkern.rl import block_rows, full_rows, group_zscore, keep_groups, trace_gae
+from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+from dlmkern.trainers.config import RLConfig, to_dict
+from dlmkern.trainers.logging import RunLogger
+
+
+class RLTrainer:
+    """Base of TraceRL and DiPO. ``model``: a DiffusionLM or a checkpoint path; ``tokenizer``:
+    encode / decode / eos_token_id; ``dataset``: rows with "prompt" (+ reward columns);
+    ``reward_fns``: callables ``f(prompts, completions, **columns) -> list[float]`` (summed)."""
+
+    name = "rl"
+
+    def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
+                 value_model: ValueModel | None = None):
+        self.cfg = (config or RLConfig()).validate()
+        torch.manual_seed(self.cfg.seed)
+        self.model: DiffusionLM = load(model) if isinstance(model, str) else model
+        self.tok = tokenizer
+        self.data = load_dataset(dataset)
+        self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
+        self.device = next(self.model.parameters()).device
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                     weight_decay=self.cfg.weight_decay)
+        self.value_model = value_model
+        if self.cfg.use_value_model and self.value_model is None:
+            self.value_model = ValueModel.from_policy(self.model)
+        self.value_opt = None
+        if self.value_model is not None:
+            self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=self.cfg.value_lr,
+                                               weight_decay=self.cfg.weight_decay)
+        # the frozen reference policy exists only when a KL to it is asked for
+        self.ref_model = None
+        if self.cfg.kl_coef > 0 and self.cfg.kl_to == "ref":
+            self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.step = 0
+        self.data_pos = 0
+        self.data_order = self._permutation(0)
+        self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg))
+
+    # ---- data ---------------------------------------------------------------------------------
+
+    def _permutation(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        return torch.randperm(len(self.data), generator=g).tolist()
+
+    def _next_rows(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            epoch, i = divmod(self.data_pos, len(self.data))
+            if i == 0 and epoch > 0 and len(self.data_order) == len(self.data):
+                self.data_order = self._permutation(epoch)
+            out.append(self.data[self.data_order[i]])
+            self.data_pos += 1
+        return out
+
+    # ---- rollout ------------------------------------------------------------------------------
+
+    def _sampler(self):
+        cfg = SamplingConfig(rule=self.cfg.rule, steps=self.cfg.steps_per_block,
+                             threshold=self.cfg.threshold, temperature=self.cfg.temperature,
+                             top_k=self.cfg.top_k, top_p=self.cfg.top_p)
+        if self.model.config.block_causal:
+            return BlockSampler(self.model, cfg, max_new_tokens=self.cfg.max_new_tokens,
+                                eos_token_id=self.tok.eos_token_id)
+        return FullSampler(self.model, cfg, gen_length=self.cfg.max_new_tokens,
+                           block_length=min(self.cfg.gen_block_length, self.cfg.max_new_tokens),
+                           eos_token_id=self.tok.eos_token_id)
+
+    def rollout(self, rows: list[dict]):
+        """Samples group_size completions per row with the live weights; returns trajectories
+        and summed rewards [len(rows) * group_size]."""
+        self.model.eval()
+        prompts = [self.tok.encode(r["prompt"]) for r in rows]
+        seed = self.cfg.seed * 7919 + self.step * 104729 + self.data_pos
+        trajs = self._sampler().generate(prompts, n_samples=self.cfg.group_size, seed=seed)
+        completions = [self.tok.decode(t.token_ids) for t in trajs]
+        expanded = [r for r in rows for _ in range(self.cfg.group_size)]
+        columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k != "prompt"}
+        prompt_text = [r["prompt"] for r in expanded]
+        t0 = time.perf_counter()
+        rewards = torch.zeros(len(trajs))
+        for fn in self.reward_fns:
+            rewards += torch.tensor(fn(prompt_text, completions, **columns), dtype=torch.float32)
+        self.last_reward_time = time.perf_counter() - t0
+        return trajs, rewards
+
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Per-sample advantages (group z-score); subclasses change the formula."""
+        return group_zscore(rewards, self.cfg.group_size)
+
+    def keep(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Bool per group: which groups are trained."""
+        if self.cfg.dynamic_sampling:
+            return keep_groups(rewards, self.cfg.group_size, 0.0, 1.0, strict=True)
+        return keep_groups(rewards, self.cfg.group_size, self.cfg.pass_rate_low,
+                           self.cfg.pass_rate_high)
+
+    # ---- training -----------------------------------------------------------------------------
+
+    def _rows(self, trajs):
+        c = self.model.config
+        if c.block_causal:
+            return block_rows(trajs, c.block_size, c.mask_token_id, self.cfg.shrinkage)
+        return full_rows(trajs, c.mask_token_id, self.cfg.shrinkage)
+
+    def _logp(self, model, rows):
+        hidden = model(rows.input_ids.to(self.device), rows.layout.to(self.device))
+        hidden = model.prediction_hidden(hidden, rows.layout.cu_seqlens.to(self.device))
+        targets = torch.zeros(rows.num_tokens, dtype=torch.long, device=self.device)
+        targets[rows.train_rows.to(self.device)] = rows.targets.to(self.device)
+        return masked_logprobs(hidden, model.lm_head.weight, targets,
+                               rows=rows.train_rows.to(self.device))
+
+    def update(self, trajs, sample_adv: torch.Tensor, rewards: torch.Tensor) -> dict:
+        """One policy (and value) update on these trajectories; returns stats."""
+        rows = self._rows(trajs)
+        if rows.train_rows.numel() == 0:
+            return {"skipped": "no trained tokens"}
+        dev = self.device
+        traj_idx = rows.traj.to(dev)
+        with torch.no_grad():
+            self.model.eval()
+            old_logp = self._logp(self.model, rows)
+            ref_logp = None
+            if self.cfg.kl_coef > 0:
+                ref_logp = self._logp(self.ref_model, rows) if self.ref_model else old_logp
+        adv = sample_adv.to(dev)[traj_idx]
+        stats = {}
+        if self.value_model is not None:
+            adv, vstats = self._value_update(rows, rewards, traj_idx)
+            stats.update(vstats)
+        self.model.train()
+        logp = self._logp(self.model, rows)
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        n_seq = len(trajs)
+        loss, pstats = policy_value_loss(
+            logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=self.cfg.eps_low,
+            eps_high=self.cfg.eps_high, dual_clip=self.cfg.dual_clip or None,
+            kl_coef=self.cfg.kl_coef, reduction=self.cfg.reduction, seq_ids=traj_idx,
+            num_seqs=n_seq, normalizer=self.cfg.loss_normalizer)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.opt.step()
+        stats.update({k: float(v) for k, v in pstats.items()})
+        stats.update(loss=loss.item(), grad_norm=float(gnorm), train_tokens=int(mask.sum()),
+                     row_tokens=rows.num_tokens)
+        return stats
+
+    def _value_update(self, rows, rewards, traj_idx):
+        """Values at each trained token's noisy position, GAE over trace steps, clipped value
+        loss; returns the token advantages for the policy and stats."""
+        dev = self.device
+        vm = self.value_model
+        ids, lay = rows.input_ids.to(dev), rows.layout.to(dev)
+        sel = rows.train_rows.to(dev)
+        with torch.no_grad():
+            vm.eval()
+            old_v = vm(ids, lay)[sel]
+        adv = torch.zeros_like(old_v)
+        ret = torch.zeros_like(old_v)
+        for t in traj_idx.unique().tolist():
+            m = traj_idx == t
+            a, r = trace_gae(rows.step.to(dev)[m], old_v[m], float(rewards[t]), self.cfg.gamma,
+                             self.cfg.lam)
+            adv[m], ret[m] = a, r
+        vm.train()
+        v = vm(ids, lay)[sel]
+        zeros = torch.zeros_like(v)
+        vloss, vstats = policy_value_loss(zeros, zeros, zeros, torch.ones_like(v, dtype=torch.bool),
+                                          values=v, old_values=old_v, returns=ret, vf_coef=1.0,
+                                          vf_clip=self.cfg.vf_clip)
+        self.value_opt.zero_grad(set_to_none=True)
+        vloss.backward()
+        torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
+        self.value_opt.step()
+        return adv.detach(), {"value_loss": vloss.item(), "vf_clip_frac":
+                              float(vstats["vf_clip_frac"]), "value_mean": float(old_v.mean())}
+
+    def train_step(self) -> dict:
+        t0 = time.perf_counter()
+        g = self.cfg.group_size
+        kept_trajs, kept_rewards, kept_adv, all_rewards = [], [], [], []
+        rounds = 1 + (self.cfg.max_oversample_rounds if self.cfg.dynamic_sampling else 0)
+        t_sample = t_reward = 0.0
+        for _ in range(rounds):
+            rows = self._next_rows(self.cfg.prompts_per_step - len(kept_trajs) // g)
+            ts = time.perf_counter()
+            trajs, rewards = self.rollout(rows)
+            t_reward += self.last_reward_time
+            t_sample += time.perf_counter() - ts - self.last_reward_time
+            all_rewards.append(rewards)
+            adv = self.advantages(rewards)
+            keep = self.keep(rewards)
+            for gi in keep.nonzero().flatten().tolist():
+                kept_trajs += trajs[gi * g:(gi + 1) * g]
+                kept_rewards.append(rewards[gi * g:(gi + 1) * g])
+                kept_adv.append(adv[gi * g:(gi + 1) * g])
+            if len(kept_trajs) // g >= self.cfg.prompts_per_step:
+                break
+        rewards = torch.cat(all_rewards)
+        log = {"step": self.step, "reward_mean": float(rewards.mean()),
+               "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
+               "accuracy": float((rewards >= 1).float().mean()),
+               "kept_groups": len(kept_trajs) // g, "sampled_groups": rewards.numel() // g,
+               "gen_tokens": None}
+        ttrain = time.perf_counter()
+        if kept_trajs:
+            log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards)))
+            log["gen_tokens"] = sum(len(t.token_ids) for t in kept_trajs)
+        else:
+            log["skipped"] = "all groups filtered (no reward variance in range); no update"
+            self.logger.warn(f"step {self.step}: {log['skipped']}")
+        log.update(time_sample=t_sample, time_reward=t_reward,
+                   time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
+        self.step += 1
+        self.logger.log(log)
+        return log
+
+    def train(self):
+        """Runs until config.total_steps, saving every save_every steps and at the end."""
+        from dlmkern.trainers.logging import progress
+
+        bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
+        for _ in bar:
+            log = self.train_step()
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
+        self.save(os.path.join(self.cfg.output_dir, "final"))
+        self.logger.close()
+        return self
+
+    # ---- checkpoints --------------------------------------------------------------------------
+
+    def save(self, path: str):
+        """Model, value model, optimizers, RNG states, step and data position, atomically (a
+        temporary directory renamed into place)."""
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        self.model.save_pretrained(os.path.join(tmp, "model"))
+        state = {"opt": self.opt.state_dict(), "step": self.step, "data_pos": self.data_pos,
+                 "data_order": self.data_order, "torch_rng": torch.get_rng_state(),
+                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        if self.value_model is not None:
+            self.value_model.save_pretrained(os.path.join(tmp, "value_model"))
+            state["value_opt"] = self.value_opt.state_dict()
+        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
+            json.dump(to_dict(self.cfg), f, indent=2)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def resume(self, path: str):
+        """Restores a checkpoint written by save() into this trainer."""
+        loaded = load(os.path.join(path, "model"))
+        self.model.load_state_dict(loaded.state_dict())
+        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.opt.load_state_dict(state["opt"])
+        if self.value_model is not None:
+            vm = load(os.path.join(path, "value_model"))
+            self.value_model.load_state_dict(vm.state_dict())
+            self.value_opt.load_state_dict(state["value_opt"])
+        self.step, self.data_pos, self.data_order = (state["step"], state["data_pos"],
+                                                     state["data_order"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        np.random.set_state(state["numpy_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return self
+
+
+class TraceRL(RLTrainer):
+    """TraceRL (SPEC 4.3): trajectory-aware rows, shrinkage, optional value model with GAE over
+    trace steps, clipped surrogate, k3 KL to the rollout policy. Defaults as in the paper's code:
+    groups with pass rate in [0.2, 0.8]."""
+
+    name = "tracerl"
+
+    def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
+                 value_model=None):
+        cfg = config or RLConfig(pass_rate_low=0.2, pass_rate_high=0.8)
+        super().__init__(model, tokenizer, dataset, reward_fns, cfg, value_model)
+
+
+class DiPO(RLTrainer):
+    """DiPO (SPEC 4.4): A = (r - mean) / (std + eps) per group, clip-higher [0.8, 1.28], k3 KL to
+    a frozen reference loaded only when kl_coef > 0, token-mean (DAPO) or per-sequence (GRPO)
+    normalisation, DAPO dynamic sampling with oversampling."""
+
+    name = "dipo"
+
+    def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None):
+        cfg = config or RLConfig(eps_high=0.28, kl_to="ref", dynamic_sampling=True)
+        super().__init__(model, tokenizer, dataset, reward_fns, cfg)
