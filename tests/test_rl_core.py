@@ -138,3 +138,23 @@ def test_trace_gae_by_hand():
     adv1, ret1 = trace_gae(step_ids, values, reward=1.0)
     torch.testing.assert_close(adv1, 1.0 - values)
     torch.testing.assert_close(ret1, torch.ones(5))
+
+
+@pytest.mark.parametrize("block_size", [4, None])
+def test_baseline_rows(block_size):
+    from dlmkern.rl import baseline_rows
+
+    t = Trajectory([1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15, 16], [0] * 7)
+    g = torch.Generator().manual_seed(0)
+    coupled = baseline_rows("coupled", [t], 63, g, block_size)
+    # every response token trained exactly once across the two complementary copies
+    assert sorted(coupled.gen_index.tolist()) == list(range(7))
+    assert coupled.targets.tolist() == [t.token_ids[i] for i in coupled.gen_index.tolist()]
+    assert torch.all(coupled.input_ids[coupled.train_rows] == 63)
+    d1 = baseline_rows("diffu_grpo", [t], 63, g, block_size)
+    assert sorted(d1.gen_index.tolist()) == list(range(7))
+    rm = baseline_rows("random_mask", [t], 63, g, block_size)
+    assert torch.all(rm.input_ids[rm.train_rows] == 63)
+    assert rm.layout.num_tokens == rm.num_tokens
+    with pytest.raises(ValueError, match="unknown estimator"):
+        baseline_rows("nope", [t], 63, g, block_size)

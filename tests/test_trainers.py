@@ -159,3 +159,13 @@ def test_sft_reduces_the_loss(tmp_path, family):
     sft.gen.manual_seed(0)
     sft.train()
     assert eval_loss() < 0.7 * first
+
+
+@pytest.mark.parametrize("estimator", ["random_mask", "coupled", "diffu_grpo"])
+@pytest.mark.parametrize("family", ["sdar", "llada"])
+def test_baseline_estimators_follow_the_advantage(tmp_path, estimator, family):
+    tr = TraceRL(_model(family), TOK, DATA, exact,
+                 _cfg(tmp_path, lr=3e-3, max_grad_norm=100.0, estimator=estimator))
+    trajs, rewards = tr.rollout(DATA[:1])
+    stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+    assert math.isfinite(stats["loss"]) and stats["train_tokens"] > 0

@@ -22,6 +22,7 @@ class RLConfig:
     top_k: int = 0
     top_p: float = 1.0
     # algorithm
+    estimator: str = "trace"             # trace | random_mask | coupled | diffu_grpo (baselines)
     shrinkage: int = 1                   # trace shrinkage s (TraceRL: 1 block models, 8 full)
     reduction: str = "token_mean"        # token_mean | seq_mean | sum
     loss_normalizer: float = 1.0         # for reduction="sum" (Dr.GRPO constant)
@@ -58,6 +59,8 @@ class RLConfig:
             (self.reduction in ("token_mean", "seq_mean", "sum"),
              "reduction must be token_mean, seq_mean or sum"),
             (self.kl_to in ("old", "ref"), "kl_to must be 'old' or 'ref'"),
+            (self.estimator in ("trace", "random_mask", "coupled", "diffu_grpo"),
+             "estimator must be trace, random_mask, coupled or diffu_grpo"),
             (self.shrinkage >= 1, "shrinkage must be >= 1"),
             (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
              "need 0 <= pass_rate_low <= pass_rate_high <= 1"),

@@ -18,7 +18,14 @@ import torch
 from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
 from dlmkern.ops import masked_logprobs, policy_value_loss
-from dlmkern.rl import block_rows, full_rows, group_zscore, keep_groups, trace_gae
+from dlmkern.rl import (
+    baseline_rows,
+    block_rows,
+    full_rows,
+    group_zscore,
+    keep_groups,
+    trace_gae,
+)
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
 from dlmkern.trainers.config import RLConfig, to_dict
 from dlmkern.trainers.logging import RunLogger
@@ -120,6 +127,10 @@ class RLTrainer:
 
     def _rows(self, trajs):
         c = self.model.config
+        if self.cfg.estimator != "trace":
+            gen = torch.Generator().manual_seed(self.cfg.seed * 31 + self.step)
+            return baseline_rows(self.cfg.estimator, trajs, c.mask_token_id, gen,
+                                 c.block_size if c.block_causal else None)
         if c.block_causal:
             return block_rows(trajs, c.block_size, c.mask_token_id, self.cfg.shrinkage)
         return full_rows(trajs, c.mask_token_id, self.cfg.shrinkage)
@@ -250,6 +261,7 @@ class RLTrainer:
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
         self.save(os.path.join(self.cfg.output_dir, "final"))
+        self.logger.plot()
         self.logger.close()
         return self
 
