@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh machine: a virtual environment in .venv with torch, the build tools and the test
 # extras, then builds dlmkern (CPU kernels, plus CUDA kernels when nvcc is present) and runs the
-# embedded demo. `--no-demo` stops after the build (used by scripts/test.sh and CI).
+# embedded demo (`dlmkern demo`). `--no-demo` stops after the build (scripts/test.sh and CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +19,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "$TORCH_SPEC"
 fi
-"$VPY" -m pip install -q numpy safetensors math-verify pytest pyyaml "scikit-build-core>=0.10" ninja ruff
+"$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml "scikit-build-core>=0.10" ninja ruff
 
 # CUDA sources compile whenever nvcc is found (CUDA_HOME, /usr/local/cuda or PATH).
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
@@ -30,4 +30,5 @@ echo "[setup] building dlmkern (DLMKERN_CUDA=${DLMKERN_CUDA:-AUTO})"
 
 if [[ $demo == 1 ]]; then
   "$VPY" examples/smoke.py
+  .venv/bin/dlmkern demo "${@:2}"   # SFT then TraceRL on a tiny model, ~3 minutes on 2 cores
 fi

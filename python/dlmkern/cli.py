@@ -1,0 +1,191 @@
+"""The `dlmkern` command: demo, train, sample, eval."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "trainer"}
+
+
+@dataclass
+class RunFile:
+    """A training run: `algo` (tracerl | dipo | sft), `model` (HF directory), `tokenizer`
+    (directory, default: the model's), `dataset` (JSONL), `reward` (math | code |
+    module:function), `trainer` (the algorithm's config keys)."""
+
+    algo: str
+    model: str
+    dataset: str
+    reward: str = "math"
+    tokenizer: str | None = None
+    trainer: dict = field(default_factory=dict)
+
+
+def parse_run(path: str, overrides: list[str]):
+    """Reads and checks a run file before any work starts: unknown keys, wrong types and missing
+    paths fail with the key and the reason."""
+    import yaml
+
+    from dlmkern.trainers.config import RLConfig, SFTConfig, build_config
+
+    with open(path) as f:
+        raw = yaml.safe_load(f) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of keys")
+    unknown = set(raw) - RUN_KEYS
+    if unknown:
+        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {sorted(RUN_KEYS)})")
+    for key in ("algo", "model", "dataset"):
+        if key not in raw:
+            raise ValueError(f"{path}: missing required key {key!r}")
+    trainer_over = []
+    for ov in overrides:  # top-level keys override the run file, the rest the trainer section
+        k, _, v = ov.partition("=")
+        if k in RUN_KEYS - {"trainer"}:
+            raw[k] = v
+        else:
+            trainer_over.append(ov)
+    run = RunFile(**raw)
+    if run.algo not in ("tracerl", "dipo", "sft"):
+        raise ValueError(f"{path}: algo must be tracerl, dipo or sft, got {run.algo!r}")
+    for key in ("model", "dataset"):
+        p = getattr(run, key)
+        if not isinstance(p, str) or not os.path.exists(p):
+            raise ValueError(f"{path}: {key} path {p!r} does not exist")
+    if run.algo != "sft":
+        resolve_reward(run.reward)
+    cls = SFTConfig if run.algo == "sft" else RLConfig
+    cfg = build_config(cls, run.trainer, trainer_over)
+    return run, cfg
+
+
+def resolve_reward(spec: str):
+    from dlmkern import rewards
+
+    if spec == "math":
+        return rewards.math_reward
+    if spec == "code":
+        return rewards.code_reward
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        return getattr(importlib.import_module(mod), fn)
+    raise ValueError(f"reward must be math, code or module:function, got {spec!r}")
+
+
+def make_tokenizer(spec: str):
+    """`char` for dlmkern's built-in character tokenizer, else a local tokenizer directory."""
+    if spec == "char":
+        from dlmkern.data import CharTokenizer
+
+        return CharTokenizer()
+    from dlmkern.models import load_tokenizer
+
+    return load_tokenizer(spec)
+
+
+def cmd_train(args):
+    run, cfg = parse_run(args.config, args.overrides)
+    from dlmkern import SFT, DiPO, TraceRL
+    from dlmkern.models import load
+
+    model = load(run.model)
+    tok = make_tokenizer(run.tokenizer or run.model)
+    if run.algo == "sft":
+        SFT(model, tok, run.dataset, cfg).train()
+    else:
+        trainer = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
+        trainer(model, tok, run.dataset, resolve_reward(run.reward), cfg).train()
+
+
+def _sampler(model, tok, max_new_tokens, steps):
+    from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+
+    cfg = SamplingConfig(rule="static", steps=steps, temperature=0)
+    eos = getattr(tok, "eos_token_id", None)
+    if model.config.block_causal:
+        return BlockSampler(model, cfg, max_new_tokens=max_new_tokens, eos_token_id=eos)
+    return FullSampler(model, cfg, gen_length=max_new_tokens, block_length=32, eos_token_id=eos)
+
+
+def cmd_sample(args):
+    from dlmkern.models import load, load_tokenizer
+
+    model = load(args.model).eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
+        [tok.encode(p) for p in args.prompt])
+    for t in trajs:
+        print(tok.decode(t.token_ids))
+
+
+def cmd_eval(args):
+    """Math accuracy on a local JSONL (prompt, answer), tokens/s and mean tokens per step."""
+    from dlmkern.data import load_dataset
+    from dlmkern.models import load, load_tokenizer
+    from dlmkern.rewards import math_reward
+
+    model = load(args.model).eval()
+    tok = load_tokenizer(args.tokenizer or args.model)
+    rows = load_dataset(args.data)
+    t0 = time.perf_counter()
+    trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
+        [tok.encode(r["prompt"]) for r in rows])
+    dt = time.perf_counter() - t0
+    comps = [tok.decode(t.token_ids) for t in trajs]
+    acc = sum(math_reward(None, comps, [str(r["answer"]) for r in rows])) / len(rows)
+    n_tok = sum(len(t.token_ids) for t in trajs)
+    n_steps = sum(len(set(t.step_map)) for t in trajs)
+    print(json.dumps({"accuracy": acc, "tokens_per_s": n_tok / dt,
+                      "tokens_per_step": n_tok / max(n_steps, 1), "samples": len(rows)}))
+
+
+def cmd_demo(args):
+    from dlmkern.demo import run_demo
+
+    run_demo(algo=args.algo, seed=args.seed, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
+             out_dir=args.out, progress_bar=not args.quiet)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="dlmkern", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="SFT then RL on a tiny model, nothing downloaded")
+    d.add_argument("--algo", choices=["tracerl", "dipo"], default="tracerl")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--sft-steps", type=int, default=1500)
+    d.add_argument("--rl-steps", type=int, default=150)
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--quiet", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    t = sub.add_parser("train", help="train from a YAML run file")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key=value")
+    t.set_defaults(fn=cmd_train)
+    for name, fn in (("sample", cmd_sample), ("eval", cmd_eval)):
+        s = sub.add_parser(name)
+        s.add_argument("--model", required=True)
+        s.add_argument("--tokenizer")
+        s.add_argument("--max-new-tokens", type=int, default=256)
+        s.add_argument("--steps", type=int, default=4)
+        if name == "sample":
+            s.add_argument("--prompt", action="append", required=True)
+        else:
+            s.add_argument("--data", required=True)
+        s.set_defaults(fn=fn)
+    args = p.parse_args(argv)
+    try:
+        args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dlmkern {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
