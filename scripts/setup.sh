@@ -30,5 +30,5 @@ echo "[setup] building dlmkern (DLMKERN_CUDA=${DLMKERN_CUDA:-AUTO})"
 
 if [[ $demo == 1 ]]; then
   "$VPY" examples/smoke.py
-  .venv/bin/dlmkern demo "${@:2}"   # SFT then TraceRL on a tiny model, ~3 minutes on 2 cores
+  .venv/bin/dlmkern demo "$@"   # SFT then TraceRL on a tiny model, ~3 minutes on 2 cores
 fi

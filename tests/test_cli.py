@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-
 from dlmkern.cli import main, parse_run
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
