@@ -3,15 +3,13 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace dlmkern {
 namespace {
 
 constexpr const char* kBlockOp = "dlmkern.block_attention";
 constexpr const char* kDecodeOp = "dlmkern.decode_attention";
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                const char* kname, const char* vname) {

@@ -6,6 +6,8 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
+
+#include "checks.h"
 #include <cstdlib>
 #include <string>
 
@@ -14,10 +16,6 @@ namespace {
 
 constexpr const char* kOp = "dlmkern.masked_logprobs";
 constexpr const char* kOpLogits = "dlmkern.logprobs_from_logits";
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_temperature(const char* op, double temperature) {
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0, op,

@@ -6,14 +6,12 @@
 
 #include <cmath>
 
+#include "checks.h"
+
 namespace dlmkern {
 namespace {
 
 constexpr const char* kOp = "dlmkern.policy_value_loss";
-
-bool is_float_type(at::ScalarType t) {
-  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
-}
 
 void check_token_tensor(const at::Tensor& t, const char* name, const at::Tensor& like) {
   TORCH_CHECK_TYPE(is_float_type(t.scalar_type()), kOp, ": `", name,

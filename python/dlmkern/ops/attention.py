@@ -5,23 +5,10 @@ from __future__ import annotations
 import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
+from dlmkern.ops._checks import check_tensors
 from dlmkern.ops.layouts import Layout
 
 _ops = torch.ops.dlmkern
-
-
-def _check_devices(op: str, first: str, **tensors):
-    device = tensors[first].device
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"dlmkern.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}"
-            )
-        if t.device != device:
-            raise ValueError(f"dlmkern.{op}: `{name}` must be on {device} like `{first}`, "
-                             f"got {t.device}")
 
 
 def block_attention(
@@ -55,7 +42,7 @@ def block_attention(
                              "unless full=True")
         block = torch.zeros(q.shape[0], dtype=torch.int32, device=q.device)
         stream = block
-    _check_devices("block_attention", "q", q=q, k=k, v=v, cu_seqlens=cu_seqlens, block=block,
+    check_tensors("block_attention", "q", q=q, k=k, v=v, cu_seqlens=cu_seqlens, block=block,
                    stream=stream)
     return _ops.block_attention(q, k, v, cu_seqlens, block, stream, bool(full),
                                 None if scale is None else float(scale))
@@ -81,7 +68,7 @@ def decode_attention(
     bidirectionally, to itself. ``commit=True`` appends the block's k / v to the cache and advances
     ``cache_seqlens`` in the same call (after computing the output). Inference only (no autograd).
     """
-    _check_devices("decode_attention", "q", q=q, k_new=k_new, v_new=v_new, k_cache=k_cache,
+    check_tensors("decode_attention", "q", q=q, k_new=k_new, v_new=v_new, k_cache=k_cache,
                    v_cache=v_cache, cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q)
     return _ops.decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cu_seqlens_q,
                                  bool(commit), None if scale is None else float(scale))

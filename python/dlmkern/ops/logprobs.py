@@ -9,25 +9,9 @@ from __future__ import annotations
 import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
+from dlmkern.ops._checks import check_tensors
 
 _ops = torch.ops.dlmkern
-
-
-def _check_tensors(op: str, first: str, **tensors):
-    """Every argument is a tensor on the device of the first one (checked before dispatch, where
-    mixed devices would otherwise be routed to whichever backend wins)."""
-    device = tensors[first].device if isinstance(tensors[first], torch.Tensor) else None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(
-                f"dlmkern.{op}: `{name}` must be a torch.Tensor, got {type(t).__name__}"
-            )
-        if t.device != device:
-            raise ValueError(
-                f"dlmkern.{op}: `{name}` must be on {device} like `{first}`, got {t.device}"
-            )
 
 
 def masked_logprobs(
@@ -49,7 +33,7 @@ def masked_logprobs(
     The ``[N, V]`` logits are never materialized (vocabulary streamed in chunks with an online
     log-sum-exp); the backward pass recomputes them chunk by chunk.
     """
-    _check_tensors(
+    check_tensors(
         "masked_logprobs", "hidden", hidden=hidden, weight=weight, targets=targets, rows=rows
     )
     logp, entropy, _ = _ops.masked_logprobs(
@@ -70,7 +54,7 @@ def logprobs_from_logits(
 
     targets has the leading shape of logits; results are fp32 with that shape.
     """
-    _check_tensors("logprobs_from_logits", "logits", logits=logits, targets=targets)
+    check_tensors("logprobs_from_logits", "logits", logits=logits, targets=targets)
     if logits.dim() < 1:
         raise ValueError("dlmkern.logprobs_from_logits: `logits` must have a vocabulary dimension")
     if tuple(targets.shape) != tuple(logits.shape[:-1]):
