@@ -98,7 +98,9 @@ def main():
     c = SHAPES[args.device]
     torch.manual_seed(0)
     dtype = getattr(torch, c["dtype"])
-    model = DiffusionLM(tiny_config("sdar", **c["model"])).to(args.device, dtype)
+    with torch.device(args.device):
+        model = DiffusionLM(tiny_config("sdar", **c["model"]))
+    model = model.to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)
     trajs = make_trajectories(c, torch.Generator().manual_seed(0))
     mask = c["model"]["mask_token_id"]

@@ -26,7 +26,7 @@ SHAPES = {
     "cuda": dict(model=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728,
                             num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
                             block_size=4, mask_token_id=151669),
-                 batch=128, prompt=128, new=256, dtype="bfloat16"),
+                 batch=128, prompt=128, new=64, dtype="bfloat16"),
 }
 
 
@@ -45,8 +45,9 @@ def main():
     args = p.parse_args()
     c = SHAPES[args.device]
     torch.manual_seed(0)
-    model = DiffusionLM(tiny_config("sdar", **c["model"])).to(args.device,
-                                                               getattr(torch, c["dtype"])).eval()
+    with torch.device(args.device):  # initialise on the device (a 4B model is slow on CPU)
+        model = DiffusionLM(tiny_config("sdar", **c["model"]))
+    model = model.to(getattr(torch, c["dtype"])).eval()
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 1000, (c["batch"], c["prompt"]), generator=g).tolist()
     cfg = SamplingConfig(rule="static", steps=4, temperature=0)

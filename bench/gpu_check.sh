@@ -34,7 +34,7 @@ echo "== benchmarks"
 export DLMKERN_BENCH_RESULTS="$OUT/results.jsonl"
 for b in bench/bench_*.py; do
   echo "-- $b"
-  "$PY" "$b" --device cuda 2>&1
+  timeout "${DLMKERN_BENCH_TIMEOUT:-240}" "$PY" "$b" --device cuda 2>&1 || echo "-- $b failed or timed out"
 done | tee "$OUT/bench.log"
 echo "tests exit code: $test_rc"
 exit "$test_rc"

@@ -155,12 +155,16 @@ class BlockSampler:
         if cache is not None:
             ids, pos, cu = self._pack(seqs, spans, device)
             return self.model.logits(self.model.decode(ids, pos, cu, cache))
-        # No cache: the whole sequence up to the block end, block-causal, every step.
-        out = []
-        for s, (a, e) in zip(seqs, spans, strict=True):
-            if e == a:
-                continue
-            ids = torch.tensor(s.tokens[:e], dtype=torch.long, device=device)
-            lay = layouts.block_causal([e], self.B).to(device)
-            out.append(self.model.logits(self.model(ids, lay)[a:e]))
+        # No cache: every sequence up to its block end, block-causal, in one packed forward.
+        live = [(s, a, e) for s, (a, e) in zip(seqs, spans, strict=True) if e > a]
+        if not live:
+            return torch.zeros(0, self.model.config.vocab_size, device=device)
+        ids = torch.tensor([t for s, _, e in live for t in s.tokens[:e]], dtype=torch.long,
+                           device=device)
+        lay = layouts.block_causal([e for _, _, e in live], self.B).to(device)
+        hidden = self.model(ids, lay)
+        starts = lay.cu_seqlens[:-1].tolist()
+        rows = torch.cat([torch.arange(st + a, st + e, device=device)
+                          for st, (_, a, e) in zip(starts, live, strict=True)])
+        out = [self.model.logits(hidden[rows])]
         return torch.cat(out) if out else torch.zeros(0, self.model.config.vocab_size)
