@@ -140,3 +140,14 @@ def test_prompt_tail_is_never_resampled():
     prompt = [1, 2, 3, 4, 5, mask]  # even a mask-token id inside the prompt tail stays as given
     t = BlockSampler(m, SamplingConfig(temperature=0), max_new_tokens=6).generate([prompt])[0]
     assert len(t.token_ids) == 6 and mask not in t.token_ids and all(s >= 0 for s in t.step_map)
+
+
+def test_a_sequence_does_not_depend_on_its_batch():
+    m = _model(4)
+    cfg = SamplingConfig(temperature=1.0, rule="static", steps=2)
+    s = BlockSampler(m, cfg, max_new_tokens=12)
+    both = s.generate([[1, 2, 3], [4, 5, 6, 7, 8]], seeds=[11, 12])
+    alone = s.generate([[4, 5, 6, 7, 8]], seeds=[12])
+    assert both[1].token_ids == alone[0].token_ids
+    with pytest.raises(ValueError, match="seeds has 1 entries for 2 sequences"):
+        s.generate([[1], [2]], seeds=[1])

@@ -17,6 +17,13 @@ from dlmkern.ops import layouts
 from dlmkern.sampling.rules import SamplingConfig, choose, sample_tokens, transfer_schedule
 
 
+def sequence_generators(n: int, seed: int, seeds: list[int] | None, device):
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"seeds has {len(seeds)} entries for {n} sequences")
+    return [torch.Generator(device=device).manual_seed(
+        seeds[i] if seeds is not None else seed * 1000003 + i) for i in range(n)]
+
+
 @dataclass
 class Trajectory:
     prompt_ids: list[int]
@@ -52,11 +59,15 @@ class BlockSampler:
         self.mask_id = model.config.mask_token_id
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0):
+    def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
+                 seeds: list[int] | None = None):
+        """One trajectory per (prompt, sample). Each sequence draws from its own generator
+        (seeded `seed * 1000003 + index`, or `seeds[index]`), so a sequence's tokens do not
+        depend on which other sequences share the batch (or the rank)."""
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
                 for p in prompts for _ in range(n_samples)]
+        gens = sequence_generators(len(seqs), seed, seeds, device)
         cache = None
         if self.use_cache:
             max_len = max(s.limit for s in seqs) + self.B
@@ -69,10 +80,10 @@ class BlockSampler:
                               device=device)
             self.model.prefill(ids, cu, cache)
         while not all(s.done for s in seqs):
-            self._block(seqs, cache, gen, device)
+            self._block(seqs, cache, gens, device)
         return [s.traj for s in seqs]
 
-    def _block(self, seqs, cache, gen, device):
+    def _block(self, seqs, cache, gens, device):
         B = self.B
         # Current block of each sequence: [start, end) with start = the first ungenerated block's
         # start (done sequences keep an empty block so cache rows stay aligned).
@@ -99,7 +110,7 @@ class BlockSampler:
                 a, _ = spans[j]
                 rows = torch.tensor([i - a for i in masked[j]], device=device)
                 rows = rows + self._offset(spans, j)
-                tok, conf, lp, ent = sample_tokens(logits[rows], self.cfg, self.mask_id, gen)
+                tok, conf, lp, ent = sample_tokens(logits[rows], self.cfg, self.mask_id, gens[j])
                 sched = schedules[j]
                 n_static = sched[step_in_block] if step_in_block < len(sched) else len(masked[j])
                 for k in choose(self.cfg, conf.cpu(), ent.cpu(), n_static).tolist():

@@ -12,7 +12,7 @@ import torch
 
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.block import Trajectory
+from dlmkern.sampling.block import Trajectory, sequence_generators
 from dlmkern.sampling.rules import (
     SamplingConfig,
     choose,
@@ -43,10 +43,12 @@ class FullSampler:
         self.mask_id = model.config.mask_token_id
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0):
+    def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
+                 seeds: list[int] | None = None):
+        """Like BlockSampler.generate (one generator per sequence)."""
         device = next(self.model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(seed)
         prompts = [list(p) for p in prompts for _ in range(n_samples)]
+        gens = sequence_generators(len(prompts), seed, seeds, device)
         canvases = [p + [self.mask_id] * self.gen_length for p in prompts]
         trajs = [Trajectory(p, [self.mask_id] * self.gen_length, [-1] * self.gen_length,
                             [0.0] * self.gen_length) for p in prompts]
@@ -68,7 +70,7 @@ class FullSampler:
                         continue
                     masked = sorted(t)
                     tok, conf, lp, ent = sample_tokens(logits[i][masked], self.cfg, self.mask_id,
-                                                       gen)
+                                                       gens[i])
                     if self.cfg.schedule == "dream":
                         n = dream_transfer_count(len(masked), k, self.cfg.steps, self.cfg.eps)
                     else:
