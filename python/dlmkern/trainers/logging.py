@@ -20,13 +20,15 @@ def progress(it, enabled: bool, desc: str):
 
 
 class RunLogger:
-    def __init__(self, out_dir: str, config: dict):
-        os.makedirs(out_dir, exist_ok=True)
+    def __init__(self, out_dir: str, config: dict, enabled: bool = True):
+        self.enabled = enabled  # one writer per run: rank 0 of a distributed job
         self.out_dir = out_dir
-        self.path = os.path.join(out_dir, "log.jsonl")
         self.rows = []
-        self.tb = None
-        self.wandb = None
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        os.makedirs(out_dir, exist_ok=True)
+        self.path = os.path.join(out_dir, "log.jsonl")
         if os.environ.get("DLMKERN_TENSORBOARD", "1") != "0":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -44,6 +46,8 @@ class RunLogger:
 
     def log(self, row: dict):
         self.rows.append(row)
+        if not self.enabled:
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         step = row.get("step", len(self.rows))
@@ -56,10 +60,13 @@ class RunLogger:
             self.wandb.log(scalars, step=step)
 
     def warn(self, msg: str):
-        print(f"[dlmkern] {msg}", file=sys.stderr)
+        if self.enabled:
+            print(f"[dlmkern] {msg}", file=sys.stderr)
 
     def plot(self, keys=("reward_mean", "accuracy"), path: str | None = None) -> str | None:
         """PNG of the given keys per step (None if matplotlib is missing)."""
+        if not self.enabled:
+            return None
         try:
             import matplotlib
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import random
 import shutil
@@ -15,9 +16,10 @@ import time
 import numpy as np
 import torch
 
+from dlmkern import distributed
 from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
-from dlmkern.ops import masked_logprobs, policy_value_loss
+from dlmkern.ops import policy_value_loss
 from dlmkern.rl import (
     baseline_rows,
     block_rows,
@@ -42,28 +44,34 @@ class RLTrainer:
                  value_model: ValueModel | None = None):
         self.cfg = (config or RLConfig()).validate()
         torch.manual_seed(self.cfg.seed)
+        self.distributed = distributed.init()
         self.model: DiffusionLM = load(model) if isinstance(model, str) else model
         self.tok = tokenizer
         self.data = load_dataset(dataset)
         self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         self.device = next(self.model.parameters()).device
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
-                                     weight_decay=self.cfg.weight_decay)
         self.value_model = value_model
         if self.cfg.use_value_model and self.value_model is None:
             self.value_model = ValueModel.from_policy(self.model)
-        self.value_opt = None
-        if self.value_model is not None:
-            self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=self.cfg.value_lr,
-                                               weight_decay=self.cfg.weight_decay)
         # the frozen reference policy exists only when a KL to it is asked for
         self.ref_model = None
         if self.cfg.kl_coef > 0 and self.cfg.kl_to == "ref":
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        if self.distributed:  # FSDP2 before the optimizers see the parameters
+            for m in (self.model, self.value_model, self.ref_model):
+                if m is not None:
+                    distributed.shard(m)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                     weight_decay=self.cfg.weight_decay)
+        self.value_opt = None
+        if self.value_model is not None:
+            self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=self.cfg.value_lr,
+                                               weight_decay=self.cfg.weight_decay)
         self.step = 0
         self.data_pos = 0
         self.data_order = self._permutation(0)
-        self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg))
+        self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
+                                enabled=distributed.rank() == 0)
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -94,15 +102,21 @@ class RLTrainer:
                            block_length=min(self.cfg.gen_block_length, self.cfg.max_new_tokens),
                            eos_token_id=self.tok.eos_token_id)
 
-    def rollout(self, rows: list[dict]):
+    def rollout(self, rows: list[dict], indices: list[int] | None = None):
         """Samples group_size completions per row with the live weights; returns trajectories
-        and summed rewards [len(rows) * group_size]."""
+        and summed rewards [len(rows) * group_size]. `indices` are the rows' positions among the
+        step's prompts (over all ranks): a sample always draws from the same seed, whichever
+        rank samples it."""
         self.model.eval()
+        g = self.cfg.group_size
         prompts = [self.tok.encode(r["prompt"]) for r in rows]
-        seed = self.cfg.seed * 7919 + self.step * 104729 + self.data_pos
-        trajs = self._sampler().generate(prompts, n_samples=self.cfg.group_size, seed=seed)
+        base = (self.cfg.seed * 7919 + self.step) * 1000003
+        indices = list(range(len(rows))) if indices is None else indices
+        seeds = [base + i * g + k for i in indices for k in range(g)]
+        with distributed.gathered(self.model):
+            trajs = self._sampler().generate(prompts, n_samples=g, seeds=seeds)
         completions = [self.tok.decode(t.token_ids) for t in trajs]
-        expanded = [r for r in rows for _ in range(self.cfg.group_size)]
+        expanded = [r for r in rows for _ in range(g)]
         columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k != "prompt"}
         prompt_text = [r["prompt"] for r in expanded]
         t0 = time.perf_counter()
@@ -136,17 +150,26 @@ class RLTrainer:
         return full_rows(trajs, c.mask_token_id, self.cfg.shrinkage)
 
     def _logp(self, model, rows):
-        hidden = model(rows.input_ids.to(self.device), rows.layout.to(self.device))
-        hidden = model.prediction_hidden(hidden, rows.layout.cu_seqlens.to(self.device))
-        targets = torch.zeros(rows.num_tokens, dtype=torch.long, device=self.device)
-        targets[rows.train_rows.to(self.device)] = rows.targets.to(self.device)
-        return masked_logprobs(hidden, model.lm_head.weight, targets,
-                               rows=rows.train_rows.to(self.device))
+        dev = self.device
+        return model(rows.input_ids.to(dev), rows.layout.to(dev), rows=rows.train_rows.to(dev),
+                     targets=rows.targets.to(dev))
 
-    def update(self, trajs, sample_adv: torch.Tensor, rewards: torch.Tensor) -> dict:
-        """One policy (and value) update on these trajectories; returns stats."""
+    def _global_scale(self, n_local: int, what: str) -> float:
+        """Factor that turns a rank-local mean into its share of the global mean (FSDP averages
+        gradients over ranks): local count / global count * world size."""
+        if not self.distributed:
+            return 1.0
+        n_global = distributed.all_sum(n_local)
+        if self.cfg.reduction == "sum" and what == "policy":
+            return float(distributed.world())
+        return n_local / max(n_global, 1.0) * distributed.world()
+
+    def update(self, trajs, sample_adv: torch.Tensor, rewards: torch.Tensor,
+               weight: float = 1.0) -> dict:
+        """One policy (and value) update on these trajectories; returns stats. `weight` 0 lets a
+        rank without kept groups take part in the collectives of a distributed step."""
         rows = self._rows(trajs)
-        if rows.train_rows.numel() == 0:
+        if rows.train_rows.numel() == 0 and not self.distributed:
             return {"skipped": "no trained tokens"}
         dev = self.device
         traj_idx = rows.traj.to(dev)
@@ -159,7 +182,7 @@ class RLTrainer:
         adv = sample_adv.to(dev)[traj_idx]
         stats = {}
         if self.value_model is not None:
-            adv, vstats = self._value_update(rows, rewards, traj_idx)
+            adv, vstats = self._value_update(rows, rewards, traj_idx, weight)
             stats.update(vstats)
         self.model.train()
         logp = self._logp(self.model, rows)
@@ -170,8 +193,10 @@ class RLTrainer:
             eps_high=self.cfg.eps_high, dual_clip=self.cfg.dual_clip or None,
             kl_coef=self.cfg.kl_coef, reduction=self.cfg.reduction, seq_ids=traj_idx,
             num_seqs=n_seq, normalizer=self.cfg.loss_normalizer)
+        n_local = n_seq if self.cfg.reduction == "seq_mean" else int(mask.sum())
+        scale = self._global_scale(n_local * (weight > 0), "policy") * weight
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * scale).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         stats.update({k: float(v) for k, v in pstats.items()})
@@ -179,7 +204,7 @@ class RLTrainer:
                      row_tokens=rows.num_tokens)
         return stats
 
-    def _value_update(self, rows, rewards, traj_idx):
+    def _value_update(self, rows, rewards, traj_idx, weight: float = 1.0):
         """Values at each trained token's noisy position, GAE over trace steps, clipped value
         loss; returns the token advantages for the policy and stats."""
         dev = self.device
@@ -202,47 +227,65 @@ class RLTrainer:
         vloss, vstats = policy_value_loss(zeros, zeros, zeros, torch.ones_like(v, dtype=torch.bool),
                                           values=v, old_values=old_v, returns=ret, vf_coef=1.0,
                                           vf_clip=self.cfg.vf_clip)
+        scale = self._global_scale(int(v.numel()) * (weight > 0), "value") * weight
         self.value_opt.zero_grad(set_to_none=True)
-        vloss.backward()
+        (vloss * scale).backward()
         torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         self.value_opt.step()
         return adv.detach(), {"value_loss": vloss.item(), "vf_clip_frac":
                               float(vstats["vf_clip_frac"]), "value_mean": float(old_v.mean())}
 
     def train_step(self) -> dict:
+        """One step. With several ranks, every rank draws the same global prompts and samples
+        its share (prompts rank, rank + world, ...); groups stay whole on one rank, so the
+        advantages are the single-process ones; kept-group counts are summed across ranks so the
+        dynamic-sampling loop and the skip decision agree everywhere."""
         t0 = time.perf_counter()
-        g = self.cfg.group_size
-        kept_trajs, kept_rewards, kept_adv, all_rewards = [], [], [], []
+        g, rank, world = self.cfg.group_size, distributed.rank(), distributed.world()
+        kept_trajs, kept_rewards, kept_adv, all_rewards, last = [], [], [], [], None
         rounds = 1 + (self.cfg.max_oversample_rounds if self.cfg.dynamic_sampling else 0)
         t_sample = t_reward = 0.0
+        global_kept, drawn = 0, 0
         for _ in range(rounds):
-            rows = self._next_rows(self.cfg.prompts_per_step - len(kept_trajs) // g)
+            needed = self.cfg.prompts_per_step - global_kept
+            needed = -(-needed // world) * world  # every rank gets at least one prompt
+            rows = self._next_rows(needed)
+            mine = list(range(rank, needed, world))
             ts = time.perf_counter()
-            trajs, rewards = self.rollout(rows)
+            trajs, rewards = self.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+            drawn += needed
             t_reward += self.last_reward_time
             t_sample += time.perf_counter() - ts - self.last_reward_time
             all_rewards.append(rewards)
             adv = self.advantages(rewards)
             keep = self.keep(rewards)
+            last = (trajs, adv, rewards)
             for gi in keep.nonzero().flatten().tolist():
                 kept_trajs += trajs[gi * g:(gi + 1) * g]
                 kept_rewards.append(rewards[gi * g:(gi + 1) * g])
                 kept_adv.append(adv[gi * g:(gi + 1) * g])
-            if len(kept_trajs) // g >= self.cfg.prompts_per_step:
+            global_kept = int(distributed.all_sum(len(kept_trajs) // g))
+            if global_kept >= self.cfg.prompts_per_step:
                 break
         rewards = torch.cat(all_rewards)
-        log = {"step": self.step, "reward_mean": float(rewards.mean()),
-               "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
-               "accuracy": float((rewards >= 1).float().mean()),
-               "kept_groups": len(kept_trajs) // g, "sampled_groups": rewards.numel() // g,
-               "gen_tokens": None}
+        n_all = distributed.all_sum(rewards.numel())
+        mean = distributed.all_sum(float(rewards.sum())) / n_all
+        sq = distributed.all_sum(float((rewards - mean).pow(2).sum()))
+        log = {"step": self.step, "reward_mean": mean,
+               "reward_std": math.sqrt(sq / (n_all - 1)) if n_all > 1 else 0.0,
+               "accuracy": distributed.all_sum(float((rewards >= 1).sum())) / n_all,
+               "kept_groups": global_kept, "sampled_groups": int(n_all) // g, "gen_tokens": None}
         ttrain = time.perf_counter()
-        if kept_trajs:
-            log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards)))
-            log["gen_tokens"] = sum(len(t.token_ids) for t in kept_trajs)
-        else:
+        if global_kept == 0:
             log["skipped"] = "all groups filtered (no reward variance in range); no update"
             self.logger.warn(f"step {self.step}: {log['skipped']}")
+        elif kept_trajs:
+            log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards)))
+            log["gen_tokens"] = int(distributed.all_sum(sum(len(t.token_ids)
+                                                            for t in kept_trajs)))
+        else:  # this rank kept nothing: join the collectives with zero weight
+            self.update(last[0], torch.zeros_like(last[1]), last[2], weight=0.0)
+            distributed.all_sum(0)
         log.update(time_sample=t_sample, time_reward=t_reward,
                    time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
         self.step += 1
@@ -268,44 +311,97 @@ class RLTrainer:
     # ---- checkpoints --------------------------------------------------------------------------
 
     def save(self, path: str):
-        """Model, value model, optimizers, RNG states, step and data position, atomically (a
-        temporary directory renamed into place)."""
+        """Model, value model, optimizers (torch.distributed.checkpoint: sharded when training on
+        several ranks, loadable on any number of ranks), plus RNG states, step and data position,
+        and a Hugging Face export of the model; written atomically (a temporary directory
+        renamed into place)."""
+        import torch.distributed.checkpoint as dcp
+
         tmp = path.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        self.model.save_pretrained(os.path.join(tmp, "model"))
-        state = {"opt": self.opt.state_dict(), "step": self.step, "data_pos": self.data_pos,
-                 "data_order": self.data_order, "torch_rng": torch.get_rng_state(),
-                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state()}
-        if torch.cuda.is_available():
-            state["cuda_rng"] = torch.cuda.get_rng_state_all()
-        if self.value_model is not None:
-            self.value_model.save_pretrained(os.path.join(tmp, "value_model"))
-            state["value_opt"] = self.value_opt.state_dict()
-        torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-        with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
-            json.dump(to_dict(self.cfg), f, indent=2)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        if distributed.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        distributed.barrier()
+        with _quiet_dcp():
+            dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
+        full = _full_state(self.model)  # collective: every rank takes part
+        if distributed.rank() == 0:
+            export = DiffusionLM(self.model.config)
+            export.load_state_dict(full)
+            export.save_pretrained(os.path.join(tmp, "model"))
+            torch.save({"step": self.step, "data_pos": self.data_pos,
+                        "data_order": self.data_order, "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
+                       os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
+                json.dump(to_dict(self.cfg), f, indent=2)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        distributed.barrier()
 
     def resume(self, path: str):
-        """Restores a checkpoint written by save() into this trainer."""
-        loaded = load(os.path.join(path, "model"))
-        self.model.load_state_dict(loaded.state_dict())
-        state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
-        self.opt.load_state_dict(state["opt"])
+        """Restores a checkpoint written by save(), on any number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        # Optimizer entries of parameters that never had a gradient (the value model's unused
+        # lm_head) are absent from a checkpoint but present in a fresh template: allow that.
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
         if self.value_model is not None:
-            vm = load(os.path.join(path, "value_model"))
-            self.value_model.load_state_dict(vm.state_dict())
-            self.value_opt.load_state_dict(state["value_opt"])
-        self.step, self.data_pos, self.data_order = (state["step"], state["data_pos"],
-                                                     state["data_order"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-        np.random.set_state(state["numpy_rng"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+            set_state_dict(self.value_model, self.value_opt,
+                           model_state_dict=state["value_model"],
+                           optim_state_dict=state["value_optim"])
+        meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self.step, self.data_pos, self.data_order = (meta["step"], meta["data_pos"],
+                                                     meta["data_order"])
+        torch.set_rng_state(meta["torch_rng"])
+        random.setstate(meta["python_rng"])
+        np.random.set_state(meta["numpy_rng"])
         return self
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.value_model is not None:
+            vsd, vopt = get_state_dict(self.value_model, self.value_opt)
+            state.update(value_model=vsd, value_optim=vopt)
+        return state
+
+
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns when used in a single process, which is intended."""
+    import warnings
+
+    ctx = warnings.catch_warnings()
+    ctx.__enter__()
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return _Exit(ctx)
+
+
+class _Exit:
+    def __init__(self, ctx):
+        self.ctx = ctx
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.ctx.__exit__(*exc)
+
+
+def _full_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
 
 
 class TraceRL(RLTrainer):

@@ -1,0 +1,84 @@
+"""torch.distributed helpers (SPEC 4.6): launch with torchrun, shard with FSDP2 (fully_shard),
+NCCL on GPUs and gloo on CPUs. No home-made parallelism: one process per rank, the trainers
+split the prompts of a step across ranks and normalise losses over the global token count."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def enabled() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if enabled() else 0
+
+
+def world() -> int:
+    return dist.get_world_size() if enabled() else 1
+
+
+def init() -> bool:
+    """Initialises the process group when launched by torchrun (WORLD_SIZE > 1). Returns whether
+    training is distributed."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    if not dist.is_initialized():
+        use_cuda = torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return True
+
+
+def shard(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: every transformer layer is its own shard group, the rest (embedding, final norm,
+    lm_head, value head) belong to the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    mesh = init_device_mesh(device, (world(),))
+    trunk = getattr(model, "trunk", model)
+    for layer in trunk.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _fsdp_modules(model):
+    return [m for m in model.modules() if hasattr(m, "unshard") and hasattr(m, "reshard")]
+
+
+@contextlib.contextmanager
+def gathered(model: torch.nn.Module):
+    """Full (unsharded) parameters inside the block, for code that calls submodules outside
+    their forward (the samplers' prefill / decode). A no-op when not sharded."""
+    mods = _fsdp_modules(model)
+    for m in mods:
+        m.unshard()
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.reshard()
+
+
+def all_sum(x: float | int) -> float:
+    if not enabled():
+        return x
+    t = torch.tensor([float(x)], dtype=torch.float64)
+    if torch.cuda.is_available():
+        t = t.cuda()
+    dist.all_reduce(t)
+    return float(t.item())
+
+
+def barrier():
+    if enabled():
+        dist.barrier()
