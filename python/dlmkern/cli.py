@@ -10,7 +10,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "trainer"}
+RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer"}
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RunFile:
     dataset: str
     reward: str = "math"
     tokenizer: str | None = None
+    dtype: str = "bfloat16"          # weights on GPU (float32 on CPU)
     trainer: dict = field(default_factory=dict)
 
 
@@ -52,6 +53,8 @@ def parse_run(path: str, overrides: list[str]):
         else:
             trainer_over.append(ov)
     run = RunFile(**raw)
+    if run.dtype not in ("bfloat16", "float16", "float32"):
+        raise ValueError(f"{path}: dtype must be bfloat16, float16 or float32, got {run.dtype!r}")
     if run.algo not in ("tracerl", "dipo", "sft"):
         raise ValueError(f"{path}: algo must be tracerl, dipo or sft, got {run.algo!r}")
     for key in ("model", "dataset"):
@@ -94,7 +97,13 @@ def cmd_train(args):
     from dlmkern import SFT, DiPO, TraceRL
     from dlmkern.models import load
 
-    model = load(run.model)
+    import torch
+
+    if torch.cuda.is_available():  # one GPU per rank under torchrun
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        model = load(run.model, dtype=getattr(torch, run.dtype), device=device)
+    else:
+        model = load(run.model)
     tok = make_tokenizer(run.tokenizer or run.model)
     if run.algo == "sft":
         SFT(model, tok, run.dataset, cfg).train()
