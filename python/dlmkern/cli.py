@@ -94,10 +94,10 @@ def make_tokenizer(spec: str):
 
 def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
+    import torch
+
     from dlmkern import SFT, DiPO, TraceRL
     from dlmkern.models import load
-
-    import torch
 
     if torch.cuda.is_available():  # one GPU per rank under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
