@@ -81,3 +81,16 @@ def test_bad_run_files_fail_before_work(tmp_path, capsys):
     # the command prints the reason and exits 2
     assert main(["train", write({**good, "model": "nowhere"})]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_and_eval_commands(tmp_path, capsys):
+    model = _tiny_dir(tmp_path, "sdar")
+    assert main(["sample", "--model", model, "--tokenizer", "char", "--prompt", "1+2=",
+                 "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1
+    assert main(["eval", "--model", model, "--tokenizer", "char", "--data", _data(tmp_path),
+                 "--max-new-tokens", "4", "--reward", "exact"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["samples"] == 25 and res["tokens_per_s"] > 0
+    assert res["tokens_per_step"] >= 1.0

@@ -123,10 +123,10 @@ def _sampler(model, tok, max_new_tokens, steps):
 
 
 def cmd_sample(args):
-    from dlmkern.models import load, load_tokenizer
+    from dlmkern.models import load
 
     model = load(args.model).eval()
-    tok = load_tokenizer(args.tokenizer or args.model)
+    tok = make_tokenizer(args.tokenizer or args.model)
     trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
         [tok.encode(p) for p in args.prompt])
     for t in trajs:
@@ -136,18 +136,22 @@ def cmd_sample(args):
 def cmd_eval(args):
     """Math accuracy on a local JSONL (prompt, answer), tokens/s and mean tokens per step."""
     from dlmkern.data import load_dataset
-    from dlmkern.models import load, load_tokenizer
+    from dlmkern.models import load
     from dlmkern.rewards import math_reward
 
     model = load(args.model).eval()
-    tok = load_tokenizer(args.tokenizer or args.model)
+    tok = make_tokenizer(args.tokenizer or args.model)
     rows = load_dataset(args.data)
     t0 = time.perf_counter()
     trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
         [tok.encode(r["prompt"]) for r in rows])
     dt = time.perf_counter() - t0
     comps = [tok.decode(t.token_ids) for t in trajs]
-    acc = sum(math_reward(None, comps, [str(r["answer"]) for r in rows])) / len(rows)
+    if args.reward == "exact":
+        scores = [float(c.strip() == str(r["answer"])) for c, r in zip(comps, rows, strict=True)]
+    else:
+        scores = math_reward(None, comps, [str(r["answer"]) for r in rows])
+    acc = sum(scores) / len(rows)
     n_tok = sum(len(t.token_ids) for t in trajs)
     n_steps = sum(len(set(t.step_map)) for t in trajs)
     print(json.dumps({"accuracy": acc, "tokens_per_s": n_tok / dt,
@@ -179,13 +183,15 @@ def main(argv=None):
     for name, fn in (("sample", cmd_sample), ("eval", cmd_eval)):
         s = sub.add_parser(name)
         s.add_argument("--model", required=True)
-        s.add_argument("--tokenizer")
+        s.add_argument("--tokenizer", help="a tokenizer directory, or 'char' (built in)")
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--steps", type=int, default=4)
         if name == "sample":
             s.add_argument("--prompt", action="append", required=True)
         else:
             s.add_argument("--data", required=True)
+            s.add_argument("--reward", choices=["math", "exact"], default="math",
+                           help="math: \\boxed{} + math-verify; exact: the whole completion")
         s.set_defaults(fn=fn)
     args = p.parse_args(argv)
     try:
