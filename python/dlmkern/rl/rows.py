@@ -36,6 +36,14 @@ def _cat(parts, dtype=torch.long):
     return torch.tensor([x for p in parts for x in p], dtype=dtype)
 
 
+def _block_trace(t, block_size: int, shrinkage: int):
+    """(prompt length, response length, clean tokens, rounds per block) of a trajectory."""
+    P, n = len(t.prompt_ids), len(t.token_ids)
+    groups = response_blocks(P, n, block_size)
+    rounds = trace_rounds(shrink(list(t.step_map), groups, shrinkage), groups)
+    return P, n, list(t.prompt_ids) + list(t.token_ids), rounds
+
+
 def block_rows(trajectories, block_size: int, mask_token_id: int, shrinkage: int = 1) -> Rows:
     """Packed KV-reuse rows for block-diffusion models. `trajectories`: objects with
     prompt_ids, token_ids and step_map (dlmkern.sampling.Trajectory)."""
@@ -43,11 +51,7 @@ def block_rows(trajectories, block_size: int, mask_token_id: int, shrinkage: int
     tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
     offset = 0
     for ti, t in enumerate(trajectories):
-        P, n = len(t.prompt_ids), len(t.token_ids)
-        clean = list(t.prompt_ids) + list(t.token_ids)
-        groups = response_blocks(P, n, block_size)
-        steps = shrink(list(t.step_map), groups, shrinkage)
-        rounds = trace_rounds(steps, groups)
+        P, n, clean, rounds = _block_trace(t, block_size, shrinkage)
         prompt_lens.append(P)
         seq_lens.append(P + n)
         block_rounds.append([len(r) for r in rounds])
@@ -116,10 +120,7 @@ def per_round_rows(trajectories, block_size: int, mask_token_id: int, shrinkage:
     tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
     offset = 0
     for ti, t in enumerate(trajectories):
-        P, n = len(t.prompt_ids), len(t.token_ids)
-        clean = list(t.prompt_ids) + list(t.token_ids)
-        groups = response_blocks(P, n, block_size)
-        rounds = trace_rounds(shrink(list(t.step_map), groups, shrinkage), groups)
+        P, n, clean, rounds = _block_trace(t, block_size, shrinkage)
         first = (P // block_size) * block_size if n else P + n
         for r in range(1, max((len(x) for x in rounds), default=0) + 1):
             masked, trained = set(), {}
