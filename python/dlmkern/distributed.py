@@ -1,5 +1,5 @@
 """torch.distributed helpers (SPEC 4.6): launch with torchrun, shard with FSDP2 (fully_shard),
-NCCL on GPUs and gloo on CPUs. No home-made parallelism: one process per rank, the trainers
+NCCL on GPUs and gloo on CPUs (DLMKERN_DIST_BACKEND overrides). No home-made parallelism: one process per rank, the trainers
 split the prompts of a step across ranks and normalise losses over the global token count."""
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ def init() -> bool:
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     if not dist.is_initialized():
-        use_cuda = torch.cuda.is_available()
-        if use_cuda:
+        backend = os.environ.get("DLMKERN_DIST_BACKEND") or (
+            "nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend)
     return True
 
 
@@ -73,7 +74,7 @@ def all_sum(x: float | int) -> float:
     if not enabled():
         return x
     t = torch.tensor([float(x)], dtype=torch.float64)
-    if torch.cuda.is_available():
+    if dist.get_backend() == "nccl":
         t = t.cuda()
     dist.all_reduce(t)
     return float(t.item())
