@@ -90,7 +90,7 @@ def test_mask_token_is_never_sampled():
 def test_sample_tokens_greedy_topk_topp():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, 5.0]])  # index 4 is the mask token
     greedy = SamplingConfig(temperature=0)
-    tok, conf, lp, _ = sample_tokens(logits, greedy, mask_token_id=4, generator=None)
+    tok, conf, lp, _ = sample_tokens(logits, greedy, mask_token_id=4, uniforms=None)
     assert tok.item() == 1
     p = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
     assert conf.item() == pytest.approx(p[1].item(), rel=1e-5)

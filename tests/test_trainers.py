@@ -61,16 +61,22 @@ def _traj_logp(trainer, trajs):
 
 @pytest.mark.parametrize("family", ["sdar", "llada"])
 def test_one_rl_step_follows_the_advantage(tmp_path, family):
-    tr = TraceRL(_model(family), TOK, DATA, exact, _cfg(tmp_path, lr=3e-3, max_grad_norm=100.0,
-                                                       shrinkage=1))
+    # First order, a step on -sum(A_i logp_i) raises sum(A_i logp_i); alone, a positive-advantage
+    # trajectory gains log-probability and a negative one loses it.
+    cfg = _cfg(tmp_path, lr=1e-4, max_grad_norm=100.0, shrinkage=1)
+    tr = TraceRL(_model(family), TOK, DATA, exact, cfg)
     trajs, rewards = tr.rollout(DATA[:1])
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     before = _traj_logp(tr, trajs)
     stats = tr.update(trajs, adv, rewards)
-    after = _traj_logp(tr, trajs)
     assert math.isfinite(stats["loss"])
-    delta = after - before
-    assert delta[0] > 0 and delta[2] > 0 and delta[1] < 0 and delta[3] < 0, delta
+    assert float((adv * (_traj_logp(tr, trajs) - before)).sum()) > 0
+    for i, a in ((0, 1.0), (1, -1.0)):
+        single = TraceRL(_model(family), TOK, DATA, exact, cfg)
+        b = _traj_logp(single, trajs[i:i + 1])
+        single.update(trajs[i:i + 1], torch.tensor([a]), rewards[i:i + 1])
+        delta = float(_traj_logp(single, trajs[i:i + 1]) - b)
+        assert delta * a > 0, (i, delta)
 
 
 def test_all_filtered_batch_is_a_logged_no_op(tmp_path, capsys):
@@ -110,7 +116,7 @@ def test_resume_reproduces_the_next_step_exactly(tmp_path):
         assert torch.equal(p1, p2), n
 
 
-def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path):
+def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path, monkeypatch):
     calls = []
 
     def reward(prompts, completions, **_):
@@ -119,6 +125,7 @@ def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path):
             return [1.0] * 4 + [float(i % 2) for i in range(len(completions) - 4)]
         return [float(i % 2) for i in range(len(completions))]
 
+    monkeypatch.chdir(tmp_path)  # the default config logs to ./runs/rl
     d = DiPO(_model(), TOK, DATA, reward)
     assert d.cfg.eps_high == 0.28 and d.cfg.dynamic_sampling and d.ref_model is None
     d.cfg = _cfg(tmp_path, eps_high=0.28, dynamic_sampling=True, max_oversample_rounds=3)

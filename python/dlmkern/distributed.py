@@ -1,6 +1,7 @@
 """torch.distributed helpers (SPEC 4.6): launch with torchrun, shard with FSDP2 (fully_shard),
-NCCL on GPUs and gloo on CPUs (DLMKERN_DIST_BACKEND overrides). No home-made parallelism: one process per rank, the trainers
-split the prompts of a step across ranks and normalise losses over the global token count."""
+NCCL on GPUs and gloo on CPUs (DLMKERN_DIST_BACKEND overrides). No home-made parallelism: one
+process per rank, the trainers split the prompts of a step across ranks and normalise losses
+over the global token count."""
 
 from __future__ import annotations
 

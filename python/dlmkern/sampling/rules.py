@@ -59,10 +59,12 @@ def dream_transfer_count(masked_now: int, step: int, steps: int, eps: float) -> 
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
-                  generator: torch.Generator | None):
+                  uniforms: torch.Tensor | torch.Generator | None):
     """logits [n, V] -> (token [n], confidence [n], logprob [n], entropy [n]).
 
-    The mask token is never produced. Greedy when temperature == 0."""
+    Sampling inverts each row's CDF at a uniform draw (``uniforms`` [n] in (0, 1], or a
+    generator to draw them from), so callers control the randomness per row. The mask token is
+    never produced. Greedy when temperature == 0."""
     logits = logits.float().clone()
     logits[:, mask_token_id] = float("-inf")
     if cfg.temperature > 0:
@@ -81,7 +83,12 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
     if cfg.temperature == 0:
         token = torch.argmax(logits, dim=-1)
     else:
-        token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if uniforms is None or isinstance(uniforms, torch.Generator):
+            uniforms = 1.0 - torch.rand(logits.shape[0], generator=uniforms)  # (0, 1]
+        cdf = probs.cumsum(-1)
+        u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+        # the first token whose CDF reaches u: never a zero-probability token since u > 0
+        token = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     tok_logp = logp.gather(-1, token[:, None]).squeeze(-1)
     entropy = -(probs * logp.nan_to_num(0.0, neginf=0.0)).sum(-1)
     if cfg.confidence == "prob":
@@ -94,22 +101,40 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
     return token, conf, tok_logp, entropy
 
 
+def choose_batch(cfg: SamplingConfig, conf: torch.Tensor, entropy: torch.Tensor,
+                 masked: torch.Tensor, n_static: torch.Tensor) -> torch.Tensor:
+    """Vectorised rule over sequences: conf / entropy / masked [S, B] (positions of each block in
+    order), n_static [S] (static / sequential counts). Returns the bool [S, B] of positions to
+    unmask; every sequence with a masked position unmasks at least one. No host sync."""
+    S, B = masked.shape
+    ar = torch.arange(B, device=masked.device).expand(S, B)
+    n_masked = masked.sum(1, keepdim=True)
+    k = torch.minimum(n_static.to(masked.device)[:, None].clamp(min=1), n_masked)
+    if cfg.rule == "sequential":
+        rank_pos = masked.long().cumsum(1) - 1
+        return masked & (rank_pos < k)
+    if cfg.rule == "entropy_bounded":
+        key = torch.where(masked, entropy, torch.full_like(entropy, float("inf")))
+        order = torch.sort(key, dim=1, stable=True).indices
+        sorted_e = torch.where(masked.gather(1, order), key.gather(1, order),
+                               torch.zeros_like(key))
+        take = ((sorted_e.cumsum(1) <= cfg.entropy_bound) | (ar == 0)) & masked.gather(1, order)
+        return torch.zeros_like(masked).scatter(1, order, take)
+    # rank by confidence, descending; the stable sort keeps lower positions first on ties
+    key = torch.where(masked, conf, torch.full_like(conf, float("-inf")))
+    order = torch.sort(-key, dim=1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, ar)
+    if cfg.rule == "static":
+        return masked & (rank < k)
+    return masked & ((conf > cfg.threshold) | (rank == 0))  # dynamic
+
+
 def choose(cfg: SamplingConfig, conf: torch.Tensor, entropy: torch.Tensor,
            n_static: int) -> torch.Tensor:
     """Indices (into the masked positions, ascending position order) to unmask at this step."""
     n = conf.shape[0]
     if n == 0:
         return torch.zeros(0, dtype=torch.long)
-    if cfg.rule == "sequential":
-        return torch.arange(min(n, max(n_static, 1)))
-    # Rank by confidence (descending); the stable sort keeps lower positions first on ties.
-    order = torch.sort(-conf, stable=True).indices
-    if cfg.rule == "static":
-        k = min(n, max(n_static, 1))
-    elif cfg.rule == "dynamic":
-        k = max(1, int((conf > cfg.threshold).sum()))
-    else:  # entropy_bounded: lowest-entropy prefix within the budget
-        order = torch.sort(entropy, stable=True).indices
-        cum = entropy[order].cumsum(0)
-        k = max(1, int((cum <= cfg.entropy_bound).sum()))
-    return torch.sort(order[:k]).values
+    sel = choose_batch(cfg, conf[None], entropy[None], torch.ones(1, n, dtype=torch.bool),
+                       torch.tensor([n_static]))[0]
+    return sel.nonzero().flatten()
