@@ -56,17 +56,27 @@ def main():
     run(cached, prompts[:2], args.device)  # warm-up
     n_c, t_c = run(cached, prompts, args.device)
     n_u, t_u = run(uncached, prompts, args.device)
+    eager = None
+    if args.device == "cuda":  # the cached path without CUDA graphs, for the graphs' share
+        n_e, t_e = run(BlockSampler(model, cfg, max_new_tokens=c["new"], cuda_graphs=False),
+                       prompts, args.device)
+        eager = n_e / t_e
     print(f"block sampler, batch {c['batch']}, prompt {c['prompt']}, {c['new']} new tokens, "
           f"block {c['model']['block_size']}, 4 steps/block, {c['dtype']} on "
           f"{common.device_name(args.device)}")
     print(f"  cached   {n_c / t_c:10.1f} tok/s ({t_c:.2f} s)")
     print(f"  uncached {n_u / t_u:10.1f} tok/s ({t_u:.2f} s)   cached speed-up "
           f"{(n_c / t_c) / (n_u / t_u):.2f}x")
+    if eager is not None:
+        print(f"  cached, no CUDA graphs {eager:10.1f} tok/s   graphs speed-up "
+              f"{(n_c / t_c) / eager:.2f}x")
     if not args.no_save:
         common.append_result({"op": "block_sampler", "device": common.device_name(args.device),
                               "shape": {k: v for k, v in c.items() if k != "model"},
                               "model": c["model"], "tok_per_s": {"cached": round(n_c / t_c, 1),
-                                                                 "uncached": round(n_u / t_u, 1)},
+                                                                 "uncached": round(n_u / t_u, 1),
+                                                                 "cached_no_graphs": eager and
+                                                                 round(eager, 1)},
                               "speedup": round((n_c / t_c) / (n_u / t_u), 3)})
 
 

@@ -86,7 +86,7 @@ class Attention(nn.Module):
     def forward(self, x, layout: Layout):
         q, k, v = self.qkv(x, layout.position_ids)
         out, _ = block_attention(q, k, v, layout)
-        return self.wo(out.reshape(x.shape[0], -1))
+        return self.wo(out.reshape(x.shape[0], self.c.num_heads * self.c.head_dim))
 
     def prefill(self, x, layout: Layout, cache: KVCache, layer: int):
         q, k, v = self.qkv(x, layout.position_ids)
@@ -97,13 +97,13 @@ class Attention(nn.Module):
             cache.k[layer][i, : e - s] = k[s:e]
             cache.v[layer][i, : e - s] = v[s:e]
             lens[i] = e - s
-        return self.wo(out.reshape(x.shape[0], -1))
+        return self.wo(out.reshape(x.shape[0], self.c.num_heads * self.c.head_dim))
 
     def decode(self, x, positions, cu_seqlens_q, cache: KVCache, layer: int, commit: bool):
         q, k, v = self.qkv(x, positions)
         out = decode_attention(q, k, v, cache.k[layer], cache.v[layer], cache.seqlens[layer],
                                cu_seqlens_q, commit=commit)
-        return self.wo(out.reshape(x.shape[0], -1))
+        return self.wo(out.reshape(x.shape[0], self.c.num_heads * self.c.head_dim))
 
 
 class MLP(nn.Module):

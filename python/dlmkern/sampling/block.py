@@ -4,6 +4,15 @@ Prompts are prefilled block-causally (whole blocks only); then, block by block, 
 of every sequence is denoised against the cache with decode_attention and its clean k / v are
 committed. Blocks are aligned to absolute positions, exactly as the trainer aligns them: a prompt
 ending mid-block starts the first generated block mid-block (its prompt tail is part of the block).
+
+Inside a block every sequence advances together on [S, block] device tensors (tokens, still-masked
+slots, step map, log-probs, step counters): a denoising step is one decode forward, one batched
+token draw and one batched unmasking rule, with no host synchronisation. The host sets a block up
+(its spans, the static schedule, every uniform draw of the block from each sequence's own
+generator) and reads it back once when the block is done. On CUDA the step is captured in a CUDA
+graph per block shape (number of live query slots) and replayed; static and sequential rules run
+exactly `steps` steps, dynamic rules stop one step after the block is seen finished (the check
+lags a step so the host never stalls the queue).
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ import torch
 
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.rules import SamplingConfig, choose, sample_tokens, transfer_schedule
+from dlmkern.sampling.rules import SamplingConfig, choose_batch, sample_tokens, transfer_schedule
 
 
 def sequence_generators(n: int, seed: int, seeds: list[int] | None, device):
@@ -42,32 +51,63 @@ class _Seq:
     done: bool = False
 
 
+class _BlockState:
+    """The device tensors one block's denoising steps read and write ([S, B] slot-major: slot j of
+    row i is position start_i + j). One instance per block shape is kept for a whole generate()
+    call, so a CUDA graph captured on it stays valid; each block loads fresh values with copy_."""
+
+    def __init__(self, S: int, B: int, n_live: int, device):
+        def z(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
+        self.tokens, self.masked = z(S, B), z(S, B, dtype=torch.bool)
+        self.step_map, self.logprobs = z(S, B), z(S, B, dtype=torch.float32)
+        self.counter = z(S)                      # next global step id of each sequence
+        self.slots, self.positions = z(n_live), z(n_live)  # query rows: flat slot, position
+        self.cu = z(S + 1, dtype=torch.int32)    # query rows of each sequence
+        self.uniforms = torch.ones(S, B, dtype=torch.float32, device=device)  # this step's draws
+        self.n_static = z(S)                     # this step's static / sequential counts
+        self.full_ids = self.full_rows = self.layout = None  # the recomputing path's inputs
+
+    def load(self, **values):
+        for name, v in values.items():
+            getattr(self, name).copy_(v, non_blocking=True)
+
+
 class BlockSampler:
     """``BlockSampler(model, SamplingConfig(...), max_new_tokens=..., eos_token_id=...)``;
     ``generate(prompts, n_samples=1, seed=0)`` returns one :class:`Trajectory` per sample.
     ``use_cache=False`` recomputes the whole sequence block-causally at every step (the
-    reference the cached path must match, and the uncached baseline of the benchmark)."""
+    reference the cached path must match, and the uncached baseline of the benchmark).
+    ``cuda_graphs`` (default: on for a cached sampler on CUDA) captures the denoising step."""
 
     def __init__(self, model: DiffusionLM, config: SamplingConfig | None = None, *,
                  max_new_tokens: int = 64, eos_token_id: int | None = None,
-                 use_cache: bool = True):
+                 use_cache: bool = True, cuda_graphs: bool | None = None):
         if not model.config.block_causal:
             raise ValueError("BlockSampler needs a block-diffusion (SDAR) model; use FullSampler")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if cuda_graphs and not use_cache:
+            raise ValueError("cuda_graphs needs use_cache=True (the recomputing path changes "
+                             "shape every block)")
         self.model, self.cfg = model, config or SamplingConfig()
         self.max_new_tokens, self.eos, self.use_cache = max_new_tokens, eos_token_id, use_cache
+        self.cuda_graphs = cuda_graphs
         self.B = model.config.block_size
         self.mask_id = model.config.mask_token_id
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
                  seeds: list[int] | None = None):
-        """One trajectory per (prompt, sample). Each sequence draws from its own generator
-        (seeded `seed * 1000003 + index`, or `seeds[index]`), so a sequence's tokens do not
-        depend on which other sequences share the batch (or the rank)."""
+        """One trajectory per (prompt, sample). Each sequence draws from its own CPU generator
+        (seeded `seed * 1000003 + index`, or `seeds[index]`) a fixed number of uniforms per
+        block, so a sequence's tokens do not depend on which other sequences share the batch
+        (or the rank)."""
         device = next(self.model.parameters()).device
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
                 for p in prompts for _ in range(n_samples)]
-        gens = sequence_generators(len(seqs), seed, seeds, device)
+        gens = sequence_generators(len(seqs), seed, seeds, "cpu")
         cache = None
         if self.use_cache:
             max_len = max(s.limit for s in seqs) + self.B
@@ -79,103 +119,184 @@ class BlockSampler:
             cu = torch.tensor([0, *torch.tensor(starts).cumsum(0).tolist()], dtype=torch.int32,
                               device=device)
             self.model.prefill(ids, cu, cache)
+        graphs = self.cuda_graphs if self.cuda_graphs is not None else (
+            self.use_cache and device.type == "cuda")
+        if graphs and device.type != "cuda":
+            graphs = "emulate"  # same static buffers and code path, eager (tests on CPU)
+        run = _StepRunner(self, cache, graphs)
         while not all(s.done for s in seqs):
-            self._block(seqs, cache, gens, device)
+            self._block(seqs, run, gens, device)
         return [s.traj for s in seqs]
 
-    def _block(self, seqs, cache, gens, device):
-        B = self.B
-        # Current block of each sequence: [start, end) with start = the first ungenerated block's
-        # start (done sequences keep an empty block so cache rows stay aligned).
-        spans = []
+    def _block(self, seqs, run, gens, device):
+        B, S, cfg = self.B, len(seqs), self.cfg
+        # Current block of each sequence: [start, end), start = the first ungenerated block's
+        # start; done sequences get an empty block so cache rows stay aligned. Generated slots
+        # start at gen = max(start, prompt length): a prompt tail in the block is never resampled.
+        spans, gen = [], []
         for s in seqs:
-            start = (len(s.tokens) // B) * B
-            end = min(start + B, s.limit)
-            spans.append((start, end) if not s.done else (start, start))
-        for s, (_, end) in zip(seqs, spans, strict=True):
-            s.tokens.extend([self.mask_id] * (end - len(s.tokens)))
-        # Generated positions only: a prompt tail in the block is never re-sampled.
-        todo = [set(range(max(a, len(s.traj.prompt_ids)), e))
-                for s, (a, e) in zip(seqs, spans, strict=True)]
-        schedules = [transfer_schedule(len(t), self.cfg.steps) for t in todo]
-        step_in_block = 0
-        while True:
-            masked = [sorted(t) for t in todo]
-            if not any(masked):
-                break
-            logits = self._block_logits(seqs, spans, cache, device)
-            for j, s in enumerate(seqs):
-                if not masked[j]:
-                    continue
-                a, _ = spans[j]
-                rows = torch.tensor([i - a for i in masked[j]], device=device)
-                rows = rows + self._offset(spans, j)
-                tok, conf, lp, ent = sample_tokens(logits[rows], self.cfg, self.mask_id, gens[j])
-                sched = schedules[j]
-                n_static = sched[step_in_block] if step_in_block < len(sched) else len(masked[j])
-                for k in choose(self.cfg, conf.cpu(), ent.cpu(), n_static).tolist():
-                    pos = masked[j][k]
-                    s.tokens[pos] = int(tok[k])
-                    todo[j].discard(pos)
-                    self._record(s, pos, float(lp[k]))
-                s.step += 1
-            step_in_block += 1
-        if cache is not None:
-            ids, pos, cu = self._pack(seqs, spans, device)
-            self.model.decode(ids, pos, cu, cache, commit=True)
-        for s, (a, e) in zip(seqs, spans, strict=True):
+            a = (len(s.tokens) // B) * B
+            e = a if s.done else min(a + B, s.limit)
+            spans.append((a, e))
+            gen.append(max(a, len(s.traj.prompt_ids)))
+        lens = [e - a for a, e in spans]
+        n_live = sum(lens)
+        st = run.state(S, B, n_live, device)
+        tokens = torch.full((S, B), self.mask_id, dtype=torch.long)
+        masked = torch.zeros(S, B, dtype=torch.bool)
+        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=True)):
+            tail = s.tokens[a:]
+            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            masked[i, gen[i] - a: e - a] = True
+        slots = torch.cat([torch.arange(i * B, i * B + n) for i, n in enumerate(lens)])
+        positions = torch.cat([torch.arange(a, e) for a, e in spans])
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        st.load(tokens=tokens, masked=masked, slots=slots, positions=positions, cu=cu,
+                step_map=torch.full((S, B), -1), logprobs=torch.zeros(S, B),
+                counter=torch.tensor([s.step for s in seqs]))
+        if not self.use_cache:
+            self._load_recompute_inputs(st, seqs, spans, device)
+        # Host-side plan of the whole block: static counts per step and every uniform draw.
+        fixed = cfg.rule in ("static", "sequential")
+        n_iter = cfg.steps if fixed else B
+        sched = [transfer_schedule(max(e - g, 0), cfg.steps)
+                 for g, (_, e) in zip(gen, spans, strict=True)]
+        n_static = torch.tensor(sched, dtype=torch.long).T.contiguous().to(device)  # [steps, S]
+        uniforms = None
+        if cfg.temperature > 0:
+            uniforms = torch.ones(n_iter, S, B)
+            for i, (s, g) in enumerate(zip(seqs, gens, strict=True)):
+                if not s.done:
+                    uniforms[:, i] = 1.0 - torch.rand(n_iter, B, generator=g)  # (0, 1]
+            uniforms = uniforms.to(device, non_blocking=True)
+        pending = None
+        for it in range(n_iter):
+            st.load(n_static=n_static[min(it, cfg.steps - 1)])
+            if uniforms is not None:
+                st.load(uniforms=uniforms[it])
+            run(st)
+            if not fixed:  # a dynamic rule: stop once every block is done
+                pending, finished = _lagged_all_done(st.masked, pending)
+                if finished:
+                    break
+        if self.use_cache:  # commit the finished blocks' clean k / v
+            ids = st.tokens.view(-1).index_select(0, st.slots)
+            self.model.decode(ids, st.positions, st.cu, run.cache, commit=True)
+        self._finish_block(seqs, spans, gen, st)
+
+    def _finish_block(self, seqs, spans, gen, st):
+        """The block's one read-back: tokens, step map, log-probs and counters to the host."""
+        tokens, step_map = st.tokens.tolist(), st.step_map.tolist()
+        logprobs, counter = st.logprobs.tolist(), st.counter.tolist()
+        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=True)):
             if s.done:
                 continue
-            gen_part = s.tokens[max(a, len(s.traj.prompt_ids)):e]
-            if self.eos is not None and self.eos in gen_part:
-                s.done, s.traj.finish_reason = True, "eos"
+            new = tokens[i][gen[i] - a: e - a]
+            s.tokens.extend(new)
+            s.step = counter[i]
+            t = s.traj
+            t.token_ids.extend(new)
+            t.step_map.extend(step_map[i][gen[i] - a: e - a])
+            t.logprobs.extend(logprobs[i][gen[i] - a: e - a])
+            if self.eos is not None and self.eos in new:
+                n = t.token_ids.index(self.eos) + 1
+                t.token_ids, t.step_map, t.logprobs = (t.token_ids[:n], t.step_map[:n],
+                                                       t.logprobs[:n])
+                s.done, t.finish_reason = True, "eos"
             elif e >= s.limit:
                 s.done = True
-        for s in seqs:  # generated tokens, cut after the first EOS
-            if s.done and s.traj.finish_reason == "eos":
-                n = s.traj.token_ids.index(self.eos) + 1 if self.eos in s.traj.token_ids else None
-                if n is not None:
-                    s.traj.token_ids, s.traj.step_map, s.traj.logprobs = (
-                        s.traj.token_ids[:n], s.traj.step_map[:n], s.traj.logprobs[:n])
 
-    def _record(self, s: _Seq, pos: int, logprob: float):
-        i = pos - len(s.traj.prompt_ids)
-        t = s.traj
-        while len(t.token_ids) <= i:
-            t.token_ids.append(self.mask_id)
-            t.step_map.append(-1)
-            t.logprobs.append(0.0)
-        t.token_ids[i], t.step_map[i], t.logprobs[i] = s.tokens[pos], s.step, logprob
-
-    @staticmethod
-    def _offset(spans, j):
-        return sum(e - a for a, e in spans[:j])
-
-    def _pack(self, seqs, spans, device):
-        ids = [t for s, (a, e) in zip(seqs, spans, strict=True) for t in s.tokens[a:e]]
-        pos = [i for a, e in spans for i in range(a, e)]
-        cu = [0]
-        for a, e in spans:
-            cu.append(cu[-1] + e - a)
-        return (torch.tensor(ids, dtype=torch.long, device=device),
-                torch.tensor(pos, dtype=torch.long, device=device),
-                torch.tensor(cu, dtype=torch.int32, device=device))
-
-    def _block_logits(self, seqs, spans, cache, device):
-        """Logits [sum of block lengths, V] for the current blocks, packed in sequence order."""
-        if cache is not None:
-            ids, pos, cu = self._pack(seqs, spans, device)
-            return self.model.logits(self.model.decode(ids, pos, cu, cache))
-        # No cache: every sequence up to its block end, block-causal, in one packed forward.
-        live = [(s, a, e) for s, (a, e) in zip(seqs, spans, strict=True) if e > a]
-        if not live:
-            return torch.zeros(0, self.model.config.vocab_size, device=device)
-        ids = torch.tensor([t for s, _, e in live for t in s.tokens[:e]], dtype=torch.long,
-                           device=device)
-        lay = layouts.block_causal([e for _, _, e in live], self.B).to(device)
-        hidden = self.model(ids, lay)
+    def _load_recompute_inputs(self, st, seqs, spans, device):
+        """No cache: each live sequence up to its block end, block-causal, one packed forward;
+        `full_rows` are the rows of the query slots in that packing."""
+        live = [(i, s, a, e) for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=True))
+                if e > a]
+        ids = [t for _, s, a, e in live for t in s.tokens[:a] + [self.mask_id] * (e - a)]
+        lay = layouts.block_causal([e for *_, e in live], self.B)
         starts = lay.cu_seqlens[:-1].tolist()
-        rows = torch.cat([torch.arange(st + a, st + e, device=device)
-                          for st, (_, a, e) in zip(starts, live, strict=True)])
-        out = [self.model.logits(hidden[rows])]
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.vocab_size)
+        rows = [st_ + j for st_, (_, _, a, e) in zip(starts, live, strict=True)
+                for j in range(a, e)]
+        st.full_ids = torch.tensor(ids, dtype=torch.long, device=device)
+        st.full_rows = torch.tensor(rows, dtype=torch.long, device=device)
+        st.layout = lay.to(device)
+
+    def step(self, st: _BlockState, cache: KVCache | None):
+        """One denoising step of every block (st is updated in place; no host sync)."""
+        S, B = st.tokens.shape
+        ids = st.tokens.view(-1).index_select(0, st.slots)
+        if cache is not None:
+            logits = self.model.logits(self.model.decode(ids, st.positions, st.cu, cache))
+        else:
+            full = st.full_ids.index_copy(0, st.full_rows, ids)
+            logits = self.model.logits(self.model(full, st.layout)[st.full_rows])
+        tok, conf, lp, ent = sample_tokens(logits, self.cfg, self.mask_id,
+                                           st.uniforms.view(-1).index_select(0, st.slots))
+
+        def spread(x, fill):  # query rows -> [S, B] slots
+            out = torch.full((S * B,), fill, dtype=x.dtype, device=x.device)
+            return out.index_copy_(0, st.slots, x).view(S, B)
+
+        sel = choose_batch(self.cfg, spread(conf, float("-inf")), spread(ent, float("inf")),
+                           st.masked, st.n_static)
+        had = st.masked.any(1)
+        st.tokens.copy_(torch.where(sel, spread(tok, self.mask_id), st.tokens))
+        st.step_map.copy_(torch.where(sel, st.counter[:, None].expand(S, B), st.step_map))
+        st.logprobs.copy_(torch.where(sel, spread(lp, 0.0), st.logprobs))
+        st.masked &= ~sel
+        st.counter += had
+
+
+def _lagged_all_done(masked: torch.Tensor, pending):
+    """Whether every block was finished one step ago (CUDA: read from pinned memory behind an
+    event, so the host waits only for the step before the one in flight); on CPU, now."""
+    flag = ~masked.any()
+    if masked.device.type != "cuda":
+        return None, bool(flag)
+    host = torch.empty((), dtype=torch.bool, pin_memory=True)
+    host.copy_(flag, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    finished = False
+    if pending is not None:
+        pending[0].synchronize()
+        finished = bool(pending[1])
+    return (event, host), finished
+
+
+class _StepRunner:
+    """Runs BlockSampler.step on the block state of each shape: eagerly, or (CUDA) from a CUDA
+    graph captured on the shape's first step (that first step runs eagerly on a side stream as
+    the warm-up). Graphs and states live for one generate() call, as the cache does.
+    graphs="emulate" keeps the static-buffer path without capture (CPU tests)."""
+
+    def __init__(self, sampler: BlockSampler, cache, graphs):
+        self.sampler, self.cache, self.graphs = sampler, cache, graphs
+        self.states: dict[int, _BlockState] = {}
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+
+    def state(self, S, B, n_live, device) -> _BlockState:
+        if not self.graphs:
+            return _BlockState(S, B, n_live, device)
+        if n_live not in self.states:
+            self.states[n_live] = _BlockState(S, B, n_live, device)
+        return self.states[n_live]
+
+    def __call__(self, st: _BlockState):
+        if self.graphs is not True:
+            return self.sampler.step(st, self.cache)
+        key = st.slots.numel()
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.sampler.step(st, self.cache)  # the real step, and the capture's warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            self.sampler.step(st, self.cache)
+        self._pool = graph.pool()
+        self._graphs[key] = graph
