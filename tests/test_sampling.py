@@ -205,7 +205,7 @@ def test_a_sequence_does_not_depend_on_its_batch():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("rule", ["static", "dynamic"])
-def test_cuda_graph_sampler_equals_eager_and_cpu(rule):
+def test_cuda_graph_sampler_equals_eager(rule):
     """On a GPU: the CUDA-graph sampler equals the eager one token for token (same kernels, same
     draws) and replays reproducibly; every block finishes."""
     torch.manual_seed(0)
