@@ -64,12 +64,13 @@ class FullSampler:
             cache, start = self._refresh_cache(canvases, prompts, lo, device)
             k = 0
             while any(todo):
-                logits = self._logits(canvases, cache, start, device)
+                logits = self._logits(canvases, cache, start, lo, hi, prompts, device)
                 for i, t in enumerate(todo):
                     if not t:
                         continue
                     masked = sorted(t)
-                    tok, conf, lp, ent = sample_tokens(logits[i][masked], self.cfg, self.mask_id,
+                    rows = [pos - len(prompts[i]) - lo for pos in masked]
+                    tok, conf, lp, ent = sample_tokens(logits[i][rows], self.cfg, self.mask_id,
                                                        gens[i])
                     if self.cfg.schedule == "dream":
                         n = dream_transfer_count(len(masked), k, self.cfg.steps, self.cfg.eps)
@@ -115,26 +116,30 @@ class FullSampler:
         self.model.prefill(ids, cu, cache)
         return cache, start
 
-    def _logits(self, canvases, cache, start, device):
-        """Per sequence, logits [len(canvas), V] (rows before `start` are zeros in cache mode)."""
+    def _logits(self, canvases, cache, start, lo, hi, prompts, device):
+        """Per sequence, logits [hi - lo, V] of the current block's positions only (the rest of
+        the canvas is run through the model but never projected onto the vocabulary)."""
         m = self.model
         if cache is None:
             lens = [len(c) for c in canvases]
             lay = layouts.full(lens).to(device)
             ids = torch.tensor([t for c in canvases for t in c], device=device)
             h = m.prediction_hidden(m(ids, lay), lay.cu_seqlens)
-            return list(m.logits(h).split(lens))
-        segs = [c[s:] for c, s in zip(canvases, start, strict=True)]
-        lens = [len(x) for x in segs]
-        ids = torch.tensor([t for x in segs for t in x], device=device)
-        pos = torch.tensor([i for s, c in zip(start, canvases, strict=True)
-                            for i in range(s, len(c))], device=device)
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
-                          device=device)
-        h = m.decode(ids, pos, cu, cache)
-        if m.config.logits_shift:  # row r predicts the next position: shift within the segment
-            h = m.prediction_hidden(h, cu)
-        out = []
-        for s, lg in zip(start, m.logits(h).split(lens), strict=True):
-            out.append(torch.cat([lg.new_zeros(s, lg.shape[-1]), lg]))
-        return out
+            first = [o + len(p) + lo for o, p in zip([0, *torch.tensor(lens).cumsum(0).tolist()],
+                                                     prompts, strict=False)]
+        else:
+            segs = [c[s:] for c, s in zip(canvases, start, strict=True)]
+            lens = [len(x) for x in segs]
+            ids = torch.tensor([t for x in segs for t in x], device=device)
+            pos = torch.tensor([i for s, c in zip(start, canvases, strict=True)
+                                for i in range(s, len(c))], device=device)
+            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
+                              device=device)
+            h = m.decode(ids, pos, cu, cache)
+            if m.config.logits_shift:  # row r predicts the next position: shift in the segment
+                h = m.prediction_hidden(h, cu)
+            offs = cu[:-1].tolist()
+            first = [o + len(p) + lo - s for o, p, s in zip(offs, prompts, start, strict=True)]
+        n = hi - lo
+        rows = torch.tensor([f + j for f in first for j in range(n)], device=device)
+        return list(m.logits(h[rows]).split(n))
