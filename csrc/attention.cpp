@@ -26,7 +26,7 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
                     " tokens like `q`, got ", k.size(0));
   TORCH_CHECK_VALUE(k.size(2) == q.size(2), op, ": head dim of `", kname, "` (", k.size(2),
                     ") must equal q's (", q.size(2), ")");
-  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+  TORCH_CHECK_VALUE(k.size(1) > 0 && q.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
                     ": query heads (", q.size(1), ") must be a multiple of kv heads (", k.size(1),
                     ")");
   TORCH_CHECK_VALUE(k.device() == q.device() && v.device() == q.device(), op,

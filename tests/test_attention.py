@@ -208,6 +208,7 @@ def test_bad_input():
     _bad(r"`stream` ids must be >= 0", stream=torch.full((32,), -1, dtype=torch.int32))
     _bad(r"query heads \(4\) must be a multiple of kv heads \(3\)", k=torch.randn(32, 3, 64),
          v=torch.randn(32, 3, 64))
+    _bad(r"query heads \(0\) must be a multiple", q=torch.randn(32, 0, 64))
     _bad(r"`q` must be float32, float16 or bfloat16", TypeError,
          q=torch.zeros(32, 4, 64, dtype=torch.int32))
     _bad(r"must have q's dtype", TypeError, k=torch.randn(32, 2, 64, dtype=torch.float64))

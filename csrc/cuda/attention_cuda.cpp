@@ -1,5 +1,6 @@
 // CUDA backend glue of block_attention / decode_attention: torch tensors in, raw pointers out.
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 #include <torch/library.h>
@@ -87,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cuda(
     const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& cu_in, const at::Tensor& block_in, const at::Tensor& stream_in, bool full,
     std::optional<double> scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());  // streams and launches on q's device
   const AttnDims d = check_block_attention(q_in, k_in, v_in, cu_in, block_in, stream_in, scale,
                                            !capturing());
   check_head_dim(kBlockOp, d.D);
@@ -107,6 +109,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
     const at::Tensor& v_in, const at::Tensor& out, const at::Tensor& lse,
     const at::Tensor& cu_in, const at::Tensor& block_in, const at::Tensor& stream_in, bool full,
     std::optional<double> scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());  // streams and launches on q's device
   const AttnDims d = check_block_attention(q_in, k_in, v_in, cu_in, block_in, stream_in, scale,
                                            !capturing());
   check_head_dim(kBlockOp, d.D);
@@ -137,6 +140,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_new
                                  at::Tensor& v_cache, at::Tensor& cache_seqlens,
                                  const at::Tensor& cu_in, bool commit,
                                  std::optional<double> scale) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
   constexpr const char* op = "dlmkern.decode_attention";
   const AttnDims d = check_decode_attention(q_in, k_new_in, v_new_in, k_cache, v_cache,
                                             cache_seqlens, cu_in, commit, scale, !capturing());

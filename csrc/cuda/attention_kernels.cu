@@ -520,7 +520,8 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a, int spli
   const int group = a.Hq / a.Hkv;
   const int64_t qb0 = a.cu_seqlens_q[s];
   const int nq = a.cu_seqlens_q[s + 1] - a.cu_seqlens_q[s];
-  const int64_t L = a.cache_seqlens[s];
+  // The host checks cache_seqlens unless capturing a graph; never read past a cache row.
+  const int64_t L = imin64(a.cache_seqlens[s], a.max_len);
   const int64_t total = L + nq;
   const int64_t chunk = ((total + splits - 1) / splits + kTile - 1) / kTile * kTile;
   const int64_t kbeg = split * chunk, kend = imin64(total, kbeg + chunk);
@@ -664,6 +665,7 @@ __global__ void decode_commit_kernel(DecodeArgs a) {
   const int64_t qb0 = a.cu_seqlens_q[s];
   const int nq = a.cu_seqlens_q[s + 1] - a.cu_seqlens_q[s];
   const int64_t L = a.cache_seqlens[s];
+  if (L + nq > a.max_len) return;  // a full cache row is never overrun (host checks when eager)
   const int64_t n = static_cast<int64_t>(nq) * a.Hkv * a.D;
   T* kc = static_cast<T*>(a.k_cache) + (s * a.max_len + L) * a.Hkv * a.D;
   T* vc = static_cast<T*>(a.v_cache) + (s * a.max_len + L) * a.Hkv * a.D;
