@@ -126,7 +126,9 @@ at::Tensor init_state(int64_t n, const at::TensorOptions& opts) {
   return state;
 }
 
-// logp = z_target - lse, entropy = lse - E[z]; ignored rows give 0 for both.
+// logp = z_target - lse, entropy = lse - E[z]; ignored rows give 0 for both. Both are formed
+// relative to the max m, so large logits (|z| ~ 1e3, where an fp32 lse is only good to ~1e-4)
+// keep their precision.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize(const at::Tensor& state,
                                                         const at::Tensor& targets,
                                                         int64_t ignore_index) {
@@ -135,8 +137,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize(const at::Tensor& state,
   auto lse = m + s.log();
   auto valid = targets != ignore_index;
   auto zero = at::zeros({}, lse.options());
-  auto logp = at::where(valid, tz - lse, zero);
-  auto entropy = at::where(valid, lse - t / s, zero);
+  auto log_s = s.log();
+  auto logp = at::where(valid, (tz - m) - log_s, zero);
+  auto entropy = at::where(valid, log_s - t / s, zero);  // t is relative to m (online_lse.h)
   return {logp, entropy, lse};
 }
 
@@ -144,6 +147,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finalize(const at::Tensor& state,
 at::Tensor masked_grad(const std::optional<at::Tensor>& g, const at::Tensor& valid) {
   if (!g.has_value() || !g->defined()) return at::zeros(valid.sizes(), valid.options().dtype(at::kFloat));
   return at::where(valid, g->to(at::kFloat), at::zeros({}, valid.options().dtype(at::kFloat)));
+}
+
+// Gradient tiles are stored in the GEMM dtype. In fp16 (largest 65504, smallest normal 6e-5) an
+// RL upstream gradient of ~1 / num_tokens times p_j ~ 1 / V underflows to zero, so the upstream
+// gradients are multiplied by a power of two s that puts the largest possible tile entry near
+// 2^14, and the fp32 accumulators are divided by s at the end (exact for powers of two). The bound:
+// p_j (z_j - E) = p_j log p_j + p_j H, so |d/dz_j| <= |g_logp| + |g_ent| (H + 1/e), times
+// 1 / temperature. Computed on the device: no host sync. Applied in every dtype (a no-op
+// numerically in fp32, where it keeps the CPU tests exercising the same path).
+at::Tensor grad_tile_scale(const at::Tensor& g_lp, const at::Tensor& g_ent,
+                           const at::Tensor& entropy, double inv_temp) {
+  auto ent = at::nan_to_num(entropy.abs(), 0.0, 0.0, 0.0);
+  auto bound = at::nan_to_num((g_lp.abs() + g_ent.abs() * (ent + 1.0)).amax() * inv_temp, 0.0,
+                              0.0, 0.0);
+  // bound = 0 (no gradient at all) gives log2(inf) = inf, clamped like any extreme.
+  return at::exp2(at::floor(at::log2(16384.0 / bound)).clamp(-64.0, 64.0));
 }
 
 void check_saved(const char* op, const at::Tensor& t, const char* name, int64_t n) {
@@ -238,6 +257,9 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
     auto gbuf = at::empty({rc * vc}, hidden.options().dtype(cdt));
     at::Tensor dw_acc = want_w ? at::empty({vc, H}, f32) : at::Tensor();
     const double inv_temp = 1.0 / temperature;
+    const auto scale = grad_tile_scale(g_lp, g_ent, entropy, inv_temp);
+    g_lp = g_lp * scale;
+    g_ent = g_ent * scale;
     for (int64_t v0 = 0; v0 < V; v0 += vc) {
       const int64_t vn = std::min(vc, V - v0);
       auto w = weight.narrow(0, v0, vn).to(cdt).contiguous();
@@ -260,8 +282,9 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
         }
         if (want_w) gemm_acc(dwc, g.t(), hr);
       }
-      if (want_w) dw.narrow(0, v0, vn).copy_(dwc);
+      if (want_w) dw.narrow(0, v0, vn).copy_(dwc.div_(scale));
     }
+    if (want_h) dh.div_(scale);
   }
   at::Tensor d_hidden;
   if (want_h) {

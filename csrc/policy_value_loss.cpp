@@ -90,10 +90,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
       TORCH_CHECK_VALUE(num_seqs == logp.size(0), kOp, ": `num_seqs` must equal B=",
                         logp.size(0), " for [B, L] tokens without `seq_ids`, got ", num_seqs);
     } else if (T > 0 && k.can_sync()) {
-      auto bad = (sid < 0).logical_or_(sid >= num_seqs);
-      TORCH_CHECK_INDEX(!bad.any().item<bool>(), kOp, ": `seq_ids` must lie in [0, ", num_seqs,
-                        "), got min ", sid.min().item<int64_t>(), " max ",
-                        sid.max().item<int64_t>());
+      // Only unmasked tokens belong to a sequence; masked ones (padding) may carry any id.
+      auto bad = (sid < 0).logical_or_(sid >= num_seqs).logical_and_(mask.reshape({-1}));
+      if (bad.any().item<bool>()) {
+        const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+        TORCH_CHECK_INDEX(false, kOp, ": `seq_ids` of unmasked tokens must lie in [0, ", num_seqs,
+                          "), got seq_ids[", i, "] = ", sid[i].item<int64_t>());
+      }
     }
   } else {
     num_seqs = 1;
@@ -170,6 +173,7 @@ std::tuple<at::Tensor, at::Tensor> policy_value_loss_backward(
   a.num_tokens = T;
   a.row_len = u_logp.dim() == 2 ? u_logp.size(1) : std::max<int64_t>(T, 1);
   a.per_seq = per_seq;
+  a.num_seqs = seq_scale.numel();
   a.seq_scale = seq_scale.const_data_ptr<float>();
   a.grad_logp = grad_logp.data_ptr<float>();
   a.grad_values = has_v ? grad_v.data_ptr<float>() : nullptr;

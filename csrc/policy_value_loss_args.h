@@ -28,14 +28,14 @@ struct PvBackwardArgs {
   const float* grad_loss;  // device scalar
   const float *u_logp, *u_values;
   const int64_t* seq_ids;
-  int64_t num_tokens, row_len;
+  int64_t num_tokens, row_len, num_seqs;  // num_seqs: entries of seq_scale
   bool per_seq;
   const float* seq_scale;
   float *grad_logp, *grad_values;
   void* stream;
 };
 
-// Per-sequence sums (pg, kl, vf, count) for seq_mean, then one counter slot.
-inline int64_t pv_workspace_floats(int64_t num_seqs) { return 4 * num_seqs + 1; }
+// Per-sequence sums (pg, kl, vf, count) for seq_mean, then a block counter and a bad-id flag.
+inline int64_t pv_workspace_floats(int64_t num_seqs) { return 4 * num_seqs + 2; }
 
 }  // namespace dlmkern

@@ -118,6 +118,22 @@ def test_gradients_match_reference(device, dtype, rows_kind):
     torch.testing.assert_close(w1.grad.float(), w2.grad.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_small_upstream_gradients_survive_reduced_precision_tiles(device, dtype):
+    # A policy loss averaged over many tokens sends ~1e-2 per token; times p_j ~ 1/V the gradient
+    # tile entries sit far below fp16's normal range. The kernel scales them up by a power of two
+    # and back down in fp32, so d_hidden keeps its precision (compared with an fp32 reference).
+    n, h, v = 96, 64, 32000
+    hidden, weight, targets = _inputs(n, h, v, dtype, device, scale=1.0)
+    h1 = hidden.clone().requires_grad_()
+    (masked_logprobs(h1, weight, targets).sum() * 1e-2).backward()
+    h2 = hidden.float().clone().requires_grad_()
+    (ref.masked_logprobs(h2, weight.float(), targets).sum() * 1e-2).backward()
+    err = (h1.grad.float() - h2.grad).norm() / h2.grad.norm()
+    assert err < {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype], err
+
+
 def test_only_logp_gradient_and_single_input_gradient():
     hidden, weight, targets = _inputs(10, 8, 30, torch.float32, "cpu")
     w = weight.clone().requires_grad_()
@@ -286,6 +302,50 @@ def test_logprobs_from_logits_matches_reference(device, dtype):
     (lp_r * g1 + ent_r * g2).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, atol=3e-4, rtol=1e-3)
     assert torch.all(x1.grad[0, 1] == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_logprobs_from_logits_with_masked_out_logits(device):
+    # -inf logits (tokens masked out, e.g. by top-k) have p = 0: no NaN in logp, entropy or grads.
+    logits = torch.randn(4, 6, 300, device=device) * 3
+    logits[..., 0] = -float("inf")            # first column: empty running state meets -inf
+    logits[..., 7:250:3] = -float("inf")       # scattered, across the tensor
+    logits[1, 2, :] = -float("inf")
+    logits[1, 2, 5] = 2.0                      # one finite logit left: p = 1, entropy 0
+    targets = torch.randint(250, 300, (4, 6), device=device)  # finite logits
+    targets[1, 2] = 5
+    targets[0, 0] = 0                          # target whose logit is -inf: logp = -inf
+    x1 = logits.clone().requires_grad_()
+    x2 = logits.clone().requires_grad_()
+    lp, ent = logprobs_from_logits(x1, targets, temperature=0.8, return_entropy=True)
+    lp_r, ent_r = ref.logprobs_from_logits(x2, targets, temperature=0.8, return_entropy=True)
+    assert lp[0, 0] == -float("inf") and lp_r[0, 0] == -float("inf")
+    assert lp[1, 2] == 0 and ent[1, 2] == 0
+    assert torch.isfinite(ent).all() and torch.isfinite(lp.flatten()[1:]).all()
+    torch.testing.assert_close(lp, lp_r, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(ent, ent_r, atol=1e-4, rtol=1e-4)
+    g1 = torch.randn_like(lp)
+    g1[0, 0] = 0.0                             # d(-inf)/dx is not a number worth comparing
+    g2 = torch.randn_like(lp)
+    (lp * g1 + ent * g2).sum().backward()
+    (lp_r * g1 + ent_r * g2).sum().backward()
+    assert torch.isfinite(x1.grad).all()
+    torch.testing.assert_close(x1.grad, x2.grad, atol=3e-4, rtol=1e-3)
+    masked = torch.isneginf(logits)
+    masked[0, 0, 0] = False                    # the target column keeps its logp gradient
+    assert torch.all(x1.grad[masked] == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_large_logits_keep_their_precision(device):
+    # fp32 logits near 3000 have an ulp of 2.4e-4: lse and E_p[z] formed in absolute terms would
+    # lose that much. The kernels work relative to the row max; compare with a float64 reference.
+    logits = (torch.randn(16, 5000) * 3 + 3000).to(device)
+    targets = torch.randint(0, 5000, (16,), device=device)
+    lp, ent = logprobs_from_logits(logits, targets, return_entropy=True)
+    lp_r, ent_r = ref.logprobs_from_logits(logits.double(), targets, return_entropy=True)
+    torch.testing.assert_close(lp.double(), lp_r, atol=2e-5, rtol=1e-6)
+    torch.testing.assert_close(ent.double(), ent_r, atol=2e-5, rtol=1e-6)
 
 
 @pytest.mark.parametrize("device", devices())

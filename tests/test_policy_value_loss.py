@@ -96,6 +96,34 @@ def test_seq_mean_interleaved_ids_and_empty_sequences(device):
     _assert_same(*_run_both(b, reduction="seq_mean", seq_ids=seq_ids, num_seqs=6), tol=1e-5)
 
 
+@pytest.mark.parametrize("device", devices())
+def test_seq_mean_masked_tokens_may_carry_any_id(device):
+    # Padding often carries id -1 (or one past the last sequence): masked tokens are never read.
+    b = _batch((6, 20), device)
+    seq_ids = torch.arange(6, device=device).repeat_interleave(20).view(6, 20)
+    b["mask"][:, 15:] = False
+    padded = seq_ids.clone()
+    padded[:, 15:] = -1
+    padded[0, 17] = 99
+    got, want = _run_both(dict(b), reduction="seq_mean", seq_ids=padded, num_seqs=6)
+    _assert_same(got, want, tol=1e-5)
+    _assert_same(got, _run_both(dict(b), reduction="seq_mean", seq_ids=seq_ids, num_seqs=6)[1],
+                 tol=1e-5)
+    assert torch.all(got[2][:, 15:] == 0)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_nan_ratio_shows_in_ratio_max(device):
+    b = _batch((300,), device)
+    b["mask"][:] = True
+    b["logp"][200] = float("nan")
+    loss, stats = policy_value_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    assert torch.isnan(loss) and torch.isnan(stats["ratio_max"])
+    b["mask"][200] = False
+    loss, stats = policy_value_loss(b["logp"], b["old_logp"], b["advantages"], b["mask"])
+    assert torch.isfinite(loss) and torch.isfinite(stats["ratio_max"])
+
+
 # ---- hand-computed branches -------------------------------------------------------------------
 
 
@@ -292,7 +320,7 @@ def _call(**over):
         ({"reduction": "mean"}, ValueError, r"`reduction` must be one of"),
         ({"reduction": "seq_mean"}, ValueError, r"needs `seq_ids`"),
         ({"reduction": "seq_mean", "seq_ids": torch.full((8,), 3), "num_seqs": 2}, IndexError,
-         r"`seq_ids` must lie in \[0, 2\)"),
+         r"`seq_ids` of unmasked tokens must lie in \[0, 2\)"),
         ({"seq_ids": torch.zeros(8), "reduction": "seq_mean", "num_seqs": 1}, TypeError,
          r"`seq_ids` must be int64"),
         ({"dual_clip": 0.5}, ValueError, r"`dual_clip` must be > 1"),

@@ -97,7 +97,8 @@ void cpu_backward(PvBackwardArgs& a) {
   at::parallel_for(0, a.num_tokens, kTokensPerChunk, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t s = a.per_seq ? (a.seq_ids ? a.seq_ids[i] : i / a.row_len) : 0;
-      const float w = g * a.seq_scale[s];
+      // Masked tokens (u = 0) may carry any id: never index seq_scale with one out of range.
+      const float w = s >= 0 && s < a.num_seqs ? g * a.seq_scale[s] : 0.f;
       a.grad_logp[i] = a.u_logp[i] * w;
       if (a.grad_values) a.grad_values[i] = a.u_values[i] * w;
     }

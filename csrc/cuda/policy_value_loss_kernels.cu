@@ -25,7 +25,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  for (int off = 16; off > 0; off >>= 1) v = pv_nan_max(v, __shfl_xor_sync(0xffffffffu, v, off));
   return v;
 }
 
@@ -45,7 +45,9 @@ __device__ void block_reduce(float (&v)[N], int max_idx) {
   if (threadIdx.x == 0) {
     for (int w = 1; w < kWarps; ++w) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) v[k] = k == max_idx ? fmaxf(v[k], smem[w][k]) : v[k] + smem[w][k];
+      for (int k = 0; k < N; ++k) {
+        v[k] = k == max_idx ? pv_nan_max(v[k], smem[w][k]) : v[k] + smem[w][k];
+      }
     }
   }
   __syncthreads();
@@ -56,6 +58,9 @@ __global__ void __launch_bounds__(kThreads) pv_forward_kernel(PvForwardArgs a, f
   const bool per_seq = a.reduction == kSeqMean;
   float* seq_sums = a.workspace;
   unsigned int* counter = reinterpret_cast<unsigned int*>(a.workspace + kSeqFields * a.num_seqs);
+  // Set when an unmasked token's sequence id is out of [0, num_seqs): checking on the host would
+  // cost a sync, so the token is left out of the sequence sums and the loss becomes NaN.
+  unsigned int* bad_id = counter + 1;
 
   float acc[kNumPvStats];
   pv_zero(acc);
@@ -77,15 +82,19 @@ __global__ void __launch_bounds__(kThreads) pv_forward_kernel(PvForwardArgs a, f
       if (a.u_values) a.u_values[i] = active ? t.d_values : 0.f;
     }
     if (per_seq) {
-      const int64_t s = active ? (a.seq_ids ? a.seq_ids[i] : i / a.row_len) : -1;
-      const unsigned ballot = __ballot_sync(0xffffffffu, active);
-      // Compare against the first active lane's sequence (lane 0 may be masked out).
+      int64_t s = active ? (a.seq_ids ? a.seq_ids[i] : i / a.row_len) : -1;
+      const bool in_range = s >= 0 && s < a.num_seqs;
+      if (active && !in_range) atomicOr(bad_id, 1u);
+      const bool counted = active && in_range;
+      if (!counted) s = -1;
+      const unsigned ballot = __ballot_sync(0xffffffffu, counted);
+      // Compare against the first counted lane's sequence (lane 0 may be masked out).
       const int64_t s_first = __shfl_sync(0xffffffffu, s, ballot ? __ffs(ballot) - 1 : 0);
-      const bool uniform = __all_sync(0xffffffffu, !active || s == s_first);
+      const bool uniform = __all_sync(0xffffffffu, !counted || s == s_first);
       if (ballot && uniform) {
         // Usual case (a sequence's tokens are contiguous): one atomic per field per warp.
-        const float pg = warp_sum(t.pg), kl = warp_sum(t.kl), vf = warp_sum(t.vf);
-        const float cnt = warp_sum(active ? 1.f : 0.f);
+        const float pg = warp_sum(counted ? t.pg : 0.f), kl = warp_sum(counted ? t.kl : 0.f);
+        const float vf = warp_sum(counted ? t.vf : 0.f), cnt = warp_sum(counted ? 1.f : 0.f);
         if (lane == 0) {
           float* dst = seq_sums + kSeqFields * s_first;
           atomicAdd(dst + 0, pg);
@@ -93,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) pv_forward_kernel(PvForwardArgs a, f
           atomicAdd(dst + 2, vf);
           atomicAdd(dst + 3, cnt);
         }
-      } else if (active) {
+      } else if (counted) {
         float* dst = seq_sums + kSeqFields * s;
         atomicAdd(dst + 0, t.pg);
         atomicAdd(dst + 1, t.kl);
@@ -157,7 +166,8 @@ __global__ void __launch_bounds__(kThreads) pv_forward_kernel(PvForwardArgs a, f
     a.seq_scale[0] = scale;
   }
   if (threadIdx.x == 0) {
-    *a.loss = pv_write_stats(sums, reduced[0], reduced[1], reduced[2], a.params, a.stats);
+    const float loss = pv_write_stats(sums, reduced[0], reduced[1], reduced[2], a.params, a.stats);
+    *a.loss = __ldcg(bad_id) ? __int_as_float(0x7fc00000) : loss;
     *counter = 0u;
   }
 }
@@ -168,7 +178,8 @@ __global__ void __launch_bounds__(kThreads) pv_backward_kernel(PvBackwardArgs a)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < a.num_tokens;
        i += stride) {
     const int64_t s = a.per_seq ? (a.seq_ids ? a.seq_ids[i] : i / a.row_len) : 0;
-    const float w = g * a.seq_scale[s];
+    // Masked tokens (u = 0) may carry any id: never index seq_scale with one out of range.
+    const float w = s >= 0 && s < a.num_seqs ? g * a.seq_scale[s] : 0.f;
     a.grad_logp[i] = a.u_logp[i] * w;
     if (a.grad_values) a.grad_values[i] = a.u_values[i] * w;
   }

@@ -136,6 +136,10 @@ DLMKERN_HD float pv_write_stats(const float* sums, float pg, float kl, float vf,
   return pg + (p.has_ref ? p.kl_coef * kl : 0.f) + (p.has_values ? p.vf_coef * vf : 0.f);
 }
 
+// max that propagates NaN (like torch.max), so a NaN ratio shows up in ratio_max instead of being
+// dropped as fmaxf / a > b ? a : b would.
+DLMKERN_HD float pv_nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // Adds a token's contribution to the running sums (masked tokens only).
 DLMKERN_HD void pv_accumulate(float* acc, const PvTerms& t) {
   acc[kSumPg] += t.pg;
@@ -145,7 +149,7 @@ DLMKERN_HD void pv_accumulate(float* acc, const PvTerms& t) {
   acc[kClipLow] += t.clip_low ? 1.f : 0.f;
   acc[kClipHigh] += t.clip_high ? 1.f : 0.f;
   acc[kSumRatio] += t.ratio;
-  acc[kMaxRatio] = acc[kMaxRatio] > t.ratio ? acc[kMaxRatio] : t.ratio;
+  acc[kMaxRatio] = pv_nan_max(acc[kMaxRatio], t.ratio);
   acc[kSumHalfSq] += t.half_sq_log_ratio;
   acc[kVfClipped] += t.vf_clipped ? 1.f : 0.f;
   acc[kDualClipped] += t.dual_clipped ? 1.f : 0.f;
@@ -153,7 +157,7 @@ DLMKERN_HD void pv_accumulate(float* acc, const PvTerms& t) {
 
 DLMKERN_HD void pv_combine(float* acc, const float* other) {
   for (int k = 0; k < kNumPvStats; ++k) {
-    acc[k] = k == kMaxRatio ? (acc[k] > other[k] ? acc[k] : other[k]) : acc[k] + other[k];
+    acc[k] = k == kMaxRatio ? pv_nan_max(acc[k], other[k]) : acc[k] + other[k];
   }
 }
 

@@ -32,6 +32,10 @@ def masked_logprobs(
     rows, in their order. Rows whose target equals ``ignore_index`` give 0 and no gradient.
     The ``[N, V]`` logits are never materialized (vocabulary streamed in chunks with an online
     log-sum-exp); the backward pass recomputes them chunk by chunk.
+
+    A bool ``rows`` mask is turned into indices with ``nonzero()`` (a host sync, and not allowed
+    inside CUDA-graph capture); pass int64 indices on hot or captured paths. Out-of-range targets
+    and indices are checked with a host sync too, except while a CUDA graph is being captured.
     """
     check_tensors(
         "masked_logprobs", "hidden", hidden=hidden, weight=weight, targets=targets, rows=rows

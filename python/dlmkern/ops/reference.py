@@ -41,7 +41,9 @@ def logprobs_from_logits(
     logp = torch.where(valid, logp, torch.zeros_like(logp))
     if not return_entropy:
         return logp
-    entropy = -(lsm.exp() * lsm).sum(-1)
+    # p log p -> 0 as p -> 0: -inf logits (masked tokens) add nothing (and no NaN gradient).
+    finite_lsm = lsm.masked_fill(torch.isneginf(lsm), 0.0)
+    entropy = -(lsm.exp() * finite_lsm).sum(-1)
     entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
     return logp, entropy
 
@@ -143,7 +145,8 @@ def policy_value_loss(
         if reduction == "seq_mean":
             sid = seq_ids if seq_ids is not None else (
                 torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
-            sid = sid.reshape(-1)
+            # Masked tokens belong to no sequence: their ids (padding, often -1) are not used.
+            sid = torch.where(m.reshape(-1), sid.reshape(-1), 0)
             n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
             per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
             per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
