@@ -110,6 +110,8 @@ def test_seq_mean_masked_tokens_may_carry_any_id(device):
     _assert_same(got, _run_both(dict(b), reduction="seq_mean", seq_ids=seq_ids, num_seqs=6)[1],
                  tol=1e-5)
     assert torch.all(got[2][:, 15:] == 0)
+    # num_seqs inferred when not given (from the unmasked tokens only)
+    _assert_same(_run_both(dict(b), reduction="seq_mean", seq_ids=padded)[0], got, tol=1e-5)
 
 
 @pytest.mark.parametrize("device", devices())

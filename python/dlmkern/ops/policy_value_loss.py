@@ -54,7 +54,10 @@ def policy_value_loss(
 
     - ``"token_mean"``: sum over masked tokens / their count;
     - ``"seq_mean"``: mean over each sequence's masked tokens, then mean over sequences that have
-      any (``seq_ids`` gives each token's sequence; ``[B, L]`` input defaults to one per row);
+      any (``seq_ids`` gives each token's sequence; ``[B, L]`` input defaults to one per row).
+      Masked tokens belong to no sequence: their ids (padding, often -1) are never read. An
+      unmasked token's id outside ``[0, num_seqs)`` raises IndexError, except inside CUDA-graph
+      capture (no host sync there), where it makes the loss NaN;
     - ``"sum"``: sum / ``normalizer`` (Dr.GRPO's constant; plain sum when None).
 
     Returns ``(loss, stats)``; stats is a dict of 0-d fp32 tensors: pg_loss, kl, vf_loss (each
@@ -87,7 +90,9 @@ def policy_value_loss(
         if reduction != "seq_mean":
             num_seqs = 1
         elif seq_ids is not None:
-            num_seqs = int(seq_ids.max()) + 1 if seq_ids.numel() else 1  # one host sync
+            # Masked tokens' ids (padding) do not count. One host sync: pass num_seqs to avoid it.
+            top = torch.where(mask, seq_ids, -1).max() if seq_ids.numel() else 0
+            num_seqs = max(int(top) + 1, 1)
         else:
             num_seqs = logp.shape[0] if logp.dim() == 2 else 1
     loss, stats, _, _, _ = _ops.policy_value_loss(
