@@ -1,14 +1,14 @@
-"""Run by test_distributed.py under torchrun: one TraceRL step on a tiny model, then the full
-parameters and a checkpoint are written to OUT."""
+"""Run by test_distributed.py under torchrun: one TraceRL (or SFT) step on a tiny model, then the
+full parameters and a checkpoint are written to OUT."""
 
 import sys
 
 import torch
-from dlmkern import TraceRL, distributed
+from dlmkern import SFT, TraceRL, distributed
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
-from dlmkern.trainers import RLConfig
-from dlmkern.trainers.rl import _full_state
+from dlmkern.trainers import RLConfig, SFTConfig
+from dlmkern.trainers.checkpoint import full_state
 
 TOK = CharTokenizer()
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
@@ -28,11 +28,23 @@ def make_trainer(out_dir, **kw):
     return TraceRL(model, TOK, DATA, reward, cfg)
 
 
+def make_sft(out_dir):
+    torch.manual_seed(0)
+    model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
+                                    mask_token_id=TOK.mask_token_id))
+    cfg = SFTConfig(batch_size=6, lr=1e-3, total_steps=1, output_dir=out_dir,
+                    progress_bar=False, max_grad_norm=100.0)
+    return SFT(model, TOK, DATA, cfg)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
-    tr = make_trainer(out + "/run", use_value_model="value" in sys.argv)
+    if "sft" in sys.argv:
+        tr = make_sft(out + "/run")
+    else:
+        tr = make_trainer(out + "/run", use_value_model="value" in sys.argv)
     tr.train_step()
-    full = _full_state(tr.model)
+    full = full_state(tr.model)
     if distributed.rank() == 0:
         torch.save(full, out + "/params.pt")
     tr.save(out + "/ckpt")

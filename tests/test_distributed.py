@@ -1,5 +1,5 @@
-"""Scale-out on CPU (gloo): a 2-process RL step equals a 1-process step with the same global
-batch and seed, and a 2-process checkpoint resumes in 1 process."""
+"""Scale-out on CPU (gloo): a 2-process RL (or SFT) step equals a 1-process step with the same
+global batch and seed, and a 2-process checkpoint resumes in 1 process."""
 
 import os
 import subprocess
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from .dist_worker import make_trainer
+from .dist_worker import make_sft, make_trainer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,18 +33,25 @@ def _torchrun(out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("value", [False, True])
-def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, value):
-    extra = ["value"] if value else []
-    _torchrun(tmp_path, *extra)
+@pytest.mark.parametrize("mode", ["tracerl", "value", "sft"])
+def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
+    _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
-    one = make_trainer(str(tmp_path / "single"), use_value_model=value)
+
+    def make(out):
+        if mode == "sft":
+            return make_sft(out)
+        return make_trainer(out, use_value_model=mode == "value")
+
+    one = make(str(tmp_path / "single"))
+    init = {k: v.clone() for k, v in one.model.state_dict().items()}
     torch.set_num_threads(1)
     one.train_step()
+    assert any(not torch.equal(init[k], v) for k, v in one.model.state_dict().items())
     for name, p in one.model.state_dict().items():
         torch.testing.assert_close(p, two[name], atol=2e-5, rtol=1e-4, msg=name)
     # the 2-rank checkpoint resumes in this single process
-    resumed = make_trainer(str(tmp_path / "resumed"), use_value_model=value)
+    resumed = make(str(tmp_path / "resumed"))
     resumed.resume(str(tmp_path / "ckpt"))
     assert resumed.step == 1
     for name, p in resumed.model.state_dict().items():

@@ -81,6 +81,7 @@ class SFTConfig:
     min_mask_ratio: float = 1e-3         # t ~ U(eps, 1)
     seed: int = 0
     output_dir: str = "runs/sft"
+    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     log_every: int = 10
     progress_bar: bool = True
 

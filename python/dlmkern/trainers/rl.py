@@ -6,14 +6,10 @@ and data position, written atomically, and resume exactly."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
-import random
-import shutil
 import time
 
-import numpy as np
 import torch
 
 from dlmkern import distributed
@@ -29,11 +25,12 @@ from dlmkern.rl import (
     trace_gae,
 )
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.config import RLConfig, to_dict
 from dlmkern.trainers.logging import RunLogger
 
 
-class RLTrainer:
+class RLTrainer(Checkpointing):
     """Base of TraceRL and DiPO. ``model``: a DiffusionLM or a checkpoint path; ``tokenizer``:
     encode / decode / eos_token_id; ``dataset``: rows with "prompt" (+ reward columns);
     ``reward_fns``: callables ``f(prompts, completions, **columns) -> list[float]`` (summed)."""
@@ -308,100 +305,14 @@ class RLTrainer:
         self.logger.close()
         return self
 
-    # ---- checkpoints --------------------------------------------------------------------------
+    # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
 
-    def save(self, path: str):
-        """Model, value model, optimizers (torch.distributed.checkpoint: sharded when training on
-        several ranks, loadable on any number of ranks), plus RNG states, step and data position,
-        and a Hugging Face export of the model; written atomically (a temporary directory
-        renamed into place)."""
-        import torch.distributed.checkpoint as dcp
+    def _progress(self) -> dict:
+        return {"step": self.step, "data_pos": self.data_pos, "data_order": self.data_order}
 
-        tmp = path.rstrip("/") + ".tmp"
-        if distributed.rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        distributed.barrier()
-        with _quiet_dcp():
-            dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
-        full = _full_state(self.model)  # collective: every rank takes part
-        if distributed.rank() == 0:
-            export = DiffusionLM(self.model.config)
-            export.load_state_dict(full)
-            export.save_pretrained(os.path.join(tmp, "model"))
-            torch.save({"step": self.step, "data_pos": self.data_pos,
-                        "data_order": self.data_order, "torch_rng": torch.get_rng_state(),
-                        "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
-                       os.path.join(tmp, "trainer_state.pt"))
-            with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
-                json.dump(to_dict(self.cfg), f, indent=2)
-            shutil.rmtree(path, ignore_errors=True)
-            os.replace(tmp, path)
-        distributed.barrier()
-
-    def resume(self, path: str):
-        """Restores a checkpoint written by save(), on any number of ranks."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        state = self._state()
-        # Optimizer entries of parameters that never had a gradient (the value model's unused
-        # lm_head) are absent from a checkpoint but present in a fresh template: allow that.
-        with _quiet_dcp():
-            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"),
-                     planner=DefaultLoadPlanner(allow_partial_load=True))
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        if self.value_model is not None:
-            set_state_dict(self.value_model, self.value_opt,
-                           model_state_dict=state["value_model"],
-                           optim_state_dict=state["value_optim"])
-        meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    def _set_progress(self, meta: dict) -> None:
         self.step, self.data_pos, self.data_order = (meta["step"], meta["data_pos"],
                                                      meta["data_order"])
-        torch.set_rng_state(meta["torch_rng"])
-        random.setstate(meta["python_rng"])
-        np.random.set_state(meta["numpy_rng"])
-        return self
-
-    def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        if self.value_model is not None:
-            vsd, vopt = get_state_dict(self.value_model, self.value_opt)
-            state.update(value_model=vsd, value_optim=vopt)
-        return state
-
-
-def _quiet_dcp():
-    """torch.distributed.checkpoint warns when used in a single process, which is intended."""
-    import warnings
-
-    ctx = warnings.catch_warnings()
-    ctx.__enter__()
-    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-    return _Exit(ctx)
-
-
-class _Exit:
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return self.ctx.__exit__(*exc)
-
-
-def _full_state(model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
-                                                                cpu_offload=True))
 
 
 class TraceRL(RLTrainer):

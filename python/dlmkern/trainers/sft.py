@@ -9,44 +9,66 @@ import os
 
 import torch
 
+from dlmkern import distributed
 from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, load
 from dlmkern.ops import layouts, masked_logprobs
+from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
 
 
-class SFT:
+class SFT(Checkpointing):
     """``SFT(model, tokenizer, dataset, config)``; rows need "prompt" and "answer" (text). The
-    answer is followed by the tokenizer's EOS so the model learns where to stop."""
+    answer is followed by the tokenizer's EOS so the model learns where to stop.
+
+    Under torchrun the model is sharded with FSDP2 and each rank trains on its share of every
+    step's batch (rows rank, rank + world, ...). Each row's noise comes from a generator seeded by
+    (seed, step, position in the batch), so N ranks compute the same step as one process, and
+    the loss is normalised by the global batch size."""
 
     def __init__(self, model, tokenizer, dataset, config: SFTConfig | None = None,
                  answer_key: str = "answer"):
         self.cfg = (config or SFTConfig()).validate()
         torch.manual_seed(self.cfg.seed)
+        self.distributed = distributed.init()
+        if self.cfg.batch_size < distributed.world():
+            raise ValueError(f"config: batch_size {self.cfg.batch_size} is smaller than the "
+                             f"{distributed.world()} ranks")
         self.model: DiffusionLM = load(model) if isinstance(model, str) else model
         self.tok = tokenizer
         self.data = load_dataset(dataset)
         self.answer_key = answer_key
         self.device = next(self.model.parameters()).device
+        if self.distributed:  # FSDP2 before the optimizer sees the parameters
+            distributed.shard(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
                                      weight_decay=self.cfg.weight_decay)
-        self.gen = torch.Generator().manual_seed(self.cfg.seed)
+        self.gen = torch.Generator().manual_seed(self.cfg.seed)  # which rows each step trains
         self.step = 0
-        self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg))
+        self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
+                                enabled=distributed.rank() == 0)
 
-    def batch(self, rows):
-        """Packed ids, layout, trained rows, targets and per-row weights 1 / (t * answer_len)."""
+    def row_seeds(self, positions) -> list[int]:
+        """Noise seeds of this step's rows at these positions of the global batch."""
+        base = (self.cfg.seed * 1000003 + self.step) * 65537
+        return [base + j for j in positions]
+
+    def batch(self, rows, seeds=None):
+        """Packed ids, layout, trained rows, targets and per-row weights 1 / (t * answer_len).
+        Row i draws its t and mask from a generator seeded with seeds[i]."""
         c = self.model.config
+        seeds = self.row_seeds(range(len(rows))) if seeds is None else seeds
         ids, rows_idx, targets, weights, prompt_lens, lens = [], [], [], [], [], []
         offset = 0
-        for r in rows:
+        for r, seed in zip(rows, seeds, strict=True):
+            gen = torch.Generator().manual_seed(seed)
             p = self.tok.encode(r["prompt"])
             a = self.tok.encode(str(r[self.answer_key])) + [self.tok.eos_token_id]
             seq = p + a
             t = float(self.cfg.min_mask_ratio + (1 - self.cfg.min_mask_ratio) *
-                      torch.rand((), generator=self.gen))
-            masked = torch.rand(len(a), generator=self.gen) < t
+                      torch.rand((), generator=gen))
+            masked = torch.rand(len(a), generator=gen) < t
             noisy = p + [c.mask_token_id if m else x for x, m in zip(a, masked.tolist(),
                                                                      strict=True)]
             for j in masked.nonzero().flatten().tolist():
@@ -63,34 +85,61 @@ class SFT:
             lens.append(len(seq))
         lay = layouts.bd3(lens, c.block_size) if c.block_causal else layouts.full(lens)
         dev = self.device
-        return (torch.tensor(ids, device=dev), lay.to(dev), torch.tensor(rows_idx, device=dev),
-                torch.tensor(targets, device=dev), torch.tensor(weights, device=dev))
+        return (torch.tensor(ids, device=dev), lay.to(dev),
+                torch.tensor(rows_idx, dtype=torch.long, device=dev),
+                torch.tensor(targets, dtype=torch.long, device=dev),
+                torch.tensor(weights, dtype=torch.float32, device=dev))
 
-    def loss(self, rows):
-        ids, lay, sel, tgt, w = self.batch(rows)
-        if sel.numel() == 0:
+    def loss(self, rows, seeds=None, batch_size: int | None = None):
+        """Sum over the rows' masked answer tokens of -log p / (t * answer_len), divided by
+        batch_size (default len(rows)); None when no token is masked (on any rank: they agree)."""
+        ids, lay, sel, tgt, w = self.batch(rows, seeds)
+        if distributed.all_sum(sel.numel()) == 0:
             return None
         h = self.model(ids, lay)
         h = self.model.prediction_hidden(h, lay.cu_seqlens)
         full_t = torch.zeros(ids.numel(), dtype=torch.long, device=ids.device)
         full_t[sel] = tgt
         logp = masked_logprobs(h, self.model.lm_head.weight, full_t, rows=sel)
-        return -(logp * w).sum() / len(rows)
+        return -(logp * w).sum() / (batch_size or len(rows))
+
+    def train_step(self) -> dict:
+        """One optimizer step on batch_size rows drawn with replacement (this rank's share)."""
+        self.model.train()
+        bs, rank, world = self.cfg.batch_size, distributed.rank(), distributed.world()
+        idx = torch.randint(0, len(self.data), (bs,), generator=self.gen).tolist()
+        mine = list(range(rank, bs, world))
+        # FSDP averages gradients over ranks: scale the local share of the global mean by world.
+        loss = self.loss([self.data[idx[j]] for j in mine], self.row_seeds(mine), bs)
+        log = {"step": self.step, "loss": None}
+        if loss is not None:
+            loss_sum = distributed.all_sum(float(loss.detach()))
+            self.opt.zero_grad(set_to_none=True)
+            (loss * world).backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            self.opt.step()
+            log.update(loss=loss_sum, grad_norm=float(gnorm))
+        self.step += 1
+        return log
 
     def train(self):
-        self.model.train()
+        """Runs until config.total_steps, saving every save_every steps and at the end
+        (output_dir/final: checkpoint, with the Hugging Face model in final/model)."""
         for _ in progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft"):
-            idx = torch.randint(0, len(self.data), (self.cfg.batch_size,), generator=self.gen)
-            loss = self.loss([self.data[i] for i in idx.tolist()])
-            if loss is not None:
-                self.opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-                self.opt.step()
-            if self.step % self.cfg.log_every == 0:
-                self.logger.log({"step": self.step,
-                                 "loss": loss.item() if loss is not None else None})
-            self.step += 1
-        self.model.save_pretrained(os.path.join(self.cfg.output_dir, "final"))
+            log = self.train_step()
+            if (self.step - 1) % self.cfg.log_every == 0:
+                self.logger.log(log)
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
+        self.save(os.path.join(self.cfg.output_dir, "final"))
         self.logger.close()
         return self
+
+    # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
+
+    def _progress(self) -> dict:
+        return {"step": self.step, "sample_rng": self.gen.get_state()}
+
+    def _set_progress(self, meta: dict) -> None:
+        self.step = meta["step"]
+        self.gen.set_state(meta["sample_rng"])

@@ -1,0 +1,113 @@
+"""Checkpoints shared by every trainer: model, value model and optimizers through
+torch.distributed.checkpoint (sharded when training on several ranks, loadable on any number of
+ranks), RNG states, the trainer's own progress (step, data position, ...) and a Hugging Face
+export of the model, written atomically."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shutil
+import warnings
+
+import numpy as np
+import torch
+
+from dlmkern import distributed
+from dlmkern.trainers.config import to_dict
+
+
+class Checkpointing:
+    """Mixin. The trainer provides ``model``, ``opt``, ``cfg``, optionally ``value_model`` /
+    ``value_opt``, and ``_progress()`` / ``_set_progress(dict)`` for its own counters."""
+
+    value_model = None
+    value_opt = None
+
+    def _progress(self) -> dict:
+        raise NotImplementedError
+
+    def _set_progress(self, meta: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, path: str):
+        """Writes a checkpoint directory: dcp/ (model, value model, optimizers), model/ (Hugging
+        Face export), trainer_state.pt (progress and RNG states), trainer_config.json. A temporary
+        directory is renamed into place, so a crash never leaves a half-written checkpoint."""
+        import torch.distributed.checkpoint as dcp
+
+        from dlmkern.models import DiffusionLM
+
+        tmp = path.rstrip("/") + ".tmp"
+        if distributed.rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        distributed.barrier()
+        with _quiet_dcp():
+            dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
+        full = full_state(self.model)  # collective: every rank takes part
+        if distributed.rank() == 0:
+            export = DiffusionLM(self.model.config)
+            export.load_state_dict(full)
+            export.save_pretrained(os.path.join(tmp, "model"))
+            torch.save({**self._progress(), "torch_rng": torch.get_rng_state(),
+                        "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
+                       os.path.join(tmp, "trainer_state.pt"))
+            with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
+                json.dump(to_dict(self.cfg), f, indent=2)
+            shutil.rmtree(path, ignore_errors=True)
+            os.replace(tmp, path)
+        distributed.barrier()
+
+    def resume(self, path: str):
+        """Restores a checkpoint written by save(), on any number of ranks."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        state = self._state()
+        # Optimizer entries of parameters that never had a gradient (the value model's unused
+        # lm_head) are absent from a checkpoint but present in a fresh template: allow that.
+        with _quiet_dcp():
+            dcp.load(state, checkpoint_id=os.path.join(path, "dcp"),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        if self.value_model is not None:
+            set_state_dict(self.value_model, self.value_opt,
+                           model_state_dict=state["value_model"],
+                           optim_state_dict=state["value_optim"])
+        meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        self._set_progress(meta)
+        torch.set_rng_state(meta["torch_rng"])
+        random.setstate(meta["python_rng"])
+        np.random.set_state(meta["numpy_rng"])
+        return self
+
+    def _state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        state = {"model": model_sd, "optim": optim_sd}
+        if self.value_model is not None:
+            vsd, vopt = get_state_dict(self.value_model, self.value_opt)
+            state.update(value_model=vsd, value_optim=vopt)
+        return state
+
+
+@contextlib.contextmanager
+def _quiet_dcp():
+    """torch.distributed.checkpoint warns when used in a single process, which is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def full_state(model) -> dict:
+    """The model's full (unsharded) state dict on the CPU; a collective when sharded."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=True))
