@@ -42,7 +42,8 @@ if __name__ == "__main__":
     if "sft" in sys.argv:
         tr = make_sft(out + "/run")
     else:
-        tr = make_trainer(out + "/run", use_value_model="value" in sys.argv)
+        extra = {"num_minibatches": 2, "ppo_epochs": 2} if "minibatch" in sys.argv else {}
+        tr = make_trainer(out + "/run", use_value_model="value" in sys.argv, **extra)
     tr.train_step()
     full = full_state(tr.model)
     if distributed.rank() == 0:

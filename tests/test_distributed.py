@@ -33,7 +33,7 @@ def _torchrun(out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tracerl", "value", "sft"])
+@pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "sft"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -41,7 +41,8 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     def make(out):
         if mode == "sft":
             return make_sft(out)
-        return make_trainer(out, use_value_model=mode == "value")
+        extra = {"num_minibatches": 2, "ppo_epochs": 2} if mode == "minibatch" else {}
+        return make_trainer(out, use_value_model=mode == "value", **extra)
 
     one = make(str(tmp_path / "single"))
     init = {k: v.clone() for k, v in one.model.state_dict().items()}

@@ -79,6 +79,31 @@ def test_one_rl_step_follows_the_advantage(tmp_path, family):
         assert delta * a > 0, (i, delta)
 
 
+def test_minibatches_and_epochs_move_the_ratio_so_clip_and_kl_act(tmp_path):
+    # One step per rollout keeps ratio = 1 (clip and the KL to the old policy are then inert).
+    # With 2 mini-batches x 2 epochs old_logp stays at its rollout value: later steps see
+    # ratio != 1, the clip binds and the k3 KL to the old policy is positive.
+    cfg = _cfg(tmp_path, lr=3e-2, max_grad_norm=100.0, num_minibatches=2, ppo_epochs=2,
+               kl_coef=0.1, kl_to="old", eps_low=0.05, eps_high=0.05)
+    tr = TraceRL(_model(), TOK, DATA, exact, cfg)
+    trajs, rewards = tr.rollout(DATA[:1])
+    stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+    assert stats["optimizer_steps"] == 4
+    assert stats["kl"] > 0 and stats["approx_kl"] > 0 and stats["clip_frac_mean"] > 0
+    one = TraceRL(_model(), TOK, DATA, exact, _cfg(tmp_path / "one", lr=3e-2, kl_coef=0.1))
+    st1 = one.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+    assert st1["optimizer_steps"] == 1 and st1["kl"] == 0 and st1["clip_frac"] == 0
+    with pytest.raises(ValueError, match="num_minibatches must be >= 1"):
+        build_config(RLConfig, {"num_minibatches": 0})
+
+
+def test_more_minibatches_than_trajectories(tmp_path):
+    tr = TraceRL(_model(), TOK, DATA, exact, _cfg(tmp_path, num_minibatches=6))
+    trajs, rewards = tr.rollout(DATA[:1])  # 4 trajectories, 6 mini-batches: 2 are empty
+    stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+    assert stats["optimizer_steps"] == 4 and math.isfinite(stats["loss"])
+
+
 def test_all_filtered_batch_is_a_logged_no_op(tmp_path, capsys):
     tr = TraceRL(_model(), TOK, DATA, lambda p, c, **k: [0.0] * len(c),
                  _cfg(tmp_path, pass_rate_low=0.2, pass_rate_high=0.8))

@@ -45,6 +45,8 @@ class RLConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     total_steps: int = 100
+    num_minibatches: int = 1             # optimizer steps per pass over a step's trajectories
+    ppo_epochs: int = 1                  # passes over them (old log-probs fixed at rollout)
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/rl"
@@ -62,6 +64,8 @@ class RLConfig:
             (self.estimator in ("trace", "random_mask", "coupled", "diffu_grpo"),
              "estimator must be trace, random_mask, coupled or diffu_grpo"),
             (self.shrinkage >= 1, "shrinkage must be >= 1"),
+            (self.num_minibatches >= 1, "num_minibatches must be >= 1"),
+            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
             (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
              "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
         ]

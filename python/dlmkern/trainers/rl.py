@@ -136,10 +136,10 @@ class RLTrainer(Checkpointing):
 
     # ---- training -----------------------------------------------------------------------------
 
-    def _rows(self, trajs):
+    def _rows(self, trajs, minibatch: int = 0):
         c = self.model.config
         if self.cfg.estimator != "trace":
-            gen = torch.Generator().manual_seed(self.cfg.seed * 31 + self.step)
+            gen = torch.Generator().manual_seed((self.cfg.seed * 31 + self.step) * 1009 + minibatch)
             return baseline_rows(self.cfg.estimator, trajs, c.mask_token_id, gen,
                                  c.block_size if c.block_causal else None)
         if c.block_causal:
@@ -161,13 +161,52 @@ class RLTrainer(Checkpointing):
             return float(distributed.world())
         return n_local / max(n_global, 1.0) * distributed.world()
 
+    def _minibatches(self, n: int) -> list[list[int]]:
+        """Contiguous trajectory index chunks, num_minibatches of them (as equal as possible).
+        A chunk may be empty when there are fewer trajectories than mini-batches."""
+        m = self.cfg.num_minibatches
+        bounds = [round(k * n / m) for k in range(m + 1)]
+        return [list(range(bounds[k], bounds[k + 1])) for k in range(m)]
+
     def update(self, trajs, sample_adv: torch.Tensor, rewards: torch.Tensor,
                weight: float = 1.0) -> dict:
-        """One policy (and value) update on these trajectories; returns stats. `weight` 0 lets a
-        rank without kept groups take part in the collectives of a distributed step."""
-        rows = self._rows(trajs)
-        if rows.train_rows.numel() == 0 and not self.distributed:
+        """Policy (and value) updates on these trajectories: ppo_epochs passes, each one optimizer
+        step per mini-batch (num_minibatches chunks of the trajectories). old_logp (and the
+        reference log-probs, and the value targets) are computed once, before the first step, so
+        from the second step on the ratio moves off 1 and the clip / KL terms act. Returns the
+        last step's stats plus means over steps. `weight` 0 lets a rank without kept groups take
+        part in the collectives of a distributed step."""
+        prepared = []
+        for k, idx in enumerate(self._minibatches(len(trajs))):
+            if distributed.all_sum(len(idx)) == 0:
+                continue  # empty on every rank: no step at all (ranks agree)
+            w = weight if idx else 0.0
+            idx = idx or [0]  # empty here only: join the other ranks' step with zero weight
+            prepared.append(self._prepare([trajs[i] for i in idx], sample_adv[idx],
+                                          rewards[idx], k, w))
+        if not self.distributed and all(p is None for p in prepared):
             return {"skipped": "no trained tokens"}
+        steps = []
+        for _ in range(self.cfg.ppo_epochs):
+            for p in prepared:
+                if p is not None:
+                    steps.append(self._step(p))
+        if not steps:
+            return {"skipped": "no trained tokens"}
+        stats = dict(steps[-1])
+        for key in ("clip_frac", "kl", "approx_kl", "ratio_max"):
+            if key in stats:
+                stats[key + "_mean"] = sum(st[key] for st in steps) / len(steps)
+        stats.update(train_tokens=sum(p["n_tokens"] for p in prepared if p),
+                     row_tokens=sum(p["rows"].num_tokens for p in prepared if p),
+                     optimizer_steps=len(steps))
+        return stats
+
+    def _prepare(self, trajs, sample_adv, rewards, minibatch: int, weight: float):
+        """Rows, old / reference log-probs and advantages of one mini-batch (no gradients)."""
+        rows = self._rows(trajs, minibatch)
+        if rows.train_rows.numel() == 0 and not self.distributed:
+            return None
         dev = self.device
         traj_idx = rows.traj.to(dev)
         with torch.no_grad():
@@ -176,34 +215,42 @@ class RLTrainer(Checkpointing):
             ref_logp = None
             if self.cfg.kl_coef > 0:
                 ref_logp = self._logp(self.ref_model, rows) if self.ref_model else old_logp
-        adv = sample_adv.to(dev)[traj_idx]
+        prep = {"rows": rows, "traj_idx": traj_idx, "old_logp": old_logp, "ref_logp": ref_logp,
+                "adv": sample_adv.to(dev)[traj_idx], "n_seq": len(trajs), "weight": weight,
+                "n_tokens": int(old_logp.numel())}
+        if self.value_model is not None:
+            prep.update(self._value_targets(rows, rewards, traj_idx))
+            prep["adv"] = prep["gae_adv"]
+        return prep
+
+    def _step(self, p) -> dict:
+        """One optimizer step of the policy (and value model) on a prepared mini-batch."""
         stats = {}
         if self.value_model is not None:
-            adv, vstats = self._value_update(rows, rewards, traj_idx, weight)
-            stats.update(vstats)
+            stats.update(self._value_step(p))
         self.model.train()
-        logp = self._logp(self.model, rows)
+        logp = self._logp(self.model, p["rows"])
         mask = torch.ones_like(logp, dtype=torch.bool)
-        n_seq = len(trajs)
         loss, pstats = policy_value_loss(
-            logp, old_logp, adv, mask, ref_logp=ref_logp, eps_low=self.cfg.eps_low,
-            eps_high=self.cfg.eps_high, dual_clip=self.cfg.dual_clip or None,
-            kl_coef=self.cfg.kl_coef, reduction=self.cfg.reduction, seq_ids=traj_idx,
-            num_seqs=n_seq, normalizer=self.cfg.loss_normalizer)
-        n_local = n_seq if self.cfg.reduction == "seq_mean" else int(mask.sum())
+            logp, p["old_logp"], p["adv"], mask, ref_logp=p["ref_logp"],
+            eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high,
+            dual_clip=self.cfg.dual_clip or None, kl_coef=self.cfg.kl_coef,
+            reduction=self.cfg.reduction, seq_ids=p["traj_idx"], num_seqs=p["n_seq"],
+            normalizer=self.cfg.loss_normalizer)
+        n_local = p["n_seq"] if self.cfg.reduction == "seq_mean" else int(mask.sum())
+        weight = p["weight"]
         scale = self._global_scale(n_local * (weight > 0), "policy") * weight
         self.opt.zero_grad(set_to_none=True)
         (loss * scale).backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         stats.update({k: float(v) for k, v in pstats.items()})
-        stats.update(loss=loss.item(), grad_norm=float(gnorm), train_tokens=int(mask.sum()),
-                     row_tokens=rows.num_tokens)
+        stats.update(loss=loss.item(), grad_norm=float(gnorm))
         return stats
 
-    def _value_update(self, rows, rewards, traj_idx, weight: float = 1.0):
-        """Values at each trained token's noisy position, GAE over trace steps, clipped value
-        loss; returns the token advantages for the policy and stats."""
+    def _value_targets(self, rows, rewards, traj_idx) -> dict:
+        """Values of the rollout-time value model at each trained token's noisy position, and
+        GAE advantages / returns over trace steps (no gradients)."""
         dev = self.device
         vm = self.value_model
         ids, lay = rows.input_ids.to(dev), rows.layout.to(dev)
@@ -218,19 +265,27 @@ class RLTrainer(Checkpointing):
             a, r = trace_gae(rows.step.to(dev)[m], old_v[m], float(rewards[t]), self.cfg.gamma,
                              self.cfg.lam)
             adv[m], ret[m] = a, r
+        return {"old_v": old_v, "returns": ret, "gae_adv": adv.detach()}
+
+    def _value_step(self, p) -> dict:
+        """One clipped value-loss step of the value model on a prepared mini-batch."""
+        dev = self.device
+        vm = self.value_model
+        rows = p["rows"]
         vm.train()
-        v = vm(ids, lay)[sel]
+        v = vm(rows.input_ids.to(dev), rows.layout.to(dev))[rows.train_rows.to(dev)]
         zeros = torch.zeros_like(v)
         vloss, vstats = policy_value_loss(zeros, zeros, zeros, torch.ones_like(v, dtype=torch.bool),
-                                          values=v, old_values=old_v, returns=ret, vf_coef=1.0,
-                                          vf_clip=self.cfg.vf_clip)
+                                          values=v, old_values=p["old_v"], returns=p["returns"],
+                                          vf_coef=1.0, vf_clip=self.cfg.vf_clip)
+        weight = p["weight"]
         scale = self._global_scale(int(v.numel()) * (weight > 0), "value") * weight
         self.value_opt.zero_grad(set_to_none=True)
         (vloss * scale).backward()
         torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         self.value_opt.step()
-        return adv.detach(), {"value_loss": vloss.item(), "vf_clip_frac":
-                              float(vstats["vf_clip_frac"]), "value_mean": float(old_v.mean())}
+        return {"value_loss": vloss.item(), "vf_clip_frac": float(vstats["vf_clip_frac"]),
+                "value_mean": float(p["old_v"].mean())}
 
     def train_step(self) -> dict:
         """One step. With several ranks, every rank draws the same global prompts and samples
