@@ -8,7 +8,7 @@ import pytest
 import torch
 from dlmkern.cli import main, parse_run
 from dlmkern.data import CharTokenizer
-from dlmkern.models import DiffusionLM, tiny_config
+from dlmkern.models import DiffusionLM, load, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOK = CharTokenizer()
@@ -44,16 +44,29 @@ def test_recipes_run_one_step_on_a_tiny_model(tmp_path, recipe, family):
     else:
         small += ["prompts_per_step=1", "group_size=2", "max_new_tokens=8", "steps_per_block=2",
                   "gen_block_length=4", "max_oversample_rounds=0"]
-    reward = "tests.test_cli:exact"
-    rc = main(["train", path, f"model={_tiny_dir(tmp_path, family)}",
-               f"dataset={_data(tmp_path)}", "tokenizer=char", f"reward={reward}", *small])
+    # a reward with variance inside every group, so no recipe's filter skips the update
+    reward = "tests.test_cli:alternating"
+    model_dir = _tiny_dir(tmp_path, family)
+    rc = main(["train", path, f"model={model_dir}", f"dataset={_data(tmp_path)}",
+               "tokenizer=char", f"reward={reward}", *small])
     assert rc == 0
     out = tmp_path / "out"
-    assert (out / "log.jsonl").exists() and (out / "final").exists()
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    assert log and all("skipped" not in row for row in log)
+    if algo != "sft":
+        assert log[-1]["kept_groups"] == 1 and log[-1]["train_tokens"] > 0
+    before, after = load(model_dir), load(str(out / "final" / "model"))
+    ref = before.state_dict()
+    changed = [n for n, p in after.state_dict().items() if not torch.equal(p, ref[n])]
+    assert changed, "one step of the recipe changed no parameter"
 
 
 def exact(prompts, completions, answer, **_):
     return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
+
+
+def alternating(prompts, completions, **_):
+    return [float(i % 2) for i in range(len(completions))]
 
 
 def test_bad_run_files_fail_before_work(tmp_path, capsys):
@@ -78,6 +91,12 @@ def test_bad_run_files_fail_before_work(tmp_path, capsys):
         parse_run(write(good), ["group_size=x"])
     with pytest.raises(ValueError, match=r"algo must be tracerl, dipo or sft"):
         parse_run(write({**good, "algo": "ppo"}), [])
+    with pytest.raises(ValueError, match=r"reward 'no_such_module:f' cannot be loaded"):
+        parse_run(write({**good, "reward": "no_such_module:f"}), [])
+    with pytest.raises(ValueError, match=r"reward 'tests.test_cli:nothing' cannot be loaded"):
+        parse_run(write({**good, "reward": "tests.test_cli:nothing"}), [])
+    with pytest.raises(ValueError, match=r"tokenizer 'tok/none' is neither 'char' nor a dir"):
+        parse_run(write({**good, "tokenizer": "tok/none"}), [])
     # the command prints the reason and exits 2
     assert main(["train", write({**good, "model": "nowhere"})]) == 2
     assert "does not exist" in capsys.readouterr().err

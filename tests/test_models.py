@@ -45,10 +45,11 @@ def test_upstream_names():
     assert upstream_name("llada", "embed.weight") == "model.transformer.wte.weight"
 
 
-def test_value_model_round_trip_and_zero_init(tmp_path):
-    policy = _model("sdar")
+@pytest.mark.parametrize("family", ["sdar", "llada", "dream"])
+def test_value_model_round_trip_and_zero_init(tmp_path, family):
+    policy = _model(family)
     vm = ValueModel.from_policy(policy)
-    lay = layouts.block_causal([12], 4)
+    lay = layouts.block_causal([12], 4) if family == "sdar" else layouts.full([12])
     ids = torch.randint(0, 63, (12,))
     assert torch.all(vm(ids, lay) == 0)  # zero-initialised head
     with torch.no_grad():

@@ -126,19 +126,43 @@ def test_empty_completions_do_not_produce_nan(tmp_path):
     assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
 
 
-def test_resume_reproduces_the_next_step_exactly(tmp_path):
-    cfg = _cfg(tmp_path / "a", pass_rate_low=0.0, pass_rate_high=1.0)
+def test_no_trained_tokens_is_a_logged_no_op(tmp_path, capsys):
+    # completions with no generated token at all leave nothing to train on
+    from dlmkern.sampling.block import Trajectory
+
+    tr = TraceRL(_model(), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
+                 _cfg(tmp_path, prompts_per_step=1))
+    tr._sampler = lambda: type("S", (), {"generate": lambda self, prompts, n_samples, seeds: [
+        Trajectory(prompt_ids=list(p), finish_reason="eos") for p in prompts
+        for _ in range(n_samples)]})()
+    before = [p.clone() for p in tr.model.parameters()]
+    log = tr.train_step()
+    assert log["skipped"] == "no trained tokens" and log["kept_groups"] == 1
+    assert "no trained tokens" in capsys.readouterr().err
+    assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
+    assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
+
+
+@pytest.mark.parametrize("value", [False, True])
+def test_resume_reproduces_the_next_step_exactly(tmp_path, value):
+    cfg = _cfg(tmp_path / "a", pass_rate_low=0.0, pass_rate_high=1.0, use_value_model=value)
     reward = lambda p, c, **k: [float(len(x) % 2) for x in c]  # noqa: E731
     a = TraceRL(_model(), TOK, DATA, reward, cfg)
     a.train_step()
     a.save(str(tmp_path / "ckpt"))
     a.train_step()
-    b = TraceRL(_model(seed=5), TOK, DATA, reward, _cfg(tmp_path / "b"))
+    b = TraceRL(_model(seed=5), TOK, DATA, reward,
+                _cfg(tmp_path / "b", pass_rate_low=0.0, pass_rate_high=1.0,
+                     use_value_model=value))
     b.resume(str(tmp_path / "ckpt"))
     assert b.step == 1 and b.data_pos == a.data_pos - 2
     b.train_step()
     for (n, p1), p2 in zip(a.model.named_parameters(), b.model.parameters(), strict=True):
         assert torch.equal(p1, p2), n
+    if value:  # the value model and its optimizer resume too
+        for (n, p1), p2 in zip(a.value_model.named_parameters(), b.value_model.parameters(),
+                               strict=True):
+            assert torch.equal(p1, p2), n
 
 
 def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path, monkeypatch):
@@ -164,8 +188,9 @@ def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path, monkeypatch):
     assert math.isfinite(d2.train_step()["kl"])
 
 
-def test_value_model_trains(tmp_path):
-    tr = TraceRL(_model(), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
+@pytest.mark.parametrize("family", ["sdar", "llada"])
+def test_value_model_trains(tmp_path, family):
+    tr = TraceRL(_model(family), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
                  _cfg(tmp_path, use_value_model=True, pass_rate_low=0.0, value_lr=1e-2))
     before = [p.clone() for p in tr.value_model.parameters()]
     log = tr.train_step()

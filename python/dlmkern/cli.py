@@ -61,8 +61,13 @@ def parse_run(path: str, overrides: list[str]):
         p = getattr(run, key)
         if not isinstance(p, str) or not os.path.exists(p):
             raise ValueError(f"{path}: {key} path {p!r} does not exist")
+    if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
+        raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
     if run.algo != "sft":
-        resolve_reward(run.reward)
+        try:
+            resolve_reward(run.reward)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     cls = SFTConfig if run.algo == "sft" else RLConfig
     cfg = build_config(cls, run.trainer, trainer_over)
     return run, cfg
@@ -77,7 +82,13 @@ def resolve_reward(spec: str):
         return rewards.code_reward
     if ":" in spec:
         mod, _, fn = spec.partition(":")
-        return getattr(importlib.import_module(mod), fn)
+        try:
+            f = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"reward {spec!r} cannot be loaded: {e}") from None
+        if not callable(f):
+            raise ValueError(f"reward {spec!r} is not callable")
+        return f
     raise ValueError(f"reward must be math, code or module:function, got {spec!r}")
 
 
@@ -99,12 +110,12 @@ def cmd_train(args):
     from dlmkern import SFT, DiPO, TraceRL
     from dlmkern.models import load
 
+    tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     if torch.cuda.is_available():  # one GPU per rank under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         model = load(run.model, dtype=getattr(torch, run.dtype), device=device)
     else:
         model = load(run.model)
-    tok = make_tokenizer(run.tokenizer or run.model)
     if run.algo == "sft":
         SFT(model, tok, run.dataset, cfg).train()
     else:

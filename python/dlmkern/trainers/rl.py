@@ -333,6 +333,9 @@ class RLTrainer(Checkpointing):
             self.logger.warn(f"step {self.step}: {log['skipped']}")
         elif kept_trajs:
             log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards)))
+            if "skipped" in log:
+                self.logger.warn(f"step {self.step}: {log['skipped']} (empty completions); "
+                                 "no update")
             log["gen_tokens"] = int(distributed.all_sum(sum(len(t.token_ids)
                                                             for t in kept_trajs)))
         else:  # this rank kept nothing: join the collectives with zero weight
