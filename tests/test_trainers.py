@@ -1,6 +1,7 @@
 """Trainers: config handling, one RL step moves log-probs the way advantages say, filtering,
 exact resume, DiPO specifics, value model, SFT."""
 
+import json
 import math
 
 import pytest
@@ -95,6 +96,73 @@ def test_minibatches_and_epochs_move_the_ratio_so_clip_and_kl_act(tmp_path):
     assert st1["optimizer_steps"] == 1 and st1["kl"] == 0 and st1["clip_frac"] == 0
     with pytest.raises(ValueError, match="num_minibatches must be >= 1"):
         build_config(RLConfig, {"num_minibatches": 0})
+
+
+def test_gradient_checkpointing_option_gives_the_same_update(tmp_path):
+    runs = []
+    for ckpt in (False, True):
+        tr = TraceRL(_model(), TOK, DATA, exact,
+                     _cfg(tmp_path / str(ckpt), lr=1e-2, use_value_model=True, value_lr=1e-2,
+                          gradient_checkpointing=ckpt))
+        assert tr.model.gradient_checkpointing is ckpt
+        assert tr.value_model.trunk.gradient_checkpointing is ckpt
+        trajs, rewards = tr.rollout(DATA[:1])
+        tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+        runs.append([p.detach().clone() for p in (*tr.model.parameters(),
+                                                  *tr.value_model.parameters())])
+    for a, b in zip(*runs, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    sft = SFT(_model(), TOK, DATA, SFTConfig(gradient_checkpointing=True, progress_bar=False,
+                                             output_dir=str(tmp_path / "sft")))
+    assert sft.model.gradient_checkpointing
+
+
+def test_step_logs_reach_jsonl_tensorboard_and_wandb(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    seen = {"tb": [], "wandb": [], "init": None}
+
+    class FakeWriter:
+        def __init__(self, logdir):
+            seen["tb_dir"] = logdir
+
+        def add_scalar(self, k, v, step):
+            seen["tb"].append((k, v, step))
+
+        def close(self):
+            seen["tb_closed"] = True
+
+    class FakeRun:
+        def log(self, scalars, step):
+            seen["wandb"].append((scalars, step))
+
+        def finish(self):
+            seen["wandb_finished"] = True
+
+    def init(project, config):
+        seen["init"] = (project, config["group_size"])
+        return FakeRun()
+
+    # stand-ins for the optional packages (neither needs to be installed)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeWriter))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.setenv("WANDB_PROJECT", "dlmkern-test")
+    monkeypatch.setenv("DLMKERN_TENSORBOARD", "1")
+    tr = TraceRL(_model(), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
+                 _cfg(tmp_path, total_steps=3, log_every=2))
+    tr.train()
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 2]  # log_every = 2
+    for key in ("reward_mean", "reward_std", "accuracy", "kept_groups", "gen_tokens", "loss",
+                "clip_frac", "kl", "approx_kl", "train_tokens", "time_sample", "time_reward",
+                "time_train", "time_step"):
+        assert key in rows[0], key
+    assert seen["init"] == ("dlmkern-test", 4)
+    assert {s for _, s in seen["wandb"]} == {0, 2} and "reward_mean" in seen["wandb"][0][0]
+    assert ("reward_mean", rows[1]["reward_mean"], 2) in seen["tb"]
+    assert seen.get("tb_closed") and seen.get("wandb_finished")
 
 
 def test_more_minibatches_than_trajectories(tmp_path):

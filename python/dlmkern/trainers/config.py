@@ -45,17 +45,19 @@ class RLConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     total_steps: int = 100
+    gradient_checkpointing: bool = False  # recompute layer activations in backward (policy, value)
     num_minibatches: int = 1             # optimizer steps per pass over a step's trajectories
     ppo_epochs: int = 1                  # passes over them (old log-probs fixed at rollout)
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/rl"
     save_every: int = 0                  # 0 = only at the end
-    log_every: int = 1
+    log_every: int = 1                   # JSONL / TensorBoard / W&B row every N steps
     progress_bar: bool = True
 
     def validate(self):
         checks = [
+            (self.log_every >= 1, "log_every must be >= 1"),
             (self.group_size >= 1, "group_size must be >= 1"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.reduction in ("token_mean", "seq_mean", "sum"),
@@ -83,6 +85,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     total_steps: int = 200
     min_mask_ratio: float = 1e-3         # t ~ U(eps, 1)
+    gradient_checkpointing: bool = False  # recompute layer activations in backward
     seed: int = 0
     output_dir: str = "runs/sft"
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)

@@ -54,6 +54,9 @@ class RLTrainer(Checkpointing):
         self.ref_model = None
         if self.cfg.kl_coef > 0 and self.cfg.kl_to == "ref":
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
+        if self.value_model is not None:
+            self.value_model.trunk.gradient_checkpointing = self.cfg.gradient_checkpointing
         if self.distributed:  # FSDP2 before the optimizers see the parameters
             for m in (self.model, self.value_model, self.ref_model):
                 if m is not None:
@@ -343,8 +346,9 @@ class RLTrainer(Checkpointing):
             distributed.all_sum(0)
         log.update(time_sample=t_sample, time_reward=t_reward,
                    time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
+        if self.step % self.cfg.log_every == 0:
+            self.logger.log(log)
         self.step += 1
-        self.logger.log(log)
         return log
 
     def train(self):

@@ -40,6 +40,7 @@ class SFT(Checkpointing):
         self.data = load_dataset(dataset)
         self.answer_key = answer_key
         self.device = next(self.model.parameters()).device
+        self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         if self.distributed:  # FSDP2 before the optimizer sees the parameters
             distributed.shard(self.model)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
