@@ -63,8 +63,10 @@ def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: i
                       steps_per_block=2, temperature=1.0, lr=5e-4, total_steps=rl_steps,
                       seed=seed, output_dir=os.path.join(out_dir, algo), progress_bar=progress_bar,
                       eps_high=0.28 if algo == "dipo" else 0.2,
-                      dynamic_sampling=algo == "dipo", pass_rate_low=0.0, pass_rate_high=1.0)
+                      dynamic_sampling=algo == "dipo", pass_rate_low=0.0, pass_rate_high=1.0,
+                      eval_every=max(1, rl_steps // 6))
     trainer = (DiPO if algo == "dipo" else TraceRL)(model, tok, train, exact_match, rl_cfg)
+    trainer.eval_fn = lambda m: accuracy(m, tok, test, new_tokens)  # held-out curve in the plot
     trainer.train()
     model.save_pretrained(os.path.join(out_dir, algo, "model"))
     acc_rl = accuracy(model, tok, test, new_tokens)

@@ -53,6 +53,7 @@ class RLConfig:
     output_dir: str = "runs/rl"
     save_every: int = 0                  # 0 = only at the end
     log_every: int = 1                   # JSONL / TensorBoard / W&B row every N steps
+    eval_every: int = 0                  # run trainer.eval_fn every N steps (0: never)
     progress_bar: bool = True
 
     def validate(self):

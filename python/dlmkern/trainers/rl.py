@@ -67,6 +67,9 @@ class RLTrainer(Checkpointing):
         if self.value_model is not None:
             self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=self.cfg.value_lr,
                                                weight_decay=self.cfg.weight_decay)
+        # optional held-out evaluation: eval_fn(model) -> float, every eval_every steps (called
+        # on every rank; logged as eval_accuracy and plotted)
+        self.eval_fn = None
         self.step = 0
         self.data_pos = 0
         self.data_order = self._permutation(0)
@@ -346,7 +349,10 @@ class RLTrainer(Checkpointing):
             distributed.all_sum(0)
         log.update(time_sample=t_sample, time_reward=t_reward,
                    time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
-        if self.step % self.cfg.log_every == 0:
+        if self.eval_fn is not None and self.cfg.eval_every and \
+                (self.step + 1) % self.cfg.eval_every == 0:
+            log["eval_accuracy"] = float(self.eval_fn(self.model))
+        if self.step % self.cfg.log_every == 0 or "eval_accuracy" in log:
             self.logger.log(log)
         self.step += 1
         return log
@@ -363,7 +369,7 @@ class RLTrainer(Checkpointing):
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
         self.save(os.path.join(self.cfg.output_dir, "final"))
-        self.logger.plot()
+        self.logger.plot(("reward_mean", "accuracy", "eval_accuracy"))
         self.logger.close()
         return self
 
