@@ -113,3 +113,46 @@ def test_sample_and_eval_commands(tmp_path, capsys):
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert 0.0 <= res["accuracy"] <= 1.0 and res["samples"] == 25 and res["tokens_per_s"] > 0
     assert res["tokens_per_step"] >= 1.0
+    # the math reward (\boxed{} + math-verify) with the dynamic rule, on a full-attention model
+    rows = tmp_path / "boxed.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"{a}+{a}=", "answer": str(2 * a)})
+                              for a in range(4)))
+    assert main(["eval", "--model", _tiny_dir(tmp_path, "llada"), "--tokenizer", "char",
+                 "--data", str(rows), "--max-new-tokens", "8", "--block-length", "4",
+                 "--rule", "dynamic", "--threshold", "0.5", "--dtype", "float32"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["samples"] == 4 and res["accuracy"] == 0.0  # a random model boxes nothing
+    assert res["tokens_per_step"] >= 1.0
+
+
+def test_math_eval_scores_boxed_answers(tmp_path, monkeypatch, capsys):
+    # a stand-in sampler that answers in \boxed{}: two right, one equivalent form, one wrong
+    import dlmkern.cli as cli
+    from dlmkern.sampling.block import Trajectory
+
+    answers = ["\\boxed{4}", "so \\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{7}"]
+
+    class Stub:
+        def generate(self, prompts, seed=0):
+            return [Trajectory(prompt_ids=p, token_ids=_EchoTok().encode(a), step_map=[0] * len(a))
+                    for p, a in zip(prompts, answers, strict=True)]
+
+    monkeypatch.setattr(cli, "_sampler", lambda model, tok, args: Stub())
+    monkeypatch.setattr(cli, "make_tokenizer", lambda spec: _EchoTok())
+    rows = tmp_path / "m.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": "q", "answer": a})
+                              for a in ["4", "1/2", "0.5", "8"]))
+    assert main(["eval", "--model", _tiny_dir(tmp_path, "sdar"), "--data", str(rows)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["accuracy"] == 0.75
+
+
+class _EchoTok:
+    """Token ids are code points: any text survives encode / decode."""
+    eos_token_id = None
+
+    def encode(self, text):
+        return [ord(c) for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)

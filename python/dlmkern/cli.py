@@ -123,23 +123,35 @@ def cmd_train(args):
         trainer(model, tok, run.dataset, resolve_reward(run.reward), cfg).train()
 
 
-def _sampler(model, tok, max_new_tokens, steps):
+def _load_for_inference(args):
+    """The model on --device in --dtype (defaults: the GPU in bfloat16 when there is one, else
+    the CPU in float32) and its tokenizer (loaded first: a bad path fails before the weights)."""
+    import torch
+
+    from dlmkern.models import load
+
+    tok = make_tokenizer(args.tokenizer or args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    return load(args.model, dtype=getattr(torch, dtype), device=device).eval(), tok
+
+
+def _sampler(model, tok, args):
     from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
 
-    cfg = SamplingConfig(rule="static", steps=steps, temperature=0)
+    cfg = SamplingConfig(rule=args.rule, steps=args.steps, threshold=args.threshold,
+                         entropy_bound=args.entropy_bound, temperature=args.temperature)
     eos = getattr(tok, "eos_token_id", None)
     if model.config.block_causal:
-        return BlockSampler(model, cfg, max_new_tokens=max_new_tokens, eos_token_id=eos)
-    return FullSampler(model, cfg, gen_length=max_new_tokens, block_length=32, eos_token_id=eos)
+        return BlockSampler(model, cfg, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    return FullSampler(model, cfg, gen_length=args.max_new_tokens,
+                       block_length=min(args.block_length, args.max_new_tokens), eos_token_id=eos)
 
 
 def cmd_sample(args):
-    from dlmkern.models import load
-
-    model = load(args.model).eval()
-    tok = make_tokenizer(args.tokenizer or args.model)
-    trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
-        [tok.encode(p) for p in args.prompt])
+    model, tok = _load_for_inference(args)
+    trajs = _sampler(model, tok, args).generate([tok.encode(p) for p in args.prompt],
+                                                seed=args.seed)
     for t in trajs:
         print(tok.decode(t.token_ids))
 
@@ -147,15 +159,13 @@ def cmd_sample(args):
 def cmd_eval(args):
     """Math accuracy on a local JSONL (prompt, answer), tokens/s and mean tokens per step."""
     from dlmkern.data import load_dataset
-    from dlmkern.models import load
     from dlmkern.rewards import math_reward
 
-    model = load(args.model).eval()
-    tok = make_tokenizer(args.tokenizer or args.model)
+    model, tok = _load_for_inference(args)
     rows = load_dataset(args.data)
     t0 = time.perf_counter()
-    trajs = _sampler(model, tok, args.max_new_tokens, args.steps).generate(
-        [tok.encode(r["prompt"]) for r in rows])
+    trajs = _sampler(model, tok, args).generate([tok.encode(r["prompt"]) for r in rows],
+                                                seed=args.seed)
     dt = time.perf_counter() - t0
     comps = [tok.decode(t.token_ids) for t in trajs]
     if args.reward == "exact":
@@ -196,7 +206,18 @@ def main(argv=None):
         s.add_argument("--model", required=True)
         s.add_argument("--tokenizer", help="a tokenizer directory, or 'char' (built in)")
         s.add_argument("--max-new-tokens", type=int, default=256)
-        s.add_argument("--steps", type=int, default=4)
+        s.add_argument("--steps", type=int, default=4, help="denoising steps per block")
+        s.add_argument("--rule", default="static",
+                       choices=["static", "dynamic", "entropy_bounded", "sequential"])
+        s.add_argument("--threshold", type=float, default=0.9, help="dynamic: confidence")
+        s.add_argument("--entropy-bound", type=float, default=1.0, help="entropy_bounded")
+        s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        s.add_argument("--block-length", type=int, default=32,
+                       help="full-attention models: semi-autoregressive block length")
+        s.add_argument("--seed", type=int, default=0)
+        s.add_argument("--device", help="default: cuda when available, else cpu")
+        s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
+                       help="default: bfloat16 on cuda, float32 on cpu")
         if name == "sample":
             s.add_argument("--prompt", action="append", required=True)
         else:
