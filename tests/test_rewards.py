@@ -90,11 +90,24 @@ def test_bad_programs_score_zero_and_do_not_escape(source):
     assert code_reward([None], [source], [["pass"]], limits=FAST) == [0.0]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="process limits and network isolation need root")
-def test_fork_bomb_and_network_are_contained():
+@pytest.mark.skipif(os.geteuid() != 0, reason="the process limit binds a dropped uid (root)")
+def test_fork_bomb_is_contained():
     t0 = time.time()
     code, _ = run_program("import os\nwhile True:\n    os.fork()", limits=FAST)
     assert code != 0 and time.time() - t0 < 15
+    code, _ = run_program("import os\nos.listdir('/root')", limits=FAST)
+    assert code != 0
+    # the sandbox still works afterwards
+    assert run_program("print('ok')", limits=FAST) == (0, "ok\n")
+
+
+def test_network_is_cut_off_and_tmp_is_private():
+    from dlmkern.rewards.code import network_isolation_available
+
+    if not network_isolation_available():  # then the default refuses to run anything
+        with pytest.raises(RuntimeError, match="network namespace"):
+            run_program("print(1)", limits=FAST)
+        pytest.skip("this kernel allows no network namespace")
     import socket
 
     server = socket.socket()
@@ -107,7 +120,19 @@ def test_fork_bomb_and_network_are_contained():
     finally:
         server.close()
     assert code != 0 and "connected" not in out
-    code, _ = run_program("import os\nos.listdir('/root')", limits=FAST)
-    assert code != 0
-    # the sandbox still works afterwards
-    assert run_program("print('ok')", limits=FAST) == (0, "ok\n")
+    code, out = run_program("import os, tempfile\nprint(tempfile.gettempdir() == os.getcwd())",
+                            limits=FAST)
+    assert (code, out) == (0, "True\n")
+
+
+def test_network_policy_when_no_namespace_can_be_made(monkeypatch):
+    import dlmkern.rewards.code as code_mod
+
+    monkeypatch.setattr(code_mod, "_isolation", False)
+    with pytest.raises(RuntimeError, match=r"network namespace.*network='try'"):
+        run_program("print(1)", limits=FAST)
+    relaxed = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256, network="try")
+    with pytest.warns(RuntimeWarning, match="WITHOUT network isolation"):
+        assert run_program("print(1)", limits=relaxed) == (0, "1\n")
+    with pytest.raises(ValueError, match="network must be 'require' or 'try'"):
+        SandboxLimits(network="off")
