@@ -19,7 +19,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "$TORCH_SPEC"
 fi
-"$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml "scikit-build-core>=0.10" ninja ruff
+"$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml transformers "scikit-build-core>=0.10" ninja ruff
 
 # CUDA sources compile whenever nvcc is found (CUDA_HOME, /usr/local/cuda or PATH).
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi

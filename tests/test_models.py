@@ -280,3 +280,36 @@ def test_value_model_from_policy_checkpoint(tmp_path):
     ids = torch.randint(0, 62, (9,))
     assert torch.equal(vm.trunk(ids, lay), policy(ids, lay))
     assert torch.all(vm(ids, lay) == 0)
+
+
+def test_tokenizer_loads_from_a_local_directory_and_travels_with_checkpoints(tmp_path,
+                                                                            monkeypatch):
+    pytest.importorskip("transformers")
+    from dlmkern import SFT
+    from dlmkern.cli import make_tokenizer
+    from dlmkern.models import load_tokenizer
+    from dlmkern.trainers import SFTConfig
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing may come from the network
+    vocab = {"[UNK]": 0, "<eos>": 1, "one": 2, "plus": 3, "two": 4, "is": 5, "three": 6}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<eos>", unk_token="[UNK]")
+    d = tmp_path / "ckpt"
+    model = _model("sdar")
+    model.save_pretrained(str(d))
+    fast.save_pretrained(str(d))
+    tok = load_tokenizer(str(d))
+    assert tok.encode("one plus two", add_special_tokens=False) == [2, 3, 4]
+    assert tok.eos_token_id == 1 and tok.decode([6]) == "three"
+    assert make_tokenizer(str(d)).encode("is three", add_special_tokens=False) == [5, 6]
+    # a trainer's checkpoint export carries the tokenizer: model/ loads as model + tokenizer
+    sft = SFT(model, tok, [{"prompt": "one plus two is", "answer": "three"}],
+              SFTConfig(batch_size=2, total_steps=1, progress_bar=False,
+                        output_dir=str(tmp_path / "run")))
+    sft.train()
+    export = tmp_path / "run" / "final" / "model"
+    assert load_tokenizer(str(export)).encode("three", add_special_tokens=False) == [6]
+    assert isinstance(load(str(export)), DiffusionLM)

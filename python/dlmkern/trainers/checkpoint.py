@@ -52,6 +52,9 @@ class Checkpointing:
             export = DiffusionLM(self.model.config)
             export.load_state_dict(full)
             export.save_pretrained(os.path.join(tmp, "model"))
+            tok = getattr(self, "tok", None)
+            if hasattr(tok, "save_pretrained"):  # a Hugging Face tokenizer: model/ is loadable
+                tok.save_pretrained(os.path.join(tmp, "model"))
             torch.save({**self._progress(), "torch_rng": torch.get_rng_state(),
                         "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
                        os.path.join(tmp, "trainer_state.pt"))
