@@ -18,14 +18,31 @@ def reward(prompts, completions, **_):
     return [float(len(c) % 2) for c in completions]
 
 
-def make_trainer(out_dir, **kw):
+MODES = {
+    "tracerl": {},
+    "value": {"use_value_model": True},
+    # 3 mini-batches over 16 trajectories: chunk bounds cut across the ranks' shares
+    "minibatch": {"num_minibatches": 3, "ppo_epochs": 2},
+    # the prompts sampled on rank 1 all score 0 and are filtered: rank 1 joins every step with
+    # zero weight while rank 0 trains
+    "uneven": {"num_minibatches": 3, "ppo_epochs": 2, "pass_rate_low": 0.1},
+}
+
+
+def make_trainer(out_dir, mode="tracerl"):
     torch.manual_seed(0)
     model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
                                     mask_token_id=TOK.mask_token_id))
     cfg = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=8, total_steps=1,
                    output_dir=out_dir, progress_bar=False, lr=1e-3, max_grad_norm=100.0,
-                   temperature=1.0, **kw)
-    return TraceRL(model, TOK, DATA, reward, cfg)
+                   temperature=1.0, **MODES[mode])
+    tr = TraceRL(model, TOK, DATA, reward, cfg)
+    if mode == "uneven":  # step 0's prompts 1 and 3 (rank 1's share on 2 ranks) score 0
+        zero = {DATA[tr.data_order[i]]["prompt"] for i in (1, 3)}
+        tr.reward_fns = [lambda prompts, completions, **_: [
+            0.0 if p in zero else float(len(c) % 2) for p, c in zip(prompts, completions,
+                                                                     strict=True)]]
+    return tr
 
 
 def make_sft(out_dir):
@@ -42,9 +59,10 @@ if __name__ == "__main__":
     if "sft" in sys.argv:
         tr = make_sft(out + "/run")
     else:
-        extra = {"num_minibatches": 2, "ppo_epochs": 2} if "minibatch" in sys.argv else {}
-        tr = make_trainer(out + "/run", use_value_model="value" in sys.argv, **extra)
-    tr.train_step()
+        tr = make_trainer(out + "/run", sys.argv[2])
+    log = tr.train_step()
+    if distributed.rank() == 0:
+        torch.save(log, out + "/log.pt")
     full = full_state(tr.model)
     if distributed.rank() == 0:
         torch.save(full, out + "/params.pt")

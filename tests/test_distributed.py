@@ -33,7 +33,7 @@ def _torchrun(out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "sft"])
+@pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "sft"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -41,13 +41,16 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     def make(out):
         if mode == "sft":
             return make_sft(out)
-        extra = {"num_minibatches": 2, "ppo_epochs": 2} if mode == "minibatch" else {}
-        return make_trainer(out, use_value_model=mode == "value", **extra)
+        return make_trainer(out, mode)
 
     one = make(str(tmp_path / "single"))
     init = {k: v.clone() for k, v in one.model.state_dict().items()}
     torch.set_num_threads(1)
-    one.train_step()
+    log = one.train_step()
+    if mode == "uneven":  # the setup does what it says: only rank 0's two groups are trained
+        assert log["kept_groups"] == 2 and torch.load(tmp_path / "log.pt")["kept_groups"] == 2
+    if mode in ("minibatch", "uneven"):
+        assert log["optimizer_steps"] == 6
     assert any(not torch.equal(init[k], v) for k, v in one.model.state_dict().items())
     for name, p in one.model.state_dict().items():
         torch.testing.assert_close(p, two[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -81,6 +81,15 @@ def all_sum(x: float | int) -> float:
     return float(t.item())
 
 
+def all_gather(obj) -> list:
+    """Every rank's `obj` (picklable), in rank order; [obj] when not distributed."""
+    if not enabled():
+        return [obj]
+    out = [None] * world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier():
     if enabled():
         dist.barrier()

@@ -167,44 +167,54 @@ class RLTrainer(Checkpointing):
             return float(distributed.world())
         return n_local / max(n_global, 1.0) * distributed.world()
 
-    def _minibatches(self, n: int) -> list[list[int]]:
-        """Contiguous trajectory index chunks, num_minibatches of them (as equal as possible).
-        A chunk may be empty when there are fewer trajectories than mini-batches."""
+    def _minibatches(self, positions: list[int], n_global: int) -> list[list[int]]:
+        """num_minibatches chunks of the global trajectory order (contiguous, as equal as
+        possible); for each, the local indices whose global position falls in it. Chunking by
+        global position makes the steps independent of how trajectories are spread over ranks."""
         m = self.cfg.num_minibatches
-        bounds = [round(k * n / m) for k in range(m + 1)]
-        return [list(range(bounds[k], bounds[k + 1])) for k in range(m)]
+        bounds = [round(k * n_global / m) for k in range(m + 1)]
+        return [[i for i, pos in enumerate(positions) if bounds[k] <= pos < bounds[k + 1]]
+                for k in range(m)]
 
     def update(self, trajs, sample_adv: torch.Tensor, rewards: torch.Tensor,
-               weight: float = 1.0) -> dict:
+               weight: float = 1.0, positions: list[int] | None = None,
+               n_global: int | None = None) -> dict:
         """Policy (and value) updates on these trajectories: ppo_epochs passes, each one optimizer
         step per mini-batch (num_minibatches chunks of the trajectories). old_logp (and the
         reference log-probs, and the value targets) are computed once, before the first step, so
         from the second step on the ratio moves off 1 and the clip / KL terms act. Returns the
-        last step's stats plus means over steps. `weight` 0 lets a rank without kept groups take
-        part in the collectives of a distributed step."""
+        last step's stats plus means over steps. `positions` / `n_global`: the trajectories'
+        places in the step's global order (default: this list is everything). `weight` 0 lets a
+        rank without kept groups take part in the collectives of a distributed step."""
+        if positions is None:
+            positions, n_global = list(range(len(trajs))), len(trajs)
+        if weight == 0:
+            positions = [-1] * len(trajs)  # in no chunk: only stand-in steps below
         prepared = []
-        for k, idx in enumerate(self._minibatches(len(trajs))):
+        for k, idx in enumerate(self._minibatches(positions, n_global)):
             if distributed.all_sum(len(idx)) == 0:
-                continue  # empty on every rank: no step at all (ranks agree)
+                continue  # no trajectory on any rank: no step anywhere (ranks agree)
             w = weight if idx else 0.0
-            idx = idx or [0]  # empty here only: join the other ranks' step with zero weight
+            idx = idx or [0]  # none here: join the other ranks' step with zero weight
             prepared.append(self._prepare([trajs[i] for i in idx], sample_adv[idx],
                                           rewards[idx], k, w))
         if not self.distributed and all(p is None for p in prepared):
             return {"skipped": "no trained tokens"}
-        steps = []
+        steps = []  # (weight, stats)
         for _ in range(self.cfg.ppo_epochs):
             for p in prepared:
                 if p is not None:
-                    steps.append(self._step(p))
-        if not steps:
+                    steps.append((p["weight"], self._step(p)))
+        real = [st for w, st in steps if w > 0] or [st for _, st in steps]
+        if not real:
             return {"skipped": "no trained tokens"}
-        stats = dict(steps[-1])
+        stats = dict(real[-1])
         for key in ("clip_frac", "kl", "approx_kl", "ratio_max"):
             if key in stats:
-                stats[key + "_mean"] = sum(st[key] for st in steps) / len(steps)
-        stats.update(train_tokens=sum(p["n_tokens"] for p in prepared if p),
-                     row_tokens=sum(p["rows"].num_tokens for p in prepared if p),
+                stats[key + "_mean"] = sum(st[key] for st in real) / len(real)
+        mine = [p for p in prepared if p is not None and p["weight"] > 0]
+        stats.update(train_tokens=sum(p["n_tokens"] for p in mine),
+                     row_tokens=sum(p["rows"].num_tokens for p in mine),
                      optimizer_steps=len(steps))
         return stats
 
@@ -301,6 +311,7 @@ class RLTrainer(Checkpointing):
         t0 = time.perf_counter()
         g, rank, world = self.cfg.group_size, distributed.rank(), distributed.world()
         kept_trajs, kept_rewards, kept_adv, all_rewards, last = [], [], [], [], None
+        kept_prompts = []  # global prompt index of each kept group (order of kept_trajs)
         rounds = 1 + (self.cfg.max_oversample_rounds if self.cfg.dynamic_sampling else 0)
         t_sample = t_reward = 0.0
         global_kept, drawn = 0, 0
@@ -311,6 +322,7 @@ class RLTrainer(Checkpointing):
             mine = list(range(rank, needed, world))
             ts = time.perf_counter()
             trajs, rewards = self.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+            round_base = drawn
             drawn += needed
             t_reward += self.last_reward_time
             t_sample += time.perf_counter() - ts - self.last_reward_time
@@ -319,6 +331,7 @@ class RLTrainer(Checkpointing):
             keep = self.keep(rewards)
             last = (trajs, adv, rewards)
             for gi in keep.nonzero().flatten().tolist():
+                kept_prompts.append(round_base + mine[gi])
                 kept_trajs += trajs[gi * g:(gi + 1) * g]
                 kept_rewards.append(rewards[gi * g:(gi + 1) * g])
                 kept_adv.append(adv[gi * g:(gi + 1) * g])
@@ -334,24 +347,32 @@ class RLTrainer(Checkpointing):
                "accuracy": distributed.all_sum(float((rewards >= 1).sum())) / n_all,
                "kept_groups": global_kept, "sampled_groups": int(n_all) // g, "gen_tokens": None}
         ttrain = time.perf_counter()
+        # every kept trajectory's place in the global (prompt-index) order: mini-batches are cut
+        # from that order, so they do not depend on the number of ranks
+        order = sorted(p for ranks in distributed.all_gather(kept_prompts) for p in ranks)
+        where = {p: i for i, p in enumerate(order)}
+        positions = [where[p] * g + k for p in kept_prompts for k in range(g)]
         if global_kept == 0:
             log["skipped"] = "all groups filtered (no reward variance in range); no update"
             self.logger.warn(f"step {self.step}: {log['skipped']}")
         elif kept_trajs:
-            log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards)))
+            log.update(self.update(kept_trajs, torch.cat(kept_adv), torch.cat(kept_rewards),
+                                   positions=positions, n_global=len(order) * g))
             if "skipped" in log:
                 self.logger.warn(f"step {self.step}: {log['skipped']} (empty completions); "
                                  "no update")
             log["gen_tokens"] = int(distributed.all_sum(sum(len(t.token_ids)
                                                             for t in kept_trajs)))
         else:  # this rank kept nothing: join the collectives with zero weight
-            self.update(last[0], torch.zeros_like(last[1]), last[2], weight=0.0)
+            self.update(last[0], torch.zeros_like(last[1]), last[2], weight=0.0,
+                        n_global=len(order) * g)
             distributed.all_sum(0)
         log.update(time_sample=t_sample, time_reward=t_reward,
                    time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
         if self.eval_fn is not None and self.cfg.eval_every and \
                 (self.step + 1) % self.cfg.eval_every == 0:
-            log["eval_accuracy"] = float(self.eval_fn(self.model))
+            with distributed.gathered(self.model):  # full weights, as for sampling
+                log["eval_accuracy"] = float(self.eval_fn(self.model))
         if self.step % self.cfg.log_every == 0 or "eval_accuracy" in log:
             self.logger.log(log)
         self.step += 1
