@@ -79,6 +79,11 @@ def resolve_reward(spec: str):
     if spec == "math":
         return rewards.math_reward
     if spec == "code":
+        from dlmkern.rewards.code import network_isolation_available
+
+        if not network_isolation_available():  # found now, not after the first rollout
+            raise ValueError("reward 'code': this machine cannot cut sandboxed programs off the "
+                             "network (no network namespace); see dlmkern.rewards.SandboxLimits")
         return rewards.code_reward
     if ":" in spec:
         mod, _, fn = spec.partition(":")
