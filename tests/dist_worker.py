@@ -26,6 +26,8 @@ MODES = {
     # the prompts sampled on rank 1 all score 0 and are filtered: rank 1 joins every step with
     # zero weight while rank 0 trains
     "uneven": {"num_minibatches": 3, "ppo_epochs": 2, "pass_rate_low": 0.1},
+    # a baseline estimator: random masks drawn per trajectory, whatever rank holds it
+    "coupled": {"estimator": "coupled", "num_minibatches": 3},
 }
 
 

@@ -35,14 +35,21 @@ def _mask_sets(kind: str, n: int, gen: torch.Generator, eps: float = 1e-3):
     raise ValueError(f"unknown estimator {kind!r}; expected one of {ESTIMATORS}")
 
 
-def baseline_rows(kind: str, trajectories, mask_token_id: int, gen: torch.Generator,
+def baseline_rows(kind: str, trajectories, mask_token_id: int,
+                  gen: torch.Generator | list[torch.Generator],
                   block_size: int | None = None, prompt_mask_ratio: float = 0.15) -> Rows:
     """Rows for estimator `kind` (block model when block_size is given, else full attention).
-    Every trained token's `step` is its noisy-copy index (there is no trace here)."""
+    Every trained token's `step` is its noisy-copy index (there is no trace here). `gen`: one
+    generator for every trajectory's masks, or a list with one per trajectory (what the trainer
+    passes, so a trajectory's masks do not depend on which others share its batch)."""
     ids, rows, lens, prompt_lens, block_rounds = [], [], [], [], []
     tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
     offset = 0
-    for ti, t in enumerate(trajectories):
+    gens = gen if isinstance(gen, (list, tuple)) else [gen] * len(trajectories)
+    if len(gens) != len(trajectories):
+        raise ValueError(f"baseline_rows: {len(gens)} generators for {len(trajectories)} "
+                         "trajectories")
+    for ti, (t, gen) in enumerate(zip(trajectories, gens, strict=True)):
         P, n = len(t.prompt_ids), len(t.token_ids)
         clean = list(t.prompt_ids) + list(t.token_ids)
         sets = [s for s in _mask_sets(kind, n, gen) if s] if n else []

@@ -142,11 +142,16 @@ class RLTrainer(Checkpointing):
 
     # ---- training -----------------------------------------------------------------------------
 
-    def _rows(self, trajs, minibatch: int = 0):
+    def _rows(self, trajs, positions: list[int] | None = None):
+        """Training rows of these trajectories. Baseline estimators draw each trajectory's masks
+        from a generator seeded by (seed, step, its position in the step's global order), so the
+        rows do not depend on mini-batching or on the number of ranks."""
         c = self.model.config
         if self.cfg.estimator != "trace":
-            gen = torch.Generator().manual_seed((self.cfg.seed * 31 + self.step) * 1009 + minibatch)
-            return baseline_rows(self.cfg.estimator, trajs, c.mask_token_id, gen,
+            positions = range(len(trajs)) if positions is None else positions
+            base = (self.cfg.seed * 31 + self.step) * 1000003
+            gens = [torch.Generator().manual_seed(base + pos + 1) for pos in positions]
+            return baseline_rows(self.cfg.estimator, trajs, c.mask_token_id, gens,
                                  c.block_size if c.block_causal else None)
         if c.block_causal:
             return block_rows(trajs, c.block_size, c.mask_token_id, self.cfg.shrinkage)
@@ -191,13 +196,13 @@ class RLTrainer(Checkpointing):
         if weight == 0:
             positions = [-1] * len(trajs)  # in no chunk: only stand-in steps below
         prepared = []
-        for k, idx in enumerate(self._minibatches(positions, n_global)):
+        for idx in self._minibatches(positions, n_global):
             if distributed.all_sum(len(idx)) == 0:
                 continue  # no trajectory on any rank: no step anywhere (ranks agree)
             w = weight if idx else 0.0
             idx = idx or [0]  # none here: join the other ranks' step with zero weight
             prepared.append(self._prepare([trajs[i] for i in idx], sample_adv[idx],
-                                          rewards[idx], k, w))
+                                          rewards[idx], [positions[i] for i in idx], w))
         if not self.distributed and all(p is None for p in prepared):
             return {"skipped": "no trained tokens"}
         steps = []  # (weight, stats)
@@ -218,9 +223,9 @@ class RLTrainer(Checkpointing):
                      optimizer_steps=len(steps))
         return stats
 
-    def _prepare(self, trajs, sample_adv, rewards, minibatch: int, weight: float):
+    def _prepare(self, trajs, sample_adv, rewards, positions: list[int], weight: float):
         """Rows, old / reference log-probs and advantages of one mini-batch (no gradients)."""
-        rows = self._rows(trajs, minibatch)
+        rows = self._rows(trajs, positions)
         if rows.train_rows.numel() == 0 and not self.distributed:
             return None
         dev = self.device
