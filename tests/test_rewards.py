@@ -133,6 +133,7 @@ def test_network_policy_when_no_namespace_can_be_made(monkeypatch):
     import dlmkern.rewards.code as code_mod
 
     monkeypatch.setattr(code_mod, "_isolation", False)
+    monkeypatch.setattr(code_mod, "_warned", set())  # warned once per process: reset for this
     with pytest.raises(RuntimeError, match=r"network namespace.*network='try'"):
         run_program("print(1)", limits=FAST)
     relaxed = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256, network="try")
