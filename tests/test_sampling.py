@@ -59,6 +59,24 @@ def _reference_generate(model, prompt, cfg, max_new, eos=None):
     return toks[P:], [step_of[i] for i in gen], [lp_of[i] for i in gen]
 
 
+def test_graph_step_shapes_come_in_a_few_buckets():
+    # 40 sequences finishing at different blocks: without buckets every distinct live-row count
+    # would be its own graph. Padded rows live in dummy sequences and change nothing.
+    m = _model(4)
+    cfg = SamplingConfig(rule="static", steps=2, temperature=1.0)
+    prompts = [[1 + i % 7] * (1 + i % 6) for i in range(20)]
+    eager = BlockSampler(m, cfg, max_new_tokens=13, eos_token_id=5, cuda_graphs=False)
+    graphs = BlockSampler(m, cfg, max_new_tokens=13, eos_token_id=5, cuda_graphs=True)
+    a = eager.generate(prompts, n_samples=2, seed=3)
+    b = graphs.generate(prompts, n_samples=2, seed=3)
+    assert [t.token_ids for t in a] == [t.token_ids for t in b]
+    assert [t.step_map for t in a] == [t.step_map for t in b]
+    assert len({len(t.token_ids) for t in a}) > 3  # sequences did finish at different points
+    g = 4 * -(-40 // 8)  # block_size * ceil(S / 8)
+    assert all(n % g == 0 for n in graphs.step_shapes)
+    assert len(graphs.step_shapes) <= 9
+
+
 @pytest.mark.parametrize("block_size", [4, 8])
 @pytest.mark.parametrize("rule", ["static", "dynamic", "entropy_bounded", "sequential"])
 @pytest.mark.parametrize("graphs", [False, True])

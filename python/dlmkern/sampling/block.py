@@ -42,6 +42,11 @@ class Trajectory:
     finish_reason: str = "length"                         # "eos" or "length"
 
 
+# With CUDA graphs, live query rows are rounded up to a multiple of block_size * ceil(S / 8): at
+# most ~8 step shapes (graphs) per generate() call however sequences finish.
+_BUCKETS = 8
+
+
 @dataclass
 class _Seq:
     traj: Trajectory
@@ -108,28 +113,34 @@ class BlockSampler:
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
                 for p in prompts for _ in range(n_samples)]
         gens = sequence_generators(len(seqs), seed, seeds, "cpu")
+        graphs = self.cuda_graphs if self.cuda_graphs is not None else (
+            self.use_cache and device.type == "cuda")
+        if graphs and device.type != "cuda":
+            graphs = "emulate"  # same static buffers and code path, eager (tests on CPU)
+        # Step shapes come in buckets (see _block): padding rows live in dummy sequences with
+        # their own cache rows, so a captured graph serves every live count in its bucket.
+        pad_seqs = -(-len(seqs) // _BUCKETS) if graphs else 0
         cache = None
         if self.use_cache:
             max_len = max(s.limit for s in seqs) + self.B
             dtype = next(self.model.parameters()).dtype
-            cache = KVCache.empty(self.model.config, len(seqs), max_len, device, dtype)
+            cache = KVCache.empty(self.model.config, len(seqs) + pad_seqs, max_len, device,
+                                  dtype)
             starts = [(len(s.tokens) // self.B) * self.B for s in seqs]
             ids = torch.tensor([t for s, n in zip(seqs, starts, strict=True) for t in s.tokens[:n]],
                                dtype=torch.long, device=device)
             cu = torch.tensor([0, *torch.tensor(starts).cumsum(0).tolist()], dtype=torch.int32,
                               device=device)
             self.model.prefill(ids, cu, cache)
-        graphs = self.cuda_graphs if self.cuda_graphs is not None else (
-            self.use_cache and device.type == "cuda")
-        if graphs and device.type != "cuda":
-            graphs = "emulate"  # same static buffers and code path, eager (tests on CPU)
-        run = _StepRunner(self, cache, graphs)
+        run = _StepRunner(self, cache, graphs, pad_seqs)
         while not all(s.done for s in seqs):
             self._block(seqs, run, gens, device)
+        self.step_shapes = sorted(run.states)  # live-row buckets used (captured graphs)
         return [s.traj for s in seqs]
 
     def _block(self, seqs, run, gens, device):
-        B, S, cfg = self.B, len(seqs), self.cfg
+        B, cfg = self.B, self.cfg
+        S = len(seqs) + run.pad_seqs  # real sequences, then the dummy (padding) ones
         # Current block of each sequence: [start, end), start = the first ungenerated block's
         # start; done sequences get an empty block so cache rows stay aligned. Generated slots
         # start at gen = max(start, prompt length): a prompt tail in the block is never resampled.
@@ -141,10 +152,18 @@ class BlockSampler:
             gen.append(max(a, len(s.traj.prompt_ids)))
         lens = [e - a for a, e in spans]
         n_live = sum(lens)
+        if run.pad_seqs:  # round the live rows up to a multiple of G = B * pad_seqs
+            g = B * run.pad_seqs
+            pad = -(-n_live // g) * g - n_live          # < g: fits in the dummy sequences
+            dummy = [min(B, max(0, pad - j * B)) for j in range(run.pad_seqs)]
+            spans += [(0, n) for n in dummy]             # positions 0..n-1, nothing masked
+            gen += [0] * run.pad_seqs
+            lens += dummy
+            n_live += pad
         st = run.state(S, B, n_live, device)
         tokens = torch.full((S, B), self.mask_id, dtype=torch.long)
         masked = torch.zeros(S, B, dtype=torch.bool)
-        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=True)):
+        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=False)):  # real ones only
             tail = s.tokens[a:]
             tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
             masked[i, gen[i] - a: e - a] = True
@@ -153,14 +172,15 @@ class BlockSampler:
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
         st.load(tokens=tokens, masked=masked, slots=slots, positions=positions, cu=cu,
                 step_map=torch.full((S, B), -1), logprobs=torch.zeros(S, B),
-                counter=torch.tensor([s.step for s in seqs]))
+                counter=torch.tensor([s.step for s in seqs] + [0] * run.pad_seqs))
         if not self.use_cache:
             self._load_recompute_inputs(st, seqs, spans, device)
         # Host-side plan of the whole block: static counts per step and every uniform draw.
         fixed = cfg.rule in ("static", "sequential")
         n_iter = cfg.steps if fixed else B
         sched = [transfer_schedule(max(e - g, 0), cfg.steps)
-                 for g, (_, e) in zip(gen, spans, strict=True)]
+                 for g, (_, e) in zip(gen[:len(seqs)], spans, strict=False)]
+        sched += [[0] * cfg.steps] * run.pad_seqs
         n_static = torch.tensor(sched, dtype=torch.long).T.contiguous().to(device)  # [steps, S]
         uniforms = None
         if cfg.temperature > 0:
@@ -182,7 +202,10 @@ class BlockSampler:
         if self.use_cache:  # commit the finished blocks' clean k / v
             ids = st.tokens.view(-1).index_select(0, st.slots)
             self.model.decode(ids, st.positions, st.cu, run.cache, commit=True)
-        self._finish_block(seqs, spans, gen, st)
+            if run.pad_seqs:
+                for lens_l in run.cache.seqlens:
+                    lens_l[len(seqs):] = 0  # the dummy sequences keep nothing
+        self._finish_block(seqs, spans[:len(seqs)], gen[:len(seqs)], st)
 
     def _finish_block(self, seqs, spans, gen, st):
         """The block's one read-back: tokens, step map, log-probs and counters to the host."""
@@ -269,8 +292,9 @@ class _StepRunner:
     the warm-up). Graphs and states live for one generate() call, as the cache does.
     graphs="emulate" keeps the static-buffer path without capture (CPU tests)."""
 
-    def __init__(self, sampler: BlockSampler, cache, graphs):
+    def __init__(self, sampler: BlockSampler, cache, graphs, pad_seqs: int = 0):
         self.sampler, self.cache, self.graphs = sampler, cache, graphs
+        self.pad_seqs = pad_seqs  # dummy sequences after the real ones (bucketed shapes)
         self.states: dict[int, _BlockState] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
