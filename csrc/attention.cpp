@@ -1,12 +1,38 @@
 // Validation and tile metadata shared by the attention backends (SPEC 2.1 / 2.2).
 #include "attention.h"
 
+#include <c10/util/intrusive_ptr.h>
+
+#include <atomic>
 #include <cmath>
+#include <mutex>
+#include <unordered_map>
 
 #include "checks.h"
 
 namespace dlmkern {
 namespace {
+
+// Layout tensors whose values were validated once (trust_layout). An entry holds a weak
+// reference, so the TensorImpl's memory (and address) cannot be reused while it is listed, and
+// the version counter at validation time: any in-place change makes the tensor untrusted again.
+struct TrustedEntry {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  int64_t version;
+  int64_t tokens;
+};
+std::mutex g_trust_mutex;
+std::unordered_map<const c10::TensorImpl*, TrustedEntry> g_trusted;
+std::atomic<int64_t> g_value_checks{0};
+
+bool is_trusted(const at::Tensor& t, int64_t tokens) {
+  if (t.is_inference()) return false;
+  std::lock_guard<std::mutex> lock(g_trust_mutex);
+  auto it = g_trusted.find(t.unsafeGetTensorImpl());
+  return it != g_trusted.end() && !it->second.impl.expired() &&
+         it->second.version == static_cast<int64_t>(t._version()) &&
+         it->second.tokens == tokens;
+}
 
 constexpr const char* kBlockOp = "dlmkern.block_attention";
 constexpr const char* kDecodeOp = "dlmkern.decode_attention";
@@ -78,6 +104,10 @@ AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const a
                                bool check_values) {
   check_qkv(kBlockOp, q, k, v, "k", "v");
   const int64_t T = q.size(0);
+  // Layout tensors validated once by trust_layout skip the per-call value checks (on a GPU a
+  // device -> host copy per call, i.e. per layer and pass in training).
+  if (check_values && is_trusted(cu_seqlens, T) && is_trusted(stream, T)) check_values = false;
+  if (check_values) ++g_value_checks;
   check_cu_seqlens(kBlockOp, "cu_seqlens", cu_seqlens, T, q, check_values);
   check_token_ids(kBlockOp, "block", block, T, q);
   check_token_ids(kBlockOp, "stream", stream, T, q);
@@ -135,6 +165,31 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
   return AttnDims{T, q.size(1), k_new.size(1), q.size(2), S,
                   resolve_scale(kDecodeOp, scale, q.size(2))};
 }
+
+void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream) {
+  check_token_ids(kBlockOp, "stream", stream, stream.numel(), cu_seqlens);
+  TORCH_CHECK_VALUE(stream.dim() == 1, kBlockOp, ": `stream` must be 1-D");
+  const int64_t T = stream.numel();
+  check_cu_seqlens(kBlockOp, "cu_seqlens", cu_seqlens, T, stream, true);
+  if (T > 0) {
+    TORCH_CHECK_VALUE(stream.min().item<int32_t>() >= 0, kBlockOp,
+                      ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
+  }
+  if (cu_seqlens.is_inference() || stream.is_inference()) return;  // no version counter
+  std::lock_guard<std::mutex> lock(g_trust_mutex);
+  for (auto it = g_trusted.begin(); it != g_trusted.end();) {  // drop dead entries
+    it = it->second.impl.expired() ? g_trusted.erase(it) : std::next(it);
+  }
+  for (const at::Tensor* t : {&cu_seqlens, &stream}) {
+    g_trusted.insert_or_assign(
+        t->unsafeGetTensorImpl(),
+        TrustedEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                         t->getIntrusivePtr()),
+                     static_cast<int64_t>(t->_version()), T});
+  }
+}
+
+int64_t attention_value_checks() { return g_value_checks.load(); }
 
 std::vector<SeqTiles> make_seq_tiles(const int32_t* cu, int64_t num_seqs, const int32_t* block,
                                      const int32_t* stream, int64_t tile) {

@@ -22,6 +22,13 @@ AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const a
                                const at::Tensor& stream, std::optional<double> scale,
                                bool check_values);
 
+// Validates a layout's cu_seqlens / stream values once (a host sync) and remembers these exact
+// tensors: while unmodified they skip check_block_attention's per-call value checks.
+void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream);
+
+// How many block_attention calls ran the host-side value checks (for tests).
+int64_t attention_value_checks();
+
 // Validates the decode_attention arguments and returns the sizes (S = number of sequences).
 AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                                 const at::Tensor& v_new, const at::Tensor& k_cache,

@@ -2,6 +2,8 @@
 // TORCH_LIBRARY_IMPL in their own files; fake (meta) and autograd live in python/dlmkern/ops/.
 #include <torch/library.h>
 
+#include "attention.h"
+
 TORCH_LIBRARY(dlmkern, m) {
   // SPEC 2.3. Returns (logp, entropy, lse), each fp32 [n] for the selected rows.
   m.def(
@@ -34,6 +36,10 @@ TORCH_LIBRARY(dlmkern, m) {
   m.def(
       "block_attention(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens, Tensor block, "
       "Tensor stream, bool full, float? scale) -> (Tensor, Tensor)");
+  // A layout's cu_seqlens / stream validated once (host sync here) so block_attention can skip
+  // its per-call value checks for these exact, unmodified tensors (dlmkern.ops.layouts calls it).
+  m.def("_trust_layout(Tensor cu_seqlens, Tensor stream) -> ()", &dlmkern::trust_layout);
+  m.def("_attention_value_checks() -> int", &dlmkern::attention_value_checks);
   m.def(
       "block_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens, Tensor block, Tensor stream, bool full, float? scale) "

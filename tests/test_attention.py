@@ -290,3 +290,33 @@ def test_decode_opcheck():
     cu = torch.tensor([0, 4, 7], dtype=torch.int32)
     torch.library.opcheck(torch.ops.dlmkern.decode_attention.default,
                           (q, kn, vn, kc, vc, lens, cu, False, None))
+
+
+def test_layouts_are_validated_once_not_per_call():
+    # Builders validate cu_seqlens / stream once; block_attention then skips its host-side value
+    # checks (a device -> host sync per call on GPU) for those exact tensors, forward and backward.
+    checks = torch.ops.dlmkern._attention_value_checks
+    lay = layouts.tracerl([3, 6], [9, 14], 4)
+    T = lay.num_tokens
+    q = torch.randn(T, 4, 16, requires_grad=True)
+    k, v = torch.randn(T, 2, 16), torch.randn(T, 2, 16)
+    before = checks()
+    out, _ = block_attention(q, k, v, lay)
+    out.sum().backward()
+    block_attention(q, k, v, lay.to("cpu"))
+    assert checks() == before
+    # the same values in tensors nobody validated: checked on every call
+    plain = layouts.Layout(lay.block.clone(), lay.stream.clone(), lay.position_ids,
+                           lay.cu_seqlens.clone(), lay.max_seqlen)
+    out2, _ = block_attention(q, k, v, plain)
+    assert checks() == before + 1
+    torch.testing.assert_close(out2, out)
+    # an in-place change un-trusts the tensor: the bad value is caught
+    lay.stream[0] = -1
+    with pytest.raises(ValueError, match=r"`stream` ids must be >= 0"):
+        block_attention(q, k, v, lay)
+    lay.cu_seqlens[1] = 10**6
+    with pytest.raises(ValueError, match=r"cu_seqlens"):
+        block_attention(q, k, v, lay)
+    with pytest.raises(ValueError, match=r"`cu_seqlens`\[0\] must be 0"):
+        torch.ops.dlmkern._trust_layout(torch.tensor([1, T], dtype=torch.int32), lay.block)

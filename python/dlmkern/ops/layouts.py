@@ -29,8 +29,18 @@ class Layout:
         return int(self.block.numel())
 
     def to(self, device) -> Layout:
-        return Layout(self.block.to(device), self.stream.to(device), self.position_ids.to(device),
-                      self.cu_seqlens.to(device), self.max_seqlen, self.full)
+        return _trusted(Layout(self.block.to(device), self.stream.to(device),
+                               self.position_ids.to(device), self.cu_seqlens.to(device),
+                               self.max_seqlen, self.full))
+
+
+def _trusted(lay: Layout) -> Layout:
+    """Validates the layout's cu_seqlens / stream values once (one host sync) so that every
+    block_attention call on these tensors (each layer, forward and backward) skips its own
+    host-side value checks. In-place changes to them make them checked again."""
+    if not lay.cu_seqlens.is_meta:
+        torch.ops.dlmkern._trust_layout(lay.cu_seqlens, lay.stream)
+    return lay
 
 
 def _pack(parts: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, full=False) -> Layout:
@@ -42,8 +52,8 @@ def _pack(parts: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, full=
     pos = torch.cat([p for p, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
     stream = torch.cat([s for _, s in parts]) if parts else torch.zeros(0, dtype=torch.int64)
     block = torch.zeros_like(pos) if full else pos // block_size
-    return Layout(block.to(torch.int32), stream.to(torch.int32), pos, cu, max(lens, default=0),
-                  full)
+    return _trusted(Layout(block.to(torch.int32), stream.to(torch.int32), pos, cu,
+                           max(lens, default=0), full))
 
 
 def _check(block_size: int, **lists):
