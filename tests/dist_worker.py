@@ -28,6 +28,13 @@ MODES = {
     "uneven": {"num_minibatches": 3, "ppo_epochs": 2, "pass_rate_low": 0.1},
     # a baseline estimator: random masks drawn per trajectory, whatever rank holds it
     "coupled": {"estimator": "coupled", "num_minibatches": 3},
+    # 3 prompts on 2 ranks: rank 0 samples two, rank 1 one
+    "odd": {"prompts_per_step": 3},
+    # DAPO dynamic sampling: oversampling rounds whose shortfall need not divide by the ranks
+    "dynamic": {"prompts_per_step": 3, "dynamic_sampling": True, "max_oversample_rounds": 3,
+                "num_minibatches": 2},
+    # a frozen reference policy (sharded like the policy) and a KL to it
+    "refkl": {"kl_coef": 0.1, "kl_to": "ref", "num_minibatches": 2},
 }
 
 
@@ -35,9 +42,9 @@ def make_trainer(out_dir, mode="tracerl"):
     torch.manual_seed(0)
     model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
                                     mask_token_id=TOK.mask_token_id))
-    cfg = RLConfig(prompts_per_step=4, group_size=4, max_new_tokens=8, total_steps=1,
-                   output_dir=out_dir, progress_bar=False, lr=1e-3, max_grad_norm=100.0,
-                   temperature=1.0, **MODES[mode])
+    kw = {"prompts_per_step": 4, **MODES[mode]}
+    cfg = RLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
+                   progress_bar=False, lr=1e-3, max_grad_norm=100.0, temperature=1.0, **kw)
     tr = TraceRL(model, TOK, DATA, reward, cfg)
     if mode == "uneven":  # step 0's prompts 1 and 3 (rank 1's share on 2 ranks) score 0
         zero = {DATA[tr.data_order[i]]["prompt"] for i in (1, 3)}
@@ -66,6 +73,9 @@ if __name__ == "__main__":
     if distributed.rank() == 0:
         torch.save(log, out + "/log.pt")
     full = full_state(tr.model)
+    value = full_state(tr.value_model) if getattr(tr, "value_model", None) is not None else None
     if distributed.rank() == 0:
         torch.save(full, out + "/params.pt")
+        if value is not None:
+            torch.save(value, out + "/value_params.pt")
     tr.save(out + "/ckpt")

@@ -33,7 +33,8 @@ def _torchrun(out, *extra):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "sft"])
+@pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "odd",
+                                  "dynamic", "refkl", "sft"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -54,6 +55,14 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     assert any(not torch.equal(init[k], v) for k, v in one.model.state_dict().items())
     for name, p in one.model.state_dict().items():
         torch.testing.assert_close(p, two[name], atol=2e-5, rtol=1e-4, msg=name)
+    if mode == "value":  # the value model trained the same too
+        two_v = torch.load(tmp_path / "value_params.pt")
+        for name, p in one.value_model.state_dict().items():
+            torch.testing.assert_close(p, two_v[name], atol=2e-5, rtol=1e-4, msg=name)
+        assert not torch.equal(one.value_model.value_head.weight,
+                               torch.zeros_like(one.value_model.value_head.weight))
+    if mode in ("odd", "dynamic"):  # the same prompts were drawn
+        assert torch.load(tmp_path / "log.pt")["sampled_groups"] == log["sampled_groups"]
     # the 2-rank checkpoint resumes in this single process
     resumed = make(str(tmp_path / "resumed"))
     resumed.resume(str(tmp_path / "ckpt"))

@@ -25,6 +25,7 @@ from dlmkern.rl import (
     trace_gae,
 )
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.config import RLConfig, to_dict
 from dlmkern.trainers.logging import RunLogger
@@ -116,7 +117,10 @@ class RLTrainer(Checkpointing):
         base = (self.cfg.seed * 7919 + self.step) * 1000003
         indices = list(range(len(rows))) if indices is None else indices
         seeds = [base + i * g + k for i in indices for k in range(g)]
-        with distributed.gathered(self.model):
+        self.last_reward_time = 0.0
+        with distributed.gathered(self.model):  # collective: ranks without prompts join too
+            if not rows:
+                return [], torch.zeros(0)
             trajs = self._sampler().generate(prompts, n_samples=g, seeds=seeds)
         completions = [self.tok.decode(t.token_ids) for t in trajs]
         expanded = [r for r in rows for _ in range(g)]
@@ -258,7 +262,9 @@ class RLTrainer(Checkpointing):
             dual_clip=self.cfg.dual_clip or None, kl_coef=self.cfg.kl_coef,
             reduction=self.cfg.reduction, seq_ids=p["traj_idx"], num_seqs=p["n_seq"],
             normalizer=self.cfg.loss_normalizer)
-        n_local = p["n_seq"] if self.cfg.reduction == "seq_mean" else int(mask.sum())
+        # seq_mean averages over the sequences that have trained tokens: count those
+        n_local = (int(p["traj_idx"].unique().numel()) if self.cfg.reduction == "seq_mean"
+                   else int(mask.sum()))
         weight = p["weight"]
         scale = self._global_scale(n_local * (weight > 0), "policy") * weight
         self.opt.zero_grad(set_to_none=True)
@@ -321,8 +327,7 @@ class RLTrainer(Checkpointing):
         t_sample = t_reward = 0.0
         global_kept, drawn = 0, 0
         for _ in range(rounds):
-            needed = self.cfg.prompts_per_step - global_kept
-            needed = -(-needed // world) * world  # every rank gets at least one prompt
+            needed = self.cfg.prompts_per_step - global_kept  # exactly what 1 process draws
             rows = self._next_rows(needed)
             mine = list(range(rank, needed, world))
             ts = time.perf_counter()
@@ -332,6 +337,11 @@ class RLTrainer(Checkpointing):
             t_reward += self.last_reward_time
             t_sample += time.perf_counter() - ts - self.last_reward_time
             all_rewards.append(rewards)
+            if not trajs:  # no prompt on this rank this round
+                global_kept = int(distributed.all_sum(len(kept_trajs) // g))
+                if global_kept >= self.cfg.prompts_per_step:
+                    break
+                continue
             adv = self.advantages(rewards)
             keep = self.keep(rewards)
             last = (trajs, adv, rewards)
@@ -369,6 +379,9 @@ class RLTrainer(Checkpointing):
             log["gen_tokens"] = int(distributed.all_sum(sum(len(t.token_ids)
                                                             for t in kept_trajs)))
         else:  # this rank kept nothing: join the collectives with zero weight
+            if last is None:  # it sampled nothing either: a stand-in trajectory
+                stand_in = Trajectory(prompt_ids=[0], token_ids=[0], step_map=[0], logprobs=[0.0])
+                last = ([stand_in], torch.zeros(1), torch.zeros(1))
             self.update(last[0], torch.zeros_like(last[1]), last[2], weight=0.0,
                         n_global=len(order) * g)
             distributed.all_sum(0)
