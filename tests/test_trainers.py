@@ -8,7 +8,7 @@ import pytest
 import torch
 from dlmkern import SFT, DiPO, TraceRL
 from dlmkern.data import CharTokenizer
-from dlmkern.models import DiffusionLM, tiny_config
+from dlmkern.models import DiffusionLM, load, tiny_config
 from dlmkern.trainers import RLConfig, SFTConfig, build_config, load_config
 
 TOK = CharTokenizer()
@@ -209,6 +209,23 @@ def test_no_trained_tokens_is_a_logged_no_op(tmp_path, capsys):
     assert "no trained tokens" in capsys.readouterr().err
     assert all(torch.equal(a, b) for a, b in zip(before, tr.model.parameters(), strict=True))
     assert all(math.isfinite(v) for v in log.values() if isinstance(v, float))
+
+
+def test_resume_restores_the_kl_reference(tmp_path):
+    # the reference is the policy at the start of the run; a run resumed from a later
+    # checkpoint (with its policy loaded from there) must still use that reference
+    reward = lambda p, c, **k: [float(len(x) % 2) for x in c]  # noqa: E731
+    cfg = _cfg(tmp_path / "a", kl_coef=0.1, kl_to="ref", lr=1e-2, pass_rate_low=0.0)
+    a = DiPO(_model(), TOK, DATA, reward, cfg)
+    assert "skipped" not in a.train_step()
+    assert any(not torch.equal(p1, p2) for p1, p2 in zip(_model().parameters(),
+                                                         a.model.parameters(), strict=True))
+    a.save(str(tmp_path / "ckpt"))
+    b = DiPO(load(str(tmp_path / "ckpt" / "model")), TOK, DATA, reward,
+             _cfg(tmp_path / "b", kl_coef=0.1, kl_to="ref", lr=1e-2, pass_rate_low=0.0))
+    b.resume(str(tmp_path / "ckpt"))
+    for (n, p1), p2 in zip(_model().named_parameters(), b.ref_model.parameters(), strict=True):
+        assert torch.equal(p1, p2), n
 
 
 @pytest.mark.parametrize("value", [False, True])

@@ -21,7 +21,8 @@ from dlmkern.trainers.config import to_dict
 
 class Checkpointing:
     """Mixin. The trainer provides ``model``, ``opt``, ``cfg``, optionally ``value_model`` /
-    ``value_opt``, and ``_progress()`` / ``_set_progress(dict)`` for its own counters."""
+    ``value_opt`` and ``ref_model``, and ``_progress()`` / ``_set_progress(dict)`` for its own
+    counters."""
 
     value_model = None
     value_opt = None
@@ -82,6 +83,10 @@ class Checkpointing:
             set_state_dict(self.value_model, self.value_opt,
                            model_state_dict=state["value_model"],
                            optim_state_dict=state["value_optim"])
+        if getattr(self, "ref_model", None) is not None:
+            from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+            set_model_state_dict(self.ref_model, state["ref_model"])
         meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         self._set_progress(meta)
         torch.set_rng_state(meta["torch_rng"])
@@ -97,6 +102,11 @@ class Checkpointing:
         if self.value_model is not None:
             vsd, vopt = get_state_dict(self.value_model, self.value_opt)
             state.update(value_model=vsd, value_optim=vopt)
+        if getattr(self, "ref_model", None) is not None:  # the frozen KL reference, too: a
+            # resumed run must not take its current policy as the reference
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            state["ref_model"] = get_model_state_dict(self.ref_model)
         return state
 
 
