@@ -61,6 +61,22 @@ def test_recipes_run_one_step_on_a_tiny_model(tmp_path, recipe, family):
     assert changed, "one step of the recipe changed no parameter"
 
 
+def test_train_resumes_from_a_checkpoint(tmp_path):
+    path = os.path.join(ROOT, "configs", "trado4b_tracerl_value.yaml")
+    common = [f"model={_tiny_dir(tmp_path, 'sdar')}", f"dataset={_data(tmp_path)}",
+              "tokenizer=char", "reward=tests.test_cli:alternating", "progress_bar=false",
+              "prompts_per_step=1", "group_size=2", "max_new_tokens=8", "steps_per_block=2"]
+    out = tmp_path / "out"
+    assert main(["train", path, *common, "total_steps=1", f"output_dir={out}"]) == 0
+    out2 = tmp_path / "out2"
+    assert main(["train", path, *common, "total_steps=3", f"output_dir={out2}",
+                 f"resume={out / 'final'}"]) == 0
+    steps = [json.loads(x)["step"] for x in (out2 / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]  # continued after the checkpoint's step
+    with pytest.raises(ValueError, match=r"resume 'nowhere' is not a dlmkern checkpoint"):
+        parse_run(path, [*common[:2], "resume=nowhere"])
+
+
 def exact(prompts, completions, answer, **_):
     return [float(c.strip() == a) for c, a in zip(completions, answer, strict=True)]
 

@@ -10,14 +10,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer"}
+RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer", "resume"}
 
 
 @dataclass
 class RunFile:
     """A training run: `algo` (tracerl | dipo | sft), `model` (HF directory), `tokenizer`
     (directory, default: the model's), `dataset` (JSONL), `reward` (math | code |
-    module:function), `trainer` (the algorithm's config keys)."""
+    module:function), `trainer` (the algorithm's config keys), `resume` (a checkpoint directory
+    written by the trainer: model, optimizer, RNG, step and data position continue from it)."""
 
     algo: str
     model: str
@@ -26,6 +27,7 @@ class RunFile:
     tokenizer: str | None = None
     dtype: str = "bfloat16"          # weights on GPU (float32 on CPU)
     trainer: dict = field(default_factory=dict)
+    resume: str | None = None
 
 
 def parse_run(path: str, overrides: list[str]):
@@ -61,6 +63,9 @@ def parse_run(path: str, overrides: list[str]):
         p = getattr(run, key)
         if not isinstance(p, str) or not os.path.exists(p):
             raise ValueError(f"{path}: {key} path {p!r} does not exist")
+    if run.resume is not None and not os.path.isfile(
+            os.path.join(str(run.resume), "trainer_state.pt")):
+        raise ValueError(f"{path}: resume {run.resume!r} is not a dlmkern checkpoint directory")
     if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
         raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
     if run.algo != "sft":
@@ -122,10 +127,13 @@ def cmd_train(args):
     else:
         model = load(run.model)
     if run.algo == "sft":
-        SFT(model, tok, run.dataset, cfg).train()
+        trainer = SFT(model, tok, run.dataset, cfg)
     else:
-        trainer = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
-        trainer(model, tok, run.dataset, resolve_reward(run.reward), cfg).train()
+        cls = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
+        trainer = cls(model, tok, run.dataset, resolve_reward(run.reward), cfg)
+    if run.resume:
+        trainer.resume(run.resume)
+    trainer.train()
 
 
 def _load_for_inference(args):
