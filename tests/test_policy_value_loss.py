@@ -187,6 +187,32 @@ def test_k3_kl_value_and_gradient():
     assert lp.grad.item() == pytest.approx(0.5 * (1 - math.exp(x)), rel=1e-5)
 
 
+@pytest.mark.parametrize("gap", [30.0, -25.0, 5.0])
+def test_kl_clamp_value_and_gradient(gap):
+    # x = ref - logp is clamped to [-20, 20]: beyond it the KL is constant and has no gradient
+    lp = torch.tensor([-1.0], requires_grad=True)
+    ref = lp.detach() + gap
+    loss, stats = policy_value_loss(lp, lp.detach(), torch.zeros(1), torch.tensor([True]),
+                                    ref_logp=ref, kl_coef=1.0)
+    loss.backward()
+    x = max(-20.0, min(20.0, gap))
+    assert stats["kl"].item() == pytest.approx(math.exp(x) - x - 1, rel=1e-5)
+    want = 0.0 if abs(gap) > 20 else -(math.exp(x) - 1)  # d/dlogp of exp(ref-lp)-(ref-lp)-1
+    assert lp.grad.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_seq_mean_without_num_seqs_under_compile_is_a_clear_error():
+    b = _batch((12,), "cpu")
+    seq_ids = torch.arange(12) // 4
+
+    def f(lp):
+        return policy_value_loss(lp, b["old_logp"], b["advantages"], b["mask"],
+                                 reduction="seq_mean", seq_ids=seq_ids)[0]
+
+    with pytest.raises(Exception, match=r"pass `num_seqs`"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(b["logp"])
+
+
 def test_value_clip_branches():
     def run(v, v_old, r):
         vv = torch.tensor([v], requires_grad=True)

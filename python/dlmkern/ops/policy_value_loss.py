@@ -47,9 +47,11 @@ def policy_value_loss(
     Token tensors are ``[T]`` or ``[B, L]`` (fp32 / fp16 / bf16; mask bool). Per token:
     ``ratio = exp(clamp(logp - old_logp, -20, 20))``,
     ``pg = -min(ratio*A, clip(ratio, 1-eps_low, 1+eps_high)*A)`` (bounded by ``dual_clip*|A|``
-    for A < 0 when ``dual_clip`` is set), ``kl = exp(ref - logp) - (ref - logp) - 1`` when
-    ``ref_logp`` is given, and ``vf = 0.5*max((V-R)^2, (V_old + clip(V-V_old, ±vf_clip) - R)^2)``
-    when ``values`` and ``returns`` are given (unclipped without ``old_values``).
+    for A < 0 when ``dual_clip`` is set), ``kl = exp(x) - x - 1`` with
+    ``x = clamp(ref - logp, -20, 20)`` when ``ref_logp`` is given (outside the clamp the KL
+    term is constant: no gradient, as for the ratio), and
+    ``vf = 0.5*max((V-R)^2, (V_old + clip(V-V_old, ±vf_clip) - R)^2)`` when ``values`` and
+    ``returns`` are given (unclipped without ``old_values``).
     ``loss = pg + kl_coef*kl + vf_coef*vf`` reduced by ``reduction``:
 
     - ``"token_mean"``: sum over masked tokens / their count;
@@ -90,6 +92,10 @@ def policy_value_loss(
         if reduction != "seq_mean":
             num_seqs = 1
         elif seq_ids is not None:
+            if torch.compiler.is_compiling():
+                raise ValueError("dlmkern.policy_value_loss: pass `num_seqs` with "
+                                 "reduction='seq_mean' and `seq_ids` under torch.compile (it "
+                                 "would otherwise be read from the data)")
             # Masked tokens' ids (padding) do not count. One host sync: pass num_seqs to avoid it.
             top = torch.where(mask, seq_ids, -1).max() if seq_ids.numel() else 0
             num_seqs = max(int(top) + 1, 1)
