@@ -187,7 +187,9 @@ def test_opcheck(device):
     hidden.requires_grad_()
     weight.requires_grad_()
     op = torch.ops.dlmkern.masked_logprobs.default
-    for rows in (None, torch.tensor([1, 5, 5, 0], device=device)):
+    mask = torch.zeros(12, dtype=torch.bool, device=device)
+    mask[[0, 4, 7]] = True  # a bool mask: data-dependent output size in the fake
+    for rows in (None, torch.tensor([1, 5, 5, 0], device=device), mask):
         torch.library.opcheck(op, (hidden, weight, targets, rows, 0.9, -100))
     lp, ent, lse = op(hidden, weight, targets, None, 1.0, -100)
     bwd = torch.ops.dlmkern.masked_logprobs_backward.default
