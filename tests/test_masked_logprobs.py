@@ -201,7 +201,8 @@ def test_opcheck(device):
 
 
 @pytest.mark.parametrize("device", devices())
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph(device, backend):
     hidden, weight, targets = _inputs(16, 8, 40, torch.float32, device)
     rows = torch.tensor([0, 3, 9, 15], device=device)
 
@@ -210,7 +211,8 @@ def test_torch_compile_fullgraph(device):
                                   return_entropy=True)
         return (lp * 2 + ent).sum()
 
-    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend=backend)
     h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     out_c, out_e = compiled(h1, w1), f(h2, w2)
