@@ -38,6 +38,17 @@ def init() -> bool:
     return True
 
 
+def to_local_device(model: torch.nn.Module) -> torch.nn.Module:
+    """Under torchrun a model loaded with device="cuda" before the process group existed sits on
+    cuda:0 on every rank; move it to this rank's GPU (LOCAL_RANK)."""
+    p = next(model.parameters(), None)
+    if enabled() and p is not None and p.is_cuda:
+        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        if p.device != local:
+            model.to(local)
+    return model
+
+
 def shard(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: every transformer layer is its own shard group, the rest (embedding, final norm,
     lm_head, value head) belong to the root."""

@@ -43,12 +43,15 @@ class RLTrainer(Checkpointing):
         self.cfg = (config or RLConfig()).validate()
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
-        self.model: DiffusionLM = load(model) if isinstance(model, str) else model
+        self.model: DiffusionLM = distributed.to_local_device(
+            load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
         self.data = load_dataset(dataset)
         self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         self.device = next(self.model.parameters()).device
         self.value_model = value_model
+        if value_model is not None:
+            distributed.to_local_device(value_model)
         if self.cfg.use_value_model and self.value_model is None:
             self.value_model = ValueModel.from_policy(self.model)
         # the frozen reference policy exists only when a KL to it is asked for

@@ -35,7 +35,8 @@ class SFT(Checkpointing):
         if self.cfg.batch_size < distributed.world():
             raise ValueError(f"config: batch_size {self.cfg.batch_size} is smaller than the "
                              f"{distributed.world()} ranks")
-        self.model: DiffusionLM = load(model) if isinstance(model, str) else model
+        self.model: DiffusionLM = distributed.to_local_device(
+            load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
         self.data = load_dataset(dataset)
         self.answer_key = answer_key
