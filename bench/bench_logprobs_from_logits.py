@@ -12,7 +12,6 @@ twice and write their gradient once), and appends a row to bench/results/results
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -49,8 +48,7 @@ PATHS = {"naive": naive, "dlmkern": fused}
 
 def child(args):
     inputs = make_inputs(args.n, args.v, getattr(torch, args.dtype), args.device)
-    peak = common.peak_memory(lambda: PATHS[args.child](*inputs), args.device)
-    print(json.dumps({"peak_bytes": peak}))
+    common.print_child_peak(lambda: PATHS[args.child](*inputs), args.device)
 
 
 def main():
@@ -69,17 +67,10 @@ def main():
         return child(args)
     common_args = ["--device", args.device, "--n", str(args.n), "--v", str(args.v), "--dtype",
                    args.dtype]
-    peaks = {k: common.run_child(__file__, [*common_args, "--child", k])["peak_bytes"]
-             for k in PATHS}
-    inputs = make_inputs(args.n, args.v, getattr(torch, args.dtype), args.device)
-
-    def run(path):
-        def fn():
-            inputs[0].grad = None
-            PATHS[path](*inputs)
-        return fn
-
-    times = {k: common.time_fn(run(k), args.device, repeat=args.repeat) for k in PATHS}
+    inputs, peaks, times = common.compare_paths(
+        __file__, common_args, PATHS,
+        lambda: make_inputs(args.n, args.v, getattr(torch, args.dtype), args.device),
+        args.device, args.repeat)
     bytes_moved = 3 * args.n * args.v * inputs[0].element_size()  # read x2, write grad
     print(f"logprobs_from_logits fwd+bwd (+entropy)  N={args.n} V={args.v} {args.dtype} on "
           f"{common.device_name(args.device)}")
@@ -87,19 +78,10 @@ def main():
     for k in PATHS:
         print(f"{k:<10}{times[k] * 1e3:>12.2f}{peaks[k] / 2**20:>12.1f}"
               f"{bytes_moved / times[k] / 1e9:>10.1f}")
-    time_ratio = times["dlmkern"] / times["naive"]
-    mem_ratio = peaks["dlmkern"] / max(peaks["naive"], 1)
-    print(f"dlmkern / naive: time {time_ratio:.3f}x ({1 / time_ratio:.2f}x speed-up), "
-          f"peak memory {100 * mem_ratio:.2f} %")
-    if not args.no_save:
-        common.append_result({
-            "op": "logprobs_from_logits_fwd_bwd", "device": common.device_name(args.device),
-            "shape": {"N": args.n, "V": args.v}, "dtype": args.dtype,
-            "time_ms": {k: round(t * 1e3, 3) for k, t in times.items()},
-            "peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
-            "time_ratio": round(time_ratio, 4), "mem_ratio": round(mem_ratio, 4),
-            "gbps": round(bytes_moved / times["dlmkern"] / 1e9, 1),
-        })
+    common.report_ratios(times, peaks, None if args.no_save else {
+        "op": "logprobs_from_logits_fwd_bwd", "device": common.device_name(args.device),
+        "shape": {"N": args.n, "V": args.v}, "dtype": args.dtype,
+        "gbps": round(bytes_moved / times["dlmkern"] / 1e9, 1)})
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ bench/results/results.jsonl. Peak memory is measured in a fresh process per path
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -53,8 +52,7 @@ def child(args):
     """Measures one path's peak memory in this fresh process."""
     n, h, v = args.n, args.h, args.v
     inputs = make_inputs(n, h, v, getattr(torch, args.dtype), args.device, args.rows_frac)
-    peak = common.peak_memory(lambda: PATHS[args.child](*inputs), args.device)
-    print(json.dumps({"peak_bytes": peak}))
+    common.print_child_peak(lambda: PATHS[args.child](*inputs), args.device)
 
 
 def main():
@@ -77,19 +75,11 @@ def main():
 
     common_args = ["--device", args.device, "--n", str(args.n), "--h", str(args.h), "--v",
                    str(args.v), "--dtype", args.dtype, "--rows-frac", str(args.rows_frac)]
-    peaks = {k: common.run_child(__file__, [*common_args, "--child", k])["peak_bytes"]
-             for k in PATHS}
-    inputs = make_inputs(args.n, args.h, args.v, getattr(torch, args.dtype), args.device,
-                         args.rows_frac)
-
-    def run(path):
-        def fn():
-            inputs[0].grad = None
-            inputs[1].grad = None
-            PATHS[path](*inputs)
-        return fn
-
-    times = {k: common.time_fn(run(k), args.device, repeat=args.repeat) for k in PATHS}
+    inputs, peaks, times = common.compare_paths(
+        __file__, common_args, PATHS,
+        lambda: make_inputs(args.n, args.h, args.v, getattr(torch, args.dtype), args.device,
+                            args.rows_frac),
+        args.device, args.repeat)
     rows = args.n if inputs[3] is None else inputs[3].numel()
     model_flops = 6.0 * rows * args.h * args.v  # fwd GEMM + two backward GEMMs
     print(f"masked_logprobs fwd+bwd  N={args.n} rows={rows} H={args.h} V={args.v} "
@@ -98,19 +88,10 @@ def main():
     for k in PATHS:
         tf = model_flops / times[k] / 1e12
         print(f"{k:<10}{times[k] * 1e3:>12.2f}{peaks[k] / 2**20:>12.1f}{tf:>10.2f}")
-    time_ratio = times["dlmkern"] / times["naive"]
-    mem_ratio = peaks["dlmkern"] / max(peaks["naive"], 1)
-    print(f"dlmkern / naive: time {time_ratio:.3f}x ({1 / time_ratio:.2f}x speed-up), "
-          f"peak memory {100 * mem_ratio:.2f} %")
-    if not args.no_save:
-        common.append_result({
-            "op": "masked_logprobs_fwd_bwd", "device": common.device_name(args.device),
-            "shape": {"N": args.n, "rows": rows, "H": args.h, "V": args.v}, "dtype": args.dtype,
-            "time_ms": {k: round(t * 1e3, 3) for k, t in times.items()},
-            "peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
-            "time_ratio": round(time_ratio, 4), "mem_ratio": round(mem_ratio, 4),
-            "tflops_model": round(model_flops / times["dlmkern"] / 1e12, 2),
-        })
+    common.report_ratios(times, peaks, None if args.no_save else {
+        "op": "masked_logprobs_fwd_bwd", "device": common.device_name(args.device),
+        "shape": {"N": args.n, "rows": rows, "H": args.h, "V": args.v}, "dtype": args.dtype,
+        "tflops_model": round(model_flops / times["dlmkern"] / 1e12, 2)})
 
 
 if __name__ == "__main__":

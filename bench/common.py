@@ -88,6 +88,45 @@ def run_child(script: str, args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def print_child_peak(fn, device: str):
+    """In a --child process: measures fn()'s peak memory and prints it as the child's JSON."""
+    print(json.dumps({"peak_bytes": peak_memory(fn, device)}))
+
+
+def compare_paths(script: str, child_args: list[str], paths: dict, make_inputs, device: str,
+                  repeat: int):
+    """Peak memory of each path (each in a fresh `script --child NAME` process) and its median
+    time on one set of inputs (gradients of the inputs cleared before each run). Returns
+    (inputs, peaks, times)."""
+    peaks = {k: run_child(script, [*child_args, "--child", k])["peak_bytes"] for k in paths}
+    inputs = make_inputs()
+
+    def run(path):
+        def fn():
+            for t in inputs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.grad = None
+            paths[path](*inputs)
+        return fn
+
+    times = {k: time_fn(run(k), device, repeat=repeat) for k in paths}
+    return inputs, peaks, times
+
+
+def report_ratios(times: dict, peaks: dict, row: dict | None) -> tuple[float, float]:
+    """Prints dlmkern / naive time and peak-memory ratios; appends `row` (when given) with the
+    times, peaks and ratios to the results file. Returns (time_ratio, mem_ratio)."""
+    time_ratio = times["dlmkern"] / times["naive"]
+    mem_ratio = peaks["dlmkern"] / max(peaks["naive"], 1)
+    print(f"dlmkern / naive: time {time_ratio:.3f}x ({1 / time_ratio:.2f}x speed-up), "
+          f"peak memory {100 * mem_ratio:.2f} %")
+    if row is not None:
+        append_result({**row, "time_ms": {k: round(t * 1e3, 3) for k, t in times.items()},
+                       "peak_mib": {k: round(v / 2**20, 1) for k, v in peaks.items()},
+                       "time_ratio": round(time_ratio, 4), "mem_ratio": round(mem_ratio, 4)})
+    return time_ratio, mem_ratio
+
+
 def git_rev() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
