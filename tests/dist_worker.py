@@ -35,13 +35,17 @@ MODES = {
                 "num_minibatches": 2},
     # a frozen reference policy (sharded like the policy) and a KL to it
     "refkl": {"kl_coef": 0.1, "kl_to": "ref", "num_minibatches": 2},
+    # a full-attention model: uncached sampling runs FSDP forwards a data-dependent number of
+    # times, and with 1 prompt rank 1 samples nothing (it deadlocked before gathered() kept
+    # the layers unsharded)
+    "llada": {"prompts_per_step": 1, "gen_block_length": 4, "steps_per_block": 2},
 }
 
 
 def make_trainer(out_dir, mode="tracerl"):
     torch.manual_seed(0)
-    model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
-                                    mask_token_id=TOK.mask_token_id))
+    model = DiffusionLM(tiny_config("llada" if mode == "llada" else "sdar",
+                                    vocab_size=TOK.vocab_size, mask_token_id=TOK.mask_token_id))
     kw = {"prompts_per_step": 4, **MODES[mode]}
     cfg = RLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
                    progress_bar=False, lr=1e-3, max_grad_norm=100.0, temperature=1.0, **kw)

@@ -34,7 +34,7 @@ def _torchrun(out, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "odd",
-                                  "dynamic", "refkl", "sft"])
+                                  "dynamic", "refkl", "llada", "sft"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")

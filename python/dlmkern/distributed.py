@@ -71,13 +71,23 @@ def _fsdp_modules(model):
 @contextlib.contextmanager
 def gathered(model: torch.nn.Module):
     """Full (unsharded) parameters inside the block, for code that calls submodules outside
-    their forward (the samplers' prefill / decode). A no-op when not sharded."""
+    their forward (the samplers' prefill / decode) or runs forwards a data-dependent number of
+    times (uncached full-attention sampling, evaluation). Resharding after each forward is off
+    inside, so no collective happens until the block ends: ranks may run different numbers of
+    forwards without deadlocking. A no-op when not sharded."""
     mods = _fsdp_modules(model)
+    # The layers reshard after each forward (shard() leaves fully_shard's default); the root
+    # never does (FSDP2 turns that off for the root), so only the layers are switched here.
+    layers = [m for m in mods if m is not model]
     for m in mods:
         m.unshard()
+    for m in layers:
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
+        for m in layers:
+            m.set_reshard_after_forward(True, recurse=False)  # as shard() set them
         for m in mods:
             m.reshard()
 
