@@ -20,7 +20,19 @@ struct TrustedEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
   int64_t version;
   int64_t tokens;
+  // Where the values live: `t.data = other` or set_() swap these without always bumping the
+  // version. (Writes through `.data` or a numpy alias bypass the version counter and are not
+  // tracked: do not edit a built layout that way.)
+  const void* data;
+  int64_t numel, offset;
 };
+
+TrustedEntry make_entry(const at::Tensor& t, int64_t tokens) {
+  return TrustedEntry{
+      c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(t.getIntrusivePtr()),
+      static_cast<int64_t>(t._version()), tokens, t.const_data_ptr(), t.numel(),
+      t.storage_offset()};
+}
 std::mutex g_trust_mutex;
 std::unordered_map<const c10::TensorImpl*, TrustedEntry> g_trusted;
 std::atomic<int64_t> g_value_checks{0};
@@ -29,9 +41,11 @@ bool is_trusted(const at::Tensor& t, int64_t tokens) {
   if (t.is_inference()) return false;
   std::lock_guard<std::mutex> lock(g_trust_mutex);
   auto it = g_trusted.find(t.unsafeGetTensorImpl());
-  return it != g_trusted.end() && !it->second.impl.expired() &&
-         it->second.version == static_cast<int64_t>(t._version()) &&
-         it->second.tokens == tokens;
+  if (it == g_trusted.end()) return false;
+  const TrustedEntry& e = it->second;
+  return !e.impl.expired() && e.version == static_cast<int64_t>(t._version()) &&
+         e.tokens == tokens && e.data == t.const_data_ptr() && e.numel == t.numel() &&
+         e.offset == t.storage_offset();
 }
 
 constexpr const char* kBlockOp = "dlmkern.block_attention";
@@ -181,11 +195,7 @@ void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream) {
     it = it->second.impl.expired() ? g_trusted.erase(it) : std::next(it);
   }
   for (const at::Tensor* t : {&cu_seqlens, &stream}) {
-    g_trusted.insert_or_assign(
-        t->unsafeGetTensorImpl(),
-        TrustedEntry{c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
-                         t->getIntrusivePtr()),
-                     static_cast<int64_t>(t->_version()), T});
+    g_trusted.insert_or_assign(t->unsafeGetTensorImpl(), make_entry(*t, T));
   }
 }
 

@@ -320,3 +320,23 @@ def test_layouts_are_validated_once_not_per_call():
         block_attention(q, k, v, lay)
     with pytest.raises(ValueError, match=r"`cu_seqlens`\[0\] must be 0"):
         torch.ops.dlmkern._trust_layout(torch.tensor([1, T], dtype=torch.int32), lay.block)
+    # swapping the storage under a trusted tensor (t.data = other) is caught as well
+    lay2 = layouts.tracerl([3, 6], [9, 14], 4)
+    lay2.cu_seqlens.data = torch.tensor([0, 8, 3], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"cu_seqlens"):
+        block_attention(q, k, v, lay2)
+
+
+def test_layouts_build_under_fake_tensors_and_compile():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        lay = layouts.block_causal([5, 7], 4)
+    assert lay.num_tokens == 12
+
+    def f(x):
+        lay = layouts.full([x.shape[0]])
+        return x * lay.cu_seqlens[-1]
+
+    x = torch.ones(6)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True, backend="eager")(x), x * 6)

@@ -226,6 +226,13 @@ def test_resume_restores_the_kl_reference(tmp_path):
     b.resume(str(tmp_path / "ckpt"))
     for (n, p1), p2 in zip(_model().named_parameters(), b.ref_model.parameters(), strict=True):
         assert torch.equal(p1, p2), n
+    # a checkpoint without a reference (older dlmkern) says so instead of silently using the
+    # model the trainer was built with
+    tr = TraceRL(_model(), TOK, DATA, reward, _cfg(tmp_path / "c", pass_rate_low=0.0))
+    tr.save(str(tmp_path / "noref"))
+    c = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path / "d", kl_coef=0.1, kl_to="ref"))
+    with pytest.warns(RuntimeWarning, match="holds no KL reference"):
+        c.resume(str(tmp_path / "noref"))
 
 
 @pytest.mark.parametrize("value", [False, True])

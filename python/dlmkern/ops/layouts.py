@@ -38,8 +38,10 @@ def _trusted(lay: Layout) -> Layout:
     """Validates the layout's cu_seqlens / stream values once (one host sync) so that every
     block_attention call on these tensors (each layer, forward and backward) skips its own
     host-side value checks. In-place changes to them make them checked again."""
-    if not lay.cu_seqlens.is_meta:
-        torch.ops.dlmkern._trust_layout(lay.cu_seqlens, lay.stream)
+    cu, stream = lay.cu_seqlens, lay.stream
+    real = type(cu) is torch.Tensor and type(stream) is torch.Tensor  # not fake / subclasses
+    if real and not cu.is_meta and not torch.compiler.is_compiling():
+        torch.ops.dlmkern._trust_layout(cu, stream)
     return lay
 
 

@@ -86,7 +86,13 @@ class Checkpointing:
         if getattr(self, "ref_model", None) is not None:
             from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-            set_model_state_dict(self.ref_model, state["ref_model"])
+            saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata()
+            if any(k.startswith("ref_model.") for k in saved.state_dict_metadata):
+                set_model_state_dict(self.ref_model, state["ref_model"])
+            else:
+                warnings.warn(f"{path}: the checkpoint holds no KL reference model (written by "
+                              "an older dlmkern); the reference stays the model this trainer "
+                              "was built with", RuntimeWarning, stacklevel=2)
         meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
         self._set_progress(meta)
         torch.set_rng_state(meta["torch_rng"])
