@@ -29,6 +29,8 @@ class Layout:
         return int(self.block.numel())
 
     def to(self, device) -> Layout:
+        if self.cu_seqlens.device == torch.device(device):
+            return self  # already there (and validated when it was built or moved)
         return _trusted(Layout(self.block.to(device), self.stream.to(device),
                                self.position_ids.to(device), self.cu_seqlens.to(device),
                                self.max_seqlen, self.full))

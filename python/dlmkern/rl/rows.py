@@ -31,6 +31,11 @@ class Rows:
     def num_tokens(self) -> int:
         return int(self.input_ids.numel())
 
+    def to(self, device) -> Rows:
+        return Rows(self.input_ids.to(device), self.layout.to(device),
+                    self.train_rows.to(device), self.targets.to(device), self.traj.to(device),
+                    self.step.to(device), self.gen_index.to(device))
+
 
 def _cat(parts, dtype=torch.long):
     return torch.tensor([x for p in parts for x in p], dtype=dtype)

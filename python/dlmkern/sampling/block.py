@@ -156,8 +156,8 @@ class BlockSampler:
             g = B * run.pad_seqs
             pad = -(-n_live // g) * g - n_live          # < g: fits in the dummy sequences
             dummy = [min(B, max(0, pad - j * B)) for j in range(run.pad_seqs)]
-            spans += [(0, n) for n in dummy]             # positions 0..n-1, nothing masked
-            gen += [0] * run.pad_seqs
+            spans += [(0, n) for n in dummy]             # positions 0..n-1
+            gen += dummy                                 # generated from n on: nothing masked
             lens += dummy
             n_live += pad
         st = run.state(S, B, n_live, device)
@@ -179,8 +179,7 @@ class BlockSampler:
         fixed = cfg.rule in ("static", "sequential")
         n_iter = cfg.steps if fixed else B
         sched = [transfer_schedule(max(e - g, 0), cfg.steps)
-                 for g, (_, e) in zip(gen[:len(seqs)], spans, strict=False)]
-        sched += [[0] * cfg.steps] * run.pad_seqs
+                 for g, (_, e) in zip(gen, spans, strict=True)]
         n_static = torch.tensor(sched, dtype=torch.long).T.contiguous().to(device)  # [steps, S]
         uniforms = None
         if cfg.temperature > 0:

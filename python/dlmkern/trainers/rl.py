@@ -236,7 +236,8 @@ class RLTrainer(Checkpointing):
         if rows.train_rows.numel() == 0 and not self.distributed:
             return None
         dev = self.device
-        traj_idx = rows.traj.to(dev)
+        rows = rows.to(dev)  # once: every forward of every epoch reuses these tensors
+        traj_idx = rows.traj
         with torch.no_grad():
             self.model.eval()
             old_logp = self._logp(self.model, rows)
@@ -245,7 +246,9 @@ class RLTrainer(Checkpointing):
                 ref_logp = self._logp(self.ref_model, rows) if self.ref_model else old_logp
         prep = {"rows": rows, "traj_idx": traj_idx, "old_logp": old_logp, "ref_logp": ref_logp,
                 "adv": sample_adv.to(dev)[traj_idx], "n_seq": len(trajs), "weight": weight,
-                "n_tokens": int(old_logp.numel())}
+                "n_tokens": int(old_logp.numel()),
+                # seq_mean averages over the sequences that have trained tokens: count those
+                "n_seq_trained": int(traj_idx.unique().numel())}
         if self.value_model is not None:
             prep.update(self._value_targets(rows, rewards, traj_idx))
             prep["adv"] = prep["gae_adv"]
@@ -265,9 +268,7 @@ class RLTrainer(Checkpointing):
             dual_clip=self.cfg.dual_clip or None, kl_coef=self.cfg.kl_coef,
             reduction=self.cfg.reduction, seq_ids=p["traj_idx"], num_seqs=p["n_seq"],
             normalizer=self.cfg.loss_normalizer)
-        # seq_mean averages over the sequences that have trained tokens: count those
-        n_local = (int(p["traj_idx"].unique().numel()) if self.cfg.reduction == "seq_mean"
-                   else int(mask.sum()))
+        n_local = p["n_seq_trained"] if self.cfg.reduction == "seq_mean" else int(mask.sum())
         weight = p["weight"]
         scale = self._global_scale(n_local * (weight > 0), "policy") * weight
         self.opt.zero_grad(set_to_none=True)
