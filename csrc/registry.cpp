@@ -1,10 +1,9 @@
 // The one place op schemas are declared (TORCH_LIBRARY). Backends register kernels with
 // TORCH_LIBRARY_IMPL in their own files; fake (meta) and autograd live in python/dlmkern/ops/.
-#include <torch/library.h>
-
 #include "attention.h"
+#include "library.h"
 
-TORCH_LIBRARY(dlmkern, m) {
+DLMKERN_LIBRARY(m) {
   // SPEC 2.3. Returns (logp, entropy, lse), each fp32 [n] for the selected rows.
   m.def(
       "masked_logprobs(Tensor hidden, Tensor weight, Tensor targets, Tensor? rows, "

@@ -24,6 +24,9 @@ fi
 # CUDA sources compile whenever nvcc is found (CUDA_HOME, /usr/local/cuda or PATH).
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+# Also build dlmkern._C_emu: the CUDA kernels on a CPU emulator, so tests exercise the CUDA code
+# paths without a GPU (csrc/emu/README.md). DLMKERN_CUDA_EMU=OFF skips it (a few minutes of build).
+export DLMKERN_CUDA_EMU=${DLMKERN_CUDA_EMU:-ON}
 echo "[setup] building dlmkern (DLMKERN_CUDA=${DLMKERN_CUDA:-AUTO})"
 "$VPY" -m pip install -q --no-build-isolation -e .
 "$VPY" -c "import dlmkern, json; print('[setup] build_info:', json.dumps(dlmkern.build_info()))"

@@ -3,10 +3,10 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#include <torch/library.h>
 
 #include "attention.h"
 #include "cuda/attention_kernels.h"
+#include "library.h"
 
 namespace dlmkern {
 namespace {
@@ -179,7 +179,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_new
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlmkern, CUDA, m) {
+DLMKERN_CUDA_IMPL(m) {
   m.impl("block_attention", &block_attention_cuda);
   m.impl("block_attention_backward", &block_attention_backward_cuda);
   m.impl("decode_attention", &decode_attention_cuda);

@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/attention_kernels.h"
+#include "cuda/launch.h"
 #include "dlmkern/block_mask.h"
 
 namespace dlmkern::cuda {
@@ -36,11 +37,15 @@ template <>
 struct Mma<__nv_bfloat16> {
   static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
                                              uint32_t b1) {
+#ifdef DLMKERN_CUDA_EMU
+    ::dlmkern_emu::mma_m16n8k16<__nv_bfloat16>(c, a, b0, b1, __LINE__);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
@@ -53,11 +58,15 @@ template <>
 struct Mma<__half> {
   static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
                                              uint32_t b1) {
+#ifdef DLMKERN_CUDA_EMU
+    ::dlmkern_emu::mma_m16n8k16<__half>(c, a, b0, b1, __LINE__);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
   }
   static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
     __half2 v = __floats2half2_rn(lo, hi);
@@ -135,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n_tiles = static_cast<int>((len + kTile - 1) / kTile);
   const TileMeta qmeta = a.tiles.meta[slot];
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DLMKERN_DYNAMIC_SMEM(smem_raw);
   T* Qs = reinterpret_cast<T*>(smem_raw);
   T* Ks = Qs + kTile * (D + kPad);
   T* Vs = Ks + kTile * (D + kPad);
@@ -295,7 +304,7 @@ __global__ void __launch_bounds__(kThreads)
   const int n_tiles = static_cast<int>((len + kTile - 1) / kTile);
   const TileMeta kmeta = a.tiles.meta[slot];
 
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DLMKERN_DYNAMIC_SMEM(smem_raw);
   constexpr int kRow = D + kPad;
   T* Ks = reinterpret_cast<T*>(smem_raw);
   T* Vs = Ks + kTile * kRow;
@@ -482,7 +491,7 @@ int fwd_typed(const AttnArgs& a, void* out, float* lse) {
   constexpr int smem = fwd_smem_bytes<D>();
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid(static_cast<unsigned>(a.tiles.num_slots), static_cast<unsigned>(a.Hq));
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(a.stream_ptr)>>>(
+  DLMKERN_LAUNCH(kernel, grid, kThreads, smem, static_cast<cudaStream_t>(a.stream_ptr))(
       a, static_cast<T*>(out), lse);
   return static_cast<int>(cudaGetLastError());
 }
@@ -494,7 +503,7 @@ int bwd_typed(const AttnArgs& a, const void* dout, const float* lse, const float
   constexpr int smem = bwd_smem_bytes<D>();
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   const dim3 grid(static_cast<unsigned>(a.tiles.num_slots), static_cast<unsigned>(a.Hkv));
-  kernel<<<grid, kThreads, smem, static_cast<cudaStream_t>(a.stream_ptr)>>>(
+  DLMKERN_LAUNCH(kernel, grid, kThreads, smem, static_cast<cudaStream_t>(a.stream_ptr))(
       a, static_cast<const T*>(dout), lse, delta, dq, static_cast<T*>(dk), static_cast<T*>(dv));
   return static_cast<int>(cudaGetLastError());
 }
@@ -527,7 +536,7 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a, int spli
   const int64_t kbeg = split * chunk, kend = imin64(total, kbeg + chunk);
   const int rows = nq * group;
   constexpr int kRowS = D + 2;  // fp32 smem rows, padded by one word pair
-  extern __shared__ __align__(16) unsigned char smem_raw[];
+  DLMKERN_DYNAMIC_SMEM(smem_raw);
   float* Kf = reinterpret_cast<float*>(smem_raw);
   float* Vf = Kf + kTile * kRowS;
   float* Pw = Vf + kTile * kRowS;  // [kWarps][64] probabilities
@@ -689,11 +698,15 @@ int decode_typed(const DecodeArgs& a) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     const dim3 grid(static_cast<unsigned>(a.num_seqs), static_cast<unsigned>(a.Hkv),
                     static_cast<unsigned>(splits));
-    kernel<<<grid, kThreads, smem, s>>>(a, splits);
+    DLMKERN_LAUNCH(kernel, grid, kThreads, smem, s)(a, splits);
     const int64_t rows = a.T * a.Hq;
-    decode_combine_kernel<T, D><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, s>>>(a, splits);
+    auto combine = decode_combine_kernel<T, D>;
+    DLMKERN_LAUNCH(combine, static_cast<unsigned>((rows + 3) / 4), 128, 0, s)(a, splits);
   }
-  if (a.commit && a.num_seqs > 0) decode_commit_kernel<T><<<a.num_seqs, 256, 0, s>>>(a);
+  if (a.commit && a.num_seqs > 0) {
+    auto commit = decode_commit_kernel<T>;
+    DLMKERN_LAUNCH(commit, static_cast<unsigned>(a.num_seqs), 256, 0, s)(a);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -701,7 +714,8 @@ int decode_typed(const DecodeArgs& a) {
 
 int launch_tile_table(const AttnArgs& a) {
   if (a.num_seqs == 0) return 0;
-  tile_table_kernel<<<a.num_seqs, 128, 0, static_cast<cudaStream_t>(a.stream_ptr)>>>(
+  DLMKERN_LAUNCH(tile_table_kernel, static_cast<unsigned>(a.num_seqs), 128, 0,
+                 static_cast<cudaStream_t>(a.stream_ptr))(
       a.cu_seqlens, a.block, a.stream, a.full, a.tiles);
   return static_cast<int>(cudaGetLastError());
 }

@@ -2,9 +2,9 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#include <torch/library.h>
 
 #include "cuda/logprobs_kernels.h"
+#include "library.h"
 #include "logprobs.h"
 
 namespace dlmkern {
@@ -59,7 +59,7 @@ const RowKernels kCuda{cuda_update, cuda_grad, cuda_can_sync, kCudaRowChunk, kCu
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlmkern, CUDA, m) {
+DLMKERN_CUDA_IMPL(m) {
   m.impl("masked_logprobs", &LogprobOps<kCuda>::masked);
   m.impl("masked_logprobs_backward", &LogprobOps<kCuda>::masked_backward);
   m.impl("logprobs_from_logits", &LogprobOps<kCuda>::from_logits);

@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/launch.h"
 #include "cuda/logprobs_kernels.h"
 #include "dlmkern/online_lse.h"
 
@@ -103,7 +104,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 int update_typed(const void* x, int64_t rows, int64_t cols, int64_t ld, const int64_t* targets,
                  int64_t col0, float inv_temp, float* state, int64_t state_ld, cudaStream_t s) {
-  lse_update_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, s>>>(
+  auto kernel = lse_update_kernel<T>;
+  DLMKERN_LAUNCH(kernel, static_cast<unsigned>(rows), kThreads, 0, s)(
       static_cast<const T*>(x), cols, ld, targets, col0, inv_temp, state, state_ld);
   return static_cast<int>(cudaGetLastError());
 }
@@ -114,7 +116,8 @@ int grad_typed(const void* x, int64_t rows, int64_t cols, int64_t ld, const int6
                const float* g_logp, const float* g_ent, void* y, int64_t ld_out, cudaStream_t s) {
   const dim3 grid(static_cast<unsigned>(rows),
                   static_cast<unsigned>((cols + kGradColsPerBlock - 1) / kGradColsPerBlock));
-  logprob_grad_kernel<Tin, Tout><<<grid, kThreads, 0, s>>>(
+  auto kernel = logprob_grad_kernel<Tin, Tout>;
+  DLMKERN_LAUNCH(kernel, grid, kThreads, 0, s)(
       static_cast<const Tin*>(x), cols, ld, targets, col0, inv_temp, lse, mean_z, g_logp, g_ent,
       static_cast<Tout*>(y), ld_out);
   return static_cast<int>(cudaGetLastError());

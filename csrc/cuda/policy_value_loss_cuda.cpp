@@ -2,9 +2,9 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
-#include <torch/library.h>
 
 #include "cuda/policy_value_loss_kernels.h"
+#include "library.h"
 #include "policy_value_loss.h"
 
 namespace dlmkern {
@@ -19,7 +19,8 @@ void cuda_forward(PvForwardArgs& a) {
   a.stream = c10::cuda::getCurrentCUDAStream().stream();
   // Scratch for per-block partials; every block writes its own slot before it is read.
   auto partials = at::empty({cuda::pv_forward_partials_floats()},
-                            at::TensorOptions().device(at::kCUDA, c10::cuda::current_device())
+                            at::TensorOptions()
+                                .device(c10::cuda::getCurrentCUDAStream().device())
                                 .dtype(at::kFloat));
   check_launch(cuda::launch_pv_forward(a, partials.data_ptr<float>()));
 }
@@ -39,7 +40,7 @@ const PvKernels kCuda{cuda_forward, cuda_backward, cuda_can_sync};
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(dlmkern, CUDA, m) {
+DLMKERN_CUDA_IMPL(m) {
   m.impl("policy_value_loss", &PvOps<kCuda>::forward);
   m.impl("policy_value_loss_backward", &PvOps<kCuda>::backward);
 }

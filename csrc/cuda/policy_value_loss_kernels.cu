@@ -5,6 +5,7 @@
 // Backward: one elementwise kernel scales the saved gradients by grad_loss and the reduction weight.
 #include <cuda_runtime.h>
 
+#include "cuda/launch.h"
 #include "cuda/policy_value_loss_kernels.h"
 #include "dlmkern/policy_value_loss.h"
 
@@ -196,7 +197,7 @@ int64_t pv_forward_partials_floats() { return static_cast<int64_t>(kMaxBlocks) *
 
 int launch_pv_forward(PvForwardArgs& a, float* partials) {
   const int grid = grid_for(a.num_tokens);
-  pv_forward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(a, partials);
+  DLMKERN_LAUNCH(pv_forward_kernel, grid, kThreads, 0, static_cast<cudaStream_t>(a.stream))(a, partials);
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -204,7 +205,7 @@ int launch_pv_backward(PvBackwardArgs& a) {
   if (a.num_tokens == 0) return 0;
   const int grid = static_cast<int>(
       std::min<int64_t>((a.num_tokens + kThreads - 1) / kThreads, 8 * kMaxBlocks));
-  pv_backward_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(a.stream)>>>(a);
+  DLMKERN_LAUNCH(pv_backward_kernel, grid, kThreads, 0, static_cast<cudaStream_t>(a.stream))(a);
   return static_cast<int>(cudaGetLastError());
 }
 

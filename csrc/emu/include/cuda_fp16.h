@@ -1,0 +1,3 @@
+// CUDA emulator stand-in (tests only): see csrc/emu/README.md.
+#pragma once
+#include "dlmkern_emu/device.h"
