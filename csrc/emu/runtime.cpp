@@ -243,7 +243,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
   }
   s.fibers.resize(std::max<std::size_t>(s.fibers.size(), nthreads));
   s.gather.assign(static_cast<std::size_t>((nthreads + 31) / 32) * 32 * kGatherBytes, 0);
-  s.smem.assign(smem, 0);
+  s.smem = std::vector<unsigned char>(smem);  // exactly `smem` bytes: overruns hit ASan redzones
   s.body = &body;
   s.error.clear();
   g_grid_dim = grid;
