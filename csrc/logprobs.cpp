@@ -81,17 +81,27 @@ void check_hidden_weight(const at::Tensor& hidden, const at::Tensor& weight) {
 
 // Dtype of the GEMM operands: the input dtype on CUDA (tensor cores, fp32 accumulation and fp32
 // output), fp32 on CPU (reduced-precision GEMMs on CPU are slow and less accurate).
+// The CUDA emulator (csrc/emu/) runs the CUDA path on CPU tensors: input-dtype operands there too.
 at::ScalarType gemm_dtype(const at::Tensor& t) {
+#ifdef DLMKERN_CUDA_EMU
+  return t.scalar_type();
+#else
   return t.is_cuda() ? t.scalar_type() : at::kFloat;
+#endif
 }
 
 // out(fp32) = a @ b.t() with fp32 accumulation.
 void gemm_nt(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() == at::kFloat) {
     at::mm_out(out, a, b.t());
-  } else {
-    at::mm_out(out, a, b.t(), at::kFloat);
+    return;
   }
+#ifdef DLMKERN_CUDA_EMU
+  // No half x half -> fp32 GEMM on CPU: upcast (exact products, fp32 sums, like tensor cores).
+  at::mm_out(out, a.to(at::kFloat), b.t().to(at::kFloat));
+#else
+  at::mm_out(out, a, b.t(), at::kFloat);
+#endif
 }
 
 // acc(fp32) += a @ b, with fp32 accumulation for half inputs.
@@ -100,6 +110,10 @@ void gemm_acc(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b) {
     acc.addmm_(a, b);
     return;
   }
+#ifdef DLMKERN_CUDA_EMU
+  acc.addmm_(a.to(at::kFloat), b.to(at::kFloat));
+  return;
+#endif
   // addmm.dtype_out accumulates in place with beta = 1. Should a torch build reject the aliasing,
   // fall back (once, for good) to a separate fp32 product.
   static bool in_place_ok = true;

@@ -20,6 +20,8 @@ from dlmkern.ops import (
 from dlmkern.ops import reference as ref
 from dlmkern.sampling import BlockSampler, SamplingConfig
 
+from .test_masked_logprobs import SMALL_UPSTREAM_TOL, small_upstream_gradient_errors
+
 pytestmark = pytest.mark.skipif(not _cuda_emu.available(),
                                 reason="dlmkern built without DLMKERN_CUDA_EMU=ON")
 
@@ -207,6 +209,14 @@ def test_masked_logprobs_matches_reference(dtype):
     assert lp[1] == 0  # ignore_index
     for a, b in ((hidden, h2), (weight, w2)):
         assert _rel_err(a.grad, b.grad) < tol * 10
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_small_upstream_gradients_survive_reduced_precision_tiles(dtype):
+    """On the CUDA path the gradient tiles are stored in the input dtype (see the helper)."""
+    with emu():
+        errs = small_upstream_gradient_errors(dtype)
+    assert max(errs) < SMALL_UPSTREAM_TOL[dtype], errs
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
