@@ -116,6 +116,28 @@ def test_block_attention_head_dims_and_gqa(hq, hkv, d):
         assert _rel_err(a.grad, b.grad) < 2e-2
 
 
+@pytest.mark.parametrize("kind", ["block_causal", "bd3", "full"])
+def test_block_attention_tile_edges_and_empty_sequences(kind):
+    """Sequence lengths at and around the 64-token tile (0, 1, 63, 64, 65, 128), empty sequences
+    between others: every slot of the device-built tile table lands on the right tokens."""
+    lens = [0, 1, 63, 64, 0, 65, 128, 0]
+    layout = {"block_causal": lambda: layouts.block_causal(lens, 4),
+              "bd3": lambda: layouts.bd3([n // 2 for n in lens], 32),
+              "full": lambda: layouts.full(lens)}[kind]()
+    q, k, v = (x.requires_grad_() for x in _attention_case(layout, 2, 1, 64, torch.float16))
+    with emu():
+        out, lse = block_attention(q, k, v, layout)
+        out.backward(torch.ones_like(out))
+    q2, k2, v2 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    out_r, lse_r = ref.block_attention(q2, k2, v2, layout.cu_seqlens, layout.block,
+                                       layout.stream, full=layout.full)
+    out_r.backward(torch.ones_like(out_r))
+    torch.testing.assert_close(out.float(), out_r, atol=3e-3, rtol=3e-3)
+    torch.testing.assert_close(lse, lse_r, atol=1e-4, rtol=1e-5)
+    for a, b in ((q, q2), (k, k2), (v, v2)):
+        assert _rel_err(a.grad, b.grad) < 3e-3
+
+
 def test_block_attention_does_not_depend_on_thread_order():
     """Forward and dK / dV have no atomics: bitwise equal under every schedule; dQ (fp32 atomics
     from several key tiles) equal up to summation order."""
@@ -168,6 +190,21 @@ def test_decode_matches_reference_and_commits(d, dtype, commit):
     tol = ATTN_TOL[dtype]
     torch.testing.assert_close(out.float(), out_r.float(), atol=tol, rtol=tol)
     assert torch.equal(lens, lens_r) and torch.equal(kc, kc_r) and torch.equal(vc, vc_r)
+
+
+def test_decode_sequences_without_queries_and_schedules():
+    """A sequence with no query rows this step (cu_seqlens_q repeats) is skipped and commits
+    nothing; the output is the same under every thread schedule (no atomics)."""
+    outs = []
+    for schedule in ("forward", "reverse", "random"):
+        q, kn, vn, kc, vc, lens, cu = _decode_case(128, torch.bfloat16, [5, 600, 0], [3, 0, 2], 700)
+        kc_r, vc_r, lens_r = kc.clone(), vc.clone(), lens.clone()
+        with emu(schedule=schedule, seed=2):
+            outs.append(decode_attention(q, kn, vn, kc, vc, lens, cu, commit=True))
+        out_r = ref.decode_attention(q.float(), kn, vn, kc_r, vc_r, lens_r, cu, commit=True)
+        torch.testing.assert_close(outs[-1].float(), out_r.float(), atol=2e-2, rtol=2e-2)
+        assert lens.tolist() == [8, 600, 2] and torch.equal(kc, kc_r)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
 def test_decode_under_capture_never_writes_past_a_cache_row():
@@ -293,6 +330,29 @@ def test_policy_value_loss_matches_reference(shape, reduction):
         torch.testing.assert_close(got[1][key], stats_r[key], atol=1e-5, rtol=1e-5, msg=key)
     torch.testing.assert_close(got[2], lp.grad, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got[3], v.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["reverse", "random"])
+def test_loss_and_logprob_kernels_do_not_depend_on_thread_order(schedule):
+    """Block reductions (shared memory + warp shuffles, the last-block combine of the loss): the
+    same results under other thread orders (token_mean is deterministic by construction)."""
+    b = _pv_batch((5000,))
+    kw = {"kl_coef": 0.05, "vf_coef": 0.7, "reduction": "token_mean"}
+    g = torch.Generator().manual_seed(6)
+    logits = torch.randn(9, 4200, generator=g).to(torch.bfloat16)
+    targets = torch.randint(0, 4200, (9,), generator=g)
+    runs = []
+    for sch in ("forward", schedule):
+        with emu(schedule=sch, seed=5):
+            x = logits.clone().requires_grad_()
+            lp, ent = logprobs_from_logits(x, targets, return_entropy=True)
+            (lp.sum() + ent.sum()).backward()
+            runs.append((*_pv_run(b, **kw), lp, ent, x.grad))
+    for a, c in zip(*runs, strict=True):
+        if isinstance(a, dict):
+            assert all(torch.equal(a[k], c[k]) for k in a)
+        else:
+            assert torch.equal(a, c)
 
 
 def test_policy_value_loss_bad_sequence_id_under_capture_gives_nan():

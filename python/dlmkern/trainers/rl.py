@@ -29,6 +29,7 @@ from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.config import RLConfig, to_dict
 from dlmkern.trainers.logging import RunLogger
+from dlmkern.trainers.optim import MixedPrecisionAdamW
 
 
 class RLTrainer(Checkpointing):
@@ -65,12 +66,13 @@ class RLTrainer(Checkpointing):
             for m in (self.model, self.value_model, self.ref_model):
                 if m is not None:
                     distributed.shard(m)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
-                                     weight_decay=self.cfg.weight_decay)
+        self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=self.cfg.lr,
+                                       weight_decay=self.cfg.weight_decay)
         self.value_opt = None
         if self.value_model is not None:
-            self.value_opt = torch.optim.AdamW(self.value_model.parameters(), lr=self.cfg.value_lr,
-                                               weight_decay=self.cfg.weight_decay)
+            self.value_opt = MixedPrecisionAdamW(self.value_model.parameters(),
+                                                 lr=self.cfg.value_lr,
+                                                 weight_decay=self.cfg.weight_decay)
         # optional held-out evaluation: eval_fn(model) -> float, every eval_every steps (called
         # on every rank; logged as eval_accuracy and plotted)
         self.eval_fn = None

@@ -16,6 +16,7 @@ from dlmkern.ops import layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
+from dlmkern.trainers.optim import MixedPrecisionAdamW
 
 
 class SFT(Checkpointing):
@@ -44,8 +45,8 @@ class SFT(Checkpointing):
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         if self.distributed:  # FSDP2 before the optimizer sees the parameters
             distributed.shard(self.model)
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
-                                     weight_decay=self.cfg.weight_decay)
+        self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=self.cfg.lr,
+                                       weight_decay=self.cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # which rows each step trains
         self.step = 0
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),

@@ -1,0 +1,89 @@
+"""AdamW with fp32 master weights for bf16 / fp16 parameters.
+
+On a GPU the trainers hold the model in bfloat16 (the kernels compute in it, and the sampler's KV
+cache uses it). Plain AdamW on bf16 parameters rounds every update to bf16: an update of
+lr = 1e-6 on a weight of 0.02 is about 1 % of its bf16 spacing (1.2e-4) and is lost entirely, so
+RL at the usual learning rates would not move the model at all. This optimizer keeps, for each
+low-precision parameter, an fp32 master copy and fp32 moments in its state (so checkpoints carry
+them), applies the AdamW update to the master and writes the rounded result back into the
+parameter. fp32 parameters get torch's AdamW unchanged.
+
+If a parameter is changed outside the optimizer (loaded weights, a manual edit), the elements
+whose value no longer equals the rounded master are adopted into the master at the next step.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_LOW = (torch.bfloat16, torch.float16)
+_FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
+
+
+class MixedPrecisionAdamW(torch.optim.AdamW):
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    def load_state_dict(self, state_dict):
+        # torch casts floating-point state to its parameter's dtype on load; the masters and
+        # moments of low-precision parameters must stay fp32.
+        keep = {(pid, k): v for pid, st in state_dict["state"].items() for k, v in st.items()
+                if k in _FP32_STATE and torch.is_tensor(v) and v.dtype == torch.float32}
+        super().load_state_dict(state_dict)
+        ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params, strict=True))
+        for (pid, k), v in keep.items():
+            p = by_id[pid]
+            if p.dtype in _LOW:
+                self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        low = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
+               if p.grad is not None and p.dtype in _LOW]
+        for _, p, _ in low:  # AdamW skips parameters without a gradient
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for _, p, g in low:
+                p.grad = g
+        for group, p, g in low:
+            self._master_step(group, p, g)
+        return loss
+
+    def _master_step(self, group, p, grad):
+        if group["amsgrad"]:
+            raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
+        state = self.state[p]
+        if "master" not in state:
+            state["master"] = p.detach().float()
+            state.setdefault("step", torch.tensor(0.0))
+            for k in ("exp_avg", "exp_avg_sq"):
+                state[k] = (state[k].float() if k in state
+                            else torch.zeros_like(p, dtype=torch.float32))
+        master, exp_avg, exp_avg_sq = state["master"], state["exp_avg"], state["exp_avg_sq"]
+        master.copy_(torch.where(master.to(p.dtype) == p, master, p.float()))
+        g = grad.float()
+        if group["maximize"]:
+            g = -g
+        state["step"] += 1
+        step = float(state["step"])
+        lr, (beta1, beta2) = float(group["lr"]), group["betas"]
+        # torch's single-tensor AdamW, step for step (an fp32 run gives the same masters).
+        master.mul_(1 - lr * group["weight_decay"])
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        master.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        p.copy_(master)
