@@ -39,6 +39,9 @@ MODES = {
     # times, and with 1 prompt rank 1 samples nothing (it deadlocked before gathered() kept
     # the layers unsharded)
     "llada": {"prompts_per_step": 1, "gen_block_length": 4, "steps_per_block": 2},
+    # micro-batches of at most 50 row tokens (1-2 trajectories): the ranks hold different
+    # numbers of them, so one runs zero-weight stand-ins to match the other's FSDP passes
+    "micro": {"micro_batch_tokens": 50, "num_minibatches": 2, "use_value_model": True},
 }
 
 
@@ -58,12 +61,13 @@ def make_trainer(out_dir, mode="tracerl"):
     return tr
 
 
-def make_sft(out_dir):
+def make_sft(out_dir, micro_batch_tokens=0):
     torch.manual_seed(0)
     model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
                                     mask_token_id=TOK.mask_token_id))
     cfg = SFTConfig(batch_size=6, lr=1e-3, total_steps=1, output_dir=out_dir,
-                    progress_bar=False, max_grad_norm=100.0)
+                    progress_bar=False, max_grad_norm=100.0,
+                    micro_batch_tokens=micro_batch_tokens)
     return SFT(model, TOK, DATA, cfg)
 
 
@@ -71,6 +75,8 @@ if __name__ == "__main__":
     out = sys.argv[1]
     if "sft" in sys.argv:
         tr = make_sft(out + "/run")
+    elif "sft_micro" in sys.argv:  # 3 rows per rank in micro-batches of 1-2 rows
+        tr = make_sft(out + "/run", micro_batch_tokens=30)
     else:
         tr = make_trainer(out + "/run", sys.argv[2])
     log = tr.train_step()

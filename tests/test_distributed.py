@@ -34,7 +34,7 @@ def _torchrun(out, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "odd",
-                                  "dynamic", "refkl", "llada", "sft"])
+                                  "dynamic", "refkl", "llada", "micro", "sft", "sft_micro"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -42,6 +42,8 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     def make(out):
         if mode == "sft":
             return make_sft(out)
+        if mode == "sft_micro":
+            return make_sft(out, micro_batch_tokens=30)
         return make_trainer(out, mode)
 
     one = make(str(tmp_path / "single"))
@@ -55,7 +57,7 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     assert any(not torch.equal(init[k], v) for k, v in one.model.state_dict().items())
     for name, p in one.model.state_dict().items():
         torch.testing.assert_close(p, two[name], atol=2e-5, rtol=1e-4, msg=name)
-    if mode == "value":  # the value model trained the same too
+    if mode in ("value", "micro"):  # the value model trained the same too
         two_v = torch.load(tmp_path / "value_params.pt")
         for name, p in one.value_model.state_dict().items():
             torch.testing.assert_close(p, two_v[name], atol=2e-5, rtol=1e-4, msg=name)

@@ -308,6 +308,26 @@ def test_sft_reduces_the_loss(tmp_path, family):
     assert eval_loss() < 0.7 * first
 
 
+def test_sft_micro_batches_accumulate_to_the_unsplit_step(tmp_path):
+    runs = []
+    for budget in (0, 30):  # rows of ~7-8 characters, [noisy | clean]: 1-2 rows per forward
+        cfg = SFTConfig(batch_size=8, lr=1e-2, output_dir=str(tmp_path), progress_bar=False,
+                        max_grad_norm=1e9, micro_batch_tokens=budget)  # no clip: scales show
+        sft = SFT(_model(), TOK, DATA, cfg)
+        grads = _record_grads(sft.opt)
+        if budget:
+            assert len(sft._micro_groups(DATA[:8])) >= 4
+        runs.append((sft.train_step(), grads))
+    (la, ga), (lb, gb) = runs
+    assert la["loss"] == pytest.approx(lb["loss"], rel=1e-5)
+    assert len(ga) == len(gb) == 1
+    for x, y in zip(ga, gb, strict=True):
+        for p, q in zip(x, y, strict=True):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="micro_batch_tokens must be >= 0"):
+        SFTConfig(micro_batch_tokens=-1).validate()
+
+
 def test_sft_resume_reproduces_the_next_step_exactly(tmp_path):
     def cfg(d):
         return SFTConfig(batch_size=4, lr=3e-3, total_steps=3, output_dir=str(tmp_path / d),
@@ -337,3 +357,57 @@ def test_baseline_estimators_follow_the_advantage(tmp_path, estimator, family):
     trajs, rewards = tr.rollout(DATA[:1])
     stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
     assert math.isfinite(stats["loss"]) and stats["train_tokens"] > 0
+
+
+def _record_grads(*opts) -> list:
+    """Makes each optimizer append its parameters' gradients to the returned list at every step."""
+    grads = []
+    for opt in opts:
+        if opt is None:
+            continue
+        step = opt.step
+
+        def recording(opt=opt, step=step):
+            grads.append([p.grad.clone() for g in opt.param_groups for p in g["params"]
+                          if p.grad is not None])
+            return step()
+
+        opt.step = recording
+    return grads
+
+
+@pytest.mark.parametrize("reduction", ["token_mean", "seq_mean", "sum"])
+def test_micro_batches_accumulate_to_the_unsplit_step(tmp_path, reduction):
+    """micro_batch_tokens splits each mini-batch into several forward / backward passes (whole
+    trajectories); the accumulated gradients give the update of the unsplit mini-batch, for the
+    policy and the value model, and the statistics are those of the whole mini-batch."""
+    value = reduction != "seq_mean"  # with a value model the advantages come from GAE
+    kw = dict(lr=1e-2, max_grad_norm=1e9, reduction=reduction, use_value_model=value,
+              loss_normalizer=64.0, num_minibatches=2, ppo_epochs=2, kl_coef=0.05,
+              pass_rate_low=0.0, pass_rate_high=1.0)
+    reward = lambda p, c, **k: [float(len(x) % 2) for x in c]  # noqa: E731
+    runs = []
+    for budget in (0, 40):
+        tr = TraceRL(_model(), TOK, DATA, reward, _cfg(tmp_path / str(budget),
+                                                        micro_batch_tokens=budget, **kw))
+        # every optimizer step's gradients: the parameters are no test (Adam is blind to a
+        # gradient's scale and turns float noise in ~0 entries into full-size steps)
+        grads = _record_grads(tr.opt, tr.value_opt if value else None)
+        torch.manual_seed(1)
+        trajs, rewards = tr.rollout(DATA[:2])
+        if budget:  # the budget really splits: 4 trajectories per mini-batch, ~35 tokens each
+            assert len(tr._micro_groups(trajs[:4], list(range(4)))) >= 3
+        stats = tr.update(trajs, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2), rewards)
+        runs.append((tr, stats, grads))
+    (a, sa, ga), (b, sb, gb) = runs
+    assert len(ga) == len(gb) == (8 if value else 4)  # 2 mini-batches x 2 epochs (x 2 models)
+    for x, y in zip(ga, gb, strict=True):
+        assert sum(float(t.norm()) for t in x) > 1e-3  # a real update, not a zero gradient
+        for p, q in zip(x, y, strict=True):
+            torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-4)
+    assert sa["train_tokens"] == sb["train_tokens"] and sa["row_tokens"] == sb["row_tokens"]
+    keys = ["loss", "pg_loss", "kl", "clip_frac", "approx_kl", "ratio_max", "num_tokens"]
+    for key in keys + (["value_loss", "vf_clip_frac", "value_mean"] if value else []):
+        assert sa[key] == pytest.approx(sb[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(ValueError, match="micro_batch_tokens must be >= 0"):
+        build_config(RLConfig, {"micro_batch_tokens": -1})

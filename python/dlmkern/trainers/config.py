@@ -48,6 +48,9 @@ class RLConfig:
     gradient_checkpointing: bool = False  # recompute layer activations in backward (policy, value)
     num_minibatches: int = 1             # optimizer steps per pass over a step's trajectories
     ppo_epochs: int = 1                  # passes over them (old log-probs fixed at rollout)
+    # packed row tokens per forward: a mini-batch runs as several forward / backward passes
+    # (whole trajectories each) with accumulated gradients; 0 = the mini-batch in one forward
+    micro_batch_tokens: int = 0
     # bookkeeping
     seed: int = 0
     output_dir: str = "runs/rl"
@@ -69,6 +72,7 @@ class RLConfig:
             (self.shrinkage >= 1, "shrinkage must be >= 1"),
             (self.num_minibatches >= 1, "num_minibatches must be >= 1"),
             (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
              "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
         ]
@@ -87,6 +91,9 @@ class SFTConfig:
     total_steps: int = 200
     min_mask_ratio: float = 1e-3         # t ~ U(eps, 1)
     gradient_checkpointing: bool = False  # recompute layer activations in backward
+    # packed tokens per forward: a step's rows run as several forward / backward passes with
+    # accumulated gradients (0: all of this rank's rows in one forward)
+    micro_batch_tokens: int = 0
     seed: int = 0
     output_dir: str = "runs/sft"
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
@@ -96,6 +103,8 @@ class SFTConfig:
     def validate(self):
         if not 0 < self.min_mask_ratio < 1:
             raise ValueError("config: min_mask_ratio must lie in (0, 1)")
+        if self.micro_batch_tokens < 0:
+            raise ValueError("config: micro_batch_tokens must be >= 0")
         return self
 
 

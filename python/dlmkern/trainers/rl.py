@@ -228,17 +228,51 @@ class RLTrainer(Checkpointing):
                 stats[key + "_mean"] = sum(st[key] for st in real) / len(real)
         mine = [p for p in prepared if p is not None and p["weight"] > 0]
         stats.update(train_tokens=sum(p["n_tokens"] for p in mine),
-                     row_tokens=sum(p["rows"].num_tokens for p in mine),
+                     row_tokens=sum(p["row_tokens"] for p in mine),
                      optimizer_steps=len(steps))
         return stats
 
+    def _micro_groups(self, trajs, positions: list[int]) -> list[list[int]]:
+        """Consecutive groups of these trajectories whose packed rows fit micro_batch_tokens (a
+        trajectory over the budget is a group of its own); one group when there is no budget.
+        Every rank runs as many groups as the rank with the most (FSDP forwards and backwards
+        are collectives): the missing ones are zero-weight repeats."""
+        budget = self.cfg.micro_batch_tokens
+        groups = [list(range(len(trajs)))]
+        if budget > 0 and len(trajs) > 1:
+            groups, size = [[]], 0
+            for i, (t, pos) in enumerate(zip(trajs, positions, strict=True)):
+                n = self._rows([t], [pos]).num_tokens
+                if groups[-1] and size + n > budget:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(i)
+                size += n
+        if self.distributed and budget > 0:
+            most = max(distributed.all_gather(len(groups)))
+            groups += [None] * (most - len(groups))  # stand-ins, filled in by _prepare
+        return groups
+
     def _prepare(self, trajs, sample_adv, rewards, positions: list[int], weight: float):
-        """Rows, old / reference log-probs and advantages of one mini-batch (no gradients)."""
-        rows = self._rows(trajs, positions)
-        if rows.train_rows.numel() == 0 and not self.distributed:
+        """Rows, old / reference log-probs and advantages of one mini-batch (no gradients),
+        split into micro-batches (see micro_batch_tokens)."""
+        micro = []
+        for group in self._micro_groups(trajs, positions):
+            w = weight if group is not None else 0.0
+            group = group if group is not None else micro[-1]["group"]
+            m = self._prepare_micro([trajs[i] for i in group], sample_adv[group],
+                                    rewards[group], [positions[i] for i in group])
+            micro.append(dict(m, group=group, w=w))
+        n_tokens = sum(m["n_tokens"] for m in micro if m["w"] > 0 or weight == 0)
+        if n_tokens == 0 and not self.distributed:
             return None
+        return {"micro": micro, "weight": weight, "n_tokens": n_tokens,
+                "row_tokens": sum(m["rows"].num_tokens for m in micro if m["w"] > 0),
+                "n_seq_trained": sum(m["n_seq_trained"] for m in micro if m["w"] > 0)}
+
+    def _prepare_micro(self, trajs, sample_adv, rewards, positions: list[int]) -> dict:
         dev = self.device
-        rows = rows.to(dev)  # once: every forward of every epoch reuses these tensors
+        rows = self._rows(trajs, positions).to(dev)  # once: every epoch's forwards reuse it
         traj_idx = rows.traj
         with torch.no_grad():
             self.model.eval()
@@ -247,7 +281,7 @@ class RLTrainer(Checkpointing):
             if self.cfg.kl_coef > 0:
                 ref_logp = self._logp(self.ref_model, rows) if self.ref_model else old_logp
         prep = {"rows": rows, "traj_idx": traj_idx, "old_logp": old_logp, "ref_logp": ref_logp,
-                "adv": sample_adv.to(dev)[traj_idx], "n_seq": len(trajs), "weight": weight,
+                "adv": sample_adv.to(dev)[traj_idx], "n_seq": len(trajs),
                 "n_tokens": int(old_logp.numel()),
                 # seq_mean averages over the sequences that have trained tokens: count those
                 "n_seq_trained": int(traj_idx.unique().numel())}
@@ -256,31 +290,46 @@ class RLTrainer(Checkpointing):
             prep["adv"] = prep["gae_adv"]
         return prep
 
+    def _shares(self, p, key: str) -> list[float]:
+        """Each micro-batch's share of the mini-batch's mean (by `key` counts; 0 for stand-ins),
+        so that the accumulated gradient is the gradient of the whole mini-batch's loss."""
+        total = max(sum(m[key] for m in p["micro"] if m["w"] > 0), 1)
+        if len(p["micro"]) == 1:
+            return [1.0]
+        return [m[key] / total if m["w"] > 0 else 0.0 for m in p["micro"]]
+
     def _step(self, p) -> dict:
         """One optimizer step of the policy (and value model) on a prepared mini-batch."""
         stats = {}
         if self.value_model is not None:
             stats.update(self._value_step(p))
         self.model.train()
-        logp = self._logp(self.model, p["rows"])
-        mask = torch.ones_like(logp, dtype=torch.bool)
-        loss, pstats = policy_value_loss(
-            logp, p["old_logp"], p["adv"], mask, ref_logp=p["ref_logp"],
-            eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high,
-            dual_clip=self.cfg.dual_clip or None, kl_coef=self.cfg.kl_coef,
-            reduction=self.cfg.reduction, seq_ids=p["traj_idx"], num_seqs=p["n_seq"],
-            normalizer=self.cfg.loss_normalizer)
-        n_local = p["n_seq_trained"] if self.cfg.reduction == "seq_mean" else int(mask.sum())
+        seq = self.cfg.reduction == "seq_mean"
+        n_local = p["n_seq_trained"] if seq else p["n_tokens"]
         weight = p["weight"]
         scale = self._global_scale(n_local * (weight > 0), "policy") * weight
+        shares = ([1.0] * len(p["micro"]) if self.cfg.reduction == "sum"
+                  else self._shares(p, "n_seq_trained" if seq else "n_tokens"))
         self.opt.zero_grad(set_to_none=True)
-        (loss * scale).backward()
+        parts = []
+        for m, share in zip(p["micro"], shares, strict=True):
+            logp = self._logp(self.model, m["rows"])
+            mask = torch.ones_like(logp, dtype=torch.bool)
+            loss, pstats = policy_value_loss(
+                logp, m["old_logp"], m["adv"], mask, ref_logp=m["ref_logp"],
+                eps_low=self.cfg.eps_low, eps_high=self.cfg.eps_high,
+                dual_clip=self.cfg.dual_clip or None, kl_coef=self.cfg.kl_coef,
+                reduction=self.cfg.reduction, seq_ids=m["traj_idx"], num_seqs=m["n_seq"],
+                normalizer=self.cfg.loss_normalizer)
+            # a single micro-batch keeps the expression (and its rounding) of an unsplit step
+            (loss * scale if len(shares) == 1 else loss * (scale * share)).backward()
+            if m["w"] > 0 or len(shares) == 1:
+                parts.append((share, loss.item(), {k: float(v) for k, v in pstats.items()}))
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
-        stats.update({k: float(v) for k, v in pstats.items()})
-        stats.update(loss=loss.item(), grad_norm=float(gnorm))
+        stats.update(_combine_stats(parts))
+        stats["grad_norm"] = float(gnorm)
         return stats
-
     def _value_targets(self, rows, rewards, traj_idx) -> dict:
         """Values of the rollout-time value model at each trained token's noisy position, and
         GAE advantages / returns over trace steps (no gradients)."""
@@ -304,21 +353,29 @@ class RLTrainer(Checkpointing):
         """One clipped value-loss step of the value model on a prepared mini-batch."""
         dev = self.device
         vm = self.value_model
-        rows = p["rows"]
         vm.train()
-        v = vm(rows.input_ids.to(dev), rows.layout.to(dev))[rows.train_rows.to(dev)]
-        zeros = torch.zeros_like(v)
-        vloss, vstats = policy_value_loss(zeros, zeros, zeros, torch.ones_like(v, dtype=torch.bool),
-                                          values=v, old_values=p["old_v"], returns=p["returns"],
-                                          vf_coef=1.0, vf_clip=self.cfg.vf_clip)
         weight = p["weight"]
-        scale = self._global_scale(int(v.numel()) * (weight > 0), "value") * weight
+        scale = self._global_scale(p["n_tokens"] * (weight > 0), "value") * weight
         self.value_opt.zero_grad(set_to_none=True)
-        (vloss * scale).backward()
+        parts = []
+        for m, share in zip(p["micro"], self._shares(p, "n_tokens"), strict=True):
+            rows = m["rows"]
+            v = vm(rows.input_ids.to(dev), rows.layout.to(dev))[rows.train_rows.to(dev)]
+            zeros = torch.zeros_like(v)
+            vloss, vstats = policy_value_loss(zeros, zeros, zeros,
+                                              torch.ones_like(v, dtype=torch.bool), values=v,
+                                              old_values=m["old_v"], returns=m["returns"],
+                                              vf_coef=1.0, vf_clip=self.cfg.vf_clip)
+            (vloss * scale if len(p["micro"]) == 1 else vloss * (scale * share)).backward()
+            if m["w"] > 0 or len(p["micro"]) == 1:
+                parts.append((share, vloss.item(), float(vstats["vf_clip_frac"]),
+                              float(m["old_v"].sum()), m["old_v"].numel()))
         torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         self.value_opt.step()
-        return {"value_loss": vloss.item(), "vf_clip_frac": float(vstats["vf_clip_frac"]),
-                "value_mean": float(p["old_v"].mean())}
+        n = max(sum(x[4] for x in parts), 1)
+        return {"value_loss": sum(s * loss for s, loss, *_ in parts),
+                "vf_clip_frac": sum(x[2] * x[4] for x in parts) / n,
+                "value_mean": sum(x[3] for x in parts) / n}
 
     def train_step(self) -> dict:
         """One step. With several ranks, every rank draws the same global prompts and samples
@@ -451,3 +508,28 @@ class DiPO(RLTrainer):
     def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None):
         cfg = config or RLConfig(eps_high=0.28, kl_to="ref", dynamic_sampling=True)
         super().__init__(model, tokenizer, dataset, reward_fns, cfg)
+
+
+_TOKEN_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
+                "vf_clip_frac", "dual_clip_frac")
+
+
+def _combine_stats(parts) -> dict:
+    """Mini-batch statistics from its micro-batches' (share, loss, stats): the loss terms by
+    their share of the reduction, token fractions by token counts, the max ratio by max."""
+    if len(parts) == 1:
+        _, loss, st = parts[0]
+        return dict(st, loss=loss)
+    tokens = max(sum(st["num_tokens"] for _, _, st in parts), 1.0)
+    out = {"loss": sum(share * loss for share, loss, _ in parts)}
+    for key in parts[0][2]:
+        vals = [(share, st[key], st["num_tokens"]) for share, _, st in parts]
+        if key == "ratio_max":
+            out[key] = max(v for _, v, _ in vals)
+        elif key == "num_tokens":
+            out[key] = sum(v for _, v, _ in vals)
+        elif key in _TOKEN_MEANS:
+            out[key] = sum(v * n for _, v, n in vals) / tokens
+        else:  # pg_loss, kl, vf_loss: reduced like the loss
+            out[key] = sum(share * v for share, v, _ in vals)
+    return out

@@ -106,22 +106,52 @@ class SFT(Checkpointing):
         logp = masked_logprobs(h, self.model.lm_head.weight, full_t, rows=sel)
         return -(logp * w).sum() / (batch_size or len(rows))
 
+    def _micro_groups(self, rows) -> list[tuple[list[int], float]]:
+        """(row indices, weight) per forward: consecutive rows whose packed tokens fit
+        micro_batch_tokens (one group without a budget). Every rank runs as many as the rank with
+        the most (FSDP passes are collectives): the missing ones repeat a group at weight 0."""
+        budget = self.cfg.micro_batch_tokens
+        groups = [list(range(len(rows)))]
+        if budget > 0 and len(rows) > 1:
+            copies = 2 if self.model.config.block_causal else 1  # [noisy | clean]
+            groups, size = [[]], 0
+            for i, r in enumerate(rows):
+                n = copies * (len(self.tok.encode(r["prompt"])) +
+                              len(self.tok.encode(str(r[self.answer_key]))) + 1)
+                if groups[-1] and size + n > budget:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(i)
+                size += n
+        out = [(g, 1.0) for g in groups]
+        if self.distributed and budget > 0:
+            most = max(distributed.all_gather(len(groups)))
+            out += [(groups[-1], 0.0)] * (most - len(groups))
+        return out
+
     def train_step(self) -> dict:
         """One optimizer step on batch_size rows drawn with replacement (this rank's share)."""
         self.model.train()
         bs, rank, world = self.cfg.batch_size, distributed.rank(), distributed.world()
         idx = torch.randint(0, len(self.data), (bs,), generator=self.gen).tolist()
         mine = list(range(rank, bs, world))
-        # FSDP averages gradients over ranks: scale the local share of the global mean by world.
-        loss = self.loss([self.data[idx[j]] for j in mine], self.row_seeds(mine), bs)
+        rows, seeds = [self.data[idx[j]] for j in mine], self.row_seeds(mine)
         log = {"step": self.step, "loss": None}
-        if loss is not None:
-            loss_sum = distributed.all_sum(float(loss.detach()))
-            self.opt.zero_grad(set_to_none=True)
-            (loss * world).backward()
+        self.opt.zero_grad(set_to_none=True)
+        local, trained = 0.0, False
+        for group, w in self._micro_groups(rows):
+            # the loss of a group is its share of the global mean (sums over rows / bs)
+            loss = self.loss([rows[i] for i in group], [seeds[i] for i in group], bs)
+            if loss is None:  # no masked token in this group on any rank (ranks agree)
+                continue
+            trained = True
+            local += float(loss.detach()) * w
+            # FSDP averages gradients over ranks: scale the local share by world.
+            (loss * world if w == 1.0 else loss * (world * w)).backward()
+        if trained:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.opt.step()
-            log.update(loss=loss_sum, grad_norm=float(gnorm))
+            log.update(loss=distributed.all_sum(local), grad_norm=float(gnorm))
         self.step += 1
         return log
 
