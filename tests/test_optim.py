@@ -65,12 +65,31 @@ def test_small_updates_accumulate_instead_of_vanishing():
 def test_changes_made_outside_the_optimizer_are_adopted():
     p = torch.randn(10).to(torch.bfloat16)
     opt = _run(MixedPrecisionAdamW, p, _grads(10, 2), lr=1e-3)
+    master = opt.state[p]["master"].clone()
+    assert not torch.equal(master, p.float())  # it holds more than the bf16 values
     with torch.no_grad():
         p[3] = 5.0  # e.g. weights loaded into the live model
     p.grad = torch.zeros(10, dtype=torch.bfloat16)
     opt.param_groups[0]["lr"] = 0.0
     opt.step()
     assert float(p[3]) == 5.0 and float(opt.state[p]["master"][3]) == 5.0
+    others = torch.arange(10) != 3
+    assert torch.equal(opt.state[p]["master"][others], master[others])  # untouched: kept
+
+
+def test_hooks_run_once_per_step_and_amsgrad_is_refused():
+    torch.optim.AdamW([torch.zeros(1, requires_grad=True)])  # AdamW.step gets its hook wrapper
+    p = torch.randn(4).to(torch.bfloat16).requires_grad_()
+    opt = MixedPrecisionAdamW([p, torch.randn(3, requires_grad=True)], lr=1e-3)
+    calls = []
+    handle = opt.register_step_pre_hook(lambda *_: calls.append(1))
+    for q in opt.param_groups[0]["params"]:
+        q.grad = torch.ones_like(q)
+    opt.step()
+    handle.remove()
+    assert len(calls) == 1
+    with pytest.raises(ValueError, match="amsgrad"):
+        MixedPrecisionAdamW([p], amsgrad=True)
 
 
 def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):

@@ -5,7 +5,9 @@
 // and the scheduler resumes fibers whose barrier has been released, in forward, reverse or a
 // random order (set_schedule), so results that depend on the order threads run in between
 // barriers (a missing __syncthreads) show up as differences between schedules.
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -17,6 +19,10 @@
 #include <vector>
 
 #include "dlmkern_emu/device.h"
+
+// Bounds of the section holding every static __shared__ variable (defined by the linker).
+extern "C" unsigned char __start_dlmkern_emu_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_dlmkern_emu_shared[] __attribute__((weak));
 
 namespace dlmkern_emu {
 namespace {
@@ -132,6 +138,9 @@ void run_block(State& s, unsigned nthreads, std::mt19937_64& rng) {
   // Shared memory content is undefined at block start: all-ones bytes read as NaN (float, bf16,
   // fp16) so a read before a write shows up.
   std::fill(s.smem.begin(), s.smem.end(), 0xff);
+  if (__start_dlmkern_emu_shared != nullptr) {
+    std::fill(__start_dlmkern_emu_shared, __stop_dlmkern_emu_shared, 0xff);
+  }
   for (unsigned i = 0; i < nthreads; ++i) {
     Fiber& f = s.fibers[i];
     f = Fiber{};
@@ -239,7 +248,16 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
     return;
   }
   while (s.stacks.size() < nthreads) {
-    s.stacks.push_back(static_cast<char*>(std::aligned_alloc(64, kStackBytes)));
+    // A PROT_NONE page below each stack: an overflow faults instead of corrupting memory.
+    const long page = sysconf(_SC_PAGESIZE);
+    void* m = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) {
+      set_error(cudaErrorLaunchFailure, "cannot allocate emulated thread stacks");
+      return;
+    }
+    mprotect(m, page, PROT_NONE);
+    s.stacks.push_back(static_cast<char*>(m) + page);
   }
   s.fibers.resize(std::max<std::size_t>(s.fibers.size(), nthreads));
   s.gather.assign(static_cast<std::size_t>((nthreads + 31) / 32) * 32 * kGatherBytes, 0);
@@ -249,18 +267,23 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, std::size_t smem,
   g_grid_dim = grid;
   g_block_dim = block;
   std::mt19937_64 rng(s.seed);
+  // Blocks run in the schedule's order too (which block finishes last, the order of atomics).
+  std::vector<dim3> blocks;
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        g_block_idx = dim3(x, y, z);
-        run_block(s, static_cast<unsigned>(nthreads), rng);
-        if (!s.error.empty()) {
-          set_error(cudaErrorLaunchFailure,
-                    "emulated kernel failed in block (" + std::to_string(x) + ", " +
-                        std::to_string(y) + ", " + std::to_string(z) + "): " + s.error);
-          return;
-        }
-      }
+      for (unsigned x = 0; x < grid.x; ++x) blocks.emplace_back(x, y, z);
+    }
+  }
+  if (s.schedule == 1) std::reverse(blocks.begin(), blocks.end());
+  if (s.schedule == 2) std::shuffle(blocks.begin(), blocks.end(), rng);
+  for (const dim3& b : blocks) {
+    g_block_idx = b;
+    run_block(s, static_cast<unsigned>(nthreads), rng);
+    if (!s.error.empty()) {
+      set_error(cudaErrorLaunchFailure,
+                "emulated kernel failed in block (" + std::to_string(b.x) + ", " +
+                    std::to_string(b.y) + ", " + std::to_string(b.z) + "): " + s.error);
+      return;
     }
   }
 }

@@ -24,8 +24,11 @@ _FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
 class MixedPrecisionAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+                 weight_decay: float = 1e-2, **kwargs):
+        if kwargs.get("amsgrad"):
+            raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         **kwargs)
 
     def load_state_dict(self, state_dict):
         # torch casts floating-point state to its parameter's dtype on load; the masters and
@@ -37,8 +40,8 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         params = [p for g in self.param_groups for p in g["params"]]
         by_id = dict(zip(ids, params, strict=True))
         for (pid, k), v in keep.items():
-            p = by_id[pid]
-            if p.dtype in _LOW:
+            p = by_id.get(pid)
+            if p is not None and p.dtype in _LOW:
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
 
     @torch.no_grad()
@@ -49,10 +52,14 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
                 loss = closure()
         low = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
                if p.grad is not None and p.dtype in _LOW]
+        if any(group["amsgrad"] for group, _, _ in low):
+            raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
         for _, p, _ in low:  # AdamW skips parameters without a gradient
             p.grad = None
         try:
-            super().step()
+            # AdamW's own step without its hook wrapper (this step already ran the hooks)
+            inner = torch.optim.AdamW.step
+            getattr(inner, "__wrapped__", inner)(self)
         finally:
             for _, p, g in low:
                 p.grad = g
@@ -61,8 +68,6 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         return loss
 
     def _master_step(self, group, p, grad):
-        if group["amsgrad"]:
-            raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
         state = self.state[p]
         if "master" not in state:
             state["master"] = p.detach().float()
@@ -78,7 +83,8 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         state["step"] += 1
         step = float(state["step"])
         lr, (beta1, beta2) = float(group["lr"]), group["betas"]
-        # torch's single-tensor AdamW, step for step (an fp32 run gives the same masters).
+        # torch's single-tensor AdamW, step for step (an fp32 run gives the same masters; with a
+        # tensor lr torch computes in tensors: equal to an ulp).
         master.mul_(1 - lr * group["weight_decay"])
         exp_avg.lerp_(g, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)

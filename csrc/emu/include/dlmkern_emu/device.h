@@ -24,14 +24,16 @@
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
 // Static shared memory: blocks run one at a time on one OS thread, so a function-local static is
-// exactly one copy per block (its content is stale at block start, as on a GPU: undefined).
-#define __shared__ static
+// exactly one copy per block. Those of non-template functions live in one section, which the
+// scheduler fills with 0xff bytes at each block start (undefined content on a GPU: a read before
+// a write shows as NaN); GCC drops the section of a template's statics, which keep stale values.
+#define __shared__ __attribute__((section("dlmkern_emu_shared"), used)) static
 
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
 };
-struct uint4 {
+struct alignas(16) uint4 {  // as in CUDA: a misaligned 16-byte access is a bug (UBSan traps)
   unsigned x, y, z, w;
 };
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return uint4{x, y, z, w}; }
