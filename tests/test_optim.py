@@ -95,7 +95,9 @@ def test_hooks_run_once_per_step_and_amsgrad_is_refused():
 def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
     """A bf16 policy trained at lr 1e-6: the update lands in the fp32 masters, and a checkpoint
     restores them (the next step after resume is the same as without the save)."""
-    tr = TraceRL(_model().to(torch.bfloat16), TOK, DATA, exact, _cfg(tmp_path / "a", lr=1e-6))
+    # micro-batches of ~1 trajectory: the bf16 gradients are summed in fp32 (stash / unstash)
+    tr = TraceRL(_model().to(torch.bfloat16), TOK, DATA, exact,
+                 _cfg(tmp_path / "a", lr=1e-6, micro_batch_tokens=40))
     before = {n: p.detach().float().clone() for n, p in tr.model.named_parameters()}
     trajs, rewards = tr.rollout(DATA[:1])
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
@@ -106,7 +108,7 @@ def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
     path = tmp_path / "ckpt"
     tr.save(str(path))
     again = TraceRL(_model(seed=5).to(torch.bfloat16), TOK, DATA, exact,
-                    _cfg(tmp_path / "b", lr=1e-6))
+                    _cfg(tmp_path / "b", lr=1e-6, micro_batch_tokens=40))
     again.resume(str(path))
     for (_, p), (_, q) in zip(tr.model.named_parameters(), again.model.named_parameters(),
                               strict=True):
@@ -117,3 +119,23 @@ def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
                               strict=True):
         assert torch.equal(p, q)
         assert torch.equal(tr.opt.state[p]["master"], again.opt.state[q]["master"])
+
+
+def test_stashed_gradients_sum_in_fp32_and_round_once():
+    """Gradient accumulation over many micro-batches: bf16 .grad accumulation rounds at every
+    backward; stash_grads / unstash_grads sum in fp32 and round once."""
+    g = torch.Generator().manual_seed(0)
+    parts = [(torch.randn(256, generator=g) + 0.1).to(torch.bfloat16).float() for _ in range(64)]
+    exact = torch.stack(parts).double().sum(0)
+    p = torch.zeros(256, dtype=torch.bfloat16, requires_grad=True)
+    opt = MixedPrecisionAdamW([p], lr=1e-3)
+    naive = torch.zeros(256, dtype=torch.bfloat16)
+    for x in parts:
+        (p * x.to(torch.bfloat16)).sum().backward()
+        naive += x.to(torch.bfloat16)
+        opt.stash_grads()
+        assert p.grad is None
+    opt.unstash_grads()
+    assert torch.equal(p.grad, exact.to(torch.bfloat16))  # one rounding of the exact sum
+    assert (naive.double() - exact).abs().mean() > 4 * (p.grad.double() - exact).abs().mean()
+    assert "grad_acc" not in opt.state[p]

@@ -10,6 +10,7 @@ parameter. fp32 parameters get torch's AdamW unchanged.
 
 If a parameter is changed outside the optimizer (loaded weights, a manual edit), the elements
 whose value no longer equals the rounded master are adopted into the master at the next step.
+With gradient accumulation, stash_grads / unstash_grads sum the micro-batch gradients in fp32.
 """
 
 from __future__ import annotations
@@ -43,6 +44,34 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
             p = by_id.get(pid)
             if p is not None and p.dtype in _LOW:
                 self.state[p][k] = v.to(device=p.device, dtype=torch.float32)
+
+    @torch.no_grad()
+    def stash_grads(self):
+        """Moves the gradients of low-precision parameters into fp32 accumulators (call after each
+        backward of a gradient-accumulation loop but the last), so that summing many micro-batch
+        gradients rounds once (unstash_grads) instead of once per backward in bf16."""
+        for p in self._low_params():
+            if p.grad is not None:
+                acc = self.state[p].get("grad_acc")
+                if acc is None:
+                    self.state[p]["grad_acc"] = p.grad.float()
+                else:
+                    acc.add_(p.grad)
+                p.grad = None
+
+    @torch.no_grad()
+    def unstash_grads(self):
+        """Puts the fp32 sums back as the parameters' gradients (plus any gradient accumulated
+        since the last stash), rounded once to the parameter dtype."""
+        for p in self._low_params():
+            acc = self.state[p].pop("grad_acc", None)
+            if acc is not None:
+                if p.grad is not None:
+                    acc.add_(p.grad)
+                p.grad = acc.to(p.dtype)
+
+    def _low_params(self):
+        return [p for g in self.param_groups for p in g["params"] if p.dtype in _LOW]
 
     @torch.no_grad()
     def step(self, closure=None):

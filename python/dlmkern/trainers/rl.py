@@ -323,8 +323,11 @@ class RLTrainer(Checkpointing):
                 normalizer=self.cfg.loss_normalizer)
             # a single micro-batch keeps the expression (and its rounding) of an unsplit step
             (loss * scale if len(shares) == 1 else loss * (scale * share)).backward()
+            if len(shares) > 1:
+                self.opt.stash_grads()  # bf16 gradients summed in fp32
             if m["w"] > 0 or len(shares) == 1:
                 parts.append((share, loss.item(), {k: float(v) for k, v in pstats.items()}))
+        self.opt.unstash_grads()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
         stats.update(_combine_stats(parts))
@@ -367,9 +370,12 @@ class RLTrainer(Checkpointing):
                                               old_values=m["old_v"], returns=m["returns"],
                                               vf_coef=1.0, vf_clip=self.cfg.vf_clip)
             (vloss * scale if len(p["micro"]) == 1 else vloss * (scale * share)).backward()
+            if len(p["micro"]) > 1:
+                self.value_opt.stash_grads()
             if m["w"] > 0 or len(p["micro"]) == 1:
                 parts.append((share, vloss.item(), float(vstats["vf_clip_frac"]),
                               float(m["old_v"].sum()), m["old_v"].numel()))
+        self.value_opt.unstash_grads()
         torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         self.value_opt.step()
         n = max(sum(x[4] for x in parts), 1)

@@ -148,6 +148,8 @@ class SFT(Checkpointing):
             local += float(loss.detach()) * w
             # FSDP averages gradients over ranks: scale the local share by world.
             (loss * world if w == 1.0 else loss * (world * w)).backward()
+            self.opt.stash_grads()  # bf16 gradients summed in fp32 (no-op for fp32 models)
+        self.opt.unstash_grads()
         if trained:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.opt.step()
