@@ -42,6 +42,7 @@ MODES = {
     # micro-batches of at most 50 row tokens (1-2 trajectories): the ranks hold different
     # numbers of them, so one runs zero-weight stand-ins to match the other's FSDP passes
     "micro": {"micro_batch_tokens": 50, "num_minibatches": 2, "use_value_model": True},
+    "bf16": {"micro_batch_tokens": 50, "pass_rate_low": 0.0, "pass_rate_high": 1.0},
 }
 
 
@@ -49,6 +50,8 @@ def make_trainer(out_dir, mode="tracerl"):
     torch.manual_seed(0)
     model = DiffusionLM(tiny_config("llada" if mode == "llada" else "sdar",
                                     vocab_size=TOK.vocab_size, mask_token_id=TOK.mask_token_id))
+    if mode == "bf16":  # the GPU set-up: bf16 weights, fp32 masters, fp32 gradient reduction
+        model = model.to(torch.bfloat16)
     kw = {"prompts_per_step": 4, **MODES[mode]}
     cfg = RLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
                    progress_bar=False, lr=1e-3, max_grad_norm=100.0, temperature=1.0, **kw)

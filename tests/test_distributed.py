@@ -79,3 +79,26 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     for name, p in resumed.model.state_dict().items():
         torch.testing.assert_close(p, one.model.state_dict()[name], atol=1e-4, rtol=1e-3,
                                    msg=name)
+
+
+@pytest.mark.slow
+def test_bf16_two_ranks_train_with_fp32_masters_and_resume_on_one(tmp_path):
+    """bf16 weights under FSDP2 (gradients reduced in fp32, fp32 master weights in the optimizer,
+    micro-batches summed in fp32): the step runs on 2 ranks and its checkpoint resumes in one
+    process with the same weights and fp32 masters. (bf16 rollouts need not match a 1-process
+    run token for token, so the step itself is not compared.)"""
+    _torchrun(tmp_path, "bf16")
+    two = torch.load(tmp_path / "params.pt")
+    assert all(v.dtype == torch.bfloat16 for v in two.values())
+    resumed = make_trainer(str(tmp_path / "resumed"), "bf16")
+    init = {k: v.clone() for k, v in resumed.model.state_dict().items()}
+    resumed.resume(str(tmp_path / "ckpt"))
+    assert any(not torch.equal(init[k], v) for k, v in two.items())
+    for name, p in resumed.model.state_dict().items():
+        assert torch.equal(p, two[name]), name
+    masters = [resumed.opt.state[p]["master"] for p in resumed.model.parameters()
+               if "master" in resumed.opt.state[p]]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    for p, m in zip(resumed.model.parameters(), masters, strict=True):
+        assert torch.equal(m.to(torch.bfloat16), p)
+    assert "loss" in resumed.train_step()

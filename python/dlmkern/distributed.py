@@ -53,14 +53,18 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     """FSDP2: every transformer layer is its own shard group, the rest (embedding, final norm,
     lm_head, value head) belong to the root."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     mesh = init_device_mesh(device, (world(),))
+    # bf16 / fp16 models: gradients are reduced across ranks in fp32 (then stored in the
+    # parameter dtype; the optimizer keeps fp32 masters, see trainers/optim.py)
+    low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32 if low else None)
     trunk = getattr(model, "trunk", model)
     for layer in trunk.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
 
 
