@@ -43,6 +43,12 @@ MODES = {
     # numbers of them, so one runs zero-weight stand-ins to match the other's FSDP passes
     "micro": {"micro_batch_tokens": 50, "num_minibatches": 2, "use_value_model": True},
     "bf16": {"micro_batch_tokens": 50, "pass_rate_low": 0.0, "pass_rate_high": 1.0},
+    # micro-batches on a rank that kept nothing (it pads with stand-ins at weight 0), and a
+    # summed loss (stand-ins must add nothing)
+    "uneven_micro": {"num_minibatches": 3, "ppo_epochs": 2, "pass_rate_low": 0.1,
+                     "micro_batch_tokens": 50},
+    "sum_micro": {"reduction": "sum", "loss_normalizer": 64.0, "num_minibatches": 2,
+                  "micro_batch_tokens": 50},
 }
 
 
@@ -56,7 +62,7 @@ def make_trainer(out_dir, mode="tracerl"):
     cfg = RLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
                    progress_bar=False, lr=1e-3, max_grad_norm=100.0, temperature=1.0, **kw)
     tr = TraceRL(model, TOK, DATA, reward, cfg)
-    if mode == "uneven":  # step 0's prompts 1 and 3 (rank 1's share on 2 ranks) score 0
+    if mode.startswith("uneven"):  # step 0's prompts 1 and 3 (rank 1's share) score 0
         zero = {DATA[tr.data_order[i]]["prompt"] for i in (1, 3)}
         tr.reward_fns = [lambda prompts, completions, **_: [
             0.0 if p in zero else float(len(c) % 2) for p, c in zip(prompts, completions,

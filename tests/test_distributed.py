@@ -34,7 +34,8 @@ def _torchrun(out, *extra):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "odd",
-                                  "dynamic", "refkl", "llada", "micro", "sft", "sft_micro"])
+                                  "dynamic", "refkl", "llada", "micro", "uneven_micro",
+                                  "sum_micro", "sft", "sft_micro"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -50,9 +51,9 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     init = {k: v.clone() for k, v in one.model.state_dict().items()}
     torch.set_num_threads(1)
     log = one.train_step()
-    if mode == "uneven":  # the setup does what it says: only rank 0's two groups are trained
+    if mode.startswith("uneven"):  # the setup does what it says: only rank 0's groups train
         assert log["kept_groups"] == 2 and torch.load(tmp_path / "log.pt")["kept_groups"] == 2
-    if mode in ("minibatch", "uneven"):
+    if mode in ("minibatch", "uneven", "uneven_micro"):
         assert log["optimizer_steps"] == 6
     assert any(not torch.equal(init[k], v) for k, v in one.model.state_dict().items())
     for name, p in one.model.state_dict().items():

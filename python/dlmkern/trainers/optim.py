@@ -30,6 +30,11 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
             raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          **kwargs)
+        self._grad_acc = {}  # parameter -> fp32 gradient sum (outside state: never saved)
+
+    def zero_grad(self, set_to_none: bool = True):
+        self._grad_acc.clear()  # e.g. left over by a loop an exception interrupted
+        super().zero_grad(set_to_none=set_to_none)
 
     def load_state_dict(self, state_dict):
         # torch casts floating-point state to its parameter's dtype on load; the masters and
@@ -52,9 +57,9 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         gradients rounds once (unstash_grads) instead of once per backward in bf16."""
         for p in self._low_params():
             if p.grad is not None:
-                acc = self.state[p].get("grad_acc")
+                acc = self._grad_acc.get(p)
                 if acc is None:
-                    self.state[p]["grad_acc"] = p.grad.float()
+                    self._grad_acc[p] = p.grad.float()
                 else:
                     acc.add_(p.grad)
                 p.grad = None
@@ -62,9 +67,10 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def unstash_grads(self):
         """Puts the fp32 sums back as the parameters' gradients (plus any gradient accumulated
-        since the last stash), rounded once to the parameter dtype."""
+        since the last stash), rounded once to the parameter dtype (under FSDP2 each backward's
+        reduced gradient is itself stored in the parameter dtype before it is stashed)."""
         for p in self._low_params():
-            acc = self.state[p].pop("grad_acc", None)
+            acc = self._grad_acc.pop(p, None)
             if acc is not None:
                 if p.grad is not None:
                     acc.add_(p.grad)

@@ -232,7 +232,7 @@ class RLTrainer(Checkpointing):
                      optimizer_steps=len(steps))
         return stats
 
-    def _micro_groups(self, trajs, positions: list[int]) -> list[list[int]]:
+    def _micro_groups(self, trajs, positions: list[int]) -> list[list[int] | None]:
         """Consecutive groups of these trajectories whose packed rows fit micro_batch_tokens (a
         trajectory over the budget is a group of its own); one group when there is no budget.
         Every rank runs as many groups as the rank with the most (FSDP forwards and backwards
@@ -308,8 +308,10 @@ class RLTrainer(Checkpointing):
         n_local = p["n_seq_trained"] if seq else p["n_tokens"]
         weight = p["weight"]
         scale = self._global_scale(n_local * (weight > 0), "policy") * weight
-        shares = ([1.0] * len(p["micro"]) if self.cfg.reduction == "sum"
-                  else self._shares(p, "n_seq_trained" if seq else "n_tokens"))
+        if self.cfg.reduction == "sum":  # sums add up: every real micro-batch counts fully
+            shares = [1.0 if m["w"] > 0 or len(p["micro"]) == 1 else 0.0 for m in p["micro"]]
+        else:
+            shares = self._shares(p, "n_seq_trained" if seq else "n_tokens")
         self.opt.zero_grad(set_to_none=True)
         parts = []
         for m, share in zip(p["micro"], shares, strict=True):
@@ -325,7 +327,7 @@ class RLTrainer(Checkpointing):
             (loss * scale if len(shares) == 1 else loss * (scale * share)).backward()
             if len(shares) > 1:
                 self.opt.stash_grads()  # bf16 gradients summed in fp32
-            if m["w"] > 0 or len(shares) == 1:
+            if m["w"] > 0 or weight == 0 or len(shares) == 1:  # stand-in ranks keep theirs
                 parts.append((share, loss.item(), {k: float(v) for k, v in pstats.items()}))
         self.opt.unstash_grads()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
@@ -372,7 +374,7 @@ class RLTrainer(Checkpointing):
             (vloss * scale if len(p["micro"]) == 1 else vloss * (scale * share)).backward()
             if len(p["micro"]) > 1:
                 self.value_opt.stash_grads()
-            if m["w"] > 0 or len(p["micro"]) == 1:
+            if m["w"] > 0 or weight == 0 or len(p["micro"]) == 1:
                 parts.append((share, vloss.item(), float(vstats["vf_clip_frac"]),
                               float(m["old_v"].sum()), m["old_v"].numel()))
         self.value_opt.unstash_grads()
