@@ -5,7 +5,9 @@ over the global token count."""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import datetime
 import os
 
 import torch
@@ -35,7 +37,23 @@ def init() -> bool:
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend)
+        # A process group still alive at interpreter exit is torn down during static destruction,
+        # where gloo can abort ("terminate called without an active exception", SIGABRT) after
+        # all work is done, when a peer closes its connections first: meet, then destroy.
+        atexit.register(_destroy_at_exit)
     return True
+
+
+def _destroy_at_exit():
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "gloo":  # a peer that died is reported, not waited for
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=120))
+        else:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def to_local_device(model: torch.nn.Module) -> torch.nn.Module:
