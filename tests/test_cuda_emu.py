@@ -20,7 +20,9 @@ from dlmkern.ops import (
 from dlmkern.ops import reference as ref
 from dlmkern.sampling import BlockSampler, SamplingConfig
 
+from .test_attention import _cache, _qkv
 from .test_masked_logprobs import SMALL_UPSTREAM_TOL, small_upstream_gradient_errors
+from .test_policy_value_loss import _batch, _run_both
 
 pytestmark = pytest.mark.skipif(not _cuda_emu.available(),
                                 reason="dlmkern built without DLMKERN_CUDA_EMU=ON")
@@ -68,10 +70,8 @@ LAYOUTS = {
 }
 
 
-def _attention_case(layout, hq, hkv, d, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = layout.num_tokens
-    return [torch.randn(t, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv)]
+def _attention_case(layout, hq, hkv, d, dtype):
+    return _qkv(layout.num_tokens, hq, hkv, d, dtype, "cpu")
 
 
 def _rel_err(a, b):
@@ -169,12 +169,10 @@ def test_block_attention_glue_rejects_what_the_kernels_cannot_take():
 # ---- decode_attention ----------------------------------------------------------------------------
 
 def _decode_case(d, dtype, lens, nq, max_len, hq=4, hkv=2):
-    g = torch.Generator().manual_seed(d + max_len)
-    t = sum(nq)
-    q, kn, vn = (torch.randn(t, h, d, generator=g).to(dtype) for h in (hq, hkv, hkv))
-    kc, vc = (torch.randn(len(lens), max_len, hkv, d, generator=g).to(dtype) for _ in range(2))
+    q, kn, vn = _qkv(sum(nq), hq, hkv, d, dtype, "cpu")
+    kc, vc, cache_lens = _cache(len(lens), max_len, hkv, d, lens, dtype, "cpu")
     cu = torch.tensor([0, *torch.tensor(nq).cumsum(0).tolist()], dtype=torch.int32)
-    return q, kn, vn, kc, vc, torch.tensor(lens, dtype=torch.int32), cu
+    return q, kn, vn, kc, vc, cache_lens, cu
 
 
 @pytest.mark.parametrize("d", [64, 128])
@@ -299,21 +297,6 @@ def test_logprobs_from_logits_matches_reference_with_masked_out_logits(dtype):
 
 # ---- policy_value_loss ---------------------------------------------------------------------------
 
-def _pv_batch(shape, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    logp = torch.randn(shape, generator=g) * 0.5 - 2
-    return {
-        "logp": logp,
-        "old_logp": logp + torch.randn(shape, generator=g) * 0.6,
-        "advantages": torch.randn(shape, generator=g),
-        "mask": torch.rand(shape, generator=g) < 0.7,
-        "ref_logp": logp + torch.randn(shape, generator=g) * 0.3,
-        "values": torch.randn(shape, generator=g),
-        "old_values": torch.randn(shape, generator=g),
-        "returns": torch.randn(shape, generator=g),
-    }
-
-
 def _pv_run(b, **kw):
     lp = b["logp"].clone().requires_grad_()
     v = b["values"].clone().requires_grad_()
@@ -327,33 +310,27 @@ def _pv_run(b, **kw):
 @pytest.mark.parametrize("shape", [(37,), (6, 129), (5000,)])
 @pytest.mark.parametrize("reduction", ["token_mean", "seq_mean", "sum"])
 def test_policy_value_loss_matches_reference(shape, reduction):
-    b = _pv_batch(shape)
+    b = _batch(shape, "cpu", spread=0.6)
     kw = {"kl_coef": 0.05, "vf_coef": 0.7, "vf_clip": 0.3, "eps_low": 0.2, "eps_high": 0.28,
           "dual_clip": 1.5, "reduction": reduction,
           "normalizer": 512.0 if reduction == "sum" else None}
     if reduction == "seq_mean" and len(shape) == 1:
         kw["seq_ids"] = torch.randint(0, 5, shape, generator=torch.Generator().manual_seed(2))
-    with emu():
-        got = _pv_run(b, **kw)
-    b_ref = dict(b)
-    lp = b_ref.pop("logp").clone().requires_grad_()
-    v = b_ref.pop("values").clone().requires_grad_()
-    loss_r, stats_r = ref.policy_value_loss(lp, b_ref.pop("old_logp"), b_ref.pop("advantages"),
-                                            b_ref.pop("mask"), values=v, **b_ref, **kw)
-    loss_r.backward()
+    with emu():  # the op on the emulated kernels, the pure-torch reference as it is
+        got, (loss_r, stats_r, lp_grad, v_grad) = _run_both(b, **kw)
     torch.testing.assert_close(got[0], loss_r, atol=1e-5, rtol=1e-5)
     assert set(got[1]) == set(stats_r)
     for key in stats_r:
         torch.testing.assert_close(got[1][key], stats_r[key], atol=1e-5, rtol=1e-5, msg=key)
-    torch.testing.assert_close(got[2], lp.grad, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(got[3], v.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[2], lp_grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[3], v_grad, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("schedule", ["reverse", "random"])
 def test_loss_and_logprob_kernels_do_not_depend_on_thread_order(schedule):
     """Block reductions (shared memory + warp shuffles, the last-block combine of the loss): the
     same results under other thread orders (token_mean is deterministic by construction)."""
-    b = _pv_batch((5000,))
+    b = _batch((5000,), "cpu", spread=0.6)
     kw = {"kl_coef": 0.05, "vf_coef": 0.7, "reduction": "token_mean"}
     g = torch.Generator().manual_seed(6)
     logits = torch.randn(9, 4200, generator=g).to(torch.bfloat16)
@@ -375,7 +352,7 @@ def test_loss_and_logprob_kernels_do_not_depend_on_thread_order(schedule):
 def test_policy_value_loss_bad_sequence_id_under_capture_gives_nan():
     """No host check is possible inside a graph: an unmasked token with an out-of-range sequence
     id is left out of the sums and flags the loss NaN (never an out-of-bounds atomic)."""
-    b = _pv_batch((300,))
+    b = _batch((300,), "cpu", spread=0.6)
     seq_ids = torch.randint(0, 4, (300,), generator=torch.Generator().manual_seed(4))
     b["mask"][:] = True
     seq_ids[17] = 9
@@ -391,7 +368,7 @@ def test_policy_value_loss_bad_sequence_id_under_capture_gives_nan():
 
 
 def test_policy_value_loss_bad_sequence_id_outside_capture_is_an_error():
-    b = _pv_batch((300,))
+    b = _batch((300,), "cpu", spread=0.6)
     seq_ids = torch.zeros(300, dtype=torch.long)
     b["mask"][:] = True
     seq_ids[17] = 9

@@ -328,10 +328,13 @@ class RLTrainer(Checkpointing):
             if len(shares) > 1:
                 self.opt.stash_grads()  # bf16 gradients summed in fp32
             if m["w"] > 0 or weight == 0 or len(shares) == 1:  # stand-in ranks keep theirs
-                parts.append((share, loss.item(), {k: float(v) for k, v in pstats.items()}))
+                parts.append((share, loss.detach(), pstats))
         self.opt.unstash_grads()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.opt.step()
+        # to host once, after every pass is queued (no sync between micro-batches)
+        parts = [(share, float(loss), {k: float(v) for k, v in st.items()})
+                 for share, loss, st in parts]
         stats.update(_combine_stats(parts))
         stats["grad_norm"] = float(gnorm)
         return stats
@@ -375,11 +378,13 @@ class RLTrainer(Checkpointing):
             if len(p["micro"]) > 1:
                 self.value_opt.stash_grads()
             if m["w"] > 0 or weight == 0 or len(p["micro"]) == 1:
-                parts.append((share, vloss.item(), float(vstats["vf_clip_frac"]),
-                              float(m["old_v"].sum()), m["old_v"].numel()))
+                parts.append((share, vloss.detach(), vstats["vf_clip_frac"], m["old_v"].sum(),
+                              m["old_v"].numel()))
         self.value_opt.unstash_grads()
         torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         self.value_opt.step()
+        parts = [(share, float(loss), float(clip), float(vsum), n)
+                 for share, loss, clip, vsum, n in parts]  # to host once, after the passes
         n = max(sum(x[4] for x in parts), 1)
         return {"value_loss": sum(s * loss for s, loss, *_ in parts),
                 "vf_clip_frac": sum(x[2] * x[4] for x in parts) / n,

@@ -145,7 +145,7 @@ class SFT(Checkpointing):
             if loss is None:  # no masked token in this group on any rank (ranks agree)
                 continue
             trained = True
-            local += float(loss.detach()) * w
+            local = local + loss.detach() * w  # to host once, after the loop
             # FSDP averages gradients over ranks: scale the local share by world.
             (loss * world if w == 1.0 else loss * (world * w)).backward()
             self.opt.stash_grads()  # bf16 gradients summed in fp32 (no-op for fp32 models)
@@ -153,7 +153,7 @@ class SFT(Checkpointing):
         if trained:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             self.opt.step()
-            log.update(loss=distributed.all_sum(local), grad_norm=float(gnorm))
+            log.update(loss=distributed.all_sum(float(local)), grad_norm=float(gnorm))
         self.step += 1
         return log
 
