@@ -1,16 +1,16 @@
-"""block_attention fwd+bwd vs dense-mask SDPA (and FlexAttention on GPU), one run.
+"""block_attention fwd+bwd vs dense-mask SDPA and (on CUDA) FlexAttention, in one run.
 
-    python bench/bench_block_attention.py                # CPU: B=4, 2 x 1024, D=64, 8 heads fp32
-    python bench/bench_block_attention.py --device cuda  # GPU: L=8k, D=128, 32q/8kv heads bf16
+    python bench/bench_block_attention.py                        # CPU: B=4, 2 x 1024, D=64, fp32
+    python bench/bench_block_attention.py --quick --device cuda  # L=8k, D=128, 32q/8kv, bf16
+    python bench/bench_block_attention.py --tiny                 # seconds on a 2-core CPU
 
 Layout: BD3 / DiRL [noisy | clean] per sequence. Also compares packed multi-round rows (SPEC 4.2)
 with one row per round for the same trajectories (tokens and time). TFLOP/s count visible pairs
-only (4 * D flops per visible pair forward, 10 * D forward + backward... see `flops`).
+only: 4 * D flops per visible pair forward, 3.5x that forward + backward.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -21,8 +21,15 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 from dlmkern.ops import block_attention, layouts  # noqa: E402
 
-DEFAULTS = {"cpu": dict(batch=4, seq=1024, heads=8, kv_heads=8, dim=64, dtype="float32"),
-            "cuda": dict(batch=1, seq=4096, heads=32, kv_heads=8, dim=128, dtype="bfloat16")}
+SIZES = {
+    "default": dict(batch=4, seq=1024, heads=8, kv_heads=8, dim=64, dtype="float32",
+                    blocks=[4, 32], traj=4, prompt=128, response=512),
+    "quick": dict(batch=1, seq=4096, heads=32, kv_heads=8, dim=128, dtype="bfloat16",
+                  blocks=[4], traj=8, prompt=256, response=1024),
+    "tiny": dict(batch=1, seq=128, heads=2, kv_heads=1, dim=64, dtype="float32",
+                 blocks=[4], traj=2, prompt=16, response=32),
+}
+ROUNDS = 4  # rounds (denoising steps) per block in the packed-rounds comparison
 
 
 def visible_pairs(layout, heads):
@@ -47,15 +54,18 @@ def dense_sdpa(q, k, v, mask, batch):
     return out.transpose(1, 2).reshape(q.shape)
 
 
-def flex_fn(layout, T, device):
+def flex_fn(layout, device):
+    """FlexAttention (compiled) with a block mask built by create_block_mask from the same
+    visibility rule (layouts.visible) plus same-sequence; returns (run, None) or (None, why)."""
+    if device != "cuda":
+        return None, "FlexAttention skipped on CPU (its compiled kernels target GPUs)"
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    except ImportError:
-        return None
-    seq = torch.zeros(T, dtype=torch.int64, device=device)
-    cu = layout.cu_seqlens.tolist()
-    for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
-        seq[s:e] = i
+    except ImportError as e:
+        return None, f"FlexAttention unavailable: {e}"
+    T = layout.num_tokens
+    cu = layout.cu_seqlens.long()
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1), cu[1:] - cu[:-1]).to(device)
     blk, st = layout.block.to(device), layout.stream.to(device)
 
     def mask_mod(b, h, qi, ki):
@@ -65,115 +75,101 @@ def flex_fn(layout, T, device):
     compiled = torch.compile(flex_attention)
 
     def run(q, k, v):
-        rep = q.shape[1] // k.shape[1]
         out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                       block_mask=bm, enable_gqa=rep > 1)
+                       block_mask=bm, enable_gqa=q.shape[1] != k.shape[1])
         return out[0].transpose(0, 1)
+    return run, None
+
+
+def qkv(T, cfg, dev, grad=True):
+    g = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, cfg["dtype"])
+    shapes = ((T, cfg["heads"]), (T, cfg["kv_heads"]), (T, cfg["kv_heads"]))
+    return [torch.randn(*s, cfg["dim"], generator=g).to(dev, dtype).requires_grad_(grad)
+            for s in shapes]
+
+
+def fwd_bwd(fn, inputs, grad):
+    def run():
+        for x in inputs:
+            x.grad = None
+        fn().backward(grad)
     return run
 
 
+def time_providers(paths: dict, dev: str, repeat):
+    """Times each provider; a provider that fails (e.g. a compile error) is reported and
+    dropped so that the others' rows still land."""
+    timings = {}
+    for name, fn in paths.items():
+        try:
+            timings[name] = common.time_fn(fn, dev, repeat=repeat)
+        except Exception as e:  # noqa: BLE001 - a baseline's failure must not lose our rows
+            print(f"  {name}: failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    return timings
+
+
 def bench_one(bs, cfg, args):
-    dev, dtype = args.device, getattr(torch, cfg["dtype"])
+    dev = args.device
     lay = layouts.bd3([cfg["seq"]] * cfg["batch"], bs)
-    T = lay.num_tokens
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-    k = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-    v = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
+    q, k, v = qkv(lay.num_tokens, cfg, dev)
+    grad = torch.randn_like(q)
     lay_d = lay.to(dev)
-    one = layouts.bd3([cfg["seq"]], bs)
-    mask = layouts.dense_mask(one).to(dev)[None, None].expand(cfg["batch"], 1, -1, -1)
-    grad = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype)
-
-    def step(fn):
-        def run():
-            for x in (q, k, v):
-                x.grad = None
-            fn().backward(grad)
-        return run
-
-    paths = {"dlmkern": step(lambda: block_attention(q, k, v, lay_d)[0]),
-             "sdpa_dense": step(lambda: dense_sdpa(q, k, v, mask, cfg["batch"]))}
-    if dev == "cuda":
-        flex = flex_fn(lay, T, dev)
-        if flex is not None:
-            paths["flex"] = step(lambda: flex(q, k, v))
-    times = {name: common.time_fn(fn, dev, repeat=args.repeat) for name, fn in paths.items()}
+    mask = layouts.dense_mask(layouts.bd3([cfg["seq"]], bs)).to(dev)
+    mask = mask[None, None].expand(cfg["batch"], 1, -1, -1)
+    paths = {"dlmkern": fwd_bwd(lambda: block_attention(q, k, v, lay_d)[0], (q, k, v), grad),
+             "sdpa_dense": fwd_bwd(lambda: dense_sdpa(q, k, v, mask, cfg["batch"]), (q, k, v),
+                                   grad)}
+    flex, why = flex_fn(lay, dev)
+    if flex is None:
+        print(f"  ({why})")
+    else:
+        paths["flex"] = fwd_bwd(lambda: flex(q, k, v), (q, k, v), grad)
+    timings = time_providers(paths, dev, args.repeat)
     pairs = visible_pairs(lay, cfg["heads"])
     flops = 2.0 * 2 * pairs * cfg["dim"] * 3.5  # fwd 2 GEMMs, bwd 5 GEMMs (2.5x fwd)
-    frac = pairs / (cfg["heads"] * T * T / cfg["batch"])
-    print(f"block_attention fwd+bwd [noisy|clean] B={cfg['batch']} L=2x{cfg['seq']} "
-          f"block={bs} Hq={cfg['heads']} Hkv={cfg['kv_heads']} D={cfg['dim']} {cfg['dtype']} "
-          f"on {common.device_name(dev)}; visible pairs {frac:.1%} of each sequence's L x L")
-    for name, t in times.items():
-        print(f"  {name:<11} {t * 1e3:10.2f} ms  {flops / t / 1e12:8.3f} TFLOP/s (visible)  "
-              f"dlmkern speed-up {t / times['dlmkern']:.2f}x")
-    if not args.no_save:
-        common.append_result({
-            "op": "block_attention_fwd_bwd", "device": common.device_name(dev),
-            "shape": {"layout": "bd3", "B": cfg["batch"], "L": 2 * cfg["seq"],
-                      "block": bs, "Hq": cfg["heads"], "Hkv": cfg["kv_heads"],
-                      "D": cfg["dim"]},
-            "dtype": cfg["dtype"], "time_ms": {n: round(t * 1e3, 3) for n, t in times.items()},
-            "speedup_vs": {n: round(t / times["dlmkern"], 3) for n, t in times.items()},
-            "tflops_visible": round(flops / times["dlmkern"] / 1e12, 3)})
+    frac = pairs / (cfg["heads"] * lay.num_tokens ** 2 / cfg["batch"])
+    print(f"block_attention fwd+bwd [noisy|clean]: visible pairs {frac:.1%} of each sequence's "
+          f"L x L")
+    shape = {"layout": "bd3", "B": cfg["batch"], "L": 2 * cfg["seq"], "block": bs,
+             "Hq": cfg["heads"], "Hkv": cfg["kv_heads"], "D": cfg["dim"], "dtype": cfg["dtype"]}
+    common.report([common.make_row("block_attention_fwd_bwd", shape, name, t, dev, flops=flops)
+                   for name, t in timings.items()], args)
 
 
-def bench_rounds(cfg, args, rounds=4, prompt=128, response=512, block=4, n_traj=4):
+def bench_rounds(cfg, args):
     """Packed KV-reuse rows (SPEC 4.2) vs one [prompt | clean | noisy_r] row per round (TraceRL),
-    same trajectories (every block has `rounds` rounds): tokens and fwd+bwd time."""
-    dev, dtype = args.device, getattr(torch, cfg["dtype"])
+    same trajectories (every block has ROUNDS rounds): tokens and fwd+bwd time."""
+    n, prompt, response, block = cfg["traj"], cfg["prompt"], cfg["response"], 4
     n_blocks = (prompt + response + block - 1) // block - prompt // block
-    packed = layouts.packed_rounds([prompt] * n_traj, [prompt + response] * n_traj, block,
-                                   [[rounds] * n_blocks] * n_traj)
-    n_rows = n_traj * rounds
-    per_round = layouts.tracerl([prompt] * n_rows, [prompt + response] * n_rows, block)
-    times, tokens = {}, {}
-    for name, lay in (("packed", packed), ("per_round", per_round)):
-        T = lay.num_tokens
-        g = torch.Generator().manual_seed(0)
-        q = torch.randn(T, cfg["heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        k = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        v = torch.randn(T, cfg["kv_heads"], cfg["dim"], generator=g).to(dev, dtype).requires_grad_()
-        lay_d = lay.to(dev)
-
-        def run(q=q, k=k, v=v, lay_d=lay_d):
-            block_attention(q, k, v, lay_d)[0].sum().backward()
-        times[name] = common.time_fn(run, dev, repeat=args.repeat)
-        tokens[name] = T
-    print(f"packed rounds vs per-round rows: {n_traj} trajectories, prompt {prompt}, response "
-          f"{response}, block {block}, {rounds} rounds per block")
-    print(f"  tokens  packed {tokens['packed']}  per-round {tokens['per_round']}  "
-          f"({tokens['per_round'] / tokens['packed']:.2f}x fewer)")
-    speed = times["per_round"] / times["packed"]
-    print(f"  fwd+bwd packed {times['packed'] * 1e3:.2f} ms  per-round "
-          f"{times['per_round'] * 1e3:.2f} ms  ({speed:.2f}x faster)")
-    if not args.no_save:
-        common.append_result({
-            "op": "block_attention_packed_rounds", "device": common.device_name(dev),
-            "shape": {"trajectories": n_traj, "prompt": prompt, "response": response,
-                      "block": block, "rounds": rounds, "Hq": cfg["heads"],
-                      "Hkv": cfg["kv_heads"], "D": cfg["dim"]},
-            "dtype": cfg["dtype"], "tokens": tokens,
-            "time_ms": {n: round(t * 1e3, 3) for n, t in times.items()},
-            "token_ratio": round(tokens["per_round"] / tokens["packed"], 3),
-            "time_ratio": round(times["per_round"] / times["packed"], 3)})
+    lays = {"dlmkern": layouts.packed_rounds([prompt] * n, [prompt + response] * n, block,
+                                             [[ROUNDS] * n_blocks] * n),
+            "per_round": layouts.tracerl([prompt] * n * ROUNDS,
+                                         [prompt + response] * n * ROUNDS, block)}
+    timings = {}
+    for name, lay in lays.items():
+        q, k, v = qkv(lay.num_tokens, cfg, args.device)
+        lay_d = lay.to(args.device)
+        timings[name] = common.time_fn(
+            fwd_bwd(lambda q=q, k=k, v=v, lay_d=lay_d: block_attention(q, k, v, lay_d)[0].sum(),
+                    (q, k, v), None), args.device, repeat=args.repeat)
+    tokens = {name: lay.num_tokens for name, lay in lays.items()}
+    print(f"packed rounds vs per-round rows: tokens packed {tokens['dlmkern']}, per-round "
+          f"{tokens['per_round']} ({tokens['per_round'] / tokens['dlmkern']:.2f}x fewer)")
+    shape = {"trajectories": n, "prompt": prompt, "response": response, "block": block,
+             "rounds": ROUNDS, "Hq": cfg["heads"], "Hkv": cfg["kv_heads"], "D": cfg["dim"],
+             "dtype": cfg["dtype"], "tokens_packed": tokens["dlmkern"],
+             "tokens_per_round": tokens["per_round"]}
+    common.report([common.make_row("block_attention_packed_rounds", shape, name, t, args.device)
+                   for name, t in timings.items()], args)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--block-size", type=int, nargs="*", default=[4, 32])
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--no-save", action="store_true")
-    for k, v in DEFAULTS["cpu"].items():
-        p.add_argument("--" + k.replace("_", "-"), type=type(v))
-    args = p.parse_args()
-    cfg = {k: getattr(args, k) if getattr(args, k) is not None else v
-           for k, v in DEFAULTS[args.device].items()}
-    for bs in args.block_size:
+    args, cfg = common.parse(__doc__, SIZES)
+    for bs in cfg["blocks"]:
         bench_one(bs, cfg, args)
     bench_rounds(cfg, args)
+
 
 if __name__ == "__main__":
     main()

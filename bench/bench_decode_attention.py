@@ -1,13 +1,14 @@
 """decode_attention (one denoising step of every sequence's current block against its KV cache)
-vs padded SDPA over the whole cache with a length mask, one run; achieved GB/s on GPU.
+vs padded SDPA over the whole cache with a length mask, in one run; GB/s counts the bytes the op
+must move (the live cache prefix and the block's q/k/v/out once).
 
-    python bench/bench_decode_attention.py                 # CPU: 16 sequences, prefix 1024
-    python bench/bench_decode_attention.py --device cuda   # GPU: 128 sequences, prefix 4096
+    python bench/bench_decode_attention.py                         # CPU: 16 sequences, prefix 1024
+    python bench/bench_decode_attention.py --quick --device cuda   # 128 sequences, prefix 4096
+    python bench/bench_decode_attention.py --tiny
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -18,18 +19,17 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 from dlmkern.ops import decode_attention  # noqa: E402
 
-DEFAULTS = {"cpu": dict(seqs=16, prefix=1024, block=4, heads=8, kv_heads=2, dim=64,
-                        dtype="float32"),
-            "cuda": dict(seqs=128, prefix=4096, block=4, heads=32, kv_heads=8, dim=128,
-                         dtype="bfloat16")}
+SIZES = {
+    "default": dict(seqs=16, prefix=1024, block=4, heads=8, kv_heads=2, dim=64,
+                    dtype="float32"),
+    "quick": dict(seqs=128, prefix=4096, block=4, heads=32, kv_heads=8, dim=128,
+                  dtype="bfloat16"),
+    "tiny": dict(seqs=4, prefix=64, block=4, heads=4, kv_heads=2, dim=64, dtype="float32"),
+}
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--no-save", action="store_true")
-    args = p.parse_args()
-    c = DEFAULTS[args.device]
+    args, c = common.parse(__doc__, SIZES)
     dev, dtype = args.device, getattr(torch, c["dtype"])
     S, B, L, hq, hkv, d = c["seqs"], c["block"], c["prefix"], c["heads"], c["kv_heads"], c["dim"]
     g = torch.Generator().manual_seed(0)
@@ -62,19 +62,13 @@ def main():
         return out.transpose(1, 2).reshape(S * B, hq, d)
 
     torch.testing.assert_close(ours().float(), padded().float(), atol=3e-2, rtol=3e-2)
-    t_ours = common.time_fn(ours, dev, repeat=20 if dev == "cuda" else 5)
-    t_pad = common.time_fn(padded, dev, repeat=20 if dev == "cuda" else 5)
+    repeat = args.repeat or (None if dev == "cuda" else 5)
+    timings = {"dlmkern": common.time_fn(ours, dev, repeat=repeat),
+               "sdpa_padded": common.time_fn(padded, dev, repeat=repeat)}
     elt = torch.finfo(dtype).bits // 8
     nbytes = int((lens.long().sum() + S * B) * 2 * hkv * d * elt + 2 * S * B * hq * d * elt)
-    print(f"decode_attention {S} sequences, prefix ~{L}, block {B}, Hq={hq} Hkv={hkv} D={d} "
-          f"{c['dtype']} on {common.device_name(dev)}")
-    print(f"  dlmkern {t_ours * 1e3:.3f} ms ({nbytes / t_ours / 1e9:.0f} GB/s)  padded SDPA "
-          f"{t_pad * 1e3:.3f} ms  speed-up {t_pad / t_ours:.2f}x")
-    if not args.no_save:
-        common.append_result({
-            "op": "decode_attention", "device": common.device_name(dev), "shape": c,
-            "time_ms": {"dlmkern": round(t_ours * 1e3, 4), "padded_sdpa": round(t_pad * 1e3, 4)},
-            "speedup": round(t_pad / t_ours, 3), "gb_per_s": round(nbytes / t_ours / 1e9, 1)})
+    common.report([common.make_row("decode_attention", c, name, t, dev, nbytes=nbytes)
+                   for name, t in timings.items()], args)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,15 @@
-"""masked_logprobs fwd+bwd vs the naive path (full logits -> log_softmax -> gather), one run.
+"""masked_logprobs fwd+bwd vs the naive path (full logits -> log_softmax -> gather), in one run.
 
-    python bench/bench_masked_logprobs.py                    # CPU: N=4096 H=512 V=32000 fp32
-    python bench/bench_masked_logprobs.py --device cuda      # GPU: N=8192 H=4096 V=151936 bf16
+    python bench/bench_masked_logprobs.py                        # CPU: N=4096 H=512 V=32000 fp32
+    python bench/bench_masked_logprobs.py --quick --device cuda  # N=8192 H=4096 V=151936 bf16
+    python bench/bench_masked_logprobs.py --tiny --set rows_frac=0.25
 
-Prints time and peak-memory ratios (and TFLOP/s on GPU) and appends a row to
-bench/results/results.jsonl. Peak memory is measured in a fresh process per path on CPU.
+Prints p20/p50/p80, TFLOP/s (6 * rows * H * V: the forward GEMM and two backward GEMMs), peak
+memory (CPU: in a fresh process per path; CUDA: the allocator's peak) and the ratios.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -19,17 +19,22 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 import dlmkern  # noqa: E402,F401
 
-DEFAULTS = {"cpu": (4096, 512, 32000, "float32"), "cuda": (8192, 4096, 151936, "bfloat16")}
+SIZES = {
+    "default": dict(n=4096, h=512, v=32000, dtype="float32", rows_frac=1.0),
+    "quick": dict(n=8192, h=4096, v=151936, dtype="bfloat16", rows_frac=1.0),
+    "tiny": dict(n=256, h=64, v=1000, dtype="float32", rows_frac=1.0),
+}
 
 
-def make_inputs(n, h, v, dtype, device, frac):
+def make_inputs(c, device):
     g = torch.Generator().manual_seed(0)
+    dtype, n, h = getattr(torch, c["dtype"]), c["n"], c["h"]
     hidden = torch.randn(n, h, generator=g).to(dtype).to(device).requires_grad_()
-    weight = (torch.randn(v, h, generator=g) / h**0.5).to(dtype).to(device).requires_grad_()
-    targets = torch.randint(0, v, (n,), generator=g).to(device)
+    weight = (torch.randn(c["v"], h, generator=g) / h**0.5).to(dtype).to(device).requires_grad_()
+    targets = torch.randint(0, c["v"], (n,), generator=g).to(device)
     rows = None
-    if frac < 1.0:
-        rows = torch.randperm(n, generator=g)[: int(n * frac)].to(device)
+    if c["rows_frac"] < 1.0:
+        rows = torch.randperm(n, generator=g)[: int(n * c["rows_frac"])].to(device)
     return hidden, weight, targets, rows
 
 
@@ -45,53 +50,20 @@ def fused(hidden, weight, targets, rows):
     dlmkern.ops.masked_logprobs(hidden, weight, targets, rows=rows).sum().backward()
 
 
-PATHS = {"naive": naive, "dlmkern": fused}
-
-
-def child(args):
-    """Measures one path's peak memory in this fresh process."""
-    n, h, v = args.n, args.h, args.v
-    inputs = make_inputs(n, h, v, getattr(torch, args.dtype), args.device, args.rows_frac)
-    common.print_child_peak(lambda: PATHS[args.child](*inputs), args.device)
+PATHS = {"dlmkern": fused, "naive": naive}
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--n", type=int)
-    p.add_argument("--h", type=int)
-    p.add_argument("--v", type=int)
-    p.add_argument("--dtype")
-    p.add_argument("--rows-frac", type=float, default=1.0, help="fraction of rows selected")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--child", choices=list(PATHS), help=argparse.SUPPRESS)
-    p.add_argument("--no-save", action="store_true")
-    args = p.parse_args()
-    dn, dh, dv, ddt = DEFAULTS[args.device]
-    args.n, args.h, args.v = args.n or dn, args.h or dh, args.v or dv
-    args.dtype = args.dtype or ddt
-    if args.child:
-        return child(args)
-
-    common_args = ["--device", args.device, "--n", str(args.n), "--h", str(args.h), "--v",
-                   str(args.v), "--dtype", args.dtype, "--rows-frac", str(args.rows_frac)]
-    inputs, peaks, times = common.compare_paths(
-        __file__, common_args, PATHS,
-        lambda: make_inputs(args.n, args.h, args.v, getattr(torch, args.dtype), args.device,
-                            args.rows_frac),
-        args.device, args.repeat)
-    rows = args.n if inputs[3] is None else inputs[3].numel()
-    model_flops = 6.0 * rows * args.h * args.v  # fwd GEMM + two backward GEMMs
-    print(f"masked_logprobs fwd+bwd  N={args.n} rows={rows} H={args.h} V={args.v} "
-          f"{args.dtype} on {common.device_name(args.device)}")
-    print(f"{'path':<10}{'time ms':>12}{'peak MiB':>12}{'TFLOP/s':>10}")
-    for k in PATHS:
-        tf = model_flops / times[k] / 1e12
-        print(f"{k:<10}{times[k] * 1e3:>12.2f}{peaks[k] / 2**20:>12.1f}{tf:>10.2f}")
-    common.report_ratios(times, peaks, None if args.no_save else {
-        "op": "masked_logprobs_fwd_bwd", "device": common.device_name(args.device),
-        "shape": {"N": args.n, "rows": rows, "H": args.h, "V": args.v}, "dtype": args.dtype,
-        "tflops_model": round(model_flops / times["dlmkern"] / 1e12, 2)})
+    args, c = common.parse(__doc__, SIZES, lambda p: common.add_child_args(p, PATHS))
+    if common.run_child(args, PATHS, make_inputs):
+        return
+    inputs, peaks, timings = common.compare_paths(__file__, c, PATHS, make_inputs, args.device,
+                                                  args.repeat)
+    rows = c["n"] if inputs[3] is None else inputs[3].numel()
+    flops = 6.0 * rows * c["h"] * c["v"]
+    shape = {"N": c["n"], "rows": rows, "H": c["h"], "V": c["v"], "dtype": c["dtype"]}
+    common.report([common.make_row("masked_logprobs_fwd_bwd", shape, k, timings[k], args.device,
+                                   flops=flops, peak_bytes=peaks[k]) for k in PATHS], args)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,17 @@
-"""policy_value_loss fwd+bwd vs the eager torch composition (dlmkern.ops.reference), one run.
+"""policy_value_loss fwd+bwd vs the eager torch composition (dlmkern.ops.reference) and a device
+copy of the same bytes, in one run.
 
-    python bench/bench_policy_value_loss.py                 # CPU, 1M tokens
-    python bench/bench_policy_value_loss.py --device cuda   # GPU, 1M and 8M tokens, GB/s
+    python bench/bench_policy_value_loss.py                        # CPU, 1M tokens
+    python bench/bench_policy_value_loss.py --quick --device cuda  # 1M and 8M tokens
+    python bench/bench_policy_value_loss.py --tiny --set reduction=seq_mean
 
 Bytes counted are what the op must move at least: every input read once and the gradients for
-logp and values written once. On GPU the achieved bandwidth is also shown against a plain
-device-to-device copy measured in the same run.
+logp and values written once. The `device_copy` row is the time a plain copy (measured on at
+least 256 MiB, so not out of cache) takes to move those same bytes: its GB/s is the ceiling.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -20,10 +21,18 @@ sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 from dlmkern.ops import policy_value_loss, reference  # noqa: E402
 
+SIZES = {
+    "default": dict(tokens=[1 << 20], reduction="token_mean"),
+    "quick": dict(tokens=[1 << 20, 1 << 23], reduction="token_mean"),
+    "tiny": dict(tokens=[1 << 14], reduction="token_mean"),
+}
+ROW_LEN = 4096
+MIN_COPY_BYTES = 256 << 20
 
-def make_inputs(tokens, device, row_len=4096):
+
+def make_inputs(tokens, device):
     g = torch.Generator().manual_seed(0)
-    shape = (tokens // row_len, row_len)
+    shape = (max(tokens // ROW_LEN, 1), min(tokens, ROW_LEN))
 
     def r():
         return torch.randn(shape, generator=g).to(device)
@@ -49,45 +58,32 @@ def run(fn, b, reduction):
     return step
 
 
-def copy_bandwidth(nbytes, device):
-    src = torch.empty(nbytes // 4, device=device)
+def copy_timing(nbytes, device, repeat):
+    """A device copy's time scaled to `nbytes` moved (read + write), measured on >= 256 MiB."""
+    moved = max(nbytes, MIN_COPY_BYTES)
+    src = torch.empty(moved // 8, device=device)
     dst = torch.empty_like(src)
-    t = common.time_fn(lambda: dst.copy_(src), device, warmup=2, repeat=10)
-    return 2 * nbytes / t
+    t = common.time_fn(lambda: dst.copy_(src), device, repeat=repeat)
+    scale = nbytes / (2 * src.numel() * 4)
+    return common.Timing(t.p20 * scale, t.p50 * scale, t.p80 * scale)
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--tokens", type=int, nargs="*")
-    p.add_argument("--reduction", default="token_mean")
-    p.add_argument("--no-save", action="store_true")
-    args = p.parse_args()
-    sizes = args.tokens or ([1 << 20] if args.device == "cpu" else [1 << 20, 1 << 23])
-    repeat = 5 if args.device == "cpu" else 20
-    for tokens in sizes:
+    args, c = common.parse(__doc__, SIZES)
+    repeat = args.repeat or (None if args.device == "cuda" else 5)
+    for tokens in c["tokens"]:
         b = make_inputs(tokens, args.device)
+        tokens = b["logp"].numel()
         # fp32 logp, old, A, ref, V, V_old, R read + bool mask; grads for logp and V written.
         nbytes = tokens * (7 * 4 + 1 + 2 * 4)
-        t_fused = common.time_fn(run(policy_value_loss, b, args.reduction), args.device,
-                                 repeat=repeat)
-        t_eager = common.time_fn(run(reference.policy_value_loss, b, args.reduction),
-                                 args.device, repeat=repeat)
-        gbs = nbytes / t_fused / 1e9
-        line = (f"policy_value_loss fwd+bwd {tokens} tokens ({args.reduction}) on "
-                f"{common.device_name(args.device)}: dlmkern {t_fused * 1e3:.3f} ms, eager "
-                f"{t_eager * 1e3:.3f} ms, speed-up {t_eager / t_fused:.2f}x, {gbs:.0f} GB/s")
-        row = {"op": "policy_value_loss_fwd_bwd", "device": common.device_name(args.device),
-               "shape": {"tokens": tokens}, "reduction": args.reduction,
-               "time_ms": {"dlmkern": round(t_fused * 1e3, 4), "eager": round(t_eager * 1e3, 4)},
-               "speedup": round(t_eager / t_fused, 3), "gb_per_s": round(gbs, 1)}
-        if args.device == "cuda":
-            copy = copy_bandwidth(nbytes, args.device) / 1e9
-            line += f" = {100 * gbs / copy:.0f} % of a device copy ({copy:.0f} GB/s)"
-            row["copy_gb_per_s"] = round(copy, 1)
-        print(line)
-        if not args.no_save:
-            common.append_result(row)
+        timings = {"dlmkern": common.time_fn(run(policy_value_loss, b, c["reduction"]),
+                                             args.device, repeat=repeat),
+                   "eager": common.time_fn(run(reference.policy_value_loss, b, c["reduction"]),
+                                           args.device, repeat=repeat),
+                   "device_copy": copy_timing(nbytes, args.device, repeat)}
+        shape = {"tokens": tokens, "reduction": c["reduction"], "dtype": "float32"}
+        common.report([common.make_row("policy_value_loss_fwd_bwd", shape, k, t, args.device,
+                                       nbytes=nbytes) for k, t in timings.items()], args)
 
 
 if __name__ == "__main__":
