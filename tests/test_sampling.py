@@ -165,9 +165,10 @@ def test_sample_tokens_greedy_topk_topp():
     assert lp.item() == pytest.approx(p[1].log().item(), rel=1e-5)
     g = torch.Generator().manual_seed(0)
     topk = SamplingConfig(temperature=1.0, top_k=1)
-    assert {sample_tokens(logits, topk, 4, g)[0].item() for _ in range(20)} == {1}
+    draw = lambda: 1.0 - torch.rand(1, generator=g)  # noqa: E731  (0, 1]
+    assert {sample_tokens(logits, topk, 4, draw())[0].item() for _ in range(20)} == {1}
     topp = SamplingConfig(temperature=1.0, top_p=0.6)  # 1 alone has p = 0.66
-    assert {sample_tokens(logits, topp, 4, g)[0].item() for _ in range(20)} == {1}
+    assert {sample_tokens(logits, topp, 4, draw())[0].item() for _ in range(20)} == {1}
 
 
 def test_eos_ends_the_sequence_after_its_block():

@@ -1,4 +1,4 @@
-"""The `dlmkern` command: demo, train, sample, eval."""
+"""The `dlmkern` command: demo, train, sample, eval, doctor."""
 
 from __future__ import annotations
 
@@ -199,9 +199,22 @@ def cmd_demo(args):
              out_dir=args.out, progress_bar=not args.quiet)
 
 
+def cmd_doctor(args):
+    from dlmkern.doctor import run
+
+    return run(args.device, args.only, args.json, args.verbose)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="dlmkern", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
+    doc = sub.add_parser("doctor", help="check this install: ops vs references, sampler, "
+                         "trainers (PASS / FAIL table, non-zero exit on failure)")
+    doc.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    doc.add_argument("--only", choices=["all", "ops", "e2e"], default="all")
+    doc.add_argument("--json", help="also write the results to this JSON file")
+    doc.add_argument("--verbose", action="store_true", help="tracebacks of failed checks")
+    doc.set_defaults(fn=cmd_doctor)
     d = sub.add_parser("demo", help="SFT then RL on a tiny model, nothing downloaded")
     d.add_argument("--algo", choices=["tracerl", "dipo"], default="tracerl")
     d.add_argument("--seed", type=int, default=0)
@@ -240,11 +253,11 @@ def main(argv=None):
         s.set_defaults(fn=fn)
     args = p.parse_args(argv)
     try:
-        args.fn(args)
+        rc = args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"dlmkern {args.cmd}: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return rc if isinstance(rc, int) else 0
 
 
 if __name__ == "__main__":

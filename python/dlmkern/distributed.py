@@ -117,9 +117,8 @@ def gathered(model: torch.nn.Module):
 def all_sum(x: float | int) -> float:
     if not enabled():
         return x
-    t = torch.tensor([float(x)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
     dist.all_reduce(t)
     return float(t.item())
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
+from dlmkern.ops import backend, reference
 from dlmkern.ops._checks import check_tensors
 from dlmkern.ops.layouts import Layout
-
-_ops = torch.ops.dlmkern
 
 
 def block_attention(
@@ -44,8 +43,11 @@ def block_attention(
         stream = block
     check_tensors("block_attention", "q", q=q, k=k, v=v, cu_seqlens=cu_seqlens, block=block,
                    stream=stream)
-    return _ops.block_attention(q, k, v, cu_seqlens, block, stream, bool(full),
-                                None if scale is None else float(scale))
+    if backend.is_reference():
+        return reference.block_attention(q, k, v, cu_seqlens, block, stream, full=bool(full),
+                                         scale=scale)
+    return backend.ops().block_attention(q, k, v, cu_seqlens, block, stream, bool(full),
+                                         None if scale is None else float(scale))
 
 
 def decode_attention(
@@ -70,8 +72,12 @@ def decode_attention(
     """
     check_tensors("decode_attention", "q", q=q, k_new=k_new, v_new=v_new, k_cache=k_cache,
                    v_cache=v_cache, cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q)
-    return _ops.decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens, cu_seqlens_q,
-                                 bool(commit), None if scale is None else float(scale))
+    if backend.is_reference():
+        return reference.decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
+                                          cu_seqlens_q, commit=bool(commit), scale=scale)
+    return backend.ops().decode_attention(q, k_new, v_new, k_cache, v_cache, cache_seqlens,
+                                          cu_seqlens_q, bool(commit),
+                                          None if scale is None else float(scale))
 
 
 @torch.library.register_fake("dlmkern::block_attention")
@@ -96,14 +102,14 @@ def _setup(ctx, inputs, output):
     q, k, v, cu_seqlens, block, stream, full, scale = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, block, stream)
-    ctx.full, ctx.scale = full, scale
+    ctx.full, ctx.scale, ctx.ops = full, scale, backend.ops()
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, cu_seqlens, block, stream = ctx.saved_tensors
-    dq, dk, dv = _ops.block_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
-                                               cu_seqlens, block, stream, ctx.full, ctx.scale)
+    dq, dk, dv = ctx.ops.block_attention_backward(grad_out.contiguous(), q, k, v, out, lse,
+                                                  cu_seqlens, block, stream, ctx.full, ctx.scale)
     return dq, dk, dv, None, None, None, None, None
 
 

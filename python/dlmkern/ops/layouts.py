@@ -9,10 +9,13 @@ position; a noisy copy shares the positions of the clean tokens it copies). One 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+
+from dlmkern._host import HOST, on_host
 
 
 @dataclass
@@ -36,6 +39,11 @@ class Layout:
                                self.max_seqlen, self.full))
 
 
+def offsets(lens: Sequence[int]) -> list[int]:
+    """[0, l0, l0 + l1, ...]: the cu_seqlens of sequences of these lengths, as host ints."""
+    return [0, *itertools.accumulate(int(n) for n in lens)]
+
+
 def _trusted(lay: Layout) -> Layout:
     """Validates the layout's cu_seqlens / stream values once (one host sync) so that every
     block_attention call on these tensors (each layer, forward and backward) skips its own
@@ -50,11 +58,10 @@ def _trusted(lay: Layout) -> Layout:
 def _pack(parts: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, full=False) -> Layout:
     """parts: per sequence (positions [n] int64, streams [n] int64)."""
     lens = [int(p.numel()) for p, _ in parts]
-    cu = torch.zeros(len(parts) + 1, dtype=torch.int32)
-    if parts:
-        cu[1:] = torch.tensor(lens, dtype=torch.int64).cumsum(0).to(torch.int32)
-    pos = torch.cat([p for p, _ in parts]) if parts else torch.zeros(0, dtype=torch.int64)
-    stream = torch.cat([s for _, s in parts]) if parts else torch.zeros(0, dtype=torch.int64)
+    cu = torch.tensor(offsets(lens), dtype=torch.int32, device=HOST)
+    empty = torch.zeros(0, dtype=torch.int64, device=HOST)
+    pos = torch.cat([p for p, _ in parts]) if parts else empty
+    stream = torch.cat([s for _, s in parts]) if parts else empty
     block = torch.zeros_like(pos) if full else pos // block_size
     return _trusted(Layout(block.to(torch.int32), stream.to(torch.int32), pos, cu,
                            max(lens, default=0), full))
@@ -73,15 +80,17 @@ def _check(block_size: int, **lists):
 
 
 def _ar(a: int, b: int) -> torch.Tensor:
-    return torch.arange(a, b, dtype=torch.int64)
+    return torch.arange(a, b, dtype=torch.int64, device=HOST)
 
 
+@on_host
 def block_causal(seq_lens: Sequence[int], block_size: int) -> Layout:
     """Plain block-causal sequences (prefill, block SFT on clean text): one clean copy each."""
     _check(block_size, seq_lens=seq_lens)
     return _pack([(_ar(0, n), torch.zeros(n, dtype=torch.int64)) for n in seq_lens], block_size)
 
 
+@on_host
 def full(seq_lens: Sequence[int]) -> Layout:
     """Bidirectional attention inside each sequence (LLaDA / Dream)."""
     _check(1, seq_lens=seq_lens)
@@ -89,6 +98,7 @@ def full(seq_lens: Sequence[int]) -> Layout:
                  full=True)
 
 
+@on_host
 def bd3(seq_lens: Sequence[int], block_size: int) -> Layout:
     """The BD3 / DiRL training layout [noisy | clean]: a noisy copy (stream 1) of the whole
     sequence, then its clean copy (stream 0), both with positions 0..L-1."""
@@ -105,6 +115,7 @@ def _first_block_start(prompt_len: int, block_size: int) -> int:
     return (prompt_len // block_size) * block_size
 
 
+@on_host
 def tracerl(prompt_lens: Sequence[int], seq_lens: Sequence[int], block_size: int) -> Layout:
     """TraceRL's layout [prompt | clean response | noisy response] for one round.
 
@@ -125,6 +136,7 @@ def tracerl(prompt_lens: Sequence[int], seq_lens: Sequence[int], block_size: int
     return _pack(parts, block_size)
 
 
+@on_host
 def packed_rounds(
     prompt_lens: Sequence[int],
     seq_lens: Sequence[int],
@@ -163,6 +175,7 @@ def packed_rounds(
     return _pack(parts, block_size)
 
 
+@on_host
 def dense_mask(layout: Layout) -> torch.Tensor:
     """The [T, T] boolean visibility matrix of a layout (for references and tests only)."""
     T = layout.num_tokens

@@ -9,9 +9,8 @@ from __future__ import annotations
 import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
+from dlmkern.ops import backend, reference
 from dlmkern.ops._checks import check_tensors
-
-_ops = torch.ops.dlmkern
 
 
 def masked_logprobs(
@@ -40,7 +39,11 @@ def masked_logprobs(
     check_tensors(
         "masked_logprobs", "hidden", hidden=hidden, weight=weight, targets=targets, rows=rows
     )
-    logp, entropy, _ = _ops.masked_logprobs(
+    if backend.is_reference():
+        return reference.masked_logprobs(hidden, weight, targets, rows=rows,
+                                         temperature=temperature, return_entropy=return_entropy,
+                                         ignore_index=ignore_index)
+    logp, entropy, _ = backend.ops().masked_logprobs(
         hidden, weight, targets, rows, float(temperature), int(ignore_index)
     )
     return (logp, entropy) if return_entropy else logp
@@ -66,8 +69,12 @@ def logprobs_from_logits(
             "dlmkern.logprobs_from_logits: `targets` must have shape "
             f"{tuple(logits.shape[:-1])} (logits without the last dim), got {tuple(targets.shape)}"
         )
+    if backend.is_reference():
+        return reference.logprobs_from_logits(logits, targets, temperature=temperature,
+                                              return_entropy=return_entropy,
+                                              ignore_index=ignore_index)
     lead = logits.shape[:-1]
-    logp, entropy, _ = _ops.logprobs_from_logits(
+    logp, entropy, _ = backend.ops().logprobs_from_logits(
         logits.reshape(-1, logits.shape[-1]),
         targets.reshape(-1),
         float(temperature),
@@ -127,14 +134,14 @@ def _masked_setup(ctx, inputs, output):
     hidden, weight, targets, rows, temperature, ignore_index = inputs
     _, entropy, lse = output
     ctx.save_for_backward(hidden, weight, targets, rows, lse, entropy)
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.temperature, ctx.ignore_index, ctx.ops = temperature, ignore_index, backend.ops()
     ctx.mark_non_differentiable(lse)
 
 
 def _masked_backward(ctx, g_logp, g_entropy, _g_lse):
     hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
     want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    dh, dw = _ops.masked_logprobs_backward(
+    dh, dw = ctx.ops.masked_logprobs_backward(
         g_logp, g_entropy, hidden, weight, targets, rows, lse, entropy,
         ctx.temperature, ctx.ignore_index, [want_h, want_w],
     )
@@ -150,13 +157,13 @@ def _logits_setup(ctx, inputs, output):
     logits, targets, temperature, ignore_index = inputs
     _, entropy, lse = output
     ctx.save_for_backward(logits, targets, lse, entropy)
-    ctx.temperature, ctx.ignore_index = temperature, ignore_index
+    ctx.temperature, ctx.ignore_index, ctx.ops = temperature, ignore_index, backend.ops()
     ctx.mark_non_differentiable(lse)
 
 
 def _logits_backward(ctx, g_logp, g_entropy, _g_lse):
     logits, targets, lse, entropy = ctx.saved_tensors
-    d_logits = _ops.logprobs_from_logits_backward(
+    d_logits = ctx.ops.logprobs_from_logits_backward(
         g_logp, g_entropy, logits, targets, lse, entropy, ctx.temperature, ctx.ignore_index
     )
     return d_logits, None, None, None

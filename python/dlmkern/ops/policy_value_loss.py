@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
-
-_ops = torch.ops.dlmkern
+from dlmkern.ops import backend, reference
 
 REDUCTIONS = {"token_mean": 0, "seq_mean": 1, "sum": 2}
 STAT_NAMES = (
@@ -101,7 +100,13 @@ def policy_value_loss(
             num_seqs = max(int(top) + 1, 1)
         else:
             num_seqs = logp.shape[0] if logp.dim() == 2 else 1
-    loss, stats, _, _, _ = _ops.policy_value_loss(
+    if backend.is_reference():
+        return reference.policy_value_loss(
+            logp, old_logp, advantages, mask, ref_logp=ref_logp, values=values,
+            old_values=old_values, returns=returns, eps_low=eps_low, eps_high=eps_high,
+            dual_clip=dual_clip, kl_coef=kl_coef, vf_coef=vf_coef, vf_clip=vf_clip,
+            reduction=reduction, seq_ids=seq_ids, normalizer=normalizer, num_seqs=num_seqs)
+    loss, stats, _, _, _ = backend.ops().policy_value_loss(
         logp, old_logp, advantages, mask, ref_logp, values, old_values, returns, seq_ids,
         float(eps_low), float(eps_high), None if dual_clip is None else float(dual_clip),
         float(kl_coef), float(vf_coef), float(vf_clip), REDUCTIONS[reduction], int(num_seqs),
@@ -132,7 +137,7 @@ def _pv_setup(ctx, inputs, output):
     logp, values, seq_ids, reduction = inputs[0], inputs[5], inputs[8], inputs[15]
     _, stats, u_logp, u_values, seq_scale = output
     ctx.save_for_backward(u_logp, u_values, seq_ids, seq_scale)
-    ctx.reduction = reduction
+    ctx.reduction, ctx.ops = reduction, backend.ops()
     ctx.logp_dtype = logp.dtype
     ctx.values_dtype = None if values is None else values.dtype
     ctx.mark_non_differentiable(stats, u_logp, u_values, seq_scale)
@@ -140,7 +145,7 @@ def _pv_setup(ctx, inputs, output):
 
 def _pv_backward(ctx, g_loss, *_unused):
     u_logp, u_values, seq_ids, seq_scale = ctx.saved_tensors
-    g_logp, g_values = _ops.policy_value_loss_backward(
+    g_logp, g_values = ctx.ops.policy_value_loss_backward(
         g_loss, u_logp, u_values, seq_ids, seq_scale, ctx.reduction
     )
     g_logp = g_logp.to(ctx.logp_dtype) if ctx.needs_input_grad[0] else None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from dlmkern._host import HOST
 from dlmkern.ops import layouts
 from dlmkern.rl.rows import Rows, _cat
 from dlmkern.rl.trace import response_blocks
@@ -24,11 +25,11 @@ ESTIMATORS = ("trace", "random_mask", "coupled", "diffu_grpo")
 
 def _mask_sets(kind: str, n: int, gen: torch.Generator, eps: float = 1e-3):
     if kind == "random_mask":
-        t = eps + (1 - eps) * float(torch.rand((), generator=gen))
-        return [set((torch.rand(n, generator=gen) < t).nonzero().flatten().tolist())]
+        t = eps + (1 - eps) * float(torch.rand((), generator=gen, device=HOST))
+        return [set((torch.rand(n, generator=gen, device=HOST) < t).nonzero().flatten().tolist())]
     if kind == "coupled":
-        t = eps + (1 - eps) * float(torch.rand((), generator=gen))
-        m = set((torch.rand(n, generator=gen) < t).nonzero().flatten().tolist())
+        t = eps + (1 - eps) * float(torch.rand((), generator=gen, device=HOST))
+        m = set((torch.rand(n, generator=gen, device=HOST) < t).nonzero().flatten().tolist())
         return [m, set(range(n)) - m]
     if kind == "diffu_grpo":
         return [set(range(n))]
@@ -75,7 +76,7 @@ def baseline_rows(kind: str, trajectories, mask_token_id: int,
             for c, masked in enumerate(sets):
                 prompt = list(t.prompt_ids)
                 if kind == "diffu_grpo" and prompt_mask_ratio > 0:
-                    pm = (torch.rand(P, generator=gen) < prompt_mask_ratio).tolist()
+                    pm = (torch.rand(P, generator=gen, device=HOST) < prompt_mask_ratio).tolist()
                     prompt = [mask_token_id if m else x for x, m in zip(prompt, pm, strict=True)]
                 row = prompt + [mask_token_id if i in masked else x
                                 for i, x in enumerate(t.token_ids)]

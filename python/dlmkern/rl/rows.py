@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmkern._host import HOST
 from dlmkern.ops import layouts
 from dlmkern.ops.layouts import Layout
 from dlmkern.rl.trace import response_blocks, shrink, trace_rounds
@@ -38,7 +39,7 @@ class Rows:
 
 
 def _cat(parts, dtype=torch.long):
-    return torch.tensor([x for p in parts for x in p], dtype=dtype)
+    return torch.tensor([x for p in parts for x in p], dtype=dtype, device=HOST)
 
 
 def _block_trace(t, block_size: int, shrinkage: int):

@@ -23,14 +23,15 @@ import torch
 
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.rules import SamplingConfig, choose_batch, sample_tokens, transfer_schedule
+from dlmkern.sampling.rules import (
+    SamplingConfig,
+    SequenceDraws,
+    choose_batch,
+    sample_tokens,
+    transfer_schedule,
+)
 
-
-def sequence_generators(n: int, seed: int, seeds: list[int] | None, device):
-    if seeds is not None and len(seeds) != n:
-        raise ValueError(f"seeds has {len(seeds)} entries for {n} sequences")
-    return [torch.Generator(device=device).manual_seed(
-        seeds[i] if seeds is not None else seed * 1000003 + i) for i in range(n)]
+HOST = torch.device("cpu")  # the block plan is built on the host, then copied to the device
 
 
 @dataclass
@@ -112,7 +113,7 @@ class BlockSampler:
         device = next(self.model.parameters()).device
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
                 for p in prompts for _ in range(n_samples)]
-        gens = sequence_generators(len(seqs), seed, seeds, "cpu")
+        draws = SequenceDraws(len(seqs), seed, seeds)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else (
             self.use_cache and device.type == "cuda")
         if graphs and device.type != "cuda":
@@ -129,16 +130,15 @@ class BlockSampler:
             starts = [(len(s.tokens) // self.B) * self.B for s in seqs]
             ids = torch.tensor([t for s, n in zip(seqs, starts, strict=True) for t in s.tokens[:n]],
                                dtype=torch.long, device=device)
-            cu = torch.tensor([0, *torch.tensor(starts).cumsum(0).tolist()], dtype=torch.int32,
-                              device=device)
+            cu = torch.tensor(layouts.offsets(starts), dtype=torch.int32, device=device)
             self.model.prefill(ids, cu, cache)
         run = _StepRunner(self, cache, graphs, pad_seqs)
         while not all(s.done for s in seqs):
-            self._block(seqs, run, gens, device)
+            self._block(seqs, run, draws, device)
         self.step_shapes = sorted(run.states)  # live-row buckets used (captured graphs)
         return [s.traj for s in seqs]
 
-    def _block(self, seqs, run, gens, device):
+    def _block(self, seqs, run, draws, device):
         B, cfg = self.B, self.cfg
         S = len(seqs) + run.pad_seqs  # real sequences, then the dummy (padding) ones
         # Current block of each sequence: [start, end), start = the first ungenerated block's
@@ -161,18 +161,20 @@ class BlockSampler:
             lens += dummy
             n_live += pad
         st = run.state(S, B, n_live, device)
-        tokens = torch.full((S, B), self.mask_id, dtype=torch.long)
-        masked = torch.zeros(S, B, dtype=torch.bool)
+        tokens = torch.full((S, B), self.mask_id, dtype=torch.long, device=HOST)
+        masked = torch.zeros(S, B, dtype=torch.bool, device=HOST)
         for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=False)):  # real ones only
             tail = s.tokens[a:]
-            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long)
+            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=HOST)
             masked[i, gen[i] - a: e - a] = True
-        slots = torch.cat([torch.arange(i * B, i * B + n) for i, n in enumerate(lens)])
-        positions = torch.cat([torch.arange(a, e) for a, e in spans])
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        slots = torch.cat([torch.arange(i * B, i * B + n, device=HOST)
+                           for i, n in enumerate(lens)])
+        positions = torch.cat([torch.arange(a, e, device=HOST) for a, e in spans])
+        cu = torch.tensor(layouts.offsets(lens), dtype=torch.int32, device=HOST)
         st.load(tokens=tokens, masked=masked, slots=slots, positions=positions, cu=cu,
-                step_map=torch.full((S, B), -1), logprobs=torch.zeros(S, B),
-                counter=torch.tensor([s.step for s in seqs] + [0] * run.pad_seqs))
+                step_map=torch.full((S, B), -1, device=HOST),
+                logprobs=torch.zeros(S, B, device=HOST),
+                counter=torch.tensor([s.step for s in seqs] + [0] * run.pad_seqs, device=HOST))
         if not self.use_cache:
             self._load_recompute_inputs(st, seqs, spans, device)
         # Host-side plan of the whole block: static counts per step and every uniform draw.
@@ -180,14 +182,11 @@ class BlockSampler:
         n_iter = cfg.steps if fixed else B
         sched = [transfer_schedule(max(e - g, 0), cfg.steps)
                  for g, (_, e) in zip(gen, spans, strict=True)]
-        n_static = torch.tensor(sched, dtype=torch.long).T.contiguous().to(device)  # [steps, S]
-        uniforms = None
+        n_static = torch.tensor(sched, dtype=torch.long, device=HOST).T.contiguous().to(device)
+        uniforms = None  # [n_iter, S, B]
         if cfg.temperature > 0:
-            uniforms = torch.ones(n_iter, S, B)
-            for i, (s, g) in enumerate(zip(seqs, gens, strict=True)):
-                if not s.done:
-                    uniforms[:, i] = 1.0 - torch.rand(n_iter, B, generator=g)  # (0, 1]
-            uniforms = uniforms.to(device, non_blocking=True)
+            live = [not s.done for s in seqs] + [False] * run.pad_seqs
+            uniforms = draws.block(live, n_iter, B, device)
         pending = None
         for it in range(n_iter):
             st.load(n_static=n_static[min(it, cfg.steps - 1)])

@@ -12,9 +12,10 @@ import torch
 
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.block import Trajectory, sequence_generators
+from dlmkern.sampling.block import Trajectory
 from dlmkern.sampling.rules import (
     SamplingConfig,
+    SequenceDraws,
     choose,
     dream_transfer_count,
     sample_tokens,
@@ -48,7 +49,7 @@ class FullSampler:
         """Like BlockSampler.generate (one generator per sequence)."""
         device = next(self.model.parameters()).device
         prompts = [list(p) for p in prompts for _ in range(n_samples)]
-        gens = sequence_generators(len(prompts), seed, seeds, device)
+        draws = SequenceDraws(len(prompts), seed, seeds)
         canvases = [p + [self.mask_id] * self.gen_length for p in prompts]
         trajs = [Trajectory(p, [self.mask_id] * self.gen_length, [-1] * self.gen_length,
                             [0.0] * self.gen_length) for p in prompts]
@@ -62,6 +63,11 @@ class FullSampler:
                     for i, p in enumerate(prompts)]
             counts = [transfer_schedule(len(t), self.cfg.steps) for t in todo]
             cache, start = self._refresh_cache(canvases, prompts, lo, device)
+            # every draw of the block up front: a fixed count per sequence (static rules finish
+            # in `steps` steps, the others unmask at least one position per step)
+            n_iter = self.cfg.steps if self.cfg.rule in ("static", "sequential") else hi - lo
+            uniforms = (draws.block([bool(t) for t in todo], n_iter, hi - lo, device)
+                        if self.cfg.temperature > 0 else None)
             k = 0
             while any(todo):
                 logits = self._logits(canvases, cache, start, lo, hi, prompts, device)
@@ -70,8 +76,9 @@ class FullSampler:
                         continue
                     masked = sorted(t)
                     rows = [pos - len(prompts[i]) - lo for pos in masked]
+                    u = None if uniforms is None else uniforms[min(k, n_iter - 1), i, rows]
                     tok, conf, lp, ent = sample_tokens(logits[i][rows], self.cfg, self.mask_id,
-                                                       gens[i])
+                                                       u)
                     if self.cfg.schedule == "dream":
                         n = dream_transfer_count(len(masked), k, self.cfg.steps, self.cfg.eps)
                     else:
@@ -111,8 +118,7 @@ class FullSampler:
                               next(self.model.parameters()).dtype)
         ids = torch.tensor([t for c, s in zip(canvases, start, strict=True) for t in c[:s]],
                            device=device)
-        cu = torch.tensor([0, *torch.tensor(start).cumsum(0).tolist()], dtype=torch.int32,
-                          device=device)
+        cu = torch.tensor(layouts.offsets(start), dtype=torch.int32, device=device)
         self.model.prefill(ids, cu, cache)
         return cache, start
 
@@ -125,16 +131,14 @@ class FullSampler:
             lay = layouts.full(lens).to(device)
             ids = torch.tensor([t for c in canvases for t in c], device=device)
             h = m.prediction_hidden(m(ids, lay), lay.cu_seqlens)
-            first = [o + len(p) + lo for o, p in zip([0, *torch.tensor(lens).cumsum(0).tolist()],
-                                                     prompts, strict=False)]
+            first = [o + len(p) + lo for o, p in zip(layouts.offsets(lens), prompts, strict=False)]
         else:
             segs = [c[s:] for c, s in zip(canvases, start, strict=True)]
             lens = [len(x) for x in segs]
             ids = torch.tensor([t for x in segs for t in x], device=device)
             pos = torch.tensor([i for s, c in zip(start, canvases, strict=True)
                                 for i in range(s, len(c))], device=device)
-            cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32,
-                              device=device)
+            cu = torch.tensor(layouts.offsets(lens), dtype=torch.int32, device=device)
             h = m.decode(ids, pos, cu, cache)
             if m.config.logits_shift:  # row r predicts the next position: shift in the segment
                 h = m.prediction_hidden(h, cu)

@@ -58,13 +58,37 @@ def dream_transfer_count(masked_now: int, step: int, steps: int, eps: float) -> 
     return int(masked_now * (1 - s / t))
 
 
+class SequenceDraws:
+    """The samplers' one source of randomness: a CPU generator per sequence (seeded
+    ``seed * 1000003 + index``, or ``seeds[index]``), from which each block takes a fixed number
+    of uniforms, so a sequence's tokens do not depend on which other sequences share the batch
+    (or the rank). Draws are made on the host and moved to the model's device in one copy: no
+    generator ever has to match a device."""
+
+    def __init__(self, n: int, seed: int = 0, seeds: list[int] | None = None):
+        if seeds is not None and len(seeds) != n:
+            raise ValueError(f"seeds has {len(seeds)} entries for {n} sequences")
+        self.gens = [torch.Generator(device="cpu").manual_seed(
+            seeds[i] if seeds is not None else seed * 1000003 + i) for i in range(n)]
+
+    def block(self, live: list[bool], n_iter: int, width: int, device) -> torch.Tensor:
+        """Uniforms in (0, 1] of shape [n_iter, len(live), width] on ``device``: fresh draws for
+        the first len(self.gens) rows that are live, ones elsewhere (rows past the real
+        sequences are padding)."""
+        out = torch.ones(n_iter, len(live), width, device="cpu")
+        for i, (g, on) in enumerate(zip(self.gens, live, strict=False)):
+            if on:
+                out[:, i] = 1.0 - torch.rand(n_iter, width, generator=g, device="cpu")
+        return out.to(device, non_blocking=True)
+
+
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
-                  uniforms: torch.Tensor | torch.Generator | None):
+                  uniforms: torch.Tensor | None):
     """logits [n, V] -> (token [n], confidence [n], logprob [n], entropy [n]).
 
-    Sampling inverts each row's CDF at a uniform draw (``uniforms`` [n] in (0, 1], or a
-    generator to draw them from), so callers control the randomness per row. The mask token is
-    never produced. Greedy when temperature == 0."""
+    Sampling inverts each row's CDF at a uniform draw (``uniforms`` [n] in (0, 1], any device;
+    see :class:`SequenceDraws`), so callers control the randomness per row. The mask token is
+    never produced. Greedy when temperature == 0 (``uniforms`` may then be None)."""
     logits = logits.float().clone()
     logits[:, mask_token_id] = float("-inf")
     if cfg.temperature > 0:
@@ -83,8 +107,10 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
     if cfg.temperature == 0:
         token = torch.argmax(logits, dim=-1)
     else:
-        if uniforms is None or isinstance(uniforms, torch.Generator):
-            uniforms = 1.0 - torch.rand(logits.shape[0], generator=uniforms)  # (0, 1]
+        if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
+            got = getattr(uniforms, "shape", uniforms)
+            raise ValueError(f"sample_tokens: temperature {cfg.temperature} needs `uniforms`, a "
+                             f"tensor of {logits.shape[0]} draws (see SequenceDraws), got {got}")
         cdf = probs.cumsum(-1)
         u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
         # the first token whose CDF reaches u: never a zero-probability token since u > 0
@@ -134,7 +160,8 @@ def choose(cfg: SamplingConfig, conf: torch.Tensor, entropy: torch.Tensor,
     """Indices (into the masked positions, ascending position order) to unmask at this step."""
     n = conf.shape[0]
     if n == 0:
-        return torch.zeros(0, dtype=torch.long)
-    sel = choose_batch(cfg, conf[None], entropy[None], torch.ones(1, n, dtype=torch.bool),
-                       torch.tensor([n_static]))[0]
+        return torch.zeros(0, dtype=torch.long, device=conf.device)
+    sel = choose_batch(cfg, conf[None], entropy[None],
+                       torch.ones(1, n, dtype=torch.bool, device=conf.device),
+                       torch.tensor([n_static], device=conf.device))[0]
     return sel.nonzero().flatten()

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from dlmkern import distributed
+from dlmkern._host import HOST
 from dlmkern.trainers.config import to_dict
 
 
@@ -50,14 +51,14 @@ class Checkpointing:
             dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
         full = full_state(self.model)  # collective: every rank takes part
         if distributed.rank() == 0:
-            export = DiffusionLM(self.model.config)
+            with HOST:  # full_state is on the CPU: the export is built there, whatever the default
+                export = DiffusionLM(self.model.config)
             export.load_state_dict(full)
             export.save_pretrained(os.path.join(tmp, "model"))
             tok = getattr(self, "tok", None)
             if hasattr(tok, "save_pretrained"):  # a Hugging Face tokenizer: model/ is loadable
                 tok.save_pretrained(os.path.join(tmp, "model"))
-            torch.save({**self._progress(), "torch_rng": torch.get_rng_state(),
-                        "python_rng": random.getstate(), "numpy_rng": np.random.get_state()},
+            torch.save({**self._progress(), **_rng_states()},
                        os.path.join(tmp, "trainer_state.pt"))
             with open(os.path.join(tmp, "trainer_config.json"), "w") as f:
                 json.dump(to_dict(self.cfg), f, indent=2)
@@ -93,11 +94,10 @@ class Checkpointing:
                 warnings.warn(f"{path}: the checkpoint holds no KL reference model (written by "
                               "an older dlmkern); the reference stays the model this trainer "
                               "was built with", RuntimeWarning, stacklevel=2)
-        meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+        meta = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False,
+                          map_location=HOST)
         self._set_progress(meta)
-        torch.set_rng_state(meta["torch_rng"])
-        random.setstate(meta["python_rng"])
-        np.random.set_state(meta["numpy_rng"])
+        _set_rng_states(meta)
         return self
 
     def _state(self) -> dict:
@@ -114,6 +114,25 @@ class Checkpointing:
 
             state["ref_model"] = get_model_state_dict(self.ref_model)
         return state
+
+
+def _rng_states() -> dict:
+    """Every RNG a step may draw from: torch (CPU and, when present, each GPU), Python, numpy."""
+    states = {"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+              "numpy_rng": np.random.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(meta: dict) -> None:
+    torch.set_rng_state(meta["torch_rng"])
+    random.setstate(meta["python_rng"])
+    np.random.set_state(meta["numpy_rng"])
+    cuda = meta.get("cuda_rng")  # absent: saved on a machine without a GPU
+    if cuda is not None and torch.cuda.is_available() and \
+            len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
 
 
 @contextlib.contextmanager

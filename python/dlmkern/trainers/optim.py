@@ -106,7 +106,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         state = self.state[p]
         if "master" not in state:
             state["master"] = p.detach().float()
-            state.setdefault("step", torch.tensor(0.0))
+            state.setdefault("step", torch.tensor(0.0, device="cpu"))  # as torch AdamW
             for k in ("exp_avg", "exp_avg_sq"):
                 state[k] = (state[k].float() if k in state
                             else torch.zeros_like(p, dtype=torch.float32))

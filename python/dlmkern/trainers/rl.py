@@ -13,6 +13,7 @@ import time
 import torch
 
 from dlmkern import distributed
+from dlmkern._host import HOST
 from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
 from dlmkern.ops import policy_value_loss
@@ -86,7 +87,7 @@ class RLTrainer(Checkpointing):
 
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
-        return torch.randperm(len(self.data), generator=g).tolist()
+        return torch.randperm(len(self.data), generator=g, device=HOST).tolist()
 
     def _next_rows(self, n: int) -> list[dict]:
         out = []
@@ -125,16 +126,17 @@ class RLTrainer(Checkpointing):
         self.last_reward_time = 0.0
         with distributed.gathered(self.model):  # collective: ranks without prompts join too
             if not rows:
-                return [], torch.zeros(0)
+                return [], torch.zeros(0, device=HOST)
             trajs = self._sampler().generate(prompts, n_samples=g, seeds=seeds)
         completions = [self.tok.decode(t.token_ids) for t in trajs]
         expanded = [r for r in rows for _ in range(g)]
         columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k != "prompt"}
         prompt_text = [r["prompt"] for r in expanded]
         t0 = time.perf_counter()
-        rewards = torch.zeros(len(trajs))
+        rewards = torch.zeros(len(trajs), device=HOST)  # rewards, advantages: host-side
         for fn in self.reward_fns:
-            rewards += torch.tensor(fn(prompt_text, completions, **columns), dtype=torch.float32)
+            rewards += torch.tensor(fn(prompt_text, completions, **columns), dtype=torch.float32,
+                                    device=HOST)
         self.last_reward_time = time.perf_counter() - t0
         return trajs, rewards
 
@@ -457,7 +459,7 @@ class RLTrainer(Checkpointing):
         else:  # this rank kept nothing: join the collectives with zero weight
             if last is None:  # it sampled nothing either: a stand-in trajectory
                 stand_in = Trajectory(prompt_ids=[0], token_ids=[0], step_map=[0], logprobs=[0.0])
-                last = ([stand_in], torch.zeros(1), torch.zeros(1))
+                last = ([stand_in], torch.zeros(1, device=HOST), torch.zeros(1, device=HOST))
             self.update(last[0], torch.zeros_like(last[1]), last[2], weight=0.0,
                         n_global=len(order) * g)
             distributed.all_sum(0)

@@ -10,6 +10,7 @@ import os
 import torch
 
 from dlmkern import distributed
+from dlmkern._host import HOST
 from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, load
 from dlmkern.ops import layouts, masked_logprobs
@@ -70,8 +71,8 @@ class SFT(Checkpointing):
             a = self.tok.encode(str(r[self.answer_key])) + [self.tok.eos_token_id]
             seq = p + a
             t = float(self.cfg.min_mask_ratio + (1 - self.cfg.min_mask_ratio) *
-                      torch.rand((), generator=gen))
-            masked = torch.rand(len(a), generator=gen) < t
+                      torch.rand((), generator=gen, device=HOST))
+            masked = torch.rand(len(a), generator=gen, device=HOST) < t
             noisy = p + [c.mask_token_id if m else x for x, m in zip(a, masked.tolist(),
                                                                      strict=True)]
             for j in masked.nonzero().flatten().tolist():
@@ -133,7 +134,7 @@ class SFT(Checkpointing):
         """One optimizer step on batch_size rows drawn with replacement (this rank's share)."""
         self.model.train()
         bs, rank, world = self.cfg.batch_size, distributed.rank(), distributed.world()
-        idx = torch.randint(0, len(self.data), (bs,), generator=self.gen).tolist()
+        idx = torch.randint(0, len(self.data), (bs,), generator=self.gen, device=HOST).tolist()
         mine = list(range(rank, bs, world))
         rows, seeds = [self.data[idx[j]] for j in mine], self.row_seeds(mine)
         log = {"step": self.step, "loss": None}

@@ -1,0 +1,3 @@
+from dlmkern.doctor import main
+
+raise SystemExit(main())

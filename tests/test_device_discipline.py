@@ -1,0 +1,134 @@
+"""Device discipline (issue 17): every tensor and generator the samplers, rows, trainers and
+checkpoints create follows the model's device or is explicitly a host tensor.
+
+A CPU test cannot see a CUDA device, but it can see the class of defect: with the default device
+set to "meta", any factory call that relies on the default device (``torch.rand(n,
+generator=g)``, ``torch.zeros(n)``, ...) makes a meta tensor, which fails as soon as it meets
+real data or a CPU generator, exactly where a CUDA run (model on cuda, or a user's
+``torch.set_default_device("cuda")``) would fail or silently move work to the wrong device."""
+
+import os
+
+import pytest
+import torch
+from dlmkern.doctor import e2e_checks as e2e
+from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig, sample_tokens
+from dlmkern.trainers import SFT, DiPO, SFTConfig, TraceRL
+from torch.overrides import TorchFunctionMode
+
+PROMPTS = [e2e.TOK.encode(r["prompt"]) for r in e2e.DATA[:3]]
+HOT = SamplingConfig(temperature=1.0, steps=2)
+
+
+def _tokens(trajs):
+    return [(t.token_ids, t.step_map) for t in trajs]
+
+
+@pytest.mark.parametrize("kind", ["block", "block_graph_buffers", "block_uncached", "full",
+                                  "full_cached"])
+def test_samplers_make_no_tensor_on_the_default_device(kind):
+    # FullSampler drew its uniforms with torch.rand(n, generator=g) on the default device while
+    # g lived on the model's device: on CUDA every LLaDA / Dream rollout at temperature > 0 died.
+    family = "llada" if kind.startswith("full") else "sdar"
+    model = e2e.model("cpu", family)
+    if family == "llada":
+        make = lambda: FullSampler(model, HOT, gen_length=8, block_length=4,  # noqa: E731
+                                   use_cache=kind == "full_cached")
+    else:
+        make = lambda: BlockSampler(model, HOT, max_new_tokens=8,  # noqa: E731
+                                    use_cache=kind != "block_uncached",
+                                    cuda_graphs=True if kind == "block_graph_buffers" else None)
+    want = make().generate(PROMPTS, n_samples=2, seed=5)
+    with torch.device("meta"):
+        got = make().generate(PROMPTS, n_samples=2, seed=5)
+    assert _tokens(got) == _tokens(want)
+
+
+def _trainers(out):
+    rl = lambda **kw: e2e._rl_cfg(out, **kw)  # noqa: E731
+    return {
+        "sft": lambda: SFT(e2e.model("cpu"), e2e.TOK, e2e.DATA,
+                           SFTConfig(batch_size=8, total_steps=2, output_dir=out)),
+        "tracerl_value": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                         rl(use_value_model=True, micro_batch_tokens=30)),
+        "dipo_ref_kl": lambda: DiPO(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                    rl(kl_to="ref", kl_coef=0.1)),
+        "llada": lambda: TraceRL(e2e.model("cpu", "llada"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                 rl(gen_block_length=4, shrinkage=8)),
+        "coupled": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                   rl(estimator="coupled")),
+        "diffu_grpo": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                      rl(estimator="diffu_grpo")),
+    }
+
+
+@pytest.mark.parametrize("name", ["sft", "tracerl_value", "dipo_ref_kl", "llada", "coupled",
+                                  "diffu_grpo"])
+def test_trainer_steps_and_checkpoints_make_no_tensor_on_the_default_device(tmp_path, name):
+    # SFT drew batch indices with torch.randint(generator=<cpu>) on the default device; rewards,
+    # the data order and the baselines' masks were made on it too.
+    make = _trainers(str(tmp_path))[name]
+    ref, tr = make(), make()
+    ref.train_step()
+    with torch.device("meta"):
+        tr.train_step()
+        tr.save(os.path.join(tmp_path, "ckpt"))
+    resumed = make()
+    with torch.device("meta"):
+        resumed.resume(os.path.join(tmp_path, "ckpt"))
+    for a, b, c in zip(ref.model.parameters(), tr.model.parameters(),
+                       resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b) and torch.equal(b, c)
+
+
+class _HostSyncs(TorchFunctionMode):
+    """Records calls that read device values back to the host (a sync on CUDA, and an error
+    inside CUDA-graph capture)."""
+
+    SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu,
+             torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.numpy, torch.nonzero,
+             torch.Tensor.nonzero, torch.Tensor.__index__}
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCS:
+            self.seen.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("rule", ["static", "dynamic", "entropy_bounded", "sequential"])
+def test_block_sampler_step_reads_nothing_back_to_the_host(monkeypatch, rule):
+    model = e2e.model("cpu")
+    calls = []
+    step = BlockSampler.step
+
+    def watched(self, st, cache):
+        with _HostSyncs() as mode:
+            step(self, st, cache)
+        calls.append(mode.seen)
+
+    monkeypatch.setattr(BlockSampler, "step", watched)
+    cfg = SamplingConfig(rule=rule, temperature=1.0, steps=2, threshold=0.5, top_k=5, top_p=0.9)
+    BlockSampler(model, cfg, max_new_tokens=8, cuda_graphs=True).generate(PROMPTS, 2)
+    assert calls and all(seen == [] for seen in calls), calls
+
+
+def test_host_sync_detector_sees_a_sync():
+    x = torch.ones(3)
+    with _HostSyncs() as mode:
+        x.sum().item()
+        bool(x.any())
+    assert mode.seen == ["item", "__bool__"]
+
+
+def test_sample_tokens_never_draws_from_a_hidden_generator():
+    logits = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="needs `uniforms`"):
+        sample_tokens(logits, HOT, mask_token_id=9, uniforms=None)
+    with pytest.raises(ValueError, match="needs `uniforms`"):
+        sample_tokens(logits, HOT, 9, torch.Generator().manual_seed(0))
+    u = torch.full((4,), 0.5)
+    assert torch.equal(sample_tokens(logits, HOT, 9, u)[0], sample_tokens(logits, HOT, 9, u)[0])
