@@ -82,6 +82,8 @@ def parse(doc: str, sizes: dict[str, dict], add_args=None):
     if add_args is not None:
         add_args(p)
     args = p.parse_args()
+    if args.size_set == "tiny" and args.repeat is None:
+        args.repeat = 2  # a dry run proves the plumbing; its numbers mean little
     return args, pick_sizes(args, sizes)
 
 
@@ -291,11 +293,13 @@ def describe(shape: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in shape.items())
 
 
-def report(rows: list[dict], args, unit: tuple[str, float] | None = None) -> list[dict]:
+def report(rows: list[dict], args, unit: tuple[str, float] | None = None,
+           new: list[dict] | None = None) -> list[dict]:
     """Prints one (op, shape)'s providers side by side (p20/p50/p80, TFLOP/s, GB/s, peak MiB,
     time ratio vs dlmkern) and writes the rows unless --no-save. unit=(name, amount) adds a
     throughput column, amount per p50 second (e.g. ("tok/s", generated tokens)). The speed-up
-    column is each provider's p50 over dlmkern's: derived here, never stored."""
+    column is each provider's p50 over dlmkern's: derived here, never stored. Writes `new` (default:
+    all of rows; a later provider passes the rows already written plus its own as new)."""
     first = rows[0]
     print(f"{first['op']}  {describe(first['shape'])}  on {first['device']}")
     base = next((r["p50_ms"] for r in rows if r["provider"] == BASELINE), None)
@@ -317,7 +321,7 @@ def report(rows: list[dict], args, unit: tuple[str, float] | None = None) -> lis
         line += "  " + ("-" if ratio is None else f"{ratio:.2f}x")
         print(line)
     if not args.no_save:
-        write_rows(rows)
+        write_rows(rows if new is None else new)
     return rows
 
 

@@ -1,40 +1,176 @@
 #!/usr/bin/env bash
-# One call on a GPU machine: build with CUDA kernels, run the whole test suite (CUDA tests
-# included), run every benchmark on the GPU, and write everything into OUTDIR:
-#   device.txt build.log build_info.json tests.log bench.log results.jsonl
-# Usage: bash bench/gpu_check.sh OUTDIR
+# Everything GPU in ONE lease (at most 8 minutes on the H200, the build included), in phases of
+# falling value, each time-boxed and writing into OUTDIR as it goes (a later failure or the
+# lease's end never loses an earlier result):
+#   1 device   nvidia-smi, torch, python, date                       15 s
+#   2 build    pip install --no-build-isolation -e . (sm_90a, no      130 s
+#              emulator) + build_info.json
+#   3 doctor   python -m dlmkern.doctor --json OUTDIR/doctor.json      50 s
+#   4 tests    pytest -q -m cuda tests                                 60 s
+#   5 bench_*  each bench --quick --device cuda: block_attention 50,  215 s together
+#              masked_logprobs 35, policy_value_loss 20, sampler 45, rl_step 35,
+#              decode_attention 15, logprobs_from_logits 15
+#   6 summary  summary.txt / summary.json (phases, key numbers)        10 s
+# Time boxes add up to 480 s; a phase's box is also cut to what is left of the 480 s.
+#
+# OUTDIR gets: summary.txt summary.json phases.tsv results.jsonl build_info.json doctor.json
+# logs.tar.gz (refreshed after every phase), and each phase's log in LOGDIR (default
+# OUTDIR/logs; set GPU_CHECK_LOGS elsewhere where only a few files come back, e.g. the device
+# tool's $OUT: logs.tar.gz carries them all).
+#
+# --dry-run: the same plumbing on a CPU in under 3 minutes (CI runs it): no rebuild (the
+# installed build, build_info recorded), doctor --device cpu, a small named test subset, every
+# bench --tiny --device cpu. Exit status: non-zero when any phase failed, timed out or was cut.
+#
+# Usage: bash bench/gpu_check.sh [--dry-run] OUTDIR   (replaces OUTDIR's previous run; PYTHON=...
+# picks the interpreter, else .venv/bin/python when there, else python3)
 set -uo pipefail
-OUT=${1:?usage: bench/gpu_check.sh OUTDIR}
-mkdir -p "$OUT"
+DRY=0
+if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
+OUT=${1:?usage: bash bench/gpu_check.sh [--dry-run] OUTDIR}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1
+LOGS=${GPU_CHECK_LOGS:-$OUT/logs}
+mkdir -p "$LOGS" && LOGS=$(cd "$LOGS" && pwd)
+if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
+elif [[ -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python
+else PY=python3; fi
+export PY OUT DRY PYTHONUNBUFFERED=1 DLMKERN_BENCH_RESULTS="$OUT/results.jsonl"
+# OUTDIR holds one run: the previous run's files there are replaced.
+rm -f "$OUT"/{phases.tsv,results.jsonl,build_info.json,doctor.json,summary.txt,summary.json} \
+  "$OUT/logs.tar.gz" "$LOGS"/*.log
+: > "$OUT/phases.tsv"
 
-{ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-  "$PY" -c "import torch, sys; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'python', sys.version.split()[0])"
-  date -u; } > "$OUT/device.txt" 2>&1
-cat "$OUT/device.txt"
-
-export DLMKERN_CUDA=ON DLMKERN_CUDA_ARCHS=${DLMKERN_CUDA_ARCHS:-90a}
-export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-pip_install() { "$PY" -m pip install -q --no-build-isolation --no-deps -e . "$@"; }
-if ! pip_install > "$OUT/build.log" 2>&1; then
-  # PEP 668 images refuse a plain install into the system interpreter.
-  pip_install --break-system-packages >> "$OUT/build.log" 2>&1 || {
-    echo "BUILD FAILED"; tail -60 "$OUT/build.log"; exit 1; }
+if (( DRY )); then
+  TOTAL=180 DOCTOR_ARGS="--device cpu" SIZE=--tiny
+  BOX_DEVICE=10 BOX_BUILD=30 BOX_DOCTOR=75 BOX_TESTS=30 BOX_SUMMARY=10
+  BENCHES=(block_attention:40 masked_logprobs:40 policy_value_loss:40 sampler:40 rl_step:40
+           decode_attention:40 logprobs_from_logits:40)  # ~5-15 s each; the 180 s bound it all
+else
+  TOTAL=480 DOCTOR_ARGS="" SIZE=--quick
+  BOX_DEVICE=15 BOX_BUILD=130 BOX_DOCTOR=50 BOX_TESTS=60 BOX_SUMMARY=10
+  BENCHES=(block_attention:50 masked_logprobs:35 policy_value_loss:20 sampler:45 rl_step:35
+           decode_attention:15 logprobs_from_logits:15)
 fi
-"$PY" -c "import dlmkern, json; print(json.dumps(dlmkern.build_info(), indent=1))" \
-  | tee "$OUT/build_info.json"
+START=$(date +%s)
+DEADLINE=$((START + TOTAL))
+FAILED=0
 
-echo "== tests"
-"$PY" -m pytest -q -rs tests 2>&1 | tee "$OUT/tests.log" | tail -40
-test_rc=${PIPESTATUS[0]}
+# phase NAME BOX COMMAND...: runs COMMAND under `timeout`, its box cut to what is left before the
+# summary's reserve; logs to LOGS/NAME.log; appends "name status rc seconds box" to phases.tsv.
+phase() {
+  local name=$1 box=$2 status rc t0 secs left
+  shift 2
+  left=$((DEADLINE - BOX_SUMMARY - $(date +%s)))
+  (( box > left )) && box=$left
+  if (( box < 5 )); then
+    record "$name" cut - 0 "$box"
+    return 1
+  fi
+  echo "== $name (box ${box}s) $(date -u +%H:%M:%S)"
+  t0=$(date +%s%N)
+  timeout -k 5 "$box" "$@" > "$LOGS/$name.log" 2>&1
+  rc=$?
+  secs=$(( ($(date +%s%N) - t0) / 1000000 ))
+  case $rc in
+    0) status=ok ;;
+    124|137) status=timeout ;;
+    *) status=fail ;;
+  esac
+  [[ $status == ok ]] || tail -n 25 "$LOGS/$name.log"
+  record "$name" "$status" "$rc" "$(printf '%d.%03d' $((secs / 1000)) $((secs % 1000)))" "$box"
+  [[ $status == ok ]]
+}
 
-echo "== benchmarks"
-export DLMKERN_BENCH_RESULTS="$OUT/results.jsonl"
-for b in bench/bench_*.py; do
-  echo "-- $b"
-  timeout "${DLMKERN_BENCH_TIMEOUT:-240}" "$PY" "$b" --device cuda 2>&1 || echo "-- $b failed or timed out"
-done | tee "$OUT/bench.log"
-echo "tests exit code: $test_rc"
-exit "$test_rc"
+# record NAME STATUS RC SECONDS BOX: one line of phases.tsv (and the logs' tarball refreshed).
+record() {
+  printf '%s\t%s\t%s\t%s\t%s\n' "$@" >> "$OUT/phases.tsv"
+  echo "-- $1: $2 (rc $3, $4 s of $5 s)"
+  case $2 in ok|missing|skipped) ;; *) FAILED=1 ;; esac
+  tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+}
+
+device_info() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.sm,temperature.gpu \
+    --format=csv || echo "nvidia-smi: not available"
+  "$PY" -c "import platform, sys, torch
+print('python', sys.version.split()[0], sys.executable)
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print('device', p.name, 'sm', f'{p.major}{p.minor}', 'SMs', p.multi_processor_count,
+          'memory GiB', round(p.total_memory / 2**30, 1))
+print('machine', platform.machine(), 'cores', __import__('os').cpu_count())"
+  echo "git $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo +dirty)"
+  date -u +%Y-%m-%dT%H:%M:%SZ
+}
+
+build() {
+  if (( DRY )); then
+    echo "dry run: no rebuild, the installed build is used"
+  else
+    export DLMKERN_CUDA=ON DLMKERN_CUDA_ARCHS=${DLMKERN_CUDA_ARCHS:-90a} DLMKERN_CUDA_EMU=OFF
+    export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
+    local pip=("$PY" -m pip install --no-build-isolation --no-deps -e .)
+    # PEP 668 images refuse a plain install into the system interpreter.
+    "${pip[@]}" || "${pip[@]}" --break-system-packages || return 1
+  fi
+  "$PY" - <<'EOF'
+import json, os, sys
+import dlmkern
+info = dlmkern.build_info()
+json.dump(info, open(os.path.join(os.environ["OUT"], "build_info.json"), "w"), indent=1)
+print(json.dumps(info, indent=1))
+if os.environ["DRY"] == "0" and not (info["cuda_available"] and info["cuda_kernels_registered"]):
+    sys.exit("build: CUDA kernels are not registered or no GPU is visible")
+EOF
+}
+
+doctor() {
+  # shellcheck disable=SC2086  # DOCTOR_ARGS is a word list
+  "$PY" -m dlmkern.doctor --json "$OUT/doctor.json" $DOCTOR_ARGS
+}
+
+tests() {
+  if (( DRY )); then  # -m cuda skips everything on a CPU: prove the phase with a fast subset
+    "$PY" -m pytest -q -rfs tests/test_bench_schema.py
+  else  # keep going past a module that cannot import here (e.g. a missing optional package)
+    "$PY" -m pytest -q -rfs -m cuda --continue-on-collection-errors tests
+  fi
+}
+
+bench() {
+  local dev=cuda
+  (( DRY )) && dev=cpu
+  "$PY" "bench/bench_$1.py" "$SIZE" --device "$dev"
+}
+export -f device_info build doctor tests bench
+export SIZE DOCTOR_ARGS
+
+echo "gpu_check: $([[ $DRY == 1 ]] && echo dry run || echo GPU run), ${TOTAL} s budget," \
+     "python $PY, out $OUT"
+phase device "$BOX_DEVICE" bash -c device_info && cat "$LOGS/device.log"
+if phase build "$BOX_BUILD" bash -c build; then
+  if (( DRY )) && ! "$PY" -c "import dlmkern.doctor" 2>/dev/null; then
+    echo "dlmkern.doctor cannot be imported yet" > "$LOGS/doctor.log"
+    record doctor missing - 0 0
+  else
+    phase doctor "$BOX_DOCTOR" bash -c doctor
+  fi
+  phase tests "$BOX_TESTS" bash -c tests
+  for entry in "${BENCHES[@]}"; do
+    phase "bench_${entry%%:*}" "${entry##*:}" bash -c "bench ${entry%%:*}"
+  done
+else
+  for name in doctor tests "${BENCHES[@]%%:*}"; do
+    [[ $name == doctor || $name == tests ]] || name=bench_$name
+    record "$name" skipped - 0 0
+  done
+  FAILED=1
+fi
+elapsed=$(( $(date +%s) - START ))
+timeout -k 2 "$BOX_SUMMARY" "$PY" bench/summary.py "$OUT" "$LOGS" --wall "$elapsed" \
+  --mode "$([[ $DRY == 1 ]] && echo dry-run || echo gpu)" || { echo "summary failed"; FAILED=1; }
+tar -czf "$OUT/logs.tar.gz" -C "$LOGS" . 2>/dev/null
+echo "gpu_check: ${elapsed} s, $([[ $FAILED == 0 ]] && echo all phases passed || echo SOME PHASES FAILED)"
+exit "$FAILED"
