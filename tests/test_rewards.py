@@ -15,6 +15,7 @@ from dlmkern.rewards import (
     verify_answer,
 )
 from dlmkern.rewards.code import network_isolation_available
+from dlmkern.rewards.sandbox import SandboxUnavailable, sandbox_available
 
 pytest.importorskip("math_verify")
 
@@ -60,24 +61,27 @@ def test_math_reward_from_a_thread_and_timeout():
     assert verify_answer("\\frac{1}{2}", "0.5")  # the worker was restarted
 
 
-# ---- code sandbox -----------------------------------------------------------------------------
+# ---- code sandbox (the hostile-program suite is tests/test_sandbox.py) ---------------------------
 
-# The limits tests run wherever they can; where the kernel allows no network namespace the
-# default refuses to run (test_network_is_cut_off_and_tmp_is_private checks that), so they
-# accept running without one.
-FAST = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256,
-                     network="require" if network_isolation_available() else "try")
+needs_sandbox = pytest.mark.skipif(not sandbox_available(),
+                                   reason="no sandbox here (test_no_sandbox_fails_closed)")
+FAST = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256)
 
 
+@needs_sandbox
 def test_correct_and_wrong_programs():
     assert run_program("print(sum(range(5)))", limits=FAST) == (0, "10\n")
+    assert run_program("print(input()[::-1])", stdin="abc\n", limits=FAST) == (0, "cba\n")
     comp = "Here:\n```python\ndef add(a, b):\n    return a + b\n```"
     assert extract_code(comp).strip().startswith("def add")
     tests = [["assert add(1, 2) == 3", "assert add(2, 2) == 4"],
              ["assert add(1, 2) == 3", "assert add(2, 2) == 5"]]
     assert code_reward([None, None], [comp, comp], tests, limits=FAST) == [1.0, 0.5]
+    assert code_reward([None], [comp], ["assert add(1, 1) == 2"], limits=FAST) == [1.0]
+    assert code_reward([None], [comp], [[]], limits=FAST) == [0.0]
 
 
+@needs_sandbox
 @pytest.mark.parametrize("source", [
     "while True: pass",                                    # hang (CPU limit)
     "import time\ntime.sleep(60)",                         # hang (wall clock)
@@ -89,29 +93,27 @@ def test_correct_and_wrong_programs():
 def test_bad_programs_score_zero_and_do_not_escape(source):
     t0 = time.time()
     code, _ = run_program(source, limits=SandboxLimits(wall_seconds=3, cpu_seconds=1,
-                                                        memory_mb=256, file_mb=8,
-                                                        network=FAST.network))
+                                                        memory_mb=256, file_mb=8))
     assert code != 0
     assert time.time() - t0 < 15
     assert code_reward([None], [source], [["pass"]], limits=FAST) == [0.0]
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the process limit binds a dropped uid (root)")
+@needs_sandbox
 def test_fork_bomb_is_contained():
     t0 = time.time()
     code, _ = run_program("import os\nwhile True:\n    os.fork()", limits=FAST)
     assert code != 0 and time.time() - t0 < 15
-    code, _ = run_program("import os\nos.listdir('/root')", limits=FAST)
+    here = os.path.dirname(os.path.abspath(__file__))  # the trainer's files are not there
+    assert os.listdir(here)
+    code, _ = run_program(f"import os\nos.listdir({here!r})", limits=FAST)
     assert code != 0
     # the sandbox still works afterwards
     assert run_program("print('ok')", limits=FAST) == (0, "ok\n")
 
 
+@needs_sandbox
 def test_network_is_cut_off_and_tmp_is_private():
-    if not network_isolation_available():  # then the default refuses to run anything
-        with pytest.raises(RuntimeError, match="network namespace"):
-            run_program("print(1)", limits=FAST)
-        pytest.skip("this kernel allows no network namespace")
     import socket
 
     server = socket.socket()
@@ -124,20 +126,20 @@ def test_network_is_cut_off_and_tmp_is_private():
     finally:
         server.close()
     assert code != 0 and "connected" not in out
-    code, out = run_program("import os, tempfile\nprint(tempfile.gettempdir() == os.getcwd())",
-                            limits=FAST)
-    assert (code, out) == (0, "True\n")
+    code, out = run_program("import os, tempfile\nprint(tempfile.gettempdir() == os.getcwd(), "
+                            "os.listdir())", limits=FAST)
+    assert (code, out) == (0, "True ['main.py']\n")
 
 
-def test_network_policy_when_no_namespace_can_be_made(monkeypatch):
-    import dlmkern.rewards.code as code_mod
+def test_no_sandbox_fails_closed(monkeypatch):
+    import dlmkern.rewards.sandbox as sandbox
 
-    monkeypatch.setattr(code_mod, "_isolation", False)
-    monkeypatch.setattr(code_mod, "_warned", set())  # warned once per process: reset for this
-    with pytest.raises(RuntimeError, match=r"network namespace.*network='try'"):
-        run_program("print(1)", limits=FAST)
-    relaxed = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256, network="try")
-    with pytest.warns(RuntimeWarning, match="WITHOUT network isolation"):
-        assert run_program("print(1)", limits=relaxed) == (0, "1\n")
+    monkeypatch.setattr(sandbox, "_availability", (False, "unshare: Operation not permitted"))
+    for network in ("require", "try"):
+        with pytest.raises(SandboxUnavailable, match=r"cannot isolate.*Operation not permitted"):
+            run_program("print(1)", limits=SandboxLimits(network=network))
+        with pytest.raises(SandboxUnavailable):
+            code_reward([None], ["x = 1"], [["pass"]], limits=SandboxLimits(network=network))
+    assert not network_isolation_available()
     with pytest.raises(ValueError, match="network must be 'require' or 'try'"):
         SandboxLimits(network="off")

@@ -175,6 +175,7 @@ def init(cfg, fds, lifeline):
     if select.select([lifeline], [], [], 0)[0]:  # L died before the line above: give up
         os._exit(1)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.setsid()  # the run's own session: kill(0) from inside cannot reach L
     build_root(cfg)
     drop_privileges(cfg)
     pid = os.fork()
