@@ -61,7 +61,8 @@ def _fmt(x: float | None) -> str:
     return "-" if x is None else f"{x:.2e}"
 
 
-def print_table(checks: list[Check], out=sys.stdout) -> None:
+def print_table(checks: list[Check], out=None) -> None:
+    out = out or sys.stdout
     w = max(len(c.name) for c in checks)
     print(f"{'check':<{w}}  {'dtype':<8}  {'measured':>9}  {'/tol':>8}  {'time':>6}  result",
           file=out)
