@@ -153,12 +153,16 @@ def _pump(proc, readers: dict, deadline: float) -> bool:
 def _stop(proc, status: _Reader) -> None:
     """Ends a run at its time limit: kill C (the run's PID 1; the kernel then kills the whole
     namespace and L exits once it is gone), and L itself if it does not exit."""
+    killed = False
     for line in bytes(status.kept).decode(errors="replace").splitlines():
         if line.startswith("pid ") and proc.poll() is None:  # C is not reaped while L lives
             try:
                 os.kill(int(line[4:]), signal.SIGKILL)
+                killed = True
             except (ProcessLookupError, PermissionError, ValueError):
                 pass
+    if not killed:  # still setting up: C dies of its parent-death signal
+        proc.kill()
     try:
         proc.wait(timeout=5)
     except subprocess.TimeoutExpired:
