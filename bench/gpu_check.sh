@@ -14,9 +14,9 @@
 # Time boxes add up to 480 s; a phase's box is also cut to what is left of the 480 s.
 #
 # OUTDIR gets: summary.txt summary.json phases.tsv results.jsonl build_info.json doctor.json
-# logs.tar.gz (refreshed after every phase), and each phase's log in LOGDIR (default
-# OUTDIR/logs; set GPU_CHECK_LOGS elsewhere where only a few files come back, e.g. the device
-# tool's $OUT: logs.tar.gz carries them all).
+# logs.tar.gz (refreshed after every phase), and each phase's log in LOGDIR (default: a fresh
+# temporary folder, so OUTDIR holds only those few files: the device tool brings back at most 8
+# files from its $OUT; set GPU_CHECK_LOGS to keep the loose logs somewhere).
 #
 # --dry-run: the same plumbing on a CPU, ~2 minutes (240 s at most; CI runs it): no rebuild (the
 # installed build, build_info recorded), doctor --device cpu, a small named test subset, every
@@ -30,7 +30,7 @@ if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
 OUT=${1:?usage: bash bench/gpu_check.sh [--dry-run] OUTDIR}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 cd "$(dirname "$0")/.."
-LOGS=${GPU_CHECK_LOGS:-$OUT/logs}
+LOGS=${GPU_CHECK_LOGS:-$(mktemp -d -t gpu_check_logs.XXXXXX)}
 mkdir -p "$LOGS" && LOGS=$(cd "$LOGS" && pwd)
 if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python

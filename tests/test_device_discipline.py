@@ -87,16 +87,23 @@ class _HostSyncs(TorchFunctionMode):
 
     SYNCS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.cpu,
              torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.numpy, torch.nonzero,
-             torch.Tensor.nonzero, torch.Tensor.__index__}
+             torch.Tensor.nonzero, torch.Tensor.__index__, torch.masked_select,
+             torch.Tensor.masked_select, torch.unique, torch.Tensor.unique}
+    INDEXING = {torch.Tensor.__getitem__, torch.Tensor.__setitem__}  # a bool index: nonzero
 
     def __init__(self):
         super().__init__()
         self.seen = []
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in self.SYNCS:
+        if func in self.SYNCS or (func in self.INDEXING and _bool_index(args[1])):
             self.seen.append(getattr(func, "__name__", str(func)))
         return func(*args, **(kwargs or {}))
+
+
+def _bool_index(index) -> bool:
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in parts)
 
 
 @pytest.mark.parametrize("rule", ["static", "dynamic", "entropy_bounded", "sequential"])
@@ -121,7 +128,9 @@ def test_host_sync_detector_sees_a_sync():
     with _HostSyncs() as mode:
         x.sum().item()
         bool(x.any())
-    assert mode.seen == ["item", "__bool__"]
+        x[x > 0]
+        x[1:]  # no sync
+    assert mode.seen == ["item", "__bool__", "__getitem__"]
 
 
 def test_sample_tokens_never_draws_from_a_hidden_generator():
@@ -132,3 +141,43 @@ def test_sample_tokens_never_draws_from_a_hidden_generator():
         sample_tokens(logits, HOT, 9, torch.Generator().manual_seed(0))
     u = torch.full((4,), 0.5)
     assert torch.equal(sample_tokens(logits, HOT, 9, u)[0], sample_tokens(logits, HOT, 9, u)[0])
+
+
+@pytest.mark.parametrize("family", ["llada", "dream"])
+@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("rule", ["static", "sequential"])
+def test_full_sampler_steps_read_nothing_back_to_the_host(monkeypatch, family, use_cache, rule):
+    # Fixed-step rules run a block's steps without looking at the host at all (dynamic rules add
+    # one lagged "all done?" read per step, which on CUDA waits only for the previous step).
+    model = e2e.model("cpu", family)
+    calls = []
+    denoise = FullSampler._denoise
+
+    def watched(self, blk, canvas):
+        with _HostSyncs() as mode:
+            denoise(self, blk, canvas)
+        calls.append(mode.seen)
+
+    monkeypatch.setattr(FullSampler, "_denoise", watched)
+    cfg = SamplingConfig(rule=rule, temperature=1.0, steps=3,
+                         schedule="dream" if family == "dream" else "even")
+    FullSampler(model, cfg, gen_length=8, block_length=4, use_cache=use_cache).generate(
+        PROMPTS, 2)
+    assert len(calls) == 2 and all(seen == [] for seen in calls), calls
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["block", "block_eager", "full", "full_cached", "dream_cached"])
+def test_samplers_on_cuda_are_deterministic_and_never_emit_the_mask(kind):
+    family = {"full": "llada", "full_cached": "llada", "dream_cached": "dream"}.get(kind, "sdar")
+    model = e2e.model("cuda", family)
+    if family == "sdar":
+        make = lambda: BlockSampler(model, HOT, max_new_tokens=8,  # noqa: E731
+                                    cuda_graphs=kind == "block")
+    else:
+        make = lambda: FullSampler(model, HOT, gen_length=8, block_length=4,  # noqa: E731
+                                   use_cache=kind.endswith("cached"))
+    a = make().generate(PROMPTS, n_samples=2, seed=5)
+    b = make().generate(PROMPTS, n_samples=2, seed=5)
+    assert _tokens(a) == _tokens(b)
+    assert all(model.config.mask_token_id not in t.token_ids for t in a)

@@ -3,6 +3,7 @@ a wrong kernel or a broken trainer makes it fail and exit non-zero."""
 
 import json
 
+import pytest
 import torch
 from dlmkern.cli import main
 from dlmkern.doctor import e2e_checks, ops_checks, run
@@ -52,3 +53,13 @@ def test_doctor_reports_a_trainer_that_breaks(monkeypatch, tmp_path):
     (check,) = json.loads(out.read_text())["checks"]
     assert not check["ok"] and check["detail"].startswith("AssertionError")
     assert torch.isfinite(torch.tensor(0.0))  # the process survived the failing check
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", [n for n, _ in e2e_checks.cases("cuda")])
+def test_end_to_end_on_cuda(name):
+    """The doctor's end-to-end checks as tests on the GPU: the samplers and every trainer with
+    the model on cuda (bf16), as bench/gpu_check.sh's test phase runs them."""
+    fn = dict(e2e_checks.cases("cuda"))[name]
+    measured, ratio = fn("cuda")
+    assert ratio <= 1.0, (name, measured)

@@ -84,11 +84,12 @@ def resolve_reward(spec: str):
     if spec == "math":
         return rewards.math_reward
     if spec == "code":
-        from dlmkern.rewards.code import network_isolation_available
+        from dlmkern.rewards.sandbox import SandboxUnavailable, require_sandbox
 
-        if not network_isolation_available():  # found now, not after the first rollout
-            raise ValueError("reward 'code': this machine cannot cut sandboxed programs off the "
-                             "network (no network namespace); see dlmkern.rewards.SandboxLimits")
+        try:  # found now, not after the first rollout
+            require_sandbox()
+        except SandboxUnavailable as e:
+            raise ValueError(f"reward 'code': {e}") from None
         return rewards.code_reward
     if ":" in spec:
         mod, _, fn = spec.partition(":")
@@ -113,6 +114,24 @@ def make_tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
+def check_train_inputs(run, cfg):
+    """The dataset (loaded once: its rows go to the trainer), the columns the trainer or the
+    reward needs, and the existing_output_dir policy, all before the weights load."""
+    from dlmkern.data import load_dataset
+    from dlmkern.trainers.checks import (RewardSpec, check_output_dir, check_reward_columns,
+                                         require_column)
+
+    data = load_dataset(run.dataset)
+    reward = None
+    if run.algo == "sft":
+        require_column(data, "answer", "SFT")
+    else:
+        reward = resolve_reward(run.reward)
+        check_reward_columns(data, [RewardSpec(reward)])
+    check_output_dir(cfg.output_dir, cfg.existing_output_dir)
+    return data, reward
+
+
 def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
     import torch
@@ -121,16 +140,18 @@ def cmd_train(args):
     from dlmkern.models import load
 
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
+    # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
+    data, reward = check_train_inputs(run, cfg)
     if torch.cuda.is_available():  # one GPU per rank under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         model = load(run.model, dtype=getattr(torch, run.dtype), device=device)
     else:
         model = load(run.model)
     if run.algo == "sft":
-        trainer = SFT(model, tok, run.dataset, cfg)
+        trainer = SFT(model, tok, data, cfg)
     else:
         cls = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
-        trainer = cls(model, tok, run.dataset, resolve_reward(run.reward), cfg)
+        trainer = cls(model, tok, data, reward, cfg)
     if run.resume:
         trainer.resume(run.resume)
     trainer.train()

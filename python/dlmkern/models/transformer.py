@@ -203,10 +203,11 @@ class DiffusionLM(nn.Module):
         of the same sequence (a sequence's first position predicts itself)."""
         if not self.config.logits_shift:
             return hidden
-        idx = torch.arange(hidden.shape[0], device=hidden.device) - 1
-        starts = cu_seqlens[:-1].long()
-        idx[starts[starts < hidden.shape[0]]] += 1
-        return hidden[idx]
+        T = hidden.shape[0]
+        # a buffer of T + 1 takes the starts of empty trailing sequences (== T): no host sync
+        first = torch.zeros(T + 1, dtype=torch.long, device=hidden.device)
+        first.index_fill_(0, cu_seqlens[:-1].long(), 1)
+        return hidden[torch.arange(T, device=hidden.device) - 1 + first[:T]]
 
     @torch.no_grad()
     def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:

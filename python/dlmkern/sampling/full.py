@@ -4,23 +4,50 @@ cache (Fast-dLLM style, refreshed at every block).
 
 Blocks count from the end of the prompt (LLaDA's `generate`): the canvas is the prompt followed by
 `gen_length` mask tokens, and block b covers canvas positions P + b*block_length onward.
+
+Every sequence advances together: the canvases live packed on the device, and a denoising step is
+one forward, one batched token draw and one batched unmasking rule over [S, block] tensors, with
+no host synchronisation. The host plans a block (gather indices, static counts, every uniform
+draw) and reads it back once when the block is done.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from dlmkern._host import HOST
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.block import Trajectory
+from dlmkern.sampling.block import Trajectory, _lagged_all_done
 from dlmkern.sampling.rules import (
     SamplingConfig,
     SequenceDraws,
-    choose,
+    choose_batch,
     dream_transfer_count,
     sample_tokens,
     transfer_schedule,
 )
+
+
+@dataclass
+class _Block:
+    """One block's device state ([S, n] slot-major: slot j of row i is canvas position
+    P_i + lo + j) and its host-planned inputs."""
+
+    slots: torch.Tensor      # [S, n] index of each slot in the packed canvases
+    masked: torch.Tensor     # [S, n] still to unmask
+    step_map: torch.Tensor   # [S, n] global step at which each slot was unmasked
+    logprobs: torch.Tensor   # [S, n] sampler log-prob of each chosen token
+    counter: torch.Tensor    # [S] next global step id of each sequence
+    n_static: torch.Tensor   # [n_iter, S] static / sequential counts (0: the step does nothing)
+    uniforms: torch.Tensor | None  # [n_iter, S, n]
+    cache: KVCache | None = None
+    seg_index: torch.Tensor | None = None   # cached path: canvas rows after the prefix
+    positions: torch.Tensor | None = None   # and their positions
+    cu: torch.Tensor | None = None          # and their cu_seqlens
+    rows: torch.Tensor | None = None        # rows of the block's slots in the forward's output
 
 
 class FullSampler:
@@ -46,104 +73,149 @@ class FullSampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
                  seeds: list[int] | None = None):
-        """Like BlockSampler.generate (one generator per sequence)."""
+        """Like BlockSampler.generate (one generator per sequence, see SequenceDraws)."""
         device = next(self.model.parameters()).device
         prompts = [list(p) for p in prompts for _ in range(n_samples)]
         draws = SequenceDraws(len(prompts), seed, seeds)
-        canvases = [p + [self.mask_id] * self.gen_length for p in prompts]
-        trajs = [Trajectory(p, [self.mask_id] * self.gen_length, [-1] * self.gen_length,
-                            [0.0] * self.gen_length) for p in prompts]
-        step = [0] * len(prompts)
+        lens = [len(p) + self.gen_length for p in prompts]
+        self._offsets = layouts.offsets(lens)
+        canvas = torch.tensor([t for p in prompts for t in p + [self.mask_id] * self.gen_length],
+                              dtype=torch.long, device=HOST).to(device)
+        self._layout = None if self.use_cache else layouts.full(lens).to(device)
+        trajs = [Trajectory(p) for p in prompts]
+        counter = [0] * len(prompts)
         done = [False] * len(prompts)
-        n_blocks = (self.gen_length + self.block_length - 1) // self.block_length
-        for b in range(n_blocks):
-            lo = b * self.block_length
+        for lo in range(0, self.gen_length, self.block_length):
+            if all(done):
+                break
             hi = min(lo + self.block_length, self.gen_length)
-            todo = [set() if done[i] else set(range(len(p) + lo, len(p) + hi))
-                    for i, p in enumerate(prompts)]
-            counts = [transfer_schedule(len(t), self.cfg.steps) for t in todo]
-            cache, start = self._refresh_cache(canvases, prompts, lo, device)
-            # every draw of the block up front: a fixed count per sequence (static rules finish
-            # in `steps` steps, the others unmask at least one position per step)
-            n_iter = self.cfg.steps if self.cfg.rule in ("static", "sequential") else hi - lo
-            uniforms = (draws.block([bool(t) for t in todo], n_iter, hi - lo, device)
-                        if self.cfg.temperature > 0 else None)
-            k = 0
-            while any(todo):
-                logits = self._logits(canvases, cache, start, lo, hi, prompts, device)
-                for i, t in enumerate(todo):
-                    if not t:
-                        continue
-                    masked = sorted(t)
-                    rows = [pos - len(prompts[i]) - lo for pos in masked]
-                    u = None if uniforms is None else uniforms[min(k, n_iter - 1), i, rows]
-                    tok, conf, lp, ent = sample_tokens(logits[i][rows], self.cfg, self.mask_id,
-                                                       u)
-                    if self.cfg.schedule == "dream":
-                        n = dream_transfer_count(len(masked), k, self.cfg.steps, self.cfg.eps)
-                    else:
-                        n = counts[i][k] if k < len(counts[i]) else len(masked)
-                    if n == 0 and self.cfg.rule in ("static", "sequential"):
-                        continue  # this step unmasks nothing for this sequence (schedule)
-                    for j in choose(self.cfg, conf.cpu(), ent.cpu(), n).tolist():
-                        pos = masked[j]
-                        canvases[i][pos] = int(tok[j])
-                        t.discard(pos)
-                        g = pos - len(prompts[i])
-                        trajs[i].token_ids[g], trajs[i].step_map[g] = int(tok[j]), step[i]
-                        trajs[i].logprobs[g] = float(lp[j])
-                    step[i] += 1
-                k += 1
-            for i, p in enumerate(prompts):
-                if not done[i] and self.eos is not None and \
-                        self.eos in canvases[i][len(p) + lo:len(p) + hi]:
-                    done[i] = True
-        for t in trajs:
-            if self.eos is not None and self.eos in t.token_ids:
-                n = t.token_ids.index(self.eos) + 1
-                t.token_ids, t.step_map = t.token_ids[:n], t.step_map[:n]
-                t.logprobs = t.logprobs[:n]
-                t.finish_reason = "eos"
+            blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)
+            self._denoise(blk, canvas)
+            self._finish_block(blk, canvas, trajs, done, counter)
         return trajs
 
-    def _refresh_cache(self, canvases, prompts, lo, device):
+    def _plan(self, prompts, done, counter, draws, lo, hi, canvas, device) -> _Block:
+        """The block's host plan, copied to the device once: slot indices, the static counts of
+        every step, every uniform draw, and (cached path) the prefix cache and gather indices."""
+        S, n, cfg = len(prompts), hi - lo, self.cfg
+        live = [not d for d in done]
+        slots = torch.tensor([[o + len(p) + lo + j for j in range(n)]
+                              for o, p in zip(self._offsets, prompts, strict=False)],
+                             dtype=torch.long, device=HOST)
+        if cfg.rule in ("static", "sequential"):
+            counts = [_static_counts(cfg, n if on else 0) for on in live]
+            # steps after the last one that unmasks anything do nothing: not run
+            n_iter = max((k + 1 for cs in counts for k, c in enumerate(cs) if c), default=0)
+            counts = [cs[:n_iter] for cs in counts]
+        else:  # the other rules unmask at least one slot per step
+            n_iter = n
+            counts = [[0] * n_iter for _ in live]
+        blk = _Block(
+            slots=slots.to(device),
+            masked=torch.tensor(live, device=HOST)[:, None].expand(S, n).contiguous().to(device),
+            step_map=torch.full((S, n), -1, dtype=torch.long, device=device),
+            logprobs=torch.zeros(S, n, dtype=torch.float32, device=device),
+            counter=torch.tensor(counter, dtype=torch.long, device=HOST).to(device),
+            n_static=torch.tensor(counts, dtype=torch.long, device=HOST).T.contiguous()
+            .to(device),
+            uniforms=draws.block(live, n_iter, n, device) if cfg.temperature > 0 else None)
+        if self.use_cache:
+            self._plan_cache(blk, prompts, lo, canvas, device)
+        else:
+            blk.rows = blk.slots.view(-1)
+        return blk
+
+    def _plan_cache(self, blk: _Block, prompts, lo, canvas, device):
         """Prefix cache of everything before the current block (Dream: before the position
-        that predicts the block's first token)."""
-        if not self.use_cache:
-            return None, None
+        that predicts the block's first token), and the indices each step gathers."""
         shift = 1 if self.model.config.logits_shift else 0
         start = [len(p) + lo - shift for p in prompts]
-        max_len = max(len(c) for c in canvases)
-        cache = KVCache.empty(self.model.config, len(canvases), max_len, device,
-                              next(self.model.parameters()).dtype)
-        ids = torch.tensor([t for c, s in zip(canvases, start, strict=True) for t in c[:s]],
-                           device=device)
-        cu = torch.tensor(layouts.offsets(start), dtype=torch.int32, device=device)
-        self.model.prefill(ids, cu, cache)
-        return cache, start
+        ends = [len(p) + self.gen_length for p in prompts]
+        blk.cache = KVCache.empty(self.model.config, len(prompts), max(ends), device,
+                                  next(self.model.parameters()).dtype)
+        prefix = [o + j for o, s in zip(self._offsets, start, strict=False) for j in range(s)]
+        ids = canvas.index_select(0, torch.tensor(prefix, dtype=torch.long, device=HOST)
+                                  .to(device))
+        self.model.prefill(ids, torch.tensor(layouts.offsets(start), dtype=torch.int32,
+                                             device=HOST).to(device), blk.cache)
+        seg = [(o + s, o + e, s, e) for o, s, e in zip(self._offsets, start, ends, strict=False)]
+        seg_lens = [e - s for s, e in zip(start, ends, strict=True)]
+        seg_cu = layouts.offsets(seg_lens)
+        blk.seg_index = torch.tensor([i for a, b, *_ in seg for i in range(a, b)],
+                                     dtype=torch.long, device=HOST).to(device)
+        blk.positions = torch.tensor([i for *_, s, e in seg for i in range(s, e)],
+                                     dtype=torch.long, device=HOST).to(device)
+        blk.cu = torch.tensor(seg_cu, dtype=torch.int32, device=HOST).to(device)
+        n = blk.slots.shape[1]
+        blk.rows = torch.tensor([c + len(p) + lo - s + j for c, p, s in
+                                 zip(seg_cu, prompts, start, strict=False) for j in range(n)],
+                                dtype=torch.long, device=HOST).to(device)
 
-    def _logits(self, canvases, cache, start, lo, hi, prompts, device):
-        """Per sequence, logits [hi - lo, V] of the current block's positions only (the rest of
-        the canvas is run through the model but never projected onto the vocabulary)."""
+    def _logits(self, blk: _Block, canvas) -> torch.Tensor:
+        """Logits [S * n, V] of the block's slots (the rest of the canvas is run through the
+        model but never projected onto the vocabulary)."""
         m = self.model
-        if cache is None:
-            lens = [len(c) for c in canvases]
-            lay = layouts.full(lens).to(device)
-            ids = torch.tensor([t for c in canvases for t in c], device=device)
-            h = m.prediction_hidden(m(ids, lay), lay.cu_seqlens)
-            first = [o + len(p) + lo for o, p in zip(layouts.offsets(lens), prompts, strict=False)]
+        if blk.cache is None:
+            h = m.prediction_hidden(m(canvas, self._layout), self._layout.cu_seqlens)
         else:
-            segs = [c[s:] for c, s in zip(canvases, start, strict=True)]
-            lens = [len(x) for x in segs]
-            ids = torch.tensor([t for x in segs for t in x], device=device)
-            pos = torch.tensor([i for s, c in zip(start, canvases, strict=True)
-                                for i in range(s, len(c))], device=device)
-            cu = torch.tensor(layouts.offsets(lens), dtype=torch.int32, device=device)
-            h = m.decode(ids, pos, cu, cache)
-            if m.config.logits_shift:  # row r predicts the next position: shift in the segment
-                h = m.prediction_hidden(h, cu)
-            offs = cu[:-1].tolist()
-            first = [o + len(p) + lo - s for o, p, s in zip(offs, prompts, start, strict=True)]
-        n = hi - lo
-        rows = torch.tensor([f + j for f in first for j in range(n)], device=device)
-        return list(m.logits(h[rows]).split(n))
+            h = m.decode(canvas.index_select(0, blk.seg_index), blk.positions, blk.cu, blk.cache)
+            h = m.prediction_hidden(h, blk.cu)  # Dream: row r predicts the next position
+        return m.logits(h.index_select(0, blk.rows))
+
+    def _denoise(self, blk: _Block, canvas):
+        """The block's denoising steps (no host sync inside a step)."""
+        fixed = self.cfg.rule in ("static", "sequential")
+        S, n = blk.slots.shape
+        pending = None
+        for it in range(blk.n_static.shape[0]):
+            u = None if blk.uniforms is None else blk.uniforms[it].reshape(-1)
+            tok, conf, lp, ent = sample_tokens(self._logits(blk, canvas), self.cfg,
+                                               self.mask_id, u)
+            tok, conf, lp, ent = (x.view(S, n) for x in (tok, conf, lp, ent))
+            n_static = blk.n_static[it]
+            active = blk.masked.any(1) & ((n_static > 0) if fixed else True)
+            sel = choose_batch(self.cfg, conf, ent, blk.masked, n_static) & active[:, None]
+            flat = blk.slots.view(-1)
+            old = canvas.index_select(0, flat).view(S, n)
+            canvas.index_copy_(0, flat, torch.where(sel, tok, old).view(-1))
+            blk.step_map.copy_(torch.where(sel, blk.counter[:, None].expand(S, n),
+                                           blk.step_map))
+            blk.logprobs.copy_(torch.where(sel, lp, blk.logprobs))
+            blk.masked &= ~sel
+            blk.counter += active
+            if not fixed:  # a dynamic rule: stop once every block is done
+                pending, finished = _lagged_all_done(blk.masked, pending)
+                if finished:
+                    break
+
+    def _finish_block(self, blk: _Block, canvas, trajs, done, counter):
+        """The block's one read-back: tokens, step map, log-probs and counters to the host; a
+        sequence whose block holds EOS ends there."""
+        tokens = canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape).tolist()
+        step_map, logprobs = blk.step_map.tolist(), blk.logprobs.tolist()
+        for i, c in enumerate(blk.counter.tolist()):
+            if done[i]:
+                continue
+            t = trajs[i]
+            counter[i] = c
+            t.token_ids.extend(tokens[i])
+            t.step_map.extend(step_map[i])
+            t.logprobs.extend(logprobs[i])
+            if self.eos is not None and self.eos in tokens[i]:
+                k = t.token_ids.index(self.eos) + 1
+                t.token_ids, t.step_map, t.logprobs = (t.token_ids[:k], t.step_map[:k],
+                                                       t.logprobs[:k])
+                done[i], t.finish_reason = True, "eos"
+
+
+def _static_counts(cfg: SamplingConfig, masked: int) -> list[int]:
+    """Tokens each step of a static / sequential rule unmasks in a block of `masked` slots:
+    LLaDA's even split, or Dream's timestep schedule (simulated: it depends on what is left)."""
+    if cfg.schedule != "dream":
+        return transfer_schedule(masked, cfg.steps)
+    out, left = [], masked
+    for k in range(cfg.steps):
+        c = min(dream_transfer_count(left, k, cfg.steps, cfg.eps), left)
+        out.append(c)
+        left -= c
+    return out
