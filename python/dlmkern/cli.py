@@ -118,8 +118,12 @@ def check_train_inputs(run, cfg):
     """The dataset (loaded once: its rows go to the trainer), the columns the trainer or the
     reward needs, and the existing_output_dir policy, all before the weights load."""
     from dlmkern.data import load_dataset
-    from dlmkern.trainers.checks import (RewardSpec, check_output_dir, check_reward_columns,
-                                         require_column)
+    from dlmkern.trainers.checks import (
+        RewardSpec,
+        check_output_dir,
+        check_reward_columns,
+        require_column,
+    )
 
     data = load_dataset(run.dataset)
     reward = None

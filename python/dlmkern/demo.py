@@ -56,6 +56,7 @@ def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: i
     print(f"[demo] SFT {sft_steps} steps on {len(train)} problems of {digits}-digit addition")
     SFT(model, tok, train, SFTConfig(batch_size=64, lr=2e-3, total_steps=sft_steps, seed=seed,
                                      output_dir=os.path.join(out_dir, "sft"),
+                                     existing_output_dir="overwrite",  # a demo re-runs afresh
                                      progress_bar=progress_bar, log_every=50)).train()
     acc_sft = accuracy(model, tok, test, new_tokens)
     print(f"[demo] held-out accuracy after SFT: {100 * acc_sft:.1f} %")
@@ -64,7 +65,7 @@ def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: i
                       seed=seed, output_dir=os.path.join(out_dir, algo), progress_bar=progress_bar,
                       eps_high=0.28 if algo == "dipo" else 0.2,
                       dynamic_sampling=algo == "dipo", pass_rate_low=0.0, pass_rate_high=1.0,
-                      eval_every=max(1, rl_steps // 6))
+                      eval_every=max(1, rl_steps // 6), existing_output_dir="overwrite")
     trainer = (DiPO if algo == "dipo" else TraceRL)(model, tok, train, exact_match, rl_cfg)
     trainer.eval_fn = lambda m: accuracy(m, tok, test, new_tokens)  # held-out curve in the plot
     trainer.train()

@@ -40,6 +40,22 @@ class ModelConfig:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown model family {self.family!r}; expected one of {FAMILIES}")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "head_dim", "block_size", "max_position_embeddings"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"model config: {key} must be an integer >= 1, got {v!r}")
+        # token ids index the embedding: one outside the vocabulary fails later, deep in a kernel
+        ids = {"mask_token_id": self.mask_token_id}
+        ids.update({k: self.extra[k] for k in ("pad_token_id", "eos_token_id", "bos_token_id")
+                    if self.extra.get(k) is not None})
+        for key, v in ids.items():
+            for tid in (v if isinstance(v, (list, tuple)) else [v]):
+                if isinstance(tid, bool) or not isinstance(tid, int) or \
+                        not 0 <= tid < self.vocab_size:
+                    raise ValueError(f"model config: {key} = {v!r} is outside the vocabulary "
+                                     f"(vocab_size = {self.vocab_size}: ids 0 .. "
+                                     f"{self.vocab_size - 1})")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
@@ -134,7 +150,11 @@ def _req(d: dict, key: str):
 
 
 def tiny_config(family: str = "sdar", **overrides) -> ModelConfig:
-    """A few-layer model built in code for tests and the demo (nothing downloaded)."""
+    """A few-layer model built in code for tests and the demo (nothing downloaded). The mask
+    token is the last id of the vocabulary: 63 by default, vocab_size - 1 when only vocab_size
+    is given (pass mask_token_id to choose another)."""
+    if "vocab_size" in overrides and "mask_token_id" not in overrides:
+        overrides["mask_token_id"] = overrides["vocab_size"] - 1
     base = dict(family=family, vocab_size=64, hidden_size=64, intermediate_size=128,
                 num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6,
                 rope_theta=10000.0, tie_word_embeddings=False, qk_norm=family == "sdar",

@@ -98,6 +98,9 @@ class Checkpointing:
                           map_location=HOST)
         self._set_progress(meta)
         _set_rng_states(meta)
+        logger = getattr(self, "logger", None)
+        if logger is not None:  # rows a previous run logged after this checkpoint come again
+            logger.truncate(self.step)
         return self
 
     def _state(self) -> dict:

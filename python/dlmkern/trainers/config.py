@@ -58,11 +58,21 @@ class RLConfig:
     log_every: int = 1                   # JSONL / TensorBoard / W&B row every N steps
     eval_every: int = 0                  # run trainer.eval_fn every N steps (0: never)
     progress_bar: bool = True
+    # output_dir already holding a run (log.jsonl / checkpoints): refuse (error) | overwrite
+    # (delete its log, curves, checkpoints) | resume (from its latest checkpoint-N / final)
+    existing_output_dir: str = "refuse"
+    on_nonfinite: str = "stop"           # NaN / inf loss, grad norm or reward: stop | skip it
 
-    def validate(self):
+    def validate(self, value_model: bool = False):
+        """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
+        group_relative = not (self.use_value_model or value_model)
         checks = [
             (self.log_every >= 1, "log_every must be >= 1"),
             (self.group_size >= 1, "group_size must be >= 1"),
+            (self.group_size >= 2 or not group_relative,
+             "group_size=1 with a group-relative advantage (the group z-score of TraceRL without "
+             "a value model, DiPO, the GRPO-style baselines) gives every sample advantage 0: "
+             "nothing would train; use group_size >= 2 or use_value_model: true"),
             (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
             (self.reduction in ("token_mean", "seq_mean", "sum"),
              "reduction must be token_mean, seq_mean or sum"),
@@ -75,6 +85,7 @@ class RLConfig:
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
              "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
+            *_policy_checks(self),
         ]
         for ok, msg in checks:
             if not ok:
@@ -99,13 +110,36 @@ class SFTConfig:
     save_every: int = 0                  # checkpoint every N steps (0: only at the end)
     log_every: int = 10
     progress_bar: bool = True
+    # output_dir already holding a run (log.jsonl / checkpoints): refuse (error) | overwrite
+    # (delete its log, curves, checkpoints) | resume (from its latest checkpoint-N / final)
+    existing_output_dir: str = "refuse"
+    on_nonfinite: str = "stop"           # NaN / inf loss or grad norm: stop | skip the update
 
     def validate(self):
-        if not 0 < self.min_mask_ratio < 1:
-            raise ValueError("config: min_mask_ratio must lie in (0, 1)")
-        if self.micro_batch_tokens < 0:
-            raise ValueError("config: micro_batch_tokens must be >= 0")
+        checks = [
+            (0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
+            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.log_every >= 1, "log_every must be >= 1"),
+            *_policy_checks(self),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"config: {msg}")
         return self
+
+
+OUTPUT_DIR_POLICIES = ("refuse", "overwrite", "resume")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def _policy_checks(cfg) -> list:
+    return [(cfg.existing_output_dir in OUTPUT_DIR_POLICIES,
+             f"existing_output_dir must be one of {', '.join(OUTPUT_DIR_POLICIES)}, got "
+             f"{cfg.existing_output_dir!r}"),
+            (cfg.on_nonfinite in NONFINITE_POLICIES,
+             f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got "
+             f"{cfg.on_nonfinite!r}")]
 
 
 def _coerce(cls, key: str, value):

@@ -29,6 +29,9 @@ class RunLogger:
             return
         os.makedirs(out_dir, exist_ok=True)
         self.path = os.path.join(out_dir, "log.jsonl")
+        if os.path.isfile(self.path):  # a resumed run: its curves continue the earlier rows
+            with open(self.path) as f:
+                self.rows = [json.loads(line) for line in f if line.strip()]
         if os.environ.get("DLMKERN_TENSORBOARD", "1") != "0":
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -58,6 +61,17 @@ class RunLogger:
                 self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
+
+    def truncate(self, step: int):
+        """Drops the rows of steps >= step (a run resumed from a checkpoint at `step` logs them
+        again)."""
+        keep = [r for r in self.rows if not (isinstance(r.get("step"), int) and r["step"] >= step)]
+        if len(keep) == len(self.rows):
+            return
+        self.rows = keep
+        if self.enabled:
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in keep)
 
     def warn(self, msg: str):
         if self.enabled:

@@ -28,6 +28,13 @@ from dlmkern.rl import (
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
+from dlmkern.trainers.checks import (
+    NonFiniteReward,
+    RewardSpec,
+    check_reward_columns,
+    nonfinite_guard,
+    prepare_output_dir,
+)
 from dlmkern.trainers.config import RLConfig, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
@@ -36,20 +43,34 @@ from dlmkern.trainers.optim import MixedPrecisionAdamW
 class RLTrainer(Checkpointing):
     """Base of TraceRL and DiPO. ``model``: a DiffusionLM or a checkpoint path; ``tokenizer``:
     encode / decode / eos_token_id; ``dataset``: rows with "prompt" (+ reward columns);
-    ``reward_fns``: callables ``f(prompts, completions, **columns) -> list[float]`` (summed)."""
+    ``reward_fns``: callables ``f(prompts, completions, **columns) -> list[float]`` (summed).
+
+    Each reward receives, as keyword arguments, only the dataset columns its signature names
+    (every column when it takes ``**kwargs``); a named parameter without a default must be a
+    column of every row, which is checked when the trainer is built. A reward must return one
+    finite float per completion: anything else is a ValueError naming the reward (NaN / inf:
+    see ``on_nonfinite``). Before any model work the trainer also applies the
+    ``existing_output_dir`` policy to ``output_dir``."""
 
     name = "rl"
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
                  value_model: ValueModel | None = None):
-        self.cfg = (config or RLConfig()).validate()
+        self.cfg = (config or RLConfig()).validate(value_model=value_model is not None)
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
+        # mistakes refused before any model work: rewards that cannot be called, columns they
+        # need that the dataset lacks, a previous run in output_dir (then, only then,
+        # "overwrite" deletes it)
+        self.data = load_dataset(dataset)
+        self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
+        self._reward_specs = {}
+        check_reward_columns(self.data, [self._reward_spec(fn) for fn in self.reward_fns])
+        resume_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
+                                         writer=distributed.rank() == 0)
         self.model: DiffusionLM = distributed.to_local_device(
             load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
-        self.data = load_dataset(dataset)
-        self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         self.device = next(self.model.parameters()).device
         self.value_model = value_model
         if value_model is not None:
@@ -80,8 +101,18 @@ class RLTrainer(Checkpointing):
         self.step = 0
         self.data_pos = 0
         self.data_order = self._permutation(0)
+        self.nonfinite_skipped = 0  # updates dropped for a non-finite value (on_nonfinite: skip)
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
                                 enabled=distributed.rank() == 0)
+        if resume_from is not None:  # existing_output_dir: resume
+            self.resume(resume_from)
+            self.logger.warn(f"resumed from {resume_from} (step {self.step})")
+
+    def _reward_spec(self, fn) -> RewardSpec:
+        spec = self._reward_specs.get(id(fn))
+        if spec is None or spec.fn is not fn:
+            spec = self._reward_specs[id(fn)] = RewardSpec(fn)
+        return spec
 
     # ---- data ---------------------------------------------------------------------------------
 
@@ -130,13 +161,14 @@ class RLTrainer(Checkpointing):
             trajs = self._sampler().generate(prompts, n_samples=g, seeds=seeds)
         completions = [self.tok.decode(t.token_ids) for t in trajs]
         expanded = [r for r in rows for _ in range(g)]
-        columns = {k: [r.get(k) for r in expanded] for k in expanded[0] if k != "prompt"}
+        keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")
+        columns = {k: [r.get(k) for r in expanded] for k in keys}
         prompt_text = [r["prompt"] for r in expanded]
         t0 = time.perf_counter()
         rewards = torch.zeros(len(trajs), device=HOST)  # rewards, advantages: host-side
-        for fn in self.reward_fns:
-            rewards += torch.tensor(fn(prompt_text, completions, **columns), dtype=torch.float32,
-                                    device=HOST)
+        for fn in self.reward_fns:  # each checked: n finite floats (else a ValueError naming it)
+            rewards += torch.tensor(self._reward_spec(fn)(prompt_text, completions, columns),
+                                    dtype=torch.float32, device=HOST)
         self.last_reward_time = time.perf_counter() - t0
         return trajs, rewards
 
@@ -333,13 +365,17 @@ class RLTrainer(Checkpointing):
                 parts.append((share, loss.detach(), pstats))
         self.opt.unstash_grads()
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-        self.opt.step()
-        # to host once, after every pass is queued (no sync between micro-batches)
+        # to host once, after every pass is queued (no sync between micro-batches), and before
+        # the optimizer step: a non-finite loss or gradient norm never reaches the weights
         parts = [(share, float(loss), {k: float(v) for k, v in st.items()})
                  for share, loss, st in parts]
         stats.update(_combine_stats(parts))
         stats["grad_norm"] = float(gnorm)
+        if nonfinite_guard(self, self.opt, "policy",
+                           {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}, agree=True):
+            self.opt.step()
         return stats
+
     def _value_targets(self, rows, rewards, traj_idx) -> dict:
         """Values of the rollout-time value model at each trained token's noisy position, and
         GAE advantages / returns over trace steps (no gradients)."""
@@ -383,14 +419,18 @@ class RLTrainer(Checkpointing):
                 parts.append((share, vloss.detach(), vstats["vf_clip_frac"], m["old_v"].sum(),
                               m["old_v"].numel()))
         self.value_opt.unstash_grads()
-        torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
-        self.value_opt.step()
+        vnorm = torch.nn.utils.clip_grad_norm_(vm.parameters(), self.cfg.max_grad_norm)
         parts = [(share, float(loss), float(clip), float(vsum), n)
                  for share, loss, clip, vsum, n in parts]  # to host once, after the passes
         n = max(sum(x[4] for x in parts), 1)
-        return {"value_loss": sum(s * loss for s, loss, *_ in parts),
-                "vf_clip_frac": sum(x[2] * x[4] for x in parts) / n,
-                "value_mean": sum(x[3] for x in parts) / n}
+        out = {"value_loss": sum(s * loss for s, loss, *_ in parts),
+               "vf_clip_frac": sum(x[2] * x[4] for x in parts) / n,
+               "value_mean": sum(x[3] for x in parts) / n, "value_grad_norm": float(vnorm)}
+        if nonfinite_guard(self, self.value_opt, "value",
+                           {"value_loss": out["value_loss"],
+                            "value_grad_norm": out["value_grad_norm"]}, agree=True):
+            self.value_opt.step()
+        return out
 
     def train_step(self) -> dict:
         """One step. With several ranks, every rank draws the same global prompts and samples
@@ -409,7 +449,18 @@ class RLTrainer(Checkpointing):
             rows = self._next_rows(needed)
             mine = list(range(rank, needed, world))
             ts = time.perf_counter()
-            trajs, rewards = self.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+            try:
+                trajs, rewards = self.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+                bad = None
+            except NonFiniteReward as e:  # "stop": the reward's ValueError, as it is
+                if self.cfg.on_nonfinite == "stop":
+                    raise
+                bad, trajs, rewards = str(e), [], torch.zeros(0, device=HOST)
+            if self.cfg.on_nonfinite == "skip" and self.distributed and \
+                    distributed.all_sum(float(bad is not None)) > 0 and bad is None:
+                bad = "a reward returned non-finite values on another rank"
+            if bad is not None:
+                return self._skip_nonfinite_step(bad)
             round_base = drawn
             drawn += needed
             t_reward += self.last_reward_time
@@ -464,13 +515,25 @@ class RLTrainer(Checkpointing):
                         n_global=len(order) * g)
             distributed.all_sum(0)
         log.update(time_sample=t_sample, time_reward=t_reward,
-                   time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0)
+                   time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0,
+                   nonfinite_skipped=self.nonfinite_skipped)
         if self.eval_fn is not None and self.cfg.eval_every and \
                 (self.step + 1) % self.cfg.eval_every == 0:
             with distributed.gathered(self.model):  # full weights, as for sampling
                 log["eval_accuracy"] = float(self.eval_fn(self.model))
         if self.step % self.cfg.log_every == 0 or "eval_accuracy" in log:
             self.logger.log(log)
+        self.step += 1
+        return log
+
+    def _skip_nonfinite_step(self, reason: str) -> dict:
+        """on_nonfinite: skip, a reward returned NaN / inf: the step trains nothing (logged)."""
+        self.nonfinite_skipped += 1
+        log = {"step": self.step, "skipped": f"{reason}; no update",
+               "nonfinite_skipped": self.nonfinite_skipped}
+        self.logger.warn(f"step {self.step}: {reason}; no update (on_nonfinite: skip, "
+                         f"{self.nonfinite_skipped} skipped so far)")
+        self.logger.log(log)
         self.step += 1
         return log
 
@@ -481,7 +544,7 @@ class RLTrainer(Checkpointing):
         bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
         for _ in bar:
             log = self.train_step()
-            if hasattr(bar, "set_postfix"):
+            if hasattr(bar, "set_postfix") and "reward_mean" in log:
                 bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
@@ -493,11 +556,13 @@ class RLTrainer(Checkpointing):
     # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
 
     def _progress(self) -> dict:
-        return {"step": self.step, "data_pos": self.data_pos, "data_order": self.data_order}
+        return {"step": self.step, "data_pos": self.data_pos, "data_order": self.data_order,
+                "nonfinite_skipped": self.nonfinite_skipped}
 
     def _set_progress(self, meta: dict) -> None:
         self.step, self.data_pos, self.data_order = (meta["step"], meta["data_pos"],
                                                      meta["data_order"])
+        self.nonfinite_skipped = meta.get("nonfinite_skipped", 0)
 
 
 class TraceRL(RLTrainer):

@@ -15,6 +15,7 @@ from dlmkern.data import load_dataset
 from dlmkern.models import DiffusionLM, load
 from dlmkern.ops import layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
+from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require_column
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
 from dlmkern.trainers.optim import MixedPrecisionAdamW
@@ -27,7 +28,11 @@ class SFT(Checkpointing):
     Under torchrun the model is sharded with FSDP2 and each rank trains on its share of every
     step's batch (rows rank, rank + world, ...). Each row's noise comes from a generator seeded by
     (seed, step, position in the batch), so N ranks compute the same step as one process, and
-    the loss is normalised by the global batch size."""
+    the loss is normalised by the global batch size.
+
+    Before any model work the trainer applies the ``existing_output_dir`` policy to
+    ``output_dir`` and checks that every row has the answer column; a non-finite loss or
+    gradient norm stops training (or skips the update: ``on_nonfinite``)."""
 
     def __init__(self, model, tokenizer, dataset, config: SFTConfig | None = None,
                  answer_key: str = "answer"):
@@ -37,11 +42,16 @@ class SFT(Checkpointing):
         if self.cfg.batch_size < distributed.world():
             raise ValueError(f"config: batch_size {self.cfg.batch_size} is smaller than the "
                              f"{distributed.world()} ranks")
+        # mistakes refused before any model work: rows without the answer column, a previous
+        # run in output_dir (then, only then, "overwrite" deletes it)
+        self.data = load_dataset(dataset)
+        self.answer_key = answer_key
+        require_column(self.data, answer_key, "SFT")
+        resume_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
+                                         writer=distributed.rank() == 0)
         self.model: DiffusionLM = distributed.to_local_device(
             load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
-        self.data = load_dataset(dataset)
-        self.answer_key = answer_key
         self.device = next(self.model.parameters()).device
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         if self.distributed:  # FSDP2 before the optimizer sees the parameters
@@ -50,8 +60,12 @@ class SFT(Checkpointing):
                                        weight_decay=self.cfg.weight_decay)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # which rows each step trains
         self.step = 0
+        self.nonfinite_skipped = 0  # updates dropped for a non-finite value (on_nonfinite: skip)
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
                                 enabled=distributed.rank() == 0)
+        if resume_from is not None:  # existing_output_dir: resume
+            self.resume(resume_from)
+            self.logger.warn(f"resumed from {resume_from} (step {self.step})")
 
     def row_seeds(self, positions) -> list[int]:
         """Noise seeds of this step's rows at these positions of the global batch."""
@@ -153,8 +167,15 @@ class SFT(Checkpointing):
         self.opt.unstash_grads()
         if trained:
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
-            self.opt.step()
+            # to host before the optimizer step: a non-finite loss or gradient norm never reaches
+            # the weights (both are global: every rank decides the same)
             log.update(loss=distributed.all_sum(float(local)), grad_norm=float(gnorm))
+            if nonfinite_guard(self, self.opt, "SFT",
+                               {"loss": log["loss"], "grad_norm": log["grad_norm"]}):
+                self.opt.step()
+            else:
+                log["skipped"] = "non-finite loss or grad_norm; no update"
+        log["nonfinite_skipped"] = self.nonfinite_skipped
         self.step += 1
         return log
 
@@ -163,7 +184,7 @@ class SFT(Checkpointing):
         (output_dir/final: checkpoint, with the Hugging Face model in final/model)."""
         for _ in progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft"):
             log = self.train_step()
-            if (self.step - 1) % self.cfg.log_every == 0:
+            if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log:
                 self.logger.log(log)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
@@ -174,8 +195,10 @@ class SFT(Checkpointing):
     # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
 
     def _progress(self) -> dict:
-        return {"step": self.step, "sample_rng": self.gen.get_state()}
+        return {"step": self.step, "sample_rng": self.gen.get_state(),
+                "nonfinite_skipped": self.nonfinite_skipped}
 
     def _set_progress(self, meta: dict) -> None:
         self.step = meta["step"]
         self.gen.set_state(meta["sample_rng"])
+        self.nonfinite_skipped = meta.get("nonfinite_skipped", 0)
