@@ -124,7 +124,8 @@ def save_resume(device: str):
         ckpt = os.path.join(out, "ckpt")
         tr.save(ckpt)
         tr.train_step()
-        again = TraceRL(model(device, seed=1), TOK, DATA, digit_share, cfg).resume(ckpt)
+        again = TraceRL(model(device, seed=1), TOK, DATA, digit_share,  # its own output_dir
+                        _rl_cfg(os.path.join(out, "again"), use_value_model=True)).resume(ckpt)
         if again.step != 1:
             raise AssertionError(f"resumed at step {again.step}, expected 1")
         again.train_step()
