@@ -249,6 +249,39 @@ def test_resume_picks_the_latest_checkpoint_and_drops_later_log_rows(tmp_path):
     assert [r["step"] for r in _log(out)] == [0, 1, 2, 3]
 
 
+def test_resume_from_a_checkpoint_inside_output_dir_continues_that_run(tmp_path):
+    out = tmp_path / "run"
+    SFT(_model(), TOK, DATA, _sft(out, total_steps=3, save_every=2)).train()
+    assert [r["step"] for r in _log(out)] == [0, 1, 2]
+    tr = SFT(_model(), TOK, DATA, _sft(out, total_steps=4),
+             resume_from=str(out / "checkpoint-2"))  # the default policy (refuse) does not apply
+    assert tr.step == 2 and [r["step"] for r in _log(out)] == [0, 1]
+    tr.train()
+    assert [r["step"] for r in _log(out)] == [0, 1, 2, 3]
+    other = tmp_path / "other"
+    SFT(_model(), TOK, DATA, _sft(other, total_steps=1)).train()
+    with pytest.raises(ValueError, match=rf"output_dir '{other}' holds a previous run"):
+        SFT(NOWHERE, TOK, DATA, _sft(other), resume_from=str(out / "final"))
+    with pytest.raises(ValueError, match=r"resume_from '.*' is not a dlmkern checkpoint"):
+        SFT(NOWHERE, TOK, DATA, _sft(tmp_path / "fresh"), resume_from=str(tmp_path))
+
+
+def test_cli_train_resumes_into_its_own_output_dir(tmp_path):
+    torch.manual_seed(0)
+    model_dir = str(tmp_path / "model")
+    _model().save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in DATA))
+    out = tmp_path / "out"
+    args = ["train", os.path.join(ROOT, "configs", "block_sft.yaml"), f"model={model_dir}",
+            f"dataset={data}", "tokenizer=char", f"output_dir={out}", "batch_size=4",
+            "log_every=1", "progress_bar=false", "save_every=1"]
+    assert main([*args, "total_steps=2"]) == 0
+    assert main([*args, "total_steps=3", f"resume={out / 'checkpoint-1'}"]) == 0
+    assert [r["step"] for r in _log(out)] == [0, 1, 2]
+    assert main([*args, "total_steps=3"]) == 2  # without resume: refused
+
+
 def test_cli_train_refuses_an_existing_run_before_loading_the_model(tmp_path, monkeypatch,
                                                                    capsys):
     import dlmkern.models

@@ -132,7 +132,7 @@ def check_train_inputs(run, cfg):
     else:
         reward = resolve_reward(run.reward)
         check_reward_columns(data, [RewardSpec(reward)])
-    check_output_dir(cfg.output_dir, cfg.existing_output_dir)
+    check_output_dir(cfg.output_dir, cfg.existing_output_dir, run.resume)
     return data, reward
 
 
@@ -152,12 +152,10 @@ def cmd_train(args):
     else:
         model = load(run.model)
     if run.algo == "sft":
-        trainer = SFT(model, tok, data, cfg)
+        trainer = SFT(model, tok, data, cfg, resume_from=run.resume)
     else:
         cls = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
-        trainer = cls(model, tok, data, reward, cfg)
-    if run.resume:
-        trainer.resume(run.resume)
+        trainer = cls(model, tok, data, reward, cfg, resume_from=run.resume)
     trainer.train()
 
 

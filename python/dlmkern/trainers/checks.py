@@ -165,11 +165,19 @@ def latest_checkpoint(out_dir: str) -> str | None:
     return best
 
 
-def check_output_dir(out_dir: str, policy: str) -> None:
-    """Refuses (policy "refuse") an output directory that holds a previous run; changes nothing."""
+def _inside(path: str, out_dir: str) -> bool:
+    path, out_dir = os.path.realpath(path), os.path.realpath(out_dir)
+    return os.path.commonpath([path, out_dir]) == out_dir
+
+
+def check_output_dir(out_dir: str, policy: str, resume_from: str | None = None) -> None:
+    """Refuses (policy "refuse") an output directory that holds a previous run; changes nothing.
+    A checkpoint to resume from inside out_dir continues that run: no policy applies."""
     if policy not in OUTPUT_DIR_POLICIES:
         raise ValueError(f"config: existing_output_dir must be one of {OUTPUT_DIR_POLICIES}, "
                          f"got {policy!r}")
+    if resume_from is not None and _inside(resume_from, out_dir):
+        return
     if policy == "refuse" and holds_run(out_dir):
         raise ValueError(f"output_dir {out_dir!r} holds a previous run (log.jsonl or "
                          "checkpoints); set existing_output_dir: resume to continue it from its "
@@ -177,13 +185,21 @@ def check_output_dir(out_dir: str, policy: str) -> None:
                          "output_dir")
 
 
-def prepare_output_dir(out_dir: str, policy: str, writer: bool = True) -> str | None:
+def prepare_output_dir(out_dir: str, policy: str, writer: bool = True,
+                       resume_from: str | None = None) -> str | None:
     """Applies the existing_output_dir policy before a trainer does any work: "refuse" raises on
     a previous run, "overwrite" deletes its log, curves, TensorBoard events and checkpoints (the
     writer rank only; nothing else in the directory), "resume" returns its latest checkpoint
-    (None when it has none). Returns the checkpoint to resume from."""
-    check_output_dir(out_dir, policy)
-    if policy == "resume":
+    (None when it has none). An explicit `resume_from` checkpoint wins over "resume"; inside
+    out_dir it continues that run (no policy applies, nothing is deleted). Returns the
+    checkpoint to resume from."""
+    check_output_dir(out_dir, policy, resume_from)
+    if resume_from is not None:
+        if not os.path.isfile(os.path.join(resume_from, "trainer_state.pt")):
+            raise ValueError(f"resume_from {resume_from!r} is not a dlmkern checkpoint directory")
+        if _inside(resume_from, out_dir):
+            return resume_from
+    if resume_from is None and policy == "resume":
         return latest_checkpoint(out_dir)
     if policy == "overwrite" and writer and os.path.isdir(out_dir):
         for n in os.listdir(out_dir):
@@ -195,7 +211,7 @@ def prepare_output_dir(out_dir: str, policy: str, writer: bool = True) -> str | 
                                and (n.endswith(".tmp") or
                                     os.path.isfile(os.path.join(p, "trainer_state.pt")))):
                 shutil.rmtree(p)
-    return None
+    return resume_from
 
 
 # ---- non-finite training ----------------------------------------------------------------------

@@ -50,12 +50,13 @@ class RLTrainer(Checkpointing):
     column of every row, which is checked when the trainer is built. A reward must return one
     finite float per completion: anything else is a ValueError naming the reward (NaN / inf:
     see ``on_nonfinite``). Before any model work the trainer also applies the
-    ``existing_output_dir`` policy to ``output_dir``."""
+    ``existing_output_dir`` policy to ``output_dir``. ``resume_from``: a checkpoint directory to
+    start from (inside output_dir it continues that run whatever the policy)."""
 
     name = "rl"
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
-                 value_model: ValueModel | None = None):
+                 value_model: ValueModel | None = None, resume_from: str | None = None):
         self.cfg = (config or RLConfig()).validate(value_model=value_model is not None)
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
@@ -66,8 +67,8 @@ class RLTrainer(Checkpointing):
         self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         self._reward_specs = {}
         check_reward_columns(self.data, [self._reward_spec(fn) for fn in self.reward_fns])
-        resume_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
-                                         writer=distributed.rank() == 0)
+        start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
+                                        writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(
             load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
@@ -104,9 +105,9 @@ class RLTrainer(Checkpointing):
         self.nonfinite_skipped = 0  # updates dropped for a non-finite value (on_nonfinite: skip)
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
                                 enabled=distributed.rank() == 0)
-        if resume_from is not None:  # existing_output_dir: resume
-            self.resume(resume_from)
-            self.logger.warn(f"resumed from {resume_from} (step {self.step})")
+        if start_from is not None:  # resume_from, or existing_output_dir: resume
+            self.resume(start_from)
+            self.logger.warn(f"resumed from {start_from} (step {self.step})")
 
     def _reward_spec(self, fn) -> RewardSpec:
         spec = self._reward_specs.get(id(fn))
@@ -573,9 +574,9 @@ class TraceRL(RLTrainer):
     name = "tracerl"
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
-                 value_model=None):
+                 value_model=None, resume_from: str | None = None):
         cfg = config or RLConfig(pass_rate_low=0.2, pass_rate_high=0.8)
-        super().__init__(model, tokenizer, dataset, reward_fns, cfg, value_model)
+        super().__init__(model, tokenizer, dataset, reward_fns, cfg, value_model, resume_from)
 
 
 class DiPO(RLTrainer):
@@ -585,9 +586,10 @@ class DiPO(RLTrainer):
 
     name = "dipo"
 
-    def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None):
+    def __init__(self, model, tokenizer, dataset, reward_fns, config: RLConfig | None = None,
+                 resume_from: str | None = None):
         cfg = config or RLConfig(eps_high=0.28, kl_to="ref", dynamic_sampling=True)
-        super().__init__(model, tokenizer, dataset, reward_fns, cfg)
+        super().__init__(model, tokenizer, dataset, reward_fns, cfg, resume_from=resume_from)
 
 
 _TOKEN_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",

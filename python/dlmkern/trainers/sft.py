@@ -32,10 +32,12 @@ class SFT(Checkpointing):
 
     Before any model work the trainer applies the ``existing_output_dir`` policy to
     ``output_dir`` and checks that every row has the answer column; a non-finite loss or
-    gradient norm stops training (or skips the update: ``on_nonfinite``)."""
+    gradient norm stops training (or skips the update: ``on_nonfinite``). ``resume_from``: a
+    checkpoint directory to start from (inside output_dir it continues that run whatever the
+    policy)."""
 
     def __init__(self, model, tokenizer, dataset, config: SFTConfig | None = None,
-                 answer_key: str = "answer"):
+                 answer_key: str = "answer", resume_from: str | None = None):
         self.cfg = (config or SFTConfig()).validate()
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
@@ -47,8 +49,8 @@ class SFT(Checkpointing):
         self.data = load_dataset(dataset)
         self.answer_key = answer_key
         require_column(self.data, answer_key, "SFT")
-        resume_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
-                                         writer=distributed.rank() == 0)
+        start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
+                                        writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(
             load(model) if isinstance(model, str) else model)
         self.tok = tokenizer
@@ -63,9 +65,9 @@ class SFT(Checkpointing):
         self.nonfinite_skipped = 0  # updates dropped for a non-finite value (on_nonfinite: skip)
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
                                 enabled=distributed.rank() == 0)
-        if resume_from is not None:  # existing_output_dir: resume
-            self.resume(resume_from)
-            self.logger.warn(f"resumed from {resume_from} (step {self.step})")
+        if start_from is not None:  # resume_from, or existing_output_dir: resume
+            self.resume(start_from)
+            self.logger.warn(f"resumed from {start_from} (step {self.step})")
 
     def row_seeds(self, positions) -> list[int]:
         """Noise seeds of this step's rows at these positions of the global batch."""
