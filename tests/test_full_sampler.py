@@ -9,7 +9,10 @@ from dlmkern.sampling import FullSampler, SamplingConfig
 
 def _model(family):
     torch.manual_seed(0)
-    return DiffusionLM(tiny_config(family)).eval()
+    m = DiffusionLM(tiny_config(family)).eval()
+    with torch.no_grad():  # the mask token takes much of the mass, as in trained models: then
+        m.lm_head.weight[m.config.mask_token_id] *= 6  # full and renormalised confidences differ
+    return m
 
 
 def _logits(m, x):
@@ -17,9 +20,12 @@ def _logits(m, x):
     h = m(torch.tensor(x), lay)
     if m.config.logits_shift:  # Dream: cat([logits[:1], logits[:-1]])
         h = torch.cat([h[:1], h[:-1]])
-    lg = m.logits(h).float()
-    lg[:, m.config.mask_token_id] = float("-inf")  # dlmkern never emits the mask token
-    return lg
+    return m.logits(h).float()
+
+
+def _argmax_not_mask(m, lg):
+    """The token upstream would take, except that dlmkern never emits the mask token."""
+    return lg.index_fill(-1, torch.tensor([m.config.mask_token_id]), float("-inf")).argmax(-1)
 
 
 @torch.no_grad()
@@ -35,8 +41,8 @@ def llada_generate(m, prompt, steps_per_block, gen_length, block_length, confide
         for i in range(steps_per_block):
             k = base + (1 if i < rem else 0)
             lg = _logits(m, x)
-            p = lg.softmax(-1)
-            x0 = lg.argmax(-1)
+            p = lg.softmax(-1)  # the full distribution, mask token included
+            x0 = _argmax_not_mask(m, lg)
             if confidence == "prob":
                 conf = p.gather(-1, x0[:, None]).squeeze(-1)
             else:  # margin
@@ -60,7 +66,8 @@ def dream_generate(m, prompt, steps, gen_length, eps=1e-3):
         idx = [j for j, t in enumerate(x) if t == mask]
         lg = _logits(m, x)[idx]
         p = lg.softmax(-1)
-        conf, x0 = p.max(-1)
+        x0 = _argmax_not_mask(m, lg)
+        conf = p.gather(-1, x0[:, None]).squeeze(-1)
         t, s = ts[i], ts[i + 1]
         n = int(len(idx) * (1 - s / t)) if i < steps - 1 else len(idx)
         if n > 0:

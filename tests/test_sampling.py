@@ -159,16 +159,41 @@ def test_sample_tokens_greedy_topk_topp():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, 5.0]])  # index 4 is the mask token
     greedy = SamplingConfig(temperature=0)
     tok, conf, lp, _ = sample_tokens(logits, greedy, mask_token_id=4, uniforms=None)
-    assert tok.item() == 1
-    p = torch.softmax(torch.tensor([1.0, 3.0, 2.0, 0.0]), 0)
+    assert tok.item() == 1  # the mask (index 4) is the argmax but never produced
+    p = torch.softmax(logits[0], 0)  # confidence and log-prob: the FULL distribution
     assert conf.item() == pytest.approx(p[1].item(), rel=1e-5)
     assert lp.item() == pytest.approx(p[1].log().item(), rel=1e-5)
     g = torch.Generator().manual_seed(0)
-    topk = SamplingConfig(temperature=1.0, top_k=1)
     draw = lambda: 1.0 - torch.rand(1, generator=g)  # noqa: E731  (0, 1]
-    assert {sample_tokens(logits, topk, 4, draw())[0].item() for _ in range(20)} == {1}
-    topp = SamplingConfig(temperature=1.0, top_p=0.6)  # 1 alone has p = 0.66
-    assert {sample_tokens(logits, topp, 4, draw())[0].item() for _ in range(20)} == {1}
+    # top-k / top-p keep only the mask (p = 0.84): the token comes from the same filters over
+    # the other tokens (1 has p = 0.66 among them), its confidence is 0 (upstream's ranking)
+    for cfg in (SamplingConfig(temperature=1.0, top_k=1),
+                SamplingConfig(temperature=1.0, top_p=0.6)):
+        outs = [sample_tokens(logits, cfg, 4, draw()) for _ in range(20)]
+        assert {o[0].item() for o in outs} == {1} and all(o[1].item() == 0 for o in outs)
+        assert outs[0][2].item() == pytest.approx(p[1].log().item(), rel=1e-5)
+    topk2 = SamplingConfig(temperature=1.0, top_k=2)  # keeps the mask and 1: always 1
+    tok, conf, _, _ = sample_tokens(logits, topk2, 4, draw())
+    assert tok.item() == 1
+    assert conf.item() == pytest.approx((p[1] / (p[1] + p[4])).item(), rel=1e-5)
+
+
+def test_confidences_rank_on_the_full_distribution_not_the_renormalised_one():
+    # Position 0: p(mask) = 0.65, best other token 0.30 (0.86 renormalised without the mask);
+    # position 1: p = 0.60 for its best token and ~0 for the mask. Upstream (LLaDA's
+    # low_confidence, Dream's maskgit_plus) ranks on the full distribution: position 1 first.
+    probs = torch.tensor([[0.30, 0.05, 0.65], [0.60, 0.40, 1e-9]])
+    logits = probs.log()
+    tok, conf, _, _ = sample_tokens(logits, SamplingConfig(temperature=0), 2, None)
+    assert tok.tolist() == [0, 0]
+    torch.testing.assert_close(conf, torch.tensor([0.30, 0.60]))
+    sel = choose(SamplingConfig(rule="static"), conf, torch.zeros(2), n_static=1)
+    assert sel.tolist() == [1]  # renormalised confidences (0.86 vs 0.60) would pick 0
+    renorm = probs[:, :2] / probs[:, :2].sum(-1, keepdim=True)
+    assert choose(SamplingConfig(rule="static"), renorm.max(-1).values, torch.zeros(2),
+                  n_static=1).tolist() == [0]
+    margin = sample_tokens(logits, SamplingConfig(temperature=0, confidence="margin"), 2, None)[1]
+    torch.testing.assert_close(margin, torch.tensor([0.65 - 0.30, 0.60 - 0.40]))
 
 
 def test_eos_ends_the_sequence_after_its_block():

@@ -86,45 +86,65 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
                   uniforms: torch.Tensor | None):
     """logits [n, V] -> (token [n], confidence [n], logprob [n], entropy [n]).
 
-    Sampling inverts each row's CDF at a uniform draw (``uniforms`` [n] in (0, 1], any device;
-    see :class:`SequenceDraws`), so callers control the randomness per row. The mask token is
-    never produced. Greedy when temperature == 0 (``uniforms`` may then be None)."""
-    logits = logits.float().clone()
-    logits[:, mask_token_id] = float("-inf")
+    Confidences are read where the upstream generate functions read them: from
+    softmax(logits / temperature) (no division at temperature 0) after top-k / top-p, over the
+    FULL vocabulary, mask token included, so the same logits rank the same positions as upstream:
+    the chosen token's probability, top-1 minus top-2, or the negative entropy (the entropy is
+    that distribution's too). Only the choice of token leaves the mask out: it is drawn from the
+    same distribution without the mask (where the filters kept nothing but the mask, from the
+    filters applied to the other tokens), so the mask is never produced. ``logprob`` is the
+    token's log-probability under softmax(logits / temperature), unfiltered: the policy's
+    probability, what the trainer computes. Sampling inverts the CDF at a uniform draw
+    (``uniforms`` [n] in (0, 1], any device; see :class:`SequenceDraws`); greedy when
+    temperature == 0 (``uniforms`` may then be None)."""
+    tempered = logits.float()
     if cfg.temperature > 0:
-        logits = logits / cfg.temperature
-    if cfg.top_k > 0:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p < 1.0:
-        sorted_l, idx = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_l.softmax(-1).cumsum(-1)
-        drop = cum - sorted_l.softmax(-1) >= cfg.top_p  # keep the smallest prefix reaching top_p
-        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_l)
-    logp = torch.log_softmax(logits, dim=-1)
+        tempered = tempered / cfg.temperature
+    z = _top_k_top_p(tempered, cfg)
+    logp = torch.log_softmax(z, dim=-1)
     probs = logp.exp()
+    choice = z.clone()
+    choice[:, mask_token_id] = float("-inf")
+    if cfg.top_k > 0 or cfg.top_p < 1.0:  # rows where the filters kept only the mask
+        others = tempered.clone()
+        others[:, mask_token_id] = float("-inf")
+        empty = torch.isneginf(choice).all(-1, keepdim=True)
+        choice = torch.where(empty, _top_k_top_p(others, cfg), choice)
     if cfg.temperature == 0:
-        token = torch.argmax(logits, dim=-1)
+        token = torch.argmax(choice, dim=-1)
     else:
         if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
             got = getattr(uniforms, "shape", uniforms)
             raise ValueError(f"sample_tokens: temperature {cfg.temperature} needs `uniforms`, a "
                              f"tensor of {logits.shape[0]} draws (see SequenceDraws), got {got}")
-        cdf = probs.cumsum(-1)
+        cdf = choice.softmax(-1).cumsum(-1)
         u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
         # the first token whose CDF reaches u: never a zero-probability token since u > 0
         token = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-    tok_logp = logp.gather(-1, token[:, None]).squeeze(-1)
+    tok_logp = torch.log_softmax(tempered, -1).gather(-1, token[:, None]).squeeze(-1)
     entropy = -(probs * logp.nan_to_num(0.0, neginf=0.0)).sum(-1)
     if cfg.confidence == "prob":
-        conf = tok_logp.exp()
+        conf = probs.gather(-1, token[:, None]).squeeze(-1)
     elif cfg.confidence == "margin":
         top2 = torch.topk(probs, 2, dim=-1).values
         conf = top2[:, 0] - top2[:, 1]
     else:
         conf = -entropy
     return token, conf, tok_logp, entropy
+
+
+def _top_k_top_p(z: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Logits outside the top-k / the smallest prefix reaching top-p set to -inf."""
+    if cfg.top_k > 0:
+        kth = torch.topk(z, min(cfg.top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_l, idx = torch.sort(z, dim=-1, descending=True)
+        p = sorted_l.softmax(-1)
+        drop = p.cumsum(-1) - p >= cfg.top_p  # keep the smallest prefix reaching top_p
+        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
+        z = torch.full_like(z, float("-inf")).scatter(-1, idx, sorted_l)
+    return z
 
 
 def choose_batch(cfg: SamplingConfig, conf: torch.Tensor, entropy: torch.Tensor,
