@@ -172,3 +172,29 @@ class _EchoTok:
 
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
+
+
+def test_sample_reaches_every_sampling_rule(tmp_path, monkeypatch, capsys):
+    import dlmkern.cli as cli
+
+    seen = []
+    real = cli._sampler
+
+    def record(model, tok, args):
+        s = real(model, tok, args)
+        seen.append(s.cfg)
+        return s
+
+    monkeypatch.setattr(cli, "_sampler", record)
+    assert main(["sample", "--model", _tiny_dir(tmp_path, "llada"), "--tokenizer", "char",
+                 "--prompt", "1+2=", "--max-new-tokens", "8", "--block-length", "4",
+                 "--steps-total", "4", "--cfg-scale", "1.5", "--confidence", "margin",
+                 "--schedule", "dream", "--top-k", "3", "--top-p", "0.9", "--temperature", "0.7",
+                 "--dtype", "float32"]) == 0
+    (cfg,) = seen
+    assert (cfg.steps, cfg.steps_total, cfg.cfg_scale, cfg.confidence, cfg.schedule, cfg.top_k,
+            cfg.top_p, cfg.temperature) == (2, 0, 1.5, "margin", "dream", 3, 0.9, 0.7)
+    assert main(["sample", "--model", _tiny_dir(tmp_path, "llada"), "--tokenizer", "char",
+                 "--prompt", "1+2=", "--max-new-tokens", "8", "--block-length", "4",
+                 "--steps-total", "3"]) == 2
+    assert "split evenly" in capsys.readouterr().err

@@ -29,8 +29,10 @@ def _argmax_not_mask(m, lg):
 
 
 @torch.no_grad()
-def llada_generate(m, prompt, steps_per_block, gen_length, block_length, confidence):
-    """LLaDA's generate (greedy, 'low_confidence' remasking) on one prompt."""
+def llada_generate(m, prompt, steps_per_block, gen_length, block_length, confidence,
+                   cfg_scale=0.0):
+    """LLaDA's generate (greedy, 'low_confidence' remasking, optional classifier-free guidance)
+    on one prompt."""
     mask = m.config.mask_token_id
     x = list(prompt) + [mask] * gen_length
     P = len(prompt)
@@ -41,6 +43,9 @@ def llada_generate(m, prompt, steps_per_block, gen_length, block_length, confide
         for i in range(steps_per_block):
             k = base + (1 if i < rem else 0)
             lg = _logits(m, x)
+            if cfg_scale > 0:  # the unconditional pass: the prompt masked
+                un = _logits(m, [mask] * P + x[P:])
+                lg = un + (cfg_scale + 1) * (lg - un)
             p = lg.softmax(-1)  # the full distribution, mask token included
             x0 = _argmax_not_mask(m, lg)
             if confidence == "prob":
@@ -87,6 +92,41 @@ def test_llada_low_confidence_matches_reference(confidence):
         # 4 tokens a block over 3 steps: 2, 1, 1 per step
         counts = [t.step_map.count(s) for s in range(max(t.step_map) + 1)]
         assert counts == [2, 1, 1] * 3
+
+
+def test_llada_classifier_free_guidance_matches_reference():
+    m = _model("llada")
+    cfg = SamplingConfig(rule="static", steps=2, temperature=0, cfg_scale=1.5)
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    trajs = FullSampler(m, cfg, gen_length=8, block_length=4).generate(prompts)
+    plain = FullSampler(m, SamplingConfig(rule="static", steps=2, temperature=0),
+                        gen_length=8, block_length=4).generate(prompts)
+    for p, t in zip(prompts, trajs, strict=True):
+        assert t.token_ids == llada_generate(m, p, 2, 8, 4, "prob", cfg_scale=1.5)
+    assert [t.token_ids for t in trajs] != [t.token_ids for t in plain]  # guidance acts
+    with pytest.raises(ValueError, match="cfg_scale needs use_cache=False"):
+        FullSampler(m, cfg, use_cache=True)
+
+
+def test_llada_total_steps_convention():
+    # LLaDA's `steps` counts every block: steps=6 over 12 tokens in blocks of 4 is 2 per block.
+    m = _model("llada")
+    total = SamplingConfig(rule="static", steps_total=6, temperature=0)
+    per_block = SamplingConfig(rule="static", steps=2, temperature=0)
+    a = FullSampler(m, total, gen_length=12, block_length=4).generate([[1, 2, 3]])[0]
+    b = FullSampler(m, per_block, gen_length=12, block_length=4).generate([[1, 2, 3]])[0]
+    assert a.token_ids == b.token_ids and a.step_map == b.step_map
+    assert max(a.step_map) == 5  # 6 steps in all
+    with pytest.raises(ValueError, match="split evenly over the 3 blocks"):
+        FullSampler(m, SamplingConfig(steps_total=5), gen_length=12, block_length=4)
+    with pytest.raises(ValueError, match="BlockSampler counts `steps` per block"):
+        from dlmkern.sampling import BlockSampler
+        BlockSampler(_model_sdar(), SamplingConfig(steps_total=6))
+
+
+def _model_sdar():
+    torch.manual_seed(0)
+    return DiffusionLM(tiny_config("sdar")).eval()
 
 
 def test_dream_maskgit_plus_matches_reference():

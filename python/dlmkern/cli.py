@@ -176,7 +176,10 @@ def _sampler(model, tok, args):
     from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
 
     cfg = SamplingConfig(rule=args.rule, steps=args.steps, threshold=args.threshold,
-                         entropy_bound=args.entropy_bound, temperature=args.temperature)
+                         entropy_bound=args.entropy_bound, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
+                         schedule=args.schedule, cfg_scale=args.cfg_scale,
+                         steps_total=args.steps_total)
     eos = getattr(tok, "eos_token_id", None)
     if model.config.block_causal:
         return BlockSampler(model, cfg, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
@@ -261,6 +264,17 @@ def main(argv=None):
         s.add_argument("--threshold", type=float, default=0.9, help="dynamic: confidence")
         s.add_argument("--entropy-bound", type=float, default=1.0, help="entropy_bounded")
         s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        s.add_argument("--top-k", type=int, default=0, help="0 = off")
+        s.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+        s.add_argument("--confidence", default="prob", choices=["prob", "margin", "neg_entropy"],
+                       help="what ranks positions: LLaDA low_confidence / Dream maskgit_plus = "
+                       "prob, Dream topk_margin = margin, Dream entropy = neg_entropy")
+        s.add_argument("--schedule", default="even", choices=["even", "dream"],
+                       help="static counts per step: LLaDA's even split or Dream's timesteps")
+        s.add_argument("--cfg-scale", type=float, default=0.0,
+                       help="LLaDA classifier-free guidance (full-attention models; 0 = off)")
+        s.add_argument("--steps-total", type=int, default=0,
+                       help="LLaDA's convention: steps over ALL blocks (replaces --steps)")
         s.add_argument("--block-length", type=int, default=32,
                        help="full-attention models: semi-autoregressive block length")
         s.add_argument("--seed", type=int, default=0)

@@ -98,6 +98,9 @@ class BlockSampler:
             raise ValueError("cuda_graphs needs use_cache=True (the recomputing path changes "
                              "shape every block)")
         self.model, self.cfg = model, config or SamplingConfig()
+        if self.cfg.cfg_scale or self.cfg.steps_total:
+            raise ValueError("cfg_scale and steps_total are LLaDA's (FullSampler); BlockSampler "
+                             "counts `steps` per block and has no classifier-free guidance")
         self.max_new_tokens, self.eos, self.use_cache = max_new_tokens, eos_token_id, use_cache
         self.cuda_graphs = cuda_graphs
         self.B = model.config.block_size

@@ -65,7 +65,11 @@ class FullSampler:
             raise ValueError("FullSampler is for full-attention models; use BlockSampler")
         if gen_length < 1 or block_length < 1:
             raise ValueError("gen_length and block_length must be >= 1")
-        self.model, self.cfg = model, config or SamplingConfig()
+        cfg = config or SamplingConfig()
+        if cfg.cfg_scale and use_cache:
+            raise ValueError("cfg_scale needs use_cache=False (LLaDA's guidance runs the whole "
+                             "canvas twice, with and without the prompt)")
+        self.model, self.cfg = model, cfg.per_block(-(-gen_length // block_length))
         self.gen_length, self.block_length = gen_length, block_length
         self.eos, self.use_cache = eos_token_id, use_cache
         self.mask_id = model.config.mask_token_id
@@ -81,7 +85,11 @@ class FullSampler:
         self._offsets = layouts.offsets(lens)
         canvas = torch.tensor([t for p in prompts for t in p + [self.mask_id] * self.gen_length],
                               dtype=torch.long, device=HOST).to(device)
-        self._layout = None if self.use_cache else layouts.full(lens).to(device)
+        # with guidance the forward runs [canvases | canvases with the prompts masked]
+        copies = 2 if self.cfg.cfg_scale else 1
+        self._layout = None if self.use_cache else layouts.full(lens * copies).to(device)
+        self._prompt = torch.tensor([i < len(p) for p, n in zip(prompts, lens, strict=True)
+                                     for i in range(n)], device=HOST).to(device)
         trajs = [Trajectory(p) for p in prompts]
         counter = [0] * len(prompts)
         done = [False] * len(prompts)
@@ -155,6 +163,13 @@ class FullSampler:
         """Logits [S * n, V] of the block's slots (the rest of the canvas is run through the
         model but never projected onto the vocabulary)."""
         m = self.model
+        if blk.cache is None and self.cfg.cfg_scale:  # LLaDA's classifier-free guidance
+            uncond = torch.where(self._prompt, self.mask_id, canvas)
+            h = m.prediction_hidden(m(torch.cat([canvas, uncond]), self._layout),
+                                    self._layout.cu_seqlens)
+            cond, un = (m.logits(h.index_select(0, blk.rows + off))
+                        for off in (0, canvas.shape[0]))
+            return un + (self.cfg.cfg_scale + 1) * (cond - un)
         if blk.cache is None:
             h = m.prediction_hidden(m(canvas, self._layout), self._layout.cu_seqlens)
         else:

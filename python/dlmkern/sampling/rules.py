@@ -7,6 +7,7 @@ at this step. Equal confidences break ties by the lower position.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ class SamplingConfig:
     confidence: str = "prob"        # prob | margin (top1 - top2) | neg_entropy
     schedule: str = "even"          # static counts: "even" (LLaDA) or "dream" (Dream's timesteps)
     eps: float = 1e-3               # Dream's final timestep
+    cfg_scale: float = 0.0          # LLaDA classifier-free guidance (full-attention models; 0 =
+    #   off): logits = uncond + (cfg_scale + 1) * (cond - uncond), uncond = the prompt masked
+    steps_total: int = 0            # LLaDA's `steps`: over ALL blocks of the generation (split
+    #   evenly, as LLaDA asserts); 0 = `steps` per block, dlmkern's and SDAR's convention
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -39,6 +44,18 @@ class SamplingConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
+        if self.cfg_scale < 0 or self.steps_total < 0:
+            raise ValueError(f"cfg_scale and steps_total must be >= 0, got {self.cfg_scale} "
+                             f"and {self.steps_total}")
+
+    def per_block(self, n_blocks: int) -> SamplingConfig:
+        """This config with `steps` per block: LLaDA's steps_total split over n_blocks blocks."""
+        if not self.steps_total:
+            return self
+        if self.steps_total % n_blocks:
+            raise ValueError(f"steps_total={self.steps_total} must split evenly over the "
+                             f"{n_blocks} blocks of the generation (LLaDA's rule)")
+        return dataclasses.replace(self, steps=self.steps_total // n_blocks, steps_total=0)
 
 
 def transfer_schedule(masked: int, steps: int) -> list[int]:
