@@ -21,13 +21,17 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
 fi
 "$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml transformers "scikit-build-core>=0.10" ninja ruff
 
-# CUDA sources compile whenever nvcc is found (CUDA_HOME, /usr/local/cuda or PATH).
+# Build what this machine runs: the CPU kernels always; the CUDA kernels when torch sees a GPU
+# (or DLMKERN_CUDA=ON: CI compiles them on a machine without one); the CUDA emulator module only
+# for the tests (scripts/test.sh and CI set DLMKERN_CUDA_EMU=ON).
 if [[ -z "${CUDA_HOME:-}" && -x /usr/local/cuda/bin/nvcc ]]; then export CUDA_HOME=/usr/local/cuda; fi
+if [[ -z "${DLMKERN_CUDA:-}" ]]; then
+  if "$VPY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null
+  then export DLMKERN_CUDA=AUTO; else export DLMKERN_CUDA=OFF; fi
+fi
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-# Also build dlmkern._C_emu: the CUDA kernels on a CPU emulator, so tests exercise the CUDA code
-# paths without a GPU (csrc/emu/README.md). DLMKERN_CUDA_EMU=OFF skips it (a few minutes of build).
-export DLMKERN_CUDA_EMU=${DLMKERN_CUDA_EMU:-ON}
-echo "[setup] building dlmkern (DLMKERN_CUDA=${DLMKERN_CUDA:-AUTO})"
+export DLMKERN_CUDA_EMU=${DLMKERN_CUDA_EMU:-OFF}
+echo "[setup] building dlmkern (DLMKERN_CUDA=$DLMKERN_CUDA, DLMKERN_CUDA_EMU=$DLMKERN_CUDA_EMU)"
 "$VPY" -m pip install -q --no-build-isolation -e .
 "$VPY" -c "import dlmkern, json; print('[setup] build_info:', json.dumps(dlmkern.build_info()))"
 
