@@ -106,18 +106,23 @@ def _bool_index(index) -> bool:
     return any(isinstance(x, torch.Tensor) and x.dtype == torch.bool for x in parts)
 
 
+def _watch(monkeypatch, cls, name) -> list:
+    """Runs every call of cls.name under _HostSyncs; returns the list each call's findings go to."""
+    calls, method = [], getattr(cls, name)
+
+    def watched(*args, **kwargs):
+        with _HostSyncs() as mode:
+            method(*args, **kwargs)
+        calls.append(mode.seen)
+
+    monkeypatch.setattr(cls, name, watched)
+    return calls
+
+
 @pytest.mark.parametrize("rule", ["static", "dynamic", "entropy_bounded", "sequential"])
 def test_block_sampler_step_reads_nothing_back_to_the_host(monkeypatch, rule):
     model = e2e.model("cpu")
-    calls = []
-    step = BlockSampler.step
-
-    def watched(self, st, cache):
-        with _HostSyncs() as mode:
-            step(self, st, cache)
-        calls.append(mode.seen)
-
-    monkeypatch.setattr(BlockSampler, "step", watched)
+    calls = _watch(monkeypatch, BlockSampler, "step")
     cfg = SamplingConfig(rule=rule, temperature=1.0, steps=2, threshold=0.5, top_k=5, top_p=0.9)
     BlockSampler(model, cfg, max_new_tokens=8, cuda_graphs=True).generate(PROMPTS, 2)
     assert calls and all(seen == [] for seen in calls), calls
@@ -150,15 +155,7 @@ def test_full_sampler_steps_read_nothing_back_to_the_host(monkeypatch, family, u
     # Fixed-step rules run a block's steps without looking at the host at all (dynamic rules add
     # one lagged "all done?" read per step, which on CUDA waits only for the previous step).
     model = e2e.model("cpu", family)
-    calls = []
-    denoise = FullSampler._denoise
-
-    def watched(self, blk, canvas):
-        with _HostSyncs() as mode:
-            denoise(self, blk, canvas)
-        calls.append(mode.seen)
-
-    monkeypatch.setattr(FullSampler, "_denoise", watched)
+    calls = _watch(monkeypatch, FullSampler, "_denoise")
     cfg = SamplingConfig(rule=rule, temperature=1.0, steps=3,
                          schedule="dream" if family == "dream" else "even")
     FullSampler(model, cfg, gen_length=8, block_length=4, use_cache=use_cache).generate(
