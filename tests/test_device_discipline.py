@@ -67,13 +67,15 @@ def _trainers(out):
 def test_trainer_steps_and_checkpoints_make_no_tensor_on_the_default_device(tmp_path, name):
     # SFT drew batch indices with torch.randint(generator=<cpu>) on the default device; rewards,
     # the data order and the baselines' masks were made on it too.
-    make = _trainers(str(tmp_path))[name]
-    ref, tr = make(), make()
+    def make(run):  # each trainer its own output_dir (existing_output_dir: refuse)
+        return _trainers(str(tmp_path / run))[name]()
+
+    ref, tr = make("ref"), make("tr")
     ref.train_step()
     with torch.device("meta"):
         tr.train_step()
         tr.save(os.path.join(tmp_path, "ckpt"))
-    resumed = make()
+    resumed = make("resumed")
     with torch.device("meta"):
         resumed.resume(os.path.join(tmp_path, "ckpt"))
     for a, b, c in zip(ref.model.parameters(), tr.model.parameters(),

@@ -374,3 +374,12 @@ def test_rl_stops_on_a_non_finite_loss_without_stepping(tmp_path, value):
 def test_on_nonfinite_is_validated():
     with pytest.raises(ValueError, match=r"on_nonfinite must be one of stop, skip, got 'ignore'"):
         build_config(RLConfig, {"on_nonfinite": "ignore"})
+
+
+@pytest.mark.slow
+def test_the_demo_runs_twice_into_the_same_directory(tmp_path, capsys):
+    for _ in range(2):  # the demo overwrites its own previous run
+        assert main(["demo", "--sft-steps", "1", "--rl-steps", "1", "--out", str(tmp_path),
+                     "--quiet"]) == 0
+    assert [r["step"] for r in _log(tmp_path / "tracerl")] == [0]
+    assert [r["step"] for r in _log(tmp_path / "sft")] == [0]
