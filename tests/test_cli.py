@@ -170,7 +170,7 @@ class _EchoTok:
     def encode(self, text):
         return [ord(c) for c in text]
 
-    def decode(self, ids):
+    def decode(self, ids, skip_special_tokens=False):
         return "".join(chr(i) for i in ids)
 
 

@@ -192,7 +192,7 @@ def cmd_sample(args):
     trajs = _sampler(model, tok, args).generate([tok.encode(p) for p in args.prompt],
                                                 seed=args.seed)
     for t in trajs:
-        print(tok.decode(t.token_ids))
+        print(t.text(tok))
 
 
 def cmd_eval(args):
@@ -206,7 +206,7 @@ def cmd_eval(args):
     trajs = _sampler(model, tok, args).generate([tok.encode(r["prompt"]) for r in rows],
                                                 seed=args.seed)
     dt = time.perf_counter() - t0
-    comps = [tok.decode(t.token_ids) for t in trajs]
+    comps = [t.text(tok) for t in trajs]
     if args.reward == "exact":
         scores = [float(c.strip() == str(r["answer"])) for c, r in zip(comps, rows, strict=True)]
     else:

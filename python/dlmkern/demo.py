@@ -37,7 +37,7 @@ def accuracy(model, tok, rows, max_new_tokens: int) -> float:
     sampler = BlockSampler(model.eval(), SamplingConfig(rule="static", steps=2, temperature=0),
                            max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
     trajs = sampler.generate([tok.encode(r["prompt"]) for r in rows])
-    comps = [tok.decode(t.token_ids) for t in trajs]
+    comps = [t.text(tok) for t in trajs]
     return sum(exact_match(None, comps, [r["answer"] for r in rows])) / len(rows)
 
 
@@ -70,6 +70,7 @@ def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: i
     trainer.eval_fn = lambda m: accuracy(m, tok, test, new_tokens)  # held-out curve in the plot
     trainer.train()
     model.save_pretrained(os.path.join(out_dir, algo, "model"))
+    tok.save_pretrained(os.path.join(out_dir, algo, "model"))  # a self-contained directory
     acc_rl = accuracy(model, tok, test, new_tokens)
     print(f"[demo] held-out accuracy after {algo}: {100 * acc_rl:.1f} % "
           f"({100 * (acc_rl - acc_sft):+.1f} points) in {time.time() - t0:.0f} s")

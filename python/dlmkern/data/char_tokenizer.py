@@ -36,3 +36,28 @@ class CharTokenizer:
             elif not skip_special_tokens:
                 out.append("<pad>" if i == self.pad_token_id else "<mask>")
         return "".join(out)
+
+    def save_pretrained(self, path: str) -> None:
+        """Writes this tokenizer as a Hugging Face fast tokenizer (tokenizer.json and
+        tokenizer_config.json): ``transformers.AutoTokenizer.from_pretrained(path)`` (and so
+        ``dlmkern.models.load_tokenizer`` / ``dlmkern sample --model DIR``) gives the same ids for
+        the same text, with <pad> / <eos> / <mask> as its special tokens."""
+        import json
+        import os
+
+        from tokenizers import Tokenizer, decoders, models
+
+        specials = {"pad_token": "<pad>", "eos_token": "<eos>", "mask_token": "<mask>"}
+        vocab = {c: i for i, c in enumerate(self.alphabet)}
+        vocab.update({"<pad>": self.pad_token_id, "<eos>": self.eos_token_id,
+                      "<mask>": self.mask_token_id})
+        # one token per character: BPE without merges and without a pre-tokenizer (spaces and
+        # newlines are characters of the alphabet like any other); tokens decode fused
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.add_special_tokens(list(specials.values()))
+        tok.decoder = decoders.Fuse()
+        os.makedirs(path, exist_ok=True)
+        tok.save(os.path.join(path, "tokenizer.json"))
+        with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+            json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
+                       "clean_up_tokenization_spaces": False, **specials}, f, indent=2)

@@ -128,19 +128,28 @@ def load(path: str, dtype: torch.dtype | None = None, device=None):
 
 def save_pretrained(model, path: str) -> None:
     """Writes config.json and model.safetensors under the upstream names (atomically: a
-    temporary file is renamed into place)."""
-    from safetensors.torch import save_file
-
+    temporary file is renamed into place), in the model's own dtype."""
     is_value = isinstance(model, ValueModel)
     policy = model.trunk if is_value else model
-    os.makedirs(path, exist_ok=True)
-    state = policy.state_dict()
-    tensors = {up: state[ours].detach().contiguous().cpu()
-               for up, ours in _policy_keys(policy).items()}
-    cfg = policy.config.to_hf()
+    head = None
     if is_value:
-        tensors[f"{_VALUE_HEAD}.weight"] = model.value_head.weight.detach().contiguous().cpu()
-        tensors[f"{_VALUE_HEAD}.bias"] = model.value_head.bias.detach().contiguous().cpu()
+        head = {"weight": model.value_head.weight, "bias": model.value_head.bias}
+    save_state(policy.config, policy.state_dict(), path, value_head=head)
+
+
+def save_state(config: ModelConfig, state: dict, path: str, value_head: dict | None = None):
+    """Writes a policy state dict (our names, any device, kept in its dtype) as a Hugging Face
+    directory, without building a model: checkpoints export the trained weights this way."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):  # the name map only: nothing allocated, nothing initialised
+        names = _policy_keys(DiffusionLM(config))
+    os.makedirs(path, exist_ok=True)
+    tensors = {up: state[ours].detach().contiguous().cpu() for up, ours in names.items()}
+    cfg = config.to_hf()
+    if value_head is not None:
+        for k in ("weight", "bias"):
+            tensors[f"{_VALUE_HEAD}.{k}"] = value_head[k].detach().contiguous().cpu()
         cfg["dlmkern_value_model"] = True
     tmp = os.path.join(path, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
@@ -153,5 +162,11 @@ def save_pretrained(model, path: str) -> None:
 def load_tokenizer(path: str):
     """The tokenizer saved beside a checkpoint, through transformers, from the local path only."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
-    return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json too and warns about model_type sdar
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)

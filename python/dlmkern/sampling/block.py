@@ -42,6 +42,11 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)  # sampler log-prob of each chosen token
     finish_reason: str = "length"                         # "eos" or "length"
 
+    def text(self, tokenizer) -> str:
+        """The completion as text: decoded without special tokens (EOS, padding), as TRL does;
+        what rewards, evaluation and `dlmkern sample` see."""
+        return tokenizer.decode(self.token_ids, skip_special_tokens=True)
+
 
 # With CUDA graphs, live query rows are rounded up to a multiple of block_size * ceil(S / 8): at
 # most ~8 step shapes (graphs) per generate() call however sequences finish.

@@ -40,7 +40,7 @@ class Checkpointing:
         directory is renamed into place, so a crash never leaves a half-written checkpoint."""
         import torch.distributed.checkpoint as dcp
 
-        from dlmkern.models import DiffusionLM
+        from dlmkern.models.io import save_state
 
         tmp = path.rstrip("/") + ".tmp"
         if distributed.rank() == 0:
@@ -51,10 +51,7 @@ class Checkpointing:
             dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
         full = full_state(self.model)  # collective: every rank takes part
         if distributed.rank() == 0:
-            with HOST:  # full_state is on the CPU: the export is built there, whatever the default
-                export = DiffusionLM(self.model.config)
-            export.load_state_dict(full)
-            export.save_pretrained(os.path.join(tmp, "model"))
+            save_state(self.model.config, full, os.path.join(tmp, "model"))  # training dtype
             tok = getattr(self, "tok", None)
             if hasattr(tok, "save_pretrained"):  # a Hugging Face tokenizer: model/ is loadable
                 tok.save_pretrained(os.path.join(tmp, "model"))

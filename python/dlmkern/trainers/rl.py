@@ -160,7 +160,7 @@ class RLTrainer(Checkpointing):
             if not rows:
                 return [], torch.zeros(0, device=HOST)
             trajs = self._sampler().generate(prompts, n_samples=g, seeds=seeds)
-        completions = [self.tok.decode(t.token_ids) for t in trajs]
+        completions = [t.text(self.tok) for t in trajs]
         expanded = [r for r in rows for _ in range(g)]
         keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")
         columns = {k: [r.get(k) for r in expanded] for k in keys}
