@@ -68,12 +68,16 @@ def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: i
                       eval_every=max(1, rl_steps // 6), existing_output_dir="overwrite")
     trainer = (DiPO if algo == "dipo" else TraceRL)(model, tok, train, exact_match, rl_cfg)
     trainer.eval_fn = lambda m: accuracy(m, tok, test, new_tokens)  # held-out curve in the plot
+    trainer.plot_marks = {"eval_accuracy": (acc_sft, "after SFT (the RL start)")}
     trainer.train()
     model.save_pretrained(os.path.join(out_dir, algo, "model"))
     tok.save_pretrained(os.path.join(out_dir, algo, "model"))  # a self-contained directory
     acc_rl = accuracy(model, tok, test, new_tokens)
     print(f"[demo] held-out accuracy after {algo}: {100 * acc_rl:.1f} % "
           f"({100 * (acc_rl - acc_sft):+.1f} points) in {time.time() - t0:.0f} s")
-    plot = os.path.join(out_dir, algo, "curves.png")
-    print(f"[demo] log: {os.path.join(out_dir, algo, 'log.jsonl')}  plot: {plot}")
+    run = os.path.join(out_dir, algo)
+    print(f"[demo] files: {run}/log.jsonl (one row per step), {run}/curves.png (reward, pass "
+          f"rate, held-out accuracy), {run}/model (the trained model + tokenizer)")
+    print(f"[demo] sample from it: dlmkern sample --model {run}/model --prompt "
+          f"\"{test[0]['prompt']}\" --max-new-tokens {new_tokens}")
     return {"acc_sft": acc_sft, "acc_rl": acc_rl, "seconds": time.time() - t0}

@@ -10,13 +10,46 @@ import sys
 
 
 def progress(it, enabled: bool, desc: str):
+    """tqdm bars on a terminal; elsewhere (a log file, CI) a plain line every ~5 % of the run,
+    instead of thousands of carriage-return updates."""
     if not enabled:
         return it
+    if not sys.stderr.isatty():
+        return _Lines(it, desc)
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return it
+        return _Lines(it, desc)
     return tqdm(it, desc=desc, dynamic_ncols=True)
+
+
+class _Lines:
+    """Progress as a line every `every` fraction of the items, with elapsed time and the last
+    postfix (same set_postfix surface as tqdm)."""
+
+    def __init__(self, it, desc: str, every: float = 0.05):
+        self.it, self.desc, self.postfix = it, desc, ""
+        self.total = len(it) if hasattr(it, "__len__") else None
+        self.every = max(1, round((self.total or 20) * every))
+
+    def set_postfix(self, **kw):
+        self.postfix = " ".join(f"{k}={v}" for k, v in kw.items())
+
+    def __iter__(self):
+        import time
+
+        t0 = time.perf_counter()
+        n = 0
+        for n, x in enumerate(self.it, 1):  # noqa: B007 - n is read after the loop
+            yield x
+            if n % self.every == 0 or n == self.total:
+                of = f"/{self.total}" if self.total else ""
+                print(f"[{self.desc}] {n}{of} {time.perf_counter() - t0:.0f}s {self.postfix}"
+                      .rstrip(), file=sys.stderr, flush=True)
+
+
+LABELS = {"reward_mean": "mean reward", "accuracy": "training pass rate",
+          "eval_accuracy": "held-out accuracy", "loss": "loss"}
 
 
 class RunLogger:
@@ -77,8 +110,11 @@ class RunLogger:
         if self.enabled:
             print(f"[dlmkern] {msg}", file=sys.stderr)
 
-    def plot(self, keys=("reward_mean", "accuracy"), path: str | None = None) -> str | None:
-        """PNG of the given keys per step (None if matplotlib is missing)."""
+    def plot(self, keys=("reward_mean", "accuracy"), path: str | None = None,
+             title: str = "", marks: dict | None = None) -> str | None:
+        """PNG with one panel per key that has values, against the step (None if matplotlib is
+        missing). marks: {key: (value, label)} drawn as a dashed line in that key's panel, e.g.
+        the held-out accuracy the run started from."""
         if not self.enabled:
             return None
         try:
@@ -88,16 +124,28 @@ class RunLogger:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
+        series = {k: [(r["step"], r[k]) for r in self.rows
+                      if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+                  for k in keys}
+        series = {k: pts for k, pts in series.items() if pts}
+        if not series:
+            return None
         path = path or os.path.join(self.out_dir, "curves.png")
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in self.rows if isinstance(r.get(k), (int, float))]
-            if pts:
-                ax.plot(*zip(*pts, strict=True), label=k)
-        ax.set_xlabel("step")
-        ax.legend()
+        fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.4 * len(series) + 0.6),
+                                 sharex=True, squeeze=False)
+        for ax, (k, pts) in zip(axes[:, 0], series.items(), strict=True):
+            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 40 else None,
+                    label=LABELS.get(k, k))
+            if marks and k in marks:
+                value, label = marks[k]
+                ax.axhline(value, linestyle="--", color="gray", label=label)
+            ax.set_ylabel(LABELS.get(k, k))
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best", fontsize="small")
+        axes[-1, 0].set_xlabel("training step")
+        fig.suptitle(title or os.path.basename(os.path.normpath(self.out_dir)))
         fig.tight_layout()
-        fig.savefig(path)
+        fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
 

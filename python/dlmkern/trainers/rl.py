@@ -14,7 +14,7 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST
-from dlmkern.data import load_dataset
+from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
 from dlmkern.ops import policy_value_loss
 from dlmkern.rl import (
@@ -42,7 +42,10 @@ from dlmkern.trainers.optim import MixedPrecisionAdamW
 
 class RLTrainer(Checkpointing):
     """Base of TraceRL and DiPO. ``model``: a DiffusionLM or a checkpoint path; ``tokenizer``:
-    encode / decode / eos_token_id; ``dataset``: rows with "prompt" (+ reward columns);
+    encode / decode / eos_token_id; ``dataset``: rows with "prompt" or "messages" (+ reward
+    columns), or a dataset file / directory (dlmkern.data.load_dataset, with config.columns);
+    prompts are rendered by config's prompt format (dlmkern.data.PromptFormat: the tokenizer's
+    chat template when it has one) and rewards receive the row's prompt text;
     ``reward_fns``: callables ``f(prompts, completions, **columns) -> list[float]`` (summed).
 
     Each reward receives, as keyword arguments, only the dataset columns its signature names
@@ -61,9 +64,11 @@ class RLTrainer(Checkpointing):
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
         # mistakes refused before any model work: rewards that cannot be called, columns they
-        # need that the dataset lacks, a previous run in output_dir (then, only then,
-        # "overwrite" deletes it)
-        self.data = load_dataset(dataset)
+        # need that the dataset lacks, rows the prompt format cannot render, a previous run in
+        # output_dir (then, only then, "overwrite" deletes it)
+        self.data = load_dataset(dataset, self.cfg.columns)
+        self.prompt_format = PromptFormat.from_config(self.cfg)
+        self.prompt_format.check(self.data, tokenizer)
         self.reward_fns = reward_fns if isinstance(reward_fns, (list, tuple)) else [reward_fns]
         self._reward_specs = {}
         check_reward_columns(self.data, [self._reward_spec(fn) for fn in self.reward_fns])
@@ -99,6 +104,9 @@ class RLTrainer(Checkpointing):
         # optional held-out evaluation: eval_fn(model) -> float, every eval_every steps (called
         # on every rank; logged as eval_accuracy and plotted)
         self.eval_fn = None
+        # {log key: (value, label)} drawn as reference lines in curves.png (e.g. the held-out
+        # accuracy the run started from)
+        self.plot_marks: dict = {}
         self.step = 0
         self.data_pos = 0
         self.data_order = self._permutation(0)
@@ -151,7 +159,7 @@ class RLTrainer(Checkpointing):
         rank samples it."""
         self.model.eval()
         g = self.cfg.group_size
-        prompts = [self.tok.encode(r["prompt"]) for r in rows]
+        prompts = [self.prompt_format.encode(r, self.tok) for r in rows]
         base = (self.cfg.seed * 7919 + self.step) * 1000003
         indices = list(range(len(rows))) if indices is None else indices
         seeds = [base + i * g + k for i in indices for k in range(g)]
@@ -550,7 +558,8 @@ class RLTrainer(Checkpointing):
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                 self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
         self.save(os.path.join(self.cfg.output_dir, "final"))
-        self.logger.plot(("reward_mean", "accuracy", "eval_accuracy"))
+        self.logger.plot(("reward_mean", "accuracy", "eval_accuracy"), title=self.name,
+                         marks=self.plot_marks)
         self.logger.close()
         return self
 
