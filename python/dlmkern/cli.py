@@ -16,7 +16,8 @@ RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer
 @dataclass
 class RunFile:
     """A training run: `algo` (tracerl | dipo | sft), `model` (HF directory), `tokenizer`
-    (directory, default: the model's), `dataset` (JSONL), `reward` (math | code |
+    (directory, default: the model's), `dataset` (JSONL, JSON, CSV, parquet or a datasets
+    save_to_disk directory; columns and prompt format in `trainer`), `reward` (math | code |
     module:function), `trainer` (the algorithm's config keys), `resume` (a checkpoint directory
     written by the trainer: model, optimizer, RNG, step and data position continue from it)."""
 
@@ -114,10 +115,11 @@ def make_tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
-def check_train_inputs(run, cfg):
-    """The dataset (loaded once: its rows go to the trainer), the columns the trainer or the
-    reward needs, and the existing_output_dir policy, all before the weights load."""
-    from dlmkern.data import load_dataset
+def check_train_inputs(run, cfg, tok=None):
+    """The dataset (loaded once, with the config's column mapping: its rows go to the trainer),
+    the columns the trainer or the reward needs, that the prompt format can render every row,
+    and the existing_output_dir policy, all before the weights load."""
+    from dlmkern.data import PromptFormat, load_dataset
     from dlmkern.trainers.checks import (
         RewardSpec,
         check_output_dir,
@@ -125,7 +127,9 @@ def check_train_inputs(run, cfg):
         require_column,
     )
 
-    data = load_dataset(run.dataset)
+    data = load_dataset(run.dataset, cfg.columns)
+    if tok is not None:
+        PromptFormat.from_config(cfg).check(data, tok)
     reward = None
     if run.algo == "sft":
         require_column(data, "answer", "SFT")
@@ -145,7 +149,7 @@ def cmd_train(args):
 
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
-    data, reward = check_train_inputs(run, cfg)
+    data, reward = check_train_inputs(run, cfg, tok)
     if torch.cuda.is_available():  # one GPU per rank under torchrun
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         model = load(run.model, dtype=getattr(torch, run.dtype), device=device)
@@ -189,21 +193,28 @@ def _sampler(model, tok, args):
 
 def cmd_sample(args):
     model, tok = _load_for_inference(args)
-    trajs = _sampler(model, tok, args).generate([tok.encode(p) for p in args.prompt],
+    fmt = _prompt_format(args)
+    rows = [{"prompt": p} for p in args.prompt]
+    trajs = _sampler(model, tok, args).generate([fmt.encode(r, tok) for r in rows],
                                                 seed=args.seed)
     for t in trajs:
         print(t.text(tok))
 
 
 def cmd_eval(args):
-    """Math accuracy on a local JSONL (prompt, answer), tokens/s and mean tokens per step."""
+    """Math accuracy on a local dataset (prompt or messages, answer; the formats and column
+    mapping of training), tokens/s and mean tokens per step."""
     from dlmkern.data import load_dataset
     from dlmkern.rewards import math_reward
+    from dlmkern.trainers.checks import require_column
 
+    fmt = _prompt_format(args)
+    rows = load_dataset(args.data, _columns(args.column), split=args.split)
+    require_column(rows, "answer", "dlmkern eval")
     model, tok = _load_for_inference(args)
-    rows = load_dataset(args.data)
+    fmt.check(rows, tok)
     t0 = time.perf_counter()
-    trajs = _sampler(model, tok, args).generate([tok.encode(r["prompt"]) for r in rows],
+    trajs = _sampler(model, tok, args).generate([fmt.encode(r, tok) for r in rows],
                                                 seed=args.seed)
     dt = time.perf_counter() - t0
     comps = [t.text(tok) for t in trajs]
@@ -216,6 +227,44 @@ def cmd_eval(args):
     n_steps = sum(len(set(t.step_map)) for t in trajs)
     print(json.dumps({"accuracy": acc, "tokens_per_s": n_tok / dt,
                       "tokens_per_step": n_tok / max(n_steps, 1), "samples": len(rows)}))
+
+
+def _columns(specs) -> dict:
+    """--column NAME=SOURCE flags as a column mapping."""
+    out = {}
+    for spec in specs or []:
+        name, sep, src = spec.partition("=")
+        if not sep or not name.strip() or not src.strip():
+            raise ValueError(f"--column {spec!r} is not NAME=SOURCE (e.g. "
+                             "answer=reward_model.ground_truth)")
+        out[name.strip()] = src.strip()
+    return out
+
+
+def _prompt_format(args):
+    from dlmkern.data import PromptFormat
+
+    chat = {"auto": None, "true": True, "false": False}[args.chat_template]
+    return PromptFormat(system_prompt=args.system_prompt, instruction=args.instruction,
+                        chat_template=chat, template=args.prompt_template)
+
+
+def _add_prompt_args(s, with_data: bool):
+    g = s.add_argument_group("prompt format and data (as the trainer's config keys)")
+    g.add_argument("--system-prompt", default="", help="a system turn before the user turn")
+    g.add_argument("--instruction", default="",
+                   help="added to the user turn after a newline (or put {prompt} in it)")
+    g.add_argument("--chat-template", choices=["auto", "true", "false"], default="auto",
+                   help="render prompts with the tokenizer's chat template (auto: when it has "
+                   "one)")
+    g.add_argument("--prompt-template", default="",
+                   help="a whole prompt with {prompt}, instead of the chat template")
+    if with_data:
+        g.add_argument("--column", action="append", default=[], metavar="NAME=SOURCE",
+                       help="column mapping: prompt=question, answer=reward_model.ground_truth "
+                       "(dot paths reach nested values); repeatable")
+        g.add_argument("--split", default="train",
+                       help="split of a save_to_disk DatasetDict directory")
 
 
 def cmd_demo(args):
@@ -284,9 +333,11 @@ def main(argv=None):
         if name == "sample":
             s.add_argument("--prompt", action="append", required=True)
         else:
-            s.add_argument("--data", required=True)
+            s.add_argument("--data", required=True,
+                           help="JSONL, JSON, CSV, parquet or a datasets save_to_disk directory")
             s.add_argument("--reward", choices=["math", "exact"], default="math",
                            help="math: \\boxed{} + math-verify; exact: the whole completion")
+        _add_prompt_args(s, with_data=name == "eval")
         s.set_defaults(fn=fn)
     args = p.parse_args(argv)
     try:

@@ -4,12 +4,26 @@ Unknown keys and wrongly typed values fail before any work starts, naming the ke
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 
 @dataclass
-class RLConfig:
+class DataConfig:
+    """Dataset columns and prompt format, shared by every trainer (dlmkern.data)."""
+
+    # {name the trainer / rewards read: source column or dot path}, e.g. {prompt: question,
+    # answer: reward_model.ground_truth}; on the command line columns.answer=reward_model.x
+    columns: dict = field(default_factory=dict)
+    system_prompt: str = ""
+    instruction: str = ""                # added to the user turn (after a newline, or {prompt})
+    chat_template: bool | None = None    # None: when the tokenizer has one
+    prompt_template: str = ""            # a whole prompt with {prompt} (replaces the template)
+
+
+@dataclass
+class RLConfig(DataConfig):
     # rollout
     prompts_per_step: int = 8
     group_size: int = 8                  # samples per prompt
@@ -94,7 +108,7 @@ class RLConfig:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(DataConfig):
     batch_size: int = 16
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -139,15 +153,29 @@ def _policy_checks(cfg) -> list:
              f"{cfg.existing_output_dir!r}"),
             (cfg.on_nonfinite in NONFINITE_POLICIES,
              f"on_nonfinite must be one of {', '.join(NONFINITE_POLICIES)}, got "
-             f"{cfg.on_nonfinite!r}")]
+             f"{cfg.on_nonfinite!r}"),
+            (not cfg.prompt_template or "{prompt}" in cfg.prompt_template,
+             "prompt_template must contain {prompt} (where the user text goes)"),
+            (not cfg.prompt_template or not (cfg.system_prompt or cfg.chat_template),
+             "prompt_template is the whole prompt: drop system_prompt and chat_template: true")]
 
 
 def _coerce(cls, key: str, value):
-    types = typing.get_type_hints(cls)
-    if key not in types:
+    types_ = typing.get_type_hints(cls)
+    if key not in types_:
         known = ", ".join(f.name for f in fields(cls))
         raise ValueError(f"config: unknown key {key!r} for {cls.__name__} (known: {known})")
-    t = types[key]
+    t = types_[key]
+    if isinstance(t, types.UnionType):  # X | None: None, "none" / "null" / "auto", or an X
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
+            return None
+        t = next(a for a in t.__args__ if a is not type(None))
+    if t is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in value.items()):
+            raise ValueError(f"config: {key} must be a mapping of names to strings, got "
+                             f"{value!r}")
+        return dict(value)
     if isinstance(value, str) and t is not str:
         if t is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
@@ -166,13 +194,17 @@ def _coerce(cls, key: str, value):
 
 
 def build_config(cls, values: dict | None = None, overrides: list[str] | None = None):
-    """cls(**values) with `key=value` overrides, type-checked and validated."""
+    """cls(**values) with `key=value` overrides (`columns.NAME=SOURCE` sets one column of the
+    mapping), type-checked and validated."""
     merged = dict(values or {})
     for ov in overrides or []:
         if "=" not in ov:
             raise ValueError(f"config: override {ov!r} is not key=value")
-        k, v = ov.split("=", 1)
-        merged[k.strip()] = v.strip()
+        k, v = (x.strip() for x in ov.split("=", 1))
+        if k.startswith("columns."):
+            merged["columns"] = {**(merged.get("columns") or {}), k[len("columns."):]: v}
+        else:
+            merged[k] = v
     kwargs = {k: _coerce(cls, k, v) for k, v in merged.items()}
     return cls(**kwargs).validate()
 

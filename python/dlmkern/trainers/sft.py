@@ -11,7 +11,7 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST
-from dlmkern.data import load_dataset
+from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, load
 from dlmkern.ops import layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
@@ -22,8 +22,11 @@ from dlmkern.trainers.optim import MixedPrecisionAdamW
 
 
 class SFT(Checkpointing):
-    """``SFT(model, tokenizer, dataset, config)``; rows need "prompt" and "answer" (text). The
-    answer is followed by the tokenizer's EOS so the model learns where to stop.
+    """``SFT(model, tokenizer, dataset, config)``; rows need "prompt" (or "messages": a chat
+    ending with the assistant turn gives the answer) and "answer" (text); ``dataset`` may be a
+    file or directory (dlmkern.data.load_dataset, with config.columns). Prompts are rendered by
+    the config's prompt format, as in RL. The answer is followed by the tokenizer's EOS so the
+    model learns where to stop.
 
     Under torchrun the model is sharded with FSDP2 and each rank trains on its share of every
     step's batch (rows rank, rank + world, ...). Each row's noise comes from a generator seeded by
@@ -46,9 +49,11 @@ class SFT(Checkpointing):
                              f"{distributed.world()} ranks")
         # mistakes refused before any model work: rows without the answer column, a previous
         # run in output_dir (then, only then, "overwrite" deletes it)
-        self.data = load_dataset(dataset)
+        self.data = load_dataset(dataset, self.cfg.columns)
         self.answer_key = answer_key
         require_column(self.data, answer_key, "SFT")
+        self.prompt_format = PromptFormat.from_config(self.cfg)
+        self.prompt_format.check(self.data, tokenizer)
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(
@@ -74,6 +79,13 @@ class SFT(Checkpointing):
         base = (self.cfg.seed * 1000003 + self.step) * 65537
         return [base + j for j in positions]
 
+    def encode(self, row) -> tuple[list[int], list[int]]:
+        """Prompt ids (the config's prompt format) and answer ids followed by EOS (with a chat
+        template: the assistant turn as the template writes it)."""
+        fmt = self.prompt_format
+        answer = fmt.encode_answer(row, str(row[self.answer_key]), self.tok)
+        return fmt.encode(row, self.tok), answer + [self.tok.eos_token_id]
+
     def batch(self, rows, seeds=None):
         """Packed ids, layout, trained rows, targets and per-row weights 1 / (t * answer_len).
         Row i draws its t and mask from a generator seeded with seeds[i]."""
@@ -83,8 +95,7 @@ class SFT(Checkpointing):
         offset = 0
         for r, seed in zip(rows, seeds, strict=True):
             gen = torch.Generator().manual_seed(seed)
-            p = self.tok.encode(r["prompt"])
-            a = self.tok.encode(str(r[self.answer_key])) + [self.tok.eos_token_id]
+            p, a = self.encode(r)
             seq = p + a
             t = float(self.cfg.min_mask_ratio + (1 - self.cfg.min_mask_ratio) *
                       torch.rand((), generator=gen, device=HOST))
@@ -133,8 +144,7 @@ class SFT(Checkpointing):
             copies = 2 if self.model.config.block_causal else 1  # [noisy | clean]
             groups, size = [[]], 0
             for i, r in enumerate(rows):
-                n = copies * (len(self.tok.encode(r["prompt"])) +
-                              len(self.tok.encode(str(r[self.answer_key]))) + 1)
+                n = copies * sum(len(x) for x in self.encode(r))
                 if groups[-1] and size + n > budget:
                     groups.append([])
                     size = 0
