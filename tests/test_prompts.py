@@ -190,3 +190,37 @@ def test_eval_reads_parquet_with_a_column_mapping_and_the_chat_template(tmp_path
     assert cli.main(["eval", "--model", str(model_dir), "--data", str(tmp_path / "math.parquet"),
                      "--column", "prompt=question"]) == 2  # no answer column: refused
     assert "needs column 'answer'" in capsys.readouterr().err
+
+
+# the peers' math prompts for the problem "1+1=", copied from their code (see dlmkern.data.prompts)
+PEERS = {
+    # Gen-Verse/dLLM-RL sample/trado_rl_rollout.py (TraDo, SDAR)
+    "trado4b_tracerl_value.yaml": "<|im_start|>user\n1+1=\nPlease reason step by step, and put "
+    "your final answer within \\boxed{}.<|im_end|>\n<|im_start|>assistant\n",
+    # OpenMOSS/DiRL train/rollout_dapo_server.py reason_prompt (SDAR)
+    "sdar8b_dipo.yaml": "<|im_start|>user\n1+1=\nPlease reason step by step, and put your final "
+    "answer within $\\boxed{}$.<|im_end|>\n<|im_start|>assistant\n",
+    # Gen-Verse/dLLM-RL sample/llada_rl_rollout.py (LLaDA)
+    "llada_tracerl.yaml": "<|startoftext|><|start_header_id|>user<|end_header_id|>You need to put "
+    "your final answer in \\boxed{}. This is the problem:\n1+1=<|eot_id|><|startoftext|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n",
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(PEERS))
+def test_recipes_reproduce_the_peers_prompts(recipe):
+    import os
+
+    from dlmkern.cli import parse_run
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _, cfg = parse_run(os.path.join(root, "configs", recipe),
+                       [f"model={root}", f"dataset={root}"])  # paths that exist
+    qwen = chat_tokenizer(CHATML.replace("{{ bos_token }}", ""))  # Qwen's ChatML: no BOS
+    assert PromptFormat.from_config(cfg).text({"prompt": "1+1="}, qwen) == PEERS[recipe]
+
+
+def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_work():
+    with pytest.raises(ValueError, match=r"row 0: its prompt in this format cannot be encoded: "
+                                         r"character 'B'"):
+        PromptFormat(instruction="Box it.").check([{"prompt": "1+1="}], CharTokenizer())

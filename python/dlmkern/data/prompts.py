@@ -80,11 +80,16 @@ class PromptFormat:
 
     def check(self, rows: list[dict], tok) -> None:
         """Every row can be rendered: conversations need the chat template (a raw or template
-        prompt holds one user turn). Before any model work."""
-        if self.uses_chat_template(tok):
-            return
-        for i, r in enumerate(rows):
-            self._single_turn(r, i)
+        prompt holds one user turn), and the first row encodes. Before any model work."""
+        if not self.uses_chat_template(tok):
+            for i, r in enumerate(rows):
+                self._single_turn(r, i)
+        if rows:
+            try:
+                self.encode(rows[0], tok)
+            except ValueError as e:  # e.g. characters the tokenizer lacks
+                raise ValueError(f"row 0: its prompt in this format cannot be encoded: {e}") \
+                    from None
 
     # ---- rendering -----------------------------------------------------------------------------
 
