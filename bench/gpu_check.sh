@@ -47,7 +47,7 @@ if (( DRY )); then
   TOTAL=240 DOCTOR_ARGS="--device cpu" SIZE=--tiny
   BOX_DEVICE=10 BOX_BUILD=30 BOX_DOCTOR=100 BOX_TESTS=30 BOX_SUMMARY=10
   BENCHES=(block_attention:40 masked_logprobs:40 policy_value_loss:40 sampler:40 rl_step:40
-           decode_attention:40 logprobs_from_logits:40)  # ~5-15 s each; the 180 s bound it all
+           decode_attention:40 logprobs_from_logits:40 rewards:40)  # ~5-15 s each; the 180 s bound it all
 else
   TOTAL=480 DOCTOR_ARGS="" SIZE=--quick
   BOX_DEVICE=15 BOX_BUILD=130 BOX_DOCTOR=50 BOX_TESTS=60 BOX_SUMMARY=10

@@ -12,9 +12,11 @@ from __future__ import annotations
 import re
 import secrets
 
+from dlmkern.rewards.pool import run_bounded
 from dlmkern.rewards.sandbox import (
     SandboxLimits,
     SandboxUnavailable,
+    require_sandbox,
     run_sandboxed,
     sandbox_available,
     warn_once,
@@ -87,13 +89,15 @@ def extract_code(completion: str) -> str:
 
 
 def code_reward(prompts: list, completions: list[str], tests: list, *,
-                limits: SandboxLimits | None = None, **_columns) -> list[float]:
+                limits: SandboxLimits | None = None, workers: int | None = None,
+                **_columns) -> list[float]:
     """Fraction of a sample's tests passed. `tests[i]` is a list of test snippets (asserts) run
-    after the candidate program, each in its own sandbox with its own proof key."""
-    scores = []
-    for completion, cases in zip(completions, tests, strict=True):
-        cases = [cases] if isinstance(cases, str) else list(cases)
-        code = extract_code(completion)
-        passed = sum(run_test(code, case, limits) for case in cases)
-        scores.append(passed / len(cases) if cases else 0.0)
-    return scores
+    after the candidate program, each in its own sandbox with its own proof key; up to `workers`
+    sandbox runs at a time (default: one per CPU, or $DLMKERN_REWARD_WORKERS)."""
+    cases = [[c] if isinstance(c, str) else list(c) for c in tests]
+    jobs = [(extract_code(completion), case, limits)
+            for completion, own in zip(completions, cases, strict=True) for case in own]
+    if jobs:
+        require_sandbox()  # raises here, before any thread starts
+    passed = iter(run_bounded(run_test, jobs, workers))
+    return [sum(next(passed) for _ in own) / len(own) if own else 0.0 for own in cases]
