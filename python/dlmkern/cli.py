@@ -128,14 +128,14 @@ def check_train_inputs(run, cfg, tok=None):
     )
 
     data = load_dataset(run.dataset, cfg.columns)
-    if tok is not None:
-        PromptFormat.from_config(cfg).check(data, tok)
     reward = None
     if run.algo == "sft":
         require_column(data, "answer", "SFT")
     else:
         reward = resolve_reward(run.reward)
         check_reward_columns(data, [RewardSpec(reward)])
+    if tok is not None:
+        PromptFormat.from_config(cfg).check(data, tok)
     check_output_dir(cfg.output_dir, cfg.existing_output_dir, run.resume)
     return data, reward
 

@@ -1,11 +1,22 @@
 """Model configuration shared by SDAR / TraDo, LLaDA and Dream, read from and written to the
-Hugging Face config.json of each family (the upstream key names, so real checkpoints load)."""
+Hugging Face config.json of each family (the upstream key names, so real checkpoints load).
+
+Strict: every config.json key is implemented, known not to change the computation (ignored, see
+ModelConfig.ignored), or refused at load with its name and value. A switch dlmkern does not
+implement (a sliding window, alibi, logit scaling, ...) is accepted only at its neutral value;
+rope_scaling "linear", "dynamic" (NTK), "yarn" and "llama3" are implemented (rope_frequencies),
+as Hugging Face transformers computes them (modeling_rope_utils)."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import asdict, dataclass, field
 
+from dlmkern.models.hf_keys import IGNORED, NEUTRAL, ROPE_SCALING_KEYS
+
 FAMILIES = ("sdar", "llada", "dream")
+_log = logging.getLogger("dlmkern.models")
 
 
 @dataclass
@@ -26,7 +37,14 @@ class ModelConfig:
     block_size: int = 4              # SDAR only: diffusion block length
     mask_token_id: int = 0
     max_position_embeddings: int = 32768
+    rope_scaling: dict | None = None   # SDAR / Dream: linear | dynamic | yarn | llama3
     extra: dict = field(default_factory=dict)  # other upstream keys, written back unchanged
+
+    @property
+    def ignored(self) -> dict:
+        """The upstream keys that do not change the computation (kept for to_hf): metadata,
+        token ids (checked against the vocabulary), switches at their neutral value."""
+        return dict(self.extra)
 
     @property
     def block_causal(self) -> bool:
@@ -59,27 +77,41 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
+        self.rope_scaling = check_rope_scaling(self.rope_scaling, self.family)
+        if self.rope_scaling is not None:  # rope() receives rope_theta: it carries the scaling
+            self.rope_theta = RopeTheta(self.rope_theta, self.rope_scaling,
+                                        self.max_position_embeddings)
 
     # ---- Hugging Face config.json ------------------------------------------------------------
 
     @classmethod
     def from_hf(cls, d: dict) -> ModelConfig:
+        """From a config.json dict; a key that switches on something dlmkern does not implement
+        is a ValueError naming it and its value. The ignored keys are logged once (info)."""
         mt = str(d.get("model_type", "")).lower()
         if mt == "sdar":
-            return cls._from_qwen(d, "sdar", qk_norm=True, qkv_bias=False)
-        if mt == "dream":
-            return cls._from_qwen(d, "dream", qk_norm=False, qkv_bias=True)
-        if mt == "llada" or "d_model" in d:
-            return cls._from_llada(d)
-        raise ValueError(f"config.json: unsupported model_type {d.get('model_type')!r} "
-                         "(dlmkern loads sdar, llada and dream models)")
+            c = cls._from_qwen(d, "sdar", qk_norm=True, qkv_bias=False)
+        elif mt == "dream":
+            c = cls._from_qwen(d, "dream", qk_norm=False, qkv_bias=True)
+        elif mt == "llada" or "d_model" in d:
+            c = cls._from_llada(d)
+        else:
+            raise ValueError(f"config.json: unsupported model_type {d.get('model_type')!r} "
+                             "(dlmkern loads sdar, llada and dream models)")
+        check_keys(c.family, c.extra)
+        if c.extra:
+            _log.info("config.json: keys that do not change the computation, ignored: %s",
+                      ", ".join(sorted(c.extra)))
+        return c
 
     @classmethod
     def _from_qwen(cls, d: dict, family: str, qk_norm: bool, qkv_bias: bool) -> ModelConfig:
         known = {"model_type", "vocab_size", "hidden_size", "intermediate_size",
                  "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "rms_norm_eps", "rope_theta", "tie_word_embeddings", "block_size",
-                 "mask_token_id", "max_position_embeddings", "attention_bias"}
+                 "mask_token_id", "max_position_embeddings", "rope_scaling"}
+        if family == "sdar":
+            known.add("attention_bias")
         heads = _req(d, "num_attention_heads")
         return cls(
             family=family, vocab_size=_req(d, "vocab_size"), hidden_size=_req(d, "hidden_size"),
@@ -93,14 +125,14 @@ class ModelConfig:
             block_size=d.get("block_size", 4),
             mask_token_id=d.get("mask_token_id", 151669 if family == "sdar" else 151666),
             max_position_embeddings=d.get("max_position_embeddings", 32768),
+            rope_scaling=d.get("rope_scaling"),
             extra={k: v for k, v in d.items() if k not in known})
 
     @classmethod
     def _from_llada(cls, d: dict) -> ModelConfig:
         known = {"model_type", "vocab_size", "embedding_size", "d_model", "mlp_hidden_size",
                  "n_layers", "n_heads", "n_kv_heads", "rms_norm_eps", "rope_theta",
-                 "weight_tying", "mask_token_id", "max_sequence_length", "include_bias",
-                 "include_qkv_bias"}
+                 "weight_tying", "mask_token_id", "max_sequence_length", "include_qkv_bias"}
         heads = _req(d, "n_heads")
         return cls(
             family="llada", vocab_size=d.get("embedding_size") or _req(d, "vocab_size"),
@@ -109,7 +141,7 @@ class ModelConfig:
             num_kv_heads=d.get("n_kv_heads") or heads, head_dim=_req(d, "d_model") // heads,
             rms_norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=d.get("rope_theta", 500000.0),
             tie_word_embeddings=bool(d.get("weight_tying", False)),
-            qkv_bias=bool(d.get("include_qkv_bias", False) or d.get("include_bias", False)),
+            qkv_bias=bool(d.get("include_qkv_bias", False)),  # include_bias: NEUTRAL (refused)
             mask_token_id=d.get("mask_token_id", 126336),
             max_position_embeddings=d.get("max_sequence_length", 4096),
             extra={k: v for k, v in d.items() if k not in known})
@@ -120,7 +152,7 @@ class ModelConfig:
                  "embedding_size": self.vocab_size, "d_model": self.hidden_size,
                  "mlp_hidden_size": self.intermediate_size, "n_layers": self.num_layers,
                  "n_heads": self.num_heads, "n_kv_heads": self.num_kv_heads,
-                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": float(self.rope_theta),
                  "weight_tying": self.tie_word_embeddings, "mask_token_id": self.mask_token_id,
                  "max_sequence_length": self.max_position_embeddings,
                  "include_qkv_bias": self.qkv_bias}
@@ -130,7 +162,8 @@ class ModelConfig:
                  "intermediate_size": self.intermediate_size,
                  "num_hidden_layers": self.num_layers, "num_attention_heads": self.num_heads,
                  "num_key_value_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": self.rope_theta,
+                 "rms_norm_eps": self.rms_norm_eps, "rope_theta": float(self.rope_theta),
+                 "rope_scaling": self.rope_scaling,
                  "tie_word_embeddings": self.tie_word_embeddings,
                  "mask_token_id": self.mask_token_id,
                  "max_position_embeddings": self.max_position_embeddings}
@@ -140,7 +173,132 @@ class ModelConfig:
         return {**self.extra, **d}
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["rope_theta"] = float(self.rope_theta)
+        return d
+
+
+# ---- strict keys ------------------------------------------------------------------------------
+
+def check_keys(family: str, extra: dict) -> None:
+    """Every key the family does not map is ignored (hf_keys.IGNORED: metadata), at its neutral
+    value (hf_keys.NEUTRAL), or an unknown key with an empty / false value; anything else is a
+    ValueError naming the key and its value."""
+    neutral = NEUTRAL[family]
+    for key, value in extra.items():
+        if key in neutral:
+            ok, what = neutral[key]
+            if not ok(value):
+                raise ValueError(f"config.json: {key} = {value!r} is not supported by dlmkern "
+                                 f"({what}); it would compute something else than the checkpoint "
+                                 "was trained for")
+        elif key not in IGNORED[family] and value not in (None, False, 0, "", [], {}):
+            raise ValueError(f"config.json: unknown key {key} = {value!r}: dlmkern does not know "
+                             "whether it changes the computation, so it refuses it (remove the "
+                             "key if it does not)")
+
+
+def check_rope_scaling(rs, family: str) -> dict | None:
+    """A validated copy of rope_scaling (rope_type set), or None for no scaling."""
+    if rs is None:
+        return None
+    if family == "llada":
+        raise ValueError(f"config.json: rope_scaling = {rs!r} is not supported for LLaDA")
+    if not isinstance(rs, dict):
+        raise ValueError(f"config.json: rope_scaling = {rs!r} must be a mapping or null")
+    rs = dict(rs)
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind == "default" and set(rs) <= {"rope_type", "type", "rope_theta"}:
+        return None
+    if kind not in ROPE_SCALING_KEYS:
+        raise ValueError(f"config.json: rope_scaling type {kind!r} ({rs!r}) is not supported by "
+                         f"dlmkern (supported: {', '.join(ROPE_SCALING_KEYS)})")
+    required, optional = ROPE_SCALING_KEYS[kind]
+    for key in required:
+        if not isinstance(rs.get(key), (int, float)) or isinstance(rs.get(key), bool):
+            raise ValueError(f"config.json: rope_scaling {kind!r} needs a number {key!r}, got "
+                             f"{rs!r}")
+    extra = set(rs) - set(required) - set(optional) - {"type", "rope_type", "rope_theta"}
+    bad = {k: rs[k] for k in extra if not (k == "partial_rotary_factor" and rs[k] == 1)}
+    if bad:
+        raise ValueError(f"config.json: rope_scaling key(s) {bad!r} are not supported by dlmkern "
+                         f"for type {kind!r}")
+    if rs["factor"] < 1:
+        raise ValueError(f"config.json: rope_scaling factor = {rs['factor']!r} must be >= 1")
+    rs["rope_type"] = kind
+    return rs
+
+
+class RopeTheta(float):
+    """rope_theta carrying rope_scaling and max_position_embeddings: the rotary embedding
+    (transformer.rope) receives rope_theta, and with it the scaling."""
+
+    def __new__(cls, theta: float, scaling: dict, max_positions: int):
+        obj = super().__new__(cls, theta)
+        obj.scaling, obj.max_positions = scaling, max_positions
+        return obj
+
+    def __reduce__(self):
+        return RopeTheta, (float(self), self.scaling, self.max_positions)
+
+
+def rope_frequencies(dim: int, theta: float, positions=None):
+    """(inv_freq [dim / 2] float32, attention factor) of the rotary embedding, as Hugging Face
+    transformers computes them for each rope_scaling type; `theta` a float (no scaling) or a
+    RopeTheta. Dynamic NTK scales the base by the longest position in `positions` (tensor math:
+    no host sync) once it passes max_position_embeddings."""
+    import torch
+
+    dev = positions.device if positions is not None else None
+    exponent = torch.arange(0, dim, 2, device=dev, dtype=torch.float32) / dim
+    rs = getattr(theta, "scaling", None)
+    base = float(theta)
+    if rs is None:
+        return 1.0 / (base ** exponent), 1.0
+    kind, factor = rs["rope_type"], float(rs["factor"])
+    if kind == "linear":
+        return 1.0 / (base ** exponent) / factor, 1.0
+    if kind == "dynamic":
+        top = theta.max_positions
+        seq = torch.clamp(positions.max().to(torch.float32) + 1, min=top)
+        scaled = base * ((factor * seq / top) - (factor - 1)) ** (dim / (dim - 2))
+        return 1.0 / (scaled ** exponent), 1.0
+    inv = 1.0 / (base ** exponent)
+    old = float(rs.get("original_max_position_embeddings") or theta.max_positions)
+    if kind == "llama3":
+        lo, hi = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / lo, inv / factor, inv)
+        return torch.where((wavelen <= old / lo) & (wavelen >= old / hi), mid, out), 1.0
+    return _yarn(dim, base, factor, old, rs, inv, exponent)
+
+
+def _yarn(dim, base, factor, old, rs, inv, exponent):
+    import torch
+
+    def mscale(scale, m=1.0):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = rs.get("attention_factor")
+    if attn is None:
+        m, m_all = rs.get("mscale"), rs.get("mscale_all_dim")
+        attn = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+
+    def correction_dim(rotations):
+        return dim * math.log(old / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(rs.get("beta_fast") or 32), correction_dim(rs.get("beta_slow") or 1)
+    if rs.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(dim // 2, device=inv.device, dtype=torch.float32) - low) /
+                       (high - low), 0, 1)
+    extrapolate = 1 - ramp
+    return (inv / factor) * (1 - extrapolate) + inv * extrapolate, float(attn)
 
 
 def _req(d: dict, key: str):

@@ -29,12 +29,22 @@ class RMSNorm(nn.Module):
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention), x [T, H, D], positions [T]."""
+    """Rotary embedding (rotate-half convention), x [T, H, D], positions [T]. `theta`: the base,
+    or a config's RopeTheta carrying rope_scaling (linear, dynamic, yarn, llama3: the
+    frequencies and yarn's cos / sin factor of models.config.rope_frequencies)."""
+    from dlmkern.models.config import rope_frequencies
+
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
+    if getattr(theta, "scaling", None) is None:
+        inv, scale = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device,
+                                                   dtype=torch.float32) / d)), 1.0
+    else:
+        inv, scale = rope_frequencies(d, theta, positions.to(x.device))
     ang = positions.to(torch.float32)[:, None] * inv[None, :]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :]
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated * sin).to(x.dtype)
