@@ -158,3 +158,30 @@ def test_config_column_mapping_and_overrides():
         build_config(RLConfig, {"columns": ["question"]})
     with pytest.raises(ValueError, match=r"prompt_template must contain \{prompt\}"):
         build_config(RLConfig, {"prompt_template": "<s>user: hi"})
+
+
+def test_dlmkern_train_reads_parquet_with_column_overrides(tmp_path, capsys):
+    import os
+
+    import torch
+    from dlmkern.cli import main
+    from dlmkern.data import CharTokenizer
+    from dlmkern.models import DiffusionLM, tiny_config
+
+    tok = CharTokenizer()
+    torch.manual_seed(0)
+    model = tmp_path / "model"
+    DiffusionLM(tiny_config("sdar", vocab_size=tok.vocab_size,
+                            mask_token_id=tok.mask_token_id)).save_pretrained(str(model))
+    data = _write(tmp_path, "parquet")
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                          "trado4b_tracerl_value.yaml")
+    out = tmp_path / "out"
+    common = ["train", recipe, f"model={model}", f"dataset={data}", "tokenizer=char",
+              "reward=tests.test_cli:alternating", "instruction=", "total_steps=1",
+              "prompts_per_step=1", "group_size=2", "max_new_tokens=4", "progress_bar=false",
+              f"output_dir={out}"]
+    assert main(common) == 2  # no prompt column without the mapping
+    assert "rows.parquet: row 0 has no 'prompt' or 'messages' column" in capsys.readouterr().err
+    assert main([*common, "columns.prompt=question", "columns.answer=gt"]) == 0
+    assert json.loads((out / "log.jsonl").read_text().splitlines()[-1])["step"] == 0
