@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from dlmkern.models.config import ModelConfig, RopeTheta, rope_frequencies, tiny_config
+from dlmkern.models.config import ModelConfig, rope_frequencies, tiny_config
 from dlmkern.models.transformer import rope
 
 # OpenMOSS/DiRL models/sdar/config.json (SDAR-8B-Chat), verbatim
@@ -114,9 +114,15 @@ def _base_inv():
     return [1.0 / THETA ** (2 * i / D) for i in range(D // 2)]
 
 
-def _theta(scaling, max_pos=64):
-    return tiny_config("sdar", head_dim=D, max_position_embeddings=max_pos,
-                       rope_scaling=scaling).rope_theta
+def _spec(scaling, max_pos=64):
+    """(theta, checked rope_scaling, max positions) of a config with this scaling."""
+    c = tiny_config("sdar", head_dim=D, max_position_embeddings=max_pos, rope_scaling=scaling)
+    return c.rope_theta, c.rope_scaling, c.max_position_embeddings
+
+
+def _freqs(scaling, positions, max_pos=64):
+    theta, rs, mp = _spec(scaling, max_pos)
+    return rope_frequencies(D, theta, positions, rs, mp)
 
 
 def _llama3_ref(factor, lo, hi, old):
@@ -158,7 +164,7 @@ CASES = {
 @pytest.mark.parametrize("kind", sorted(CASES))
 def test_static_rope_scaling_matches_the_reference(kind):
     scaling, ref, attn = CASES[kind]
-    inv, factor = rope_frequencies(D, _theta(scaling), torch.arange(8))
+    inv, factor = _freqs(scaling, torch.arange(8))
     assert torch.allclose(inv, torch.tensor(ref), rtol=1e-6, atol=0)
     assert factor == pytest.approx(attn, rel=1e-12)
     assert not torch.allclose(inv, torch.tensor(_base_inv()))  # it does scale
@@ -166,7 +172,7 @@ def test_static_rope_scaling_matches_the_reference(kind):
     # scaled by the attention factor
     x = torch.randn(1, 1, D, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     pos = 37
-    out = rope(x.float(), torch.tensor([pos]), _theta(scaling))[0, 0].double()
+    out = rope(x.float(), torch.tensor([pos]), *_spec(scaling))[0, 0].double()
     for i, f in enumerate(ref):
         a, b, ang = x[0, 0, i].item(), x[0, 0, i + D // 2].item(), pos * f
         assert out[i].item() == pytest.approx(attn * (a * math.cos(ang) - b * math.sin(ang)),
@@ -178,17 +184,17 @@ def test_static_rope_scaling_matches_the_reference(kind):
 def test_linear_scaling_is_position_interpolation():
     x = torch.randn(10, 2, D)
     pos = torch.arange(10) * 3
-    scaled = rope(x, pos, RopeTheta(THETA, {"rope_type": "linear", "factor": 3.0}, 64))
+    scaled = rope(x, pos, THETA, {"rope_type": "linear", "factor": 3.0}, 64)
     assert torch.allclose(scaled, rope(x, pos.float() / 3, THETA), atol=1e-5)
 
 
 def test_dynamic_ntk_scales_the_base_past_max_positions():
-    theta = _theta({"type": "dynamic", "factor": 2.0}, max_pos=64)
-    inside, _ = rope_frequencies(D, theta, torch.arange(64))
+    dynamic = {"type": "dynamic", "factor": 2.0}
+    inside, _ = _freqs(dynamic, torch.arange(64))
     assert torch.allclose(inside, torch.tensor(_base_inv()), rtol=1e-6)  # seq <= max: unchanged
     longest = 100  # positions 0 .. 99: sequence length 100 > 64
     base = THETA * (2.0 * longest / 64 - 1.0) ** (D / (D - 2))
-    outside, factor = rope_frequencies(D, theta, torch.arange(longest))
+    outside, factor = _freqs(dynamic, torch.arange(longest))
     ref = [1.0 / base ** (2 * i / D) for i in range(D // 2)]
     assert torch.allclose(outside, torch.tensor(ref), rtol=1e-5) and factor == 1.0
 
@@ -209,5 +215,5 @@ def test_rope_scaling_agrees_with_transformers(kind, scaling):
         ref, attn = ROPE_INIT_FUNCTIONS[kind](cfg, "cpu", **kw)
     except (TypeError, KeyError) as e:  # another transformers version's API
         pytest.skip(f"transformers rope API: {e}")
-    inv, factor = rope_frequencies(D, _theta(scaling), torch.arange(100))
+    inv, factor = _freqs(scaling, torch.arange(100))
     assert torch.allclose(inv, ref.float(), rtol=1e-5) and factor == pytest.approx(attn)

@@ -78,9 +78,6 @@ class ModelConfig:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                              f"({self.num_kv_heads})")
         self.rope_scaling = check_rope_scaling(self.rope_scaling, self.family)
-        if self.rope_scaling is not None:  # rope() receives rope_theta: it carries the scaling
-            self.rope_theta = RopeTheta(self.rope_theta, self.rope_scaling,
-                                        self.max_position_embeddings)
 
     # ---- Hugging Face config.json ------------------------------------------------------------
 
@@ -229,29 +226,17 @@ def check_rope_scaling(rs, family: str) -> dict | None:
     return rs
 
 
-class RopeTheta(float):
-    """rope_theta carrying rope_scaling and max_position_embeddings: the rotary embedding
-    (transformer.rope) receives rope_theta, and with it the scaling."""
-
-    def __new__(cls, theta: float, scaling: dict, max_positions: int):
-        obj = super().__new__(cls, theta)
-        obj.scaling, obj.max_positions = scaling, max_positions
-        return obj
-
-    def __reduce__(self):
-        return RopeTheta, (float(self), self.scaling, self.max_positions)
-
-
-def rope_frequencies(dim: int, theta: float, positions=None):
+def rope_frequencies(dim: int, theta: float, positions=None, scaling: dict | None = None,
+                     max_positions: int = 0):
     """(inv_freq [dim / 2] float32, attention factor) of the rotary embedding, as Hugging Face
-    transformers computes them for each rope_scaling type; `theta` a float (no scaling) or a
-    RopeTheta. Dynamic NTK scales the base by the longest position in `positions` (tensor math:
-    no host sync) once it passes max_position_embeddings."""
+    transformers computes them for each rope_scaling type (`scaling`: a checked rope_scaling
+    dict, None for plain RoPE). Dynamic NTK scales the base by the longest position in
+    `positions` (tensor math: no host sync) once it passes max_positions."""
     import torch
 
     dev = positions.device if positions is not None else None
     exponent = torch.arange(0, dim, 2, device=dev, dtype=torch.float32) / dim
-    rs = getattr(theta, "scaling", None)
+    rs = scaling
     base = float(theta)
     if rs is None:
         return 1.0 / (base ** exponent), 1.0
@@ -259,12 +244,12 @@ def rope_frequencies(dim: int, theta: float, positions=None):
     if kind == "linear":
         return 1.0 / (base ** exponent) / factor, 1.0
     if kind == "dynamic":
-        top = theta.max_positions
+        top = max_positions
         seq = torch.clamp(positions.max().to(torch.float32) + 1, min=top)
         scaled = base * ((factor * seq / top) - (factor - 1)) ** (dim / (dim - 2))
         return 1.0 / (scaled ** exponent), 1.0
     inv = 1.0 / (base ** exponent)
-    old = float(rs.get("original_max_position_embeddings") or theta.max_positions)
+    old = float(rs.get("original_max_position_embeddings") or max_positions)
     if kind == "llama3":
         lo, hi = float(rs["low_freq_factor"]), float(rs["high_freq_factor"])
         wavelen = 2 * math.pi / inv

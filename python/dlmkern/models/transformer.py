@@ -28,18 +28,15 @@ class RMSNorm(nn.Module):
         return self.weight * xf.to(x.dtype)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention), x [T, H, D], positions [T]. `theta`: the base,
-    or a config's RopeTheta carrying rope_scaling (linear, dynamic, yarn, llama3: the
-    frequencies and yarn's cos / sin factor of models.config.rope_frequencies)."""
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float, scaling: dict | None = None,
+         max_positions: int = 0) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention), x [T, H, D], positions [T], base `theta`;
+    `scaling` a config's rope_scaling (linear, dynamic, yarn, llama3: the frequencies and yarn's
+    cos / sin factor of models.config.rope_frequencies)."""
     from dlmkern.models.config import rope_frequencies
 
-    d = x.shape[-1]
-    if getattr(theta, "scaling", None) is None:
-        inv, scale = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device,
-                                                   dtype=torch.float32) / d)), 1.0
-    else:
-        inv, scale = rope_frequencies(d, theta, positions.to(x.device))
+    inv, scale = rope_frequencies(x.shape[-1], theta, positions.to(x.device), scaling,
+                                  max_positions)
     ang = positions.to(torch.float32)[:, None] * inv[None, :]
     cos = torch.cat([ang.cos(), ang.cos()], -1)[:, None, :]
     sin = torch.cat([ang.sin(), ang.sin()], -1)[:, None, :]
@@ -91,7 +88,8 @@ class Attention(nn.Module):
         v = self.wv(x).view(T, c.num_kv_heads, c.head_dim)
         if c.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        return rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta), v
+        spec = (c.rope_theta, c.rope_scaling, c.max_position_embeddings)
+        return rope(q, positions, *spec), rope(k, positions, *spec), v
 
     def forward(self, x, layout: Layout):
         q, k, v = self.qkv(x, layout.position_ids)
