@@ -414,3 +414,18 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tmp_path, reduction, budge
         assert sa[key] == pytest.approx(sb[key], rel=1e-4, abs=1e-6), key
     with pytest.raises(ValueError, match="micro_batch_tokens must be >= 0"):
         build_config(RLConfig, {"micro_batch_tokens": -1})
+
+
+def test_every_sampling_rule_reaches_the_rollout_and_bad_ones_fail_at_config(tmp_path):
+    with pytest.raises(ValueError, match=r"config: sampling: unknown unmasking rule 'bogus'"):
+        RLConfig(rule="bogus").validate()  # before any model is built
+    with pytest.raises(ValueError, match=r"config: sampling: unknown confidence 'best'"):
+        build_config(RLConfig, {}, ["confidence=best"]).validate()
+    cfg = _cfg(tmp_path, confidence="margin", schedule="dream", entropy_bound=0.5,
+               cfg_scale=1.5, steps_total=4, max_new_tokens=8, gen_block_length=4, top_k=3)
+    tr = TraceRL(_model("llada"), TOK, DATA, exact, cfg)
+    s = tr._sampler().cfg
+    assert (s.confidence, s.schedule, s.entropy_bound, s.cfg_scale, s.steps, s.top_k) == (
+        "margin", "dream", 0.5, 1.5, 2, 3)  # steps_total 4 over 2 blocks: 2 per block
+    trajs, _ = tr.rollout(DATA[:1])
+    assert len(trajs) == cfg.group_size

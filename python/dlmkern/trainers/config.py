@@ -30,11 +30,18 @@ class RLConfig(DataConfig):
     max_new_tokens: int = 256
     steps_per_block: int = 4             # block models: denoising steps per block
     gen_block_length: int = 32           # full-attention models: semi-AR block length
-    rule: str = "static"
-    threshold: float = 0.9
+    # sampling (SamplingConfig's fields, checked with it: RLConfig.sampling())
+    rule: str = "static"                 # static | dynamic | entropy_bounded | sequential
+    threshold: float = 0.9               # dynamic: unmask every token with confidence above
+    entropy_bound: float = 1.0           # entropy_bounded: entropy budget per step
     temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
+    top_k: int = 0                       # 0 = off
+    top_p: float = 1.0                   # 1 = off
+    confidence: str = "prob"             # what ranks positions: prob | margin | neg_entropy
+    schedule: str = "even"               # static counts: even (LLaDA) | dream (Dream's timesteps)
+    cfg_scale: float = 0.0               # LLaDA classifier-free guidance (full-attention; 0 = off)
+    steps_total: int = 0                 # LLaDA's convention: steps over all blocks (0: use
+    #                                      steps_per_block / gen_block_length's blocks)
     # algorithm
     estimator: str = "trace"             # trace | random_mask | coupled | diffu_grpo (baselines)
     shrinkage: int = 1                   # trace shrinkage s (TraceRL: 1 block models, 8 full)
@@ -77,8 +84,22 @@ class RLConfig(DataConfig):
     existing_output_dir: str = "refuse"
     on_nonfinite: str = "stop"           # NaN / inf loss, grad norm or reward: stop | skip it
 
+    def sampling(self):
+        """The rollout's SamplingConfig (validated: a bad rule or value fails here, naming it)."""
+        from dlmkern.sampling.rules import SamplingConfig
+
+        return SamplingConfig(
+            rule=self.rule, steps=self.steps_per_block, threshold=self.threshold,
+            entropy_bound=self.entropy_bound, temperature=self.temperature, top_k=self.top_k,
+            top_p=self.top_p, confidence=self.confidence, schedule=self.schedule,
+            cfg_scale=self.cfg_scale, steps_total=self.steps_total)
+
     def validate(self, value_model: bool = False):
         """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
+        try:
+            self.sampling()
+        except ValueError as e:  # before any model is loaded
+            raise ValueError(f"config: sampling: {e}") from None
         group_relative = not (self.use_value_model or value_model)
         checks = [
             (self.log_every >= 1, "log_every must be >= 1"),

@@ -25,7 +25,7 @@ from dlmkern.rl import (
     keep_groups,
     trace_gae,
 )
-from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+from dlmkern.sampling import BlockSampler, FullSampler
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import (
@@ -142,9 +142,7 @@ class RLTrainer(Checkpointing):
     # ---- rollout ------------------------------------------------------------------------------
 
     def _sampler(self):
-        cfg = SamplingConfig(rule=self.cfg.rule, steps=self.cfg.steps_per_block,
-                             threshold=self.cfg.threshold, temperature=self.cfg.temperature,
-                             top_k=self.cfg.top_k, top_p=self.cfg.top_p)
+        cfg = self.cfg.sampling()
         if self.model.config.block_causal:
             return BlockSampler(self.model, cfg, max_new_tokens=self.cfg.max_new_tokens,
                                 eos_token_id=self.tok.eos_token_id)
