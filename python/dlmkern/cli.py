@@ -271,7 +271,7 @@ def cmd_demo(args):
     from dlmkern.demo import run_demo
 
     run_demo(algo=args.algo, seed=args.seed, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
-             out_dir=args.out, progress_bar=not args.quiet)
+             out_dir=args.out, progress_bar=not args.quiet, compare=args.compare)
 
 
 def cmd_doctor(args):
@@ -290,13 +290,17 @@ def main(argv=None):
     doc.add_argument("--json", help="also write the results to this JSON file")
     doc.add_argument("--verbose", action="store_true", help="tracebacks of failed checks")
     doc.set_defaults(fn=cmd_doctor)
-    d = sub.add_parser("demo", help="SFT then RL on a tiny model, nothing downloaded")
+    d = sub.add_parser("demo", help="SFT on noisy data, then RL with a verifier, on a tiny model; "
+                       "nothing downloaded")
     d.add_argument("--algo", choices=["tracerl", "dipo"], default="tracerl")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--sft-steps", type=int, default=1500)
-    d.add_argument("--rl-steps", type=int, default=150)
+    d.add_argument("--sft-steps", type=int, help="default: 600")
+    d.add_argument("--rl-steps", type=int, help="default: 60")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true")
+    d.add_argument("--compare", action="store_true",
+                   help="also continue SFT from the same checkpoint for the wall time RL took "
+                   "(the equal-time control) and print the three accuracies")
     d.set_defaults(fn=cmd_demo)
     t = sub.add_parser("train", help="train from a YAML run file")
     t.add_argument("config")

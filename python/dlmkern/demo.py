@@ -1,12 +1,16 @@
 """The embedded demo (SPEC 7): nothing downloaded. A tiny SDAR-architecture model and a character
-tokenizer built in code learn multi-digit addition: SFT first, then TraceRL (or DiPO), with
-held-out accuracy printed after each phase and a plot of reward / accuracy per RL step."""
+tokenizer built in code learn addition (a 2-digit plus a 1-digit number) from a sloppy teacher
+who forgets the carry on half the problems that need one. SFT imitates the teacher, mistakes included, and more SFT on the same
+data only imitates it better; TraceRL (or DiPO) with a reward that checks the sum learns to carry.
+Held-out accuracy is printed after each phase, with a plot of reward / accuracy per RL step;
+``compare=True`` also continues SFT from the same checkpoint for the wall time RL took."""
 
 from __future__ import annotations
 
 import os
 import random
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -15,17 +19,54 @@ from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.sampling import BlockSampler, SamplingConfig
 from dlmkern.trainers import SFT, DiPO, RLConfig, SFTConfig, TraceRL
 
+DIGITS = 2     # of the first number
+B_DIGITS = 1   # of the second
+NEW_TOKENS = DIGITS + 2  # the sum, zero-padded to DIGITS + 1 digits, then EOS
 
-def addition_task(digits: int, n_train: int, n_test: int, seed: int):
-    """Disjoint train / held-out splits of "a+b=" -> "a+b" problems."""
+
+@dataclass
+class DemoSize:
+    """The demo's sizes: model, data, SFT and RL hyper-parameters (fit for ~4 min on 2 cores)."""
+
+    hidden: int = 64
+    layers: int = 2
+    n_train: int = 700
+    n_test: int = 300
+    drop_carry: float = 0.5      # share of carry problems whose SFT answer forgets the carry
+    sft_steps: int = 600
+    sft_batch: int = 128
+    sft_lr: float = 2e-3
+    rl_steps: int = 60
+    prompts_per_step: int = 16
+    group_size: int = 8
+    rl_lr: float = 3e-4
+
+
+def has_carry(a: int, b: int) -> bool:
+    return a % 10 + b % 10 >= 10
+
+
+def addition_task(n_train: int, n_test: int, seed: int, drop_carry: float):
+    """Disjoint train / held-out splits of "a+b=" problems (zero-padded operands and sum). Every
+    row has the true sum ("answer", what the reward checks) and the teacher's answer ("teacher",
+    what SFT imitates): on a share `drop_carry` of the training problems with a carry from the
+    units, the teacher forgot it (17+25=032)."""
     rng = random.Random(seed)
-    hi = 10 ** digits
     pairs = set()
     while len(pairs) < n_train + n_test:
-        pairs.add((rng.randrange(hi), rng.randrange(hi)))
-    rows = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a, b in sorted(pairs)]
-    rng.shuffle(rows)
+        pairs.add((rng.randrange(10 ** DIGITS), rng.randrange(10 ** B_DIGITS)))
+    pairs = sorted(pairs)
+    rng.shuffle(pairs)
+    rows = []
+    for i, (a, b) in enumerate(pairs):
+        forgot = i < n_train and has_carry(a, b) and rng.random() < drop_carry
+        rows.append({"prompt": f"{a:0{DIGITS}d}+{b:0{B_DIGITS}d}=", "answer": _pad(a + b),
+                     "teacher": _pad(a + b - 10 * forgot), "carry": has_carry(a, b)})
     return rows[:n_train], rows[n_train:]
+
+
+def _pad(n: int) -> str:
+    return f"{n:0{DIGITS + 1}d}"
 
 
 def exact_match(prompts, completions, answer, **_):
@@ -33,51 +74,129 @@ def exact_match(prompts, completions, answer, **_):
 
 
 @torch.no_grad()
-def accuracy(model, tok, rows, max_new_tokens: int) -> float:
+def accuracy(model, tok, rows, split: bool = False):
+    """Held-out exact-match accuracy, greedy decoding; split: also on the problems without and
+    with a carry."""
     sampler = BlockSampler(model.eval(), SamplingConfig(rule="static", steps=2, temperature=0),
-                           max_new_tokens=max_new_tokens, eos_token_id=tok.eos_token_id)
+                           max_new_tokens=NEW_TOKENS, eos_token_id=tok.eos_token_id)
     trajs = sampler.generate([tok.encode(r["prompt"]) for r in rows])
-    comps = [t.text(tok) for t in trajs]
-    return sum(exact_match(None, comps, [r["answer"] for r in rows])) / len(rows)
+    ok = exact_match(None, [t.text(tok) for t in trajs], [r["answer"] for r in rows])
+    if not split:
+        return sum(ok) / len(rows)
+    parts = [[o for o, r in zip(ok, rows, strict=True) if r["carry"] == c] for c in (False, True)]
+    return sum(ok) / len(rows), *(sum(p) / max(len(p), 1) for p in parts)
 
 
-def run_demo(algo: str = "tracerl", seed: int = 0, digits: int = 2, sft_steps: int = 1500,
-             rl_steps: int = 150, out_dir: str = "runs/demo", progress_bar: bool = True) -> dict:
-    t0 = time.time()
-    torch.manual_seed(seed)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    tok = CharTokenizer("0123456789+=")
-    train, test = addition_task(digits, n_train=2000, n_test=200, seed=seed)
-    cfg = tiny_config("sdar", vocab_size=tok.vocab_size, hidden_size=128, intermediate_size=384,
-                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, block_size=4,
-                      mask_token_id=tok.mask_token_id, max_position_embeddings=64)
-    model = DiffusionLM(cfg)
-    new_tokens = digits + 2  # digits + carry + EOS
-    print(f"[demo] SFT {sft_steps} steps on {len(train)} problems of {digits}-digit addition")
-    SFT(model, tok, train, SFTConfig(batch_size=64, lr=2e-3, total_steps=sft_steps, seed=seed,
-                                     output_dir=os.path.join(out_dir, "sft"),
-                                     existing_output_dir="overwrite",  # a demo re-runs afresh
-                                     progress_bar=progress_bar, log_every=50)).train()
-    acc_sft = accuracy(model, tok, test, new_tokens)
-    print(f"[demo] held-out accuracy after SFT: {100 * acc_sft:.1f} %")
-    rl_cfg = RLConfig(prompts_per_step=16, group_size=8, max_new_tokens=new_tokens,
-                      steps_per_block=2, temperature=1.0, lr=5e-4, total_steps=rl_steps,
-                      seed=seed, output_dir=os.path.join(out_dir, algo), progress_bar=progress_bar,
-                      eps_high=0.28 if algo == "dipo" else 0.2,
+def _report(what: str, acc) -> str:
+    return (f"[demo] held-out accuracy {what}: {100 * acc[0]:.1f} % ({100 * acc[1]:.0f} % of the "
+            f"problems without a carry, {100 * acc[2]:.0f} % of those with one)")
+
+
+def build_model(tok, size: DemoSize) -> DiffusionLM:
+    cfg = tiny_config("sdar", vocab_size=tok.vocab_size, hidden_size=size.hidden,
+                      intermediate_size=3 * size.hidden, num_layers=size.layers, num_heads=4,
+                      num_kv_heads=2, head_dim=size.hidden // 4, block_size=4,
+                      mask_token_id=tok.mask_token_id, max_position_embeddings=32)
+    return DiffusionLM(cfg)
+
+
+def sft_config(size: DemoSize, seed: int, out_dir: str, progress_bar: bool, steps: int):
+    return SFTConfig(batch_size=size.sft_batch, lr=size.sft_lr, total_steps=steps, seed=seed,
+                     output_dir=out_dir, existing_output_dir="overwrite",  # a demo re-runs afresh
+                     progress_bar=progress_bar, log_every=max(1, steps // 20))
+
+
+def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_dir: str,
+           progress_bar: bool, acc_sft: float) -> float:
+    """RL from the SFT model (in place); returns its wall time without the held-out evaluations
+    that draw the curve."""
+    rl_cfg = RLConfig(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
+                      max_new_tokens=NEW_TOKENS, steps_per_block=2, temperature=1.0,
+                      lr=size.rl_lr, total_steps=size.rl_steps, seed=seed, output_dir=out_dir,
+                      progress_bar=progress_bar, eps_high=0.28 if algo == "dipo" else 0.2,
                       dynamic_sampling=algo == "dipo", pass_rate_low=0.0, pass_rate_high=1.0,
-                      eval_every=max(1, rl_steps // 6), existing_output_dir="overwrite")
+                      eval_every=max(1, size.rl_steps // 5), existing_output_dir="overwrite")
     trainer = (DiPO if algo == "dipo" else TraceRL)(model, tok, train, exact_match, rl_cfg)
-    trainer.eval_fn = lambda m: accuracy(m, tok, test, new_tokens)  # held-out curve in the plot
+    eval_time = [0.0]
+
+    def held_out(m):
+        t = time.perf_counter()
+        acc = accuracy(m, tok, test)
+        eval_time[0] += time.perf_counter() - t
+        return acc
+
+    trainer.eval_fn = held_out  # the held-out curve in the plot
     trainer.plot_marks = {"eval_accuracy": (acc_sft, "after SFT (the RL start)")}
+    t0 = time.perf_counter()
     trainer.train()
-    model.save_pretrained(os.path.join(out_dir, algo, "model"))
-    tok.save_pretrained(os.path.join(out_dir, algo, "model"))  # a self-contained directory
-    acc_rl = accuracy(model, tok, test, new_tokens)
-    print(f"[demo] held-out accuracy after {algo}: {100 * acc_rl:.1f} % "
-          f"({100 * (acc_rl - acc_sft):+.1f} points) in {time.time() - t0:.0f} s")
+    return time.perf_counter() - t0 - eval_time[0]
+
+
+def continued_sft(tok, train, size: DemoSize, seed: int, sft_dir: str, out_dir: str,
+                  seconds: float) -> tuple[DiffusionLM, int]:
+    """The equal-time control: SFT resumed from its final checkpoint (weights, optimizer, data
+    order) for `seconds` of wall time on the same data."""
+    model = build_model(tok, size)
+    trainer = SFT(model, tok, train, sft_config(size, seed, out_dir, False, 10 ** 9),
+                  answer_key="teacher", resume_from=os.path.join(sft_dir, "final"))
+    start, t0 = trainer.step, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        trainer.logger.log(trainer.train_step())
+    trainer.logger.close()
+    return model, trainer.step - start
+
+
+def run_demo(algo: str = "tracerl", seed: int = 0, sft_steps: int | None = None,
+             rl_steps: int | None = None, out_dir: str = "runs/demo", progress_bar: bool = True,
+             compare: bool = False, size: DemoSize | None = None) -> dict:
+    """SFT on the teacher's answers, then RL with the exact-match reward; `compare`: also the
+    equal-time SFT control. Returns the held-out accuracies and timings."""
+    t0 = time.time()
+    size = size or DemoSize()
+    size.sft_steps = size.sft_steps if sft_steps is None else sft_steps
+    size.rl_steps = size.rl_steps if rl_steps is None else rl_steps
+    torch.manual_seed(seed)
+    # one thread: on this tiny model a second one gains little, and on cores shared with other
+    # work two threads ran an SFT step 6x slower than one (measured on 2 cores)
+    torch.set_num_threads(1)
+    tok = CharTokenizer("0123456789+=")
+    train, test = addition_task(size.n_train, size.n_test, seed, size.drop_carry)
+    wrong = sum(r["teacher"] != r["answer"] for r in train)
+    print(f"[demo] {len(train)} training problems a+b (a: 2 digits, b: 1) answered by a teacher "
+          f"who forgets the carry half the time ({wrong} wrong answers); SFT imitates the teacher "
+          f"for {size.sft_steps} steps, then {algo} learns from a reward that checks the sum")
+    model = build_model(tok, size)
+    sft_dir = os.path.join(out_dir, "sft")
+    SFT(model, tok, train, sft_config(size, seed, sft_dir, progress_bar, size.sft_steps),
+        answer_key="teacher").train()
+    acc_sft = accuracy(model, tok, test, split=True)
+    print(_report(f"after SFT ({len(test)} problems)", acc_sft))
     run = os.path.join(out_dir, algo)
-    print(f"[demo] files: {run}/log.jsonl (one row per step), {run}/curves.png (reward, pass "
-          f"rate, held-out accuracy), {run}/model (the trained model + tokenizer)")
+    rl_time = run_rl(model, tok, train, test, algo, size, seed, run, progress_bar, acc_sft[0])
+    model.save_pretrained(os.path.join(run, "model"))
+    tok.save_pretrained(os.path.join(run, "model"))  # a self-contained directory
+    acc_rl = accuracy(model, tok, test, split=True)
+    print(_report(f"after {algo}", acc_rl) + f"; {100 * (acc_rl[0] - acc_sft[0]):+.1f} points, "
+          f"RL took {rl_time:.0f} s")
+    out = {"acc_sft": acc_sft[0], "acc_rl": acc_rl[0], "rl_seconds": rl_time}
+    if compare:
+        out["acc_sft_more"] = _control(tok, train, test, size, seed, out_dir, rl_time)
+        print(f"[demo] held-out accuracy: after SFT {100 * acc_sft[0]:.1f} %, then {algo} "
+              f"{100 * acc_rl[0]:.1f} %, or SFT continued as long "
+              f"{100 * out['acc_sft_more']:.1f} %")
+    out["seconds"] = time.time() - t0
+    print(f"[demo] done in {out['seconds']:.0f} s. Files: {run}/log.jsonl (one row per step), "
+          f"{run}/curves.png (reward, pass rate, held-out accuracy), {run}/model (the trained "
+          f"model + tokenizer)")
     print(f"[demo] sample from it: dlmkern sample --model {run}/model --prompt "
-          f"\"{test[0]['prompt']}\" --max-new-tokens {new_tokens}")
-    return {"acc_sft": acc_sft, "acc_rl": acc_rl, "seconds": time.time() - t0}
+          f"\"{test[0]['prompt']}\" --max-new-tokens {NEW_TOKENS}")
+    return out
+
+
+def _control(tok, train, test, size: DemoSize, seed: int, out_dir: str, seconds: float) -> float:
+    """Held-out accuracy of the equal-time control (SFT continued instead of RL)."""
+    model, steps = continued_sft(tok, train, size, seed, os.path.join(out_dir, "sft"),
+                                 os.path.join(out_dir, "sft_more"), seconds)
+    acc = accuracy(model, tok, test, split=True)
+    print(_report(f"after SFT continued for the same {seconds:.0f} s ({steps} more steps)", acc))
+    return acc[0]
