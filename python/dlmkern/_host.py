@@ -17,6 +17,8 @@ def on_host(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced: dynamo cannot enter a device context, and
+            return fn(*args, **kwargs)     # the compiled graph places its own tensors
         with HOST:
             return fn(*args, **kwargs)
 
