@@ -6,9 +6,11 @@
 #include <atomic>
 #include <cmath>
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "checks.h"
+#include "dlmkern/layout_errors.h"
 
 namespace dlmkern {
 namespace {
@@ -36,6 +38,10 @@ TrustedEntry make_entry(const at::Tensor& t, int64_t tokens) {
 std::mutex g_trust_mutex;
 std::unordered_map<const c10::TensorImpl*, TrustedEntry> g_trusted;
 std::atomic<int64_t> g_value_checks{0};
+
+// Layout error flags by device (see dlmkern/layout_errors.h).
+std::mutex g_flag_mutex;
+std::unordered_map<std::string, at::Tensor> g_error_flags;
 
 bool is_trusted(const at::Tensor& t, int64_t tokens) {
   if (t.is_inference()) return false;
@@ -121,7 +127,10 @@ AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const a
   // Layout tensors validated once by trust_layout skip the per-call value checks (on a GPU a
   // device -> host copy per call, i.e. per layer and pass in training).
   if (check_values && is_trusted(cu_seqlens, T) && is_trusted(stream, T)) check_values = false;
-  if (check_values) ++g_value_checks;
+  if (check_values) {
+    ++g_value_checks;
+    raise_layout_errors(kBlockOp, q.device());  // this call syncs anyway
+  }
   check_cu_seqlens(kBlockOp, "cu_seqlens", cu_seqlens, T, q, check_values);
   check_token_ids(kBlockOp, "block", block, T, q);
   check_token_ids(kBlockOp, "stream", stream, T, q);
@@ -130,7 +139,7 @@ AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const a
                       ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
   }
   return AttnDims{T, q.size(1), k.size(1), q.size(2), cu_seqlens.size(0) - 1,
-                  resolve_scale(kBlockOp, scale, q.size(2))};
+                  resolve_scale(kBlockOp, scale, q.size(2)), check_values};
 }
 
 AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
@@ -140,6 +149,7 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                                 std::optional<double> scale, bool check_values) {
   check_qkv(kDecodeOp, q, k_new, v_new, "k_new", "v_new");
   const int64_t T = q.size(0);
+  if (check_values) raise_layout_errors(kDecodeOp, q.device());
   check_cu_seqlens(kDecodeOp, "cu_seqlens_q", cu_seqlens_q, T, q, check_values);
   const int64_t S = cu_seqlens_q.size(0) - 1;
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), kDecodeOp,
@@ -172,12 +182,12 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
       TORCH_CHECK_VALUE(n >= 0 && n <= max_len, kDecodeOp, ": cache_seqlens[", i, "] = ", n,
                         " is outside [0, ", max_len, "]");
       TORCH_CHECK_VALUE(!commit || n + blk <= max_len, kDecodeOp, ": committing ", blk,
-                        " tokens to sequence ", i, " would overflow the cache (", n, " + ", blk,
-                        " > max_len ", max_len, "); nothing was written");
+                        " tokens to sequence ", i, " would overflow the cache (cache_seqlens[", i,
+                        "] = ", n, " + ", blk, " > max_len ", max_len, "); nothing was written");
     }
   }
   return AttnDims{T, q.size(1), k_new.size(1), q.size(2), S,
-                  resolve_scale(kDecodeOp, scale, q.size(2))};
+                  resolve_scale(kDecodeOp, scale, q.size(2)), check_values};
 }
 
 void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream) {
@@ -200,6 +210,62 @@ void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream) {
 }
 
 int64_t attention_value_checks() { return g_value_checks.load(); }
+
+void check_layout_values(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& stream,
+                         int64_t T) {
+  try {
+    check_cu_seqlens(op, "cu_seqlens", cu_seqlens, T, stream, true);
+    TORCH_CHECK_VALUE(T == 0 || stream.min().item<int32_t>() >= 0, op,
+                      ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
+  } catch (const c10::ValueError& e) {
+    TORCH_CHECK_VALUE(false, e.msg(), " (this layout was validated when built, so its values "
+                      "were changed behind torch's back, e.g. through `.data` or a numpy view)");
+  }
+}
+
+unsigned* layout_error_flag(const at::Tensor& like, bool may_allocate) {
+  std::lock_guard<std::mutex> lock(g_flag_mutex);
+  const std::string key = like.device().str();
+  auto it = g_error_flags.find(key);
+  if (it == g_error_flags.end()) {
+    if (!may_allocate) return nullptr;
+    it = g_error_flags.emplace(key, at::zeros({1}, like.options().dtype(at::kInt))).first;
+  }
+  return reinterpret_cast<unsigned*>(it->second.data_ptr<int32_t>());
+}
+
+int64_t take_layout_errors(at::Device device) {
+  at::Tensor flag;
+  {
+    std::lock_guard<std::mutex> lock(g_flag_mutex);
+    auto it = g_error_flags.find(device.str());
+    if (it == g_error_flags.end()) return 0;
+    flag = it->second;
+  }
+  const int64_t bits = flag.item<int32_t>();
+  if (bits != 0) flag.zero_();
+  return bits;
+}
+
+void raise_layout_errors(const char* op, at::Device device) {
+  const int64_t bits = take_layout_errors(device);
+  if (bits == 0) return;
+  std::string what;
+  auto add = [&](unsigned bit, const char* text) {
+    if (bits & bit) what += std::string(what.empty() ? "" : "; ") + text;
+  };
+  add(kErrCuSeqlens, "block_attention: `cu_seqlens` was not 0 = c0 <= c1 <= ... <= cS = T");
+  add(kErrStream, "block_attention: a `stream` id was negative");
+  add(kErrCuSeqlensQ, "decode_attention: `cu_seqlens_q` was not 0 = c0 <= ... <= cS = T");
+  add(kErrCacheSeqlens, "decode_attention: a `cache_seqlens` entry was outside [0, max_len]");
+  add(kErrCommitOverflow,
+      "decode_attention: `cache_seqlens` + the block length exceeded max_len (commit skipped)");
+  TORCH_CHECK_VALUE(false, op, ": an earlier attention call on ", device.str(),
+                    " met impossible layout values that its host checks did not see (a trusted "
+                    "layout changed through `.data` or a numpy view, or values set inside a CUDA "
+                    "graph): ", what, ". The kernels clamped the bounds (no access outside the "
+                    "tensors) but that call's outputs are not meaningful.");
+}
 
 std::vector<SeqTiles> make_seq_tiles(const int32_t* cu, int64_t num_seqs, const int32_t* block,
                                      const int32_t* stream, int64_t tile) {

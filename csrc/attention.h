@@ -14,6 +14,7 @@ namespace dlmkern {
 struct AttnDims {
   int64_t T, Hq, Hkv, D, S;  // tokens, query heads, kv heads, head dim, sequences
   double scale;
+  bool values_checked = false;  // whether the host-side value checks ran in this call
 };
 
 // Validates q/k/v/cu_seqlens/block/stream of block_attention and returns the sizes.
@@ -28,6 +29,25 @@ void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream);
 
 // How many block_attention calls ran the host-side value checks (for tests).
 int64_t attention_value_checks();
+
+// The host-side value checks of a layout (cu_seqlens from 0 to T, non-decreasing; stream >= 0).
+// The CPU kernels read these values on the host anyway, so they run this on every call that
+// skipped check_block_attention's checks (a trusted layout): a value changed behind the version
+// counter (a write through `.data` or a numpy view) then raises here instead of reading out of
+// bounds.
+void check_layout_values(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& stream,
+                         int64_t T);
+
+// The device-side layout error flag of like's device (dlmkern/layout_errors.h), allocated on
+// first use; nullptr when it does not exist yet and may not be allocated now (CUDA-graph capture).
+unsigned* layout_error_flag(const at::Tensor& like, bool may_allocate);
+
+// Reads and clears the layout error flag of `device` (a device sync when the flag exists);
+// returns its bits (0 if none).
+int64_t take_layout_errors(at::Device device);
+
+// Raises a ValueError naming what a previous call on `device` met, if its flag is set.
+void raise_layout_errors(const char* op, at::Device device);
 
 // Validates the decode_attention arguments and returns the sizes (S = number of sequences).
 AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,

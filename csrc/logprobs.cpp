@@ -163,6 +163,12 @@ at::Tensor masked_grad(const std::optional<at::Tensor>& g, const at::Tensor& val
   return at::where(valid, g->to(at::kFloat), at::zeros({}, valid.options().dtype(at::kFloat)));
 }
 
+// Targets for the gradient row kernels: -1 marks an ignored row (zero gradient, whatever its
+// logits hold; ignore_index itself may be any value).
+at::Tensor grad_targets(const at::Tensor& tgt, const at::Tensor& valid) {
+  return at::where(valid, tgt, at::full({}, -1, tgt.options())).contiguous();
+}
+
 // Gradient tiles are stored in the GEMM dtype. In fp16 (largest 65504, smallest normal 6e-5) an
 // RL upstream gradient of ~1 / num_tokens times p_j ~ 1 / V underflows to zero, so the upstream
 // gradients are multiplied by a power of two s that puts the largest possible tile entry near
@@ -172,9 +178,11 @@ at::Tensor masked_grad(const std::optional<at::Tensor>& g, const at::Tensor& val
 // numerically in fp32, where it keeps the CPU tests exercising the same path).
 at::Tensor grad_tile_scale(const at::Tensor& g_lp, const at::Tensor& g_ent,
                            const at::Tensor& entropy, double inv_temp) {
+  // Non-finite rows (NaN logits or upstream gradients) are left out of the bound: one NaN row
+  // must not push the scale to 2^64 and overflow the other rows' fp16 tiles.
   auto ent = at::nan_to_num(entropy.abs(), 0.0, 0.0, 0.0);
-  auto bound = at::nan_to_num((g_lp.abs() + g_ent.abs() * (ent + 1.0)).amax() * inv_temp, 0.0,
-                              0.0, 0.0);
+  auto row = at::nan_to_num(g_lp.abs() + g_ent.abs() * (ent + 1.0), 0.0, 0.0, 0.0);
+  auto bound = at::nan_to_num(row.amax() * inv_temp, 0.0, 0.0, 0.0);
   // bound = 0 (no gradient at all) gives log2(inf) = inf, clamped like any extreme.
   return at::exp2(at::floor(at::log2(16384.0 / bound)).clamp(-64.0, 64.0));
 }
@@ -256,6 +264,7 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
   h = h.to(cdt).contiguous();
   tgt = tgt.contiguous();
   auto valid = tgt != ignore_index;
+  auto tgt_g = grad_targets(tgt, valid);
   auto g_lp = masked_grad(grad_logp, valid).contiguous();
   auto g_ent = masked_grad(grad_entropy, valid).contiguous();
   auto mean_z = (lse - entropy).contiguous();
@@ -288,7 +297,7 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
         auto hr = h.narrow(0, r0, rn);
         gemm_nt(buf, hr, w);
         auto g = tile(gbuf, rn, vn);
-        k.grad(buf, tgt.narrow(0, r0, rn), v0, inv_temp, lse_c.narrow(0, r0, rn),
+        k.grad(buf, tgt_g.narrow(0, r0, rn), v0, inv_temp, lse_c.narrow(0, r0, rn),
                mean_z.narrow(0, r0, rn), g_lp.narrow(0, r0, rn), g_ent.narrow(0, r0, rn), g);
         if (want_h) {
           auto dhr = dh.narrow(0, r0, rn);
@@ -358,7 +367,7 @@ at::Tensor logprobs_from_logits_backward(
   auto valid = tgt != ignore_index;
   auto out = at::empty({N, V}, logits.options());
   if (N > 0) {
-    k.grad(x, tgt, 0, 1.0 / temperature, lse.contiguous(), (lse - entropy).contiguous(),
+    k.grad(x, grad_targets(tgt, valid), 0, 1.0 / temperature, lse.contiguous(), (lse - entropy).contiguous(),
            masked_grad(grad_logp, valid).contiguous(), masked_grad(grad_entropy, valid).contiguous(),
            out);
   }

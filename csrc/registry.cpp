@@ -39,6 +39,11 @@ DLMKERN_LIBRARY(m) {
   // its per-call value checks for these exact, unmodified tensors (dlmkern.ops.layouts calls it).
   m.def("_trust_layout(Tensor cu_seqlens, Tensor stream) -> ()", &dlmkern::trust_layout);
   m.def("_attention_value_checks() -> int", &dlmkern::attention_value_checks);
+  // Reads and clears the device-side layout error flag of a device (dlmkern/layout_errors.h).
+  m.def("_layout_errors(Device device) -> int", &dlmkern::take_layout_errors);
+  m.def("_check_layout_errors(Device device) -> ()", [](c10::Device device) {
+    dlmkern::raise_layout_errors("dlmkern.check_layout_errors", device);
+  });
   m.def(
       "block_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, "
       "Tensor lse, Tensor cu_seqlens, Tensor block, Tensor stream, bool full, float? scale) "

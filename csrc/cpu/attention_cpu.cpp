@@ -13,6 +13,7 @@
 #include "attention.h"
 #include "cpu/vec_math.h"
 #include "dlmkern/block_mask.h"
+#include "dlmkern/softmax_nan.h"
 
 namespace dlmkern {
 namespace {
@@ -21,6 +22,7 @@ constexpr int64_t kQTile = 64;   // query rows per job
 constexpr int64_t kKTile = 64;   // key granularity of the visibility metadata
 constexpr int64_t kMaxRun = 512;  // keys per GEMM run
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr const char* kOp = "dlmkern.block_attention";
 
 struct Run {
   int64_t k0, nk;  // absolute first key, number of keys
@@ -95,6 +97,8 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_seqlens,
     const at::Tensor& block, const at::Tensor& stream, bool full, std::optional<double> scale) {
   const AttnDims d = check_block_attention(q, k, v, cu_seqlens, block, stream, scale, true);
+  // Trusted layouts skip the checks above; the values are on the host here, so check them anyway.
+  if (!d.values_checked) check_layout_values(kOp, cu_seqlens, stream, d.T);
   const at::AutoDispatchBelowADInplaceOrView below_autograd;
   auto qf = f32(q), kf = f32(k), vf = f32(v);
   auto blk = block.contiguous(), str = stream.contiguous();
@@ -134,12 +138,12 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cpu(
             cpu::mask_row(row, r.nk, meta.block[q0 + i], meta.stream[q0 + i], meta.block + r.k0,
                      meta.stream + r.k0);
           }
-          const float mx = std::max(m[i], cpu::scale_and_max(row, r.nk, sc));
+          const float mx = nan_max(m[i], cpu::scale_and_max(row, r.nk, sc));
           if (mx == kNegInf) {  // nothing visible yet for this row
             std::fill(row, row + r.nk, 0.f);
             continue;
           }
-          const float alpha = cpu::fast_exp(m[i] - mx);  // 0 when m[i] = -inf
+          const float alpha = cpu::fast_exp(m[i] - mx);  // 0 when m[i] = -inf, NaN if mx is
           l[i] = l[i] * alpha + cpu::exp_shift_sum(row, r.nk, mx);
           m[i] = mx;
           cpu::scale_row(ap + i * D, D, alpha);
@@ -148,11 +152,11 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cpu(
       }
       auto o = out.narrow(0, q0, nq).select(1, h);
       for (int64_t i = 0; i < nq; ++i) {
-        if (l[i] > 0.f) {
-          const float inv = 1.f / l[i];
+        if (l[i] != 0.f) {  // a row that saw nothing keeps 0 / -inf; a NaN row gives NaN
+          const float inv = softmax_inv(l[i]);
           float* orow = o[i].data_ptr<float>();
           for (int64_t c = 0; c < D; ++c) orow[c] = ap[i * D + c] * inv;
-          lse_p[h * d.T + q0 + i] = m[i] + std::log(l[i]);
+          lse_p[h * d.T + q0 + i] = softmax_lse(m[i], l[i]);
         }
       }
     }
@@ -165,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens,
     const at::Tensor& block, const at::Tensor& stream, bool full, std::optional<double> scale) {
   const AttnDims d = check_block_attention(q, k, v, cu_seqlens, block, stream, scale, true);
+  // Trusted layouts skip the checks above; the values are on the host here, so check them anyway.
+  if (!d.values_checked) check_layout_values(kOp, cu_seqlens, stream, d.T);
   TORCH_CHECK_VALUE(grad_out.sizes() == q.sizes() && out.sizes() == q.sizes(),
                     "dlmkern.block_attention_backward: `grad_out` and `out` must match q's shape");
   TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == d.Hq && lse.size(1) == d.T &&
@@ -216,10 +222,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cpu(
                 continue;
               }
               if (r.needs_mask) {
-                cpu::mask_row(prow, r.nk, meta.block[q0 + i], meta.stream[q0 + i], meta.block + r.k0,
-                         meta.stream + r.k0);
+                cpu::softmax_grad_row_masked(prow, dprow, r.nk, sc, li, di, meta.block[q0 + i],
+                                             meta.stream[q0 + i], meta.block + r.k0,
+                                             meta.stream + r.k0);
+              } else {
+                cpu::softmax_grad_row(prow, dprow, r.nk, sc, li, di);
               }
-              cpu::softmax_grad_row(prow, dprow, r.nk, sc, li, di);
             }
             dv.narrow(0, r.k0, r.nk).select(1, hk).addmm_(p.t(), do_t);
             dq_t.addmm_(dp, k_r);
@@ -261,8 +269,10 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_new,
       auto keys = at::cat({kc, knf.narrow(0, q0, nq).select(1, hk)});
       auto vals = at::cat({vc, vnf.narrow(0, q0, nq).select(1, hk)});
       auto s = at::mm(q_t, keys.t()).mul_(sc);
-      s = at::softmax(s, -1);
-      out.narrow(0, q0, nq).select(1, h).copy_(at::mm(s, vals));
+      // NaN / +inf scores give NaN rows (torch.softmax); a row whose scores are all -inf (inf
+      // inputs) sees nothing and gives 0, like the CUDA kernel (dlmkern/softmax_nan.h).
+      auto p = at::softmax(s, -1).masked_fill_(s.amax(-1, true) == kNegInf, 0.0);
+      out.narrow(0, q0, nq).select(1, h).copy_(at::mm(p, vals));
     }
   });
   if (commit) {

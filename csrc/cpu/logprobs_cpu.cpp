@@ -54,7 +54,7 @@ void grad_rows(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0,
       const Tin* row = x + r * ld;
       Tout* orow = o + r * ld_out;
       const int64_t local = tgt[r] - col0;
-      if (gl[r] == 0.f && ge[r] == 0.f) {
+      if (logprob_grad_is_zero(tgt[r], lp[r], gl[r], ge[r])) {
         for (int64_t c = 0; c < cols; ++c) orow[c] = Tout(0.f);
         continue;
       }

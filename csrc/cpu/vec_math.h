@@ -18,12 +18,13 @@ namespace dlmkern::cpu {
 
 constexpr float kExpLowest = -87.0f;  // below this e^x is flushed to 0 (also -inf: masked)
 
-// e^x with relative error ~3e-7 on [-87, 88]; exactly 0 for x < -87 (including -inf).
+// e^x with relative error ~3e-7 on [-87, 88]; exactly 0 for x < -87 (including -inf); NaN for NaN.
 __attribute__((always_inline)) inline float fast_exp(float x) {
-  float xc = x < kExpLowest ? kExpLowest : x;  // maxss / minss, no libm call
+  float xc = x < kExpLowest ? kExpLowest : x;  // maxss / minss, no libm call (NaN stays NaN)
   xc = xc > 88.0f ? 88.0f : xc;
-  const float t = xc * 1.44269504088896341f;        // x * log2(e)
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  const float t = xc * 1.44269504088896341f;  // x * log2(e)
+  const float tr = t + 12582912.0f;           // round to nearest (1.5 * 2^23 trick): n sits in
+  const float n = tr - 12582912.0f;           // the low mantissa bits of tr
   // r = x - n ln2 in two steps (Cody-Waite), so r keeps full precision for large |x|
   const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
   // e^r on |r| <= 0.347 by its degree-7 Taylor polynomial (truncation error < 1e-8)
@@ -35,21 +36,25 @@ __attribute__((always_inline)) inline float fast_exp(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  // 2^n from tr's bits: unsigned integer arithmetic, defined even for NaN (where p is NaN anyway,
+  // unlike a float -> int conversion of NaN).
+  const uint32_t bits = (__builtin_bit_cast(uint32_t, tr) - 0x4B400000u + 127u) << 23;
   const float e = p * __builtin_bit_cast(float, bits);
   return x < kExpLowest ? 0.0f : e;  // a select, computed for every lane
 }
 
-// row[j] *= scale; returns max_j row[j].
+// row[j] *= scale; returns max_j row[j], NaN if any row[j] is NaN (dlmkern/softmax_nan.h).
 DLMKERN_CPU_CLONES inline float scale_and_max(float* __restrict row, int64_t n, float scale) {
   float mx = -__builtin_inff();
-#pragma omp simd reduction(max : mx)
+  int nan = 0;  // a separate flag: the simd max reduction would drop NaN lanes
+#pragma omp simd reduction(max : mx) reduction(| : nan)
   for (int64_t j = 0; j < n; ++j) {
     const float x = row[j] * scale;
     row[j] = x;
     mx = x > mx ? x : mx;
+    nan |= x != x;
   }
-  return mx;
+  return nan ? __builtin_nanf("") : mx;
 }
 
 // row[j] = e^(row[j] - shift); returns the sum.
@@ -64,7 +69,8 @@ DLMKERN_CPU_CLONES inline float exp_shift_sum(float* __restrict row, int64_t n, 
   return sum;
 }
 
-// p[j] = e^(p[j] * scale - lse); dp[j] = p[j] * (dp[j] - delta) * scale  (attention backward).
+// p[j] = e^(p[j] * scale - lse); dp[j] = p[j] * (dp[j] - delta) * scale  (attention backward),
+// for a run whose keys are all visible to the query.
 DLMKERN_CPU_CLONES inline void softmax_grad_row(float* __restrict p, float* __restrict dp,
                                                 int64_t n, float scale, float lse, float delta) {
 #pragma omp simd
@@ -72,6 +78,23 @@ DLMKERN_CPU_CLONES inline void softmax_grad_row(float* __restrict p, float* __re
     const float e = fast_exp(p[j] * scale - lse);
     p[j] = e;
     dp[j] = e * (dp[j] - delta) * scale;
+  }
+}
+
+// The same with the SPEC 2.1 rule applied in the same pass: keys the query (q_block, q_stream)
+// does not see give exactly 0 for both, also when the row's lse / delta is NaN, so a NaN row does
+// not spread NaN to the dk / dv of keys it does not see. (A visible key whose score is -inf still
+// gets e^(-inf - NaN) = NaN in a NaN row, as from torch's autograd.)
+DLMKERN_CPU_CLONES inline void softmax_grad_row_masked(
+    float* __restrict p, float* __restrict dp, int64_t n, float scale, float lse, float delta,
+    int32_t q_block, int32_t q_stream, const int32_t* __restrict k_block,
+    const int32_t* __restrict k_stream) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const bool vis = block_visible(q_block, q_stream, k_block[j], k_stream[j]);
+    const float e = fast_exp(p[j] * scale - lse);
+    p[j] = vis ? e : 0.f;
+    dp[j] = vis ? e * (dp[j] - delta) * scale : 0.f;
   }
 }
 

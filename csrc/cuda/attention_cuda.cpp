@@ -24,6 +24,16 @@ bool capturing() {
   return status != cudaStreamCaptureStatusNone;
 }
 
+// The device's layout error flag (attention.h); allocated outside CUDA-graph capture only (an
+// allocation and memset inside a capture would be replayed). The emulator's flag is CPU memory.
+unsigned* error_flag(const at::Tensor& like) {
+#ifdef DLMKERN_CUDA_EMU
+  return layout_error_flag(like, true);
+#else
+  return layout_error_flag(like, !capturing());
+#endif
+}
+
 DType half_dtype(const char* op, const at::Tensor& q) {
   if (q.scalar_type() == at::kBFloat16) return DType::kBFloat16;
   if (q.scalar_type() == at::kHalf) return DType::kFloat16;
@@ -44,7 +54,7 @@ at::Tensor aligned(const at::Tensor& t) {
 
 // Tile table tensors kept alive for the duration of a launch.
 struct Tiles {
-  at::Tensor slot_seq, slot_tile, meta;
+  at::Tensor cu, slot_seq, slot_tile, meta;
   cuda::TileTable table;
 };
 
@@ -52,11 +62,13 @@ Tiles make_tiles(const at::Tensor& q, int64_t T, int64_t S) {
   Tiles t;
   const int64_t slots = cuda::attn_num_slots(T, S);
   auto i32 = q.options().dtype(at::kInt);
+  t.cu = at::empty({S + 1}, i32);
   t.slot_seq = at::full({slots}, -1, i32);
   t.slot_tile = at::empty({slots}, i32);
   static_assert(sizeof(TileMeta) % sizeof(int32_t) == 0, "TileMeta is a plain int32 record");
   t.meta = at::empty({slots, static_cast<int64_t>(sizeof(TileMeta) / sizeof(int32_t))}, i32);
-  t.table = cuda::TileTable{t.slot_seq.data_ptr<int32_t>(), t.slot_tile.data_ptr<int32_t>(),
+  t.table = cuda::TileTable{t.cu.data_ptr<int32_t>(), t.slot_seq.data_ptr<int32_t>(),
+                            t.slot_tile.data_ptr<int32_t>(),
                             reinterpret_cast<TileMeta*>(t.meta.data_ptr<int32_t>()), slots};
   return t;
 }
@@ -80,6 +92,7 @@ cuda::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   a.scale = static_cast<float>(d.scale);
   a.full = full;
   a.tiles = tiles.table;
+  a.error_flag = error_flag(q);
   a.stream_ptr = c10::cuda::getCurrentCUDAStream().stream();
   return a;
 }
@@ -172,6 +185,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_new
   a.commit = commit;
   a.workspace = ws.data_ptr<float>();
   a.out = out.data_ptr();
+  a.error_flag = error_flag(q);
   a.stream_ptr = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(cuda::launch_decode_attention(a));
   return out;

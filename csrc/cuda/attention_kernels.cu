@@ -18,6 +18,8 @@
 #include "cuda/attention_kernels.h"
 #include "cuda/launch.h"
 #include "dlmkern/block_mask.h"
+#include "dlmkern/layout_errors.h"
+#include "dlmkern/softmax_nan.h"
 
 namespace dlmkern::cuda {
 namespace {
@@ -109,22 +111,68 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t row0, in
   }
 }
 
-__global__ void tile_table_kernel(const int32_t* __restrict cu, const int32_t* __restrict block,
-                                  const int32_t* __restrict stream, bool full, TileTable tt) {
+__device__ __forceinline__ void flag_error(unsigned* flag, unsigned bit) {
+  if (flag != nullptr) atomicOr(flag, bit);
+}
+
+__device__ __forceinline__ int64_t clamp64(int64_t x, int64_t lo, int64_t hi) {
+  return x < lo ? lo : (x > hi ? hi : x);
+}
+
+// max(cu[0..n]) over the whole block (blockDim.x = kTableThreads; every thread gets it).
+constexpr int kTableThreads = 128;
+__device__ int32_t block_prefix_max(const int32_t* __restrict cu, int n) {
+  __shared__ int32_t warp_max[kTableThreads / 32];
+  int32_t mx = INT32_MIN;
+  for (int i = threadIdx.x; i <= n; i += blockDim.x) mx = cu[i] > mx ? cu[i] : mx;
+  for (int off = 16; off > 0; off >>= 1) {
+    const int32_t o = __shfl_xor_sync(0xffffffffu, mx, off);
+    mx = o > mx ? o : mx;
+  }
+  if (threadIdx.x % 32 == 0) warp_max[threadIdx.x / 32] = mx;
+  __syncthreads();
+  mx = warp_max[0];
+  for (int w = 1; w < kTableThreads / 32; ++w) mx = warp_max[w] > mx ? warp_max[w] : mx;
+  return mx;
+}
+
+// One block per sequence s. Whatever cu_seqlens holds (values a trusted layout cannot see may have
+// changed), the bounds the kernels use are its running max clamped to [0, T]: non-decreasing, inside
+// the tensors, so sequence slots [start / 64 + s, ...) stay below attn_num_slots. Impossible values
+// set a bit of the error flag; block / stream values only decide visibility (any int is safe).
+__global__ void __launch_bounds__(kTableThreads)
+    tile_table_kernel(const int32_t* __restrict cu_in, const int32_t* __restrict block,
+                      const int32_t* __restrict stream, bool full, int64_t T, TileTable tt,
+                      unsigned* err) {
   const int s = blockIdx.x;
-  const int64_t start = cu[s], len = cu[s + 1] - cu[s];
+  const int32_t run0 = block_prefix_max(cu_in, s);  // max(cu[0..s])
+  const int32_t c0 = cu_in[s], c1 = cu_in[s + 1];
+  const int64_t start = clamp64(run0, 0, T);
+  const int64_t end = clamp64(c1 > run0 ? c1 : run0, 0, T);
+  const int64_t len = end - start;
+  if (threadIdx.x == 0) {
+    const bool bad = c1 < c0 || c1 < 0 || c1 > T || (s == 0 && c0 != 0) ||
+                     (s == static_cast<int>(gridDim.x) - 1 && c1 != T);
+    if (bad) flag_error(err, kErrCuSeqlens);
+    if (s == 0) tt.cu[0] = static_cast<int32_t>(start);
+    tt.cu[s + 1] = static_cast<int32_t>(end);
+  }
   const int64_t first = start / kTile + s;
   const int64_t n_tiles = (len + kTile - 1) / kTile;
+  bool negative = false;
   for (int64_t t = threadIdx.x; t < n_tiles; t += blockDim.x) {
     TileMeta m = tile_meta_empty();
-    const int64_t end = imin64(len, (t + 1) * kTile);
-    for (int64_t i = t * kTile; i < end; ++i) {
-      tile_meta_add(m, full ? 0 : block[start + i], full ? 0 : stream[start + i]);
+    const int64_t stop = imin64(len, (t + 1) * kTile);
+    for (int64_t i = t * kTile; i < stop; ++i) {
+      const int32_t r = full ? 0 : stream[start + i];
+      negative |= r < 0;
+      tile_meta_add(m, full ? 0 : block[start + i], r);
     }
     tt.slot_seq[first + t] = s;
     tt.slot_tile[first + t] = static_cast<int32_t>(t);
     tt.meta[first + t] = m;
   }
+  if (negative) flag_error(err, kErrStream);
 }
 
 // ---- forward ------------------------------------------------------------------------------------
@@ -136,7 +184,7 @@ __global__ void __launch_bounds__(kThreads)
   const int s = a.tiles.slot_seq[slot];
   if (s < 0) return;
   const int hk = h / (a.Hq / a.Hkv);
-  const int64_t seq0 = a.cu_seqlens[s], len = a.cu_seqlens[s + 1] - seq0;
+  const int64_t seq0 = a.tiles.cu[s], len = a.tiles.cu[s + 1] - seq0;  // clamped bounds
   const int qt = a.tiles.slot_tile[slot];
   const int64_t q0 = seq0 + static_cast<int64_t>(qt) * kTile;
   const int nq = static_cast<int>(imin64(kTile, len - qt * kTile));
@@ -212,20 +260,20 @@ __global__ void __launch_bounds__(kThreads)
         if (ok && vis == kTilePartial) {
           ok = block_visible(qb[i], qs[i], a.block[k0 + col], a.stream[k0 + col]);
         }
-        x = ok ? x : kNegInf;
+        x = ok ? x : kNegInf;  // a masked key's NaN score is overwritten: it never leaks
         sc[n][c] = x;
-        mx[i] = fmaxf(mx[i], x);
+        mx[i] = nan_max(mx[i], x);
       }
     }
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = nan_max(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
     }
     float alpha[2], base[2], sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
-      base[i] = mx[i] == kNegInf ? 0.f : mx[i];  // rows with nothing visible yet stay at 0
+      base[i] = softmax_shift(mx[i]);  // rows with nothing visible yet stay at 0
       alpha[i] = __expf(m[i] - base[i]);
       m[i] = mx[i];
     }
@@ -272,14 +320,14 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     if (!qvalid[i]) continue;
-    const float inv = l[i] > 0.f ? 1.f / l[i] : 0.f;
+    const float inv = softmax_inv(l[i]);  // 0: saw nothing; NaN: a NaN row
     T* orow = outp + (qrow[i] * a.Hq + h) * D;
 #pragma unroll
     for (int nd = 0; nd < D / 8; ++nd) {
       orow[nd * 8 + 2 * t] = Mma<T>::from(o[nd][2 * i] * inv);
       orow[nd * 8 + 2 * t + 1] = Mma<T>::from(o[nd][2 * i + 1] * inv);
     }
-    if (t == 0) lse[static_cast<int64_t>(h) * a.T + qrow[i]] = l[i] > 0.f ? m[i] + logf(l[i]) : kNegInf;
+    if (t == 0) lse[static_cast<int64_t>(h) * a.T + qrow[i]] = softmax_lse(m[i], l[i]);
   }
 }
 
@@ -296,7 +344,7 @@ __global__ void __launch_bounds__(kThreads)
   const int s = a.tiles.slot_seq[slot];
   if (s < 0) return;
   const int group = a.Hq / a.Hkv;
-  const int64_t seq0 = a.cu_seqlens[s], len = a.cu_seqlens[s + 1] - seq0;
+  const int64_t seq0 = a.tiles.cu[s], len = a.tiles.cu[s + 1] - seq0;  // clamped bounds
   const int kt = a.tiles.slot_tile[slot];
   const int64_t k0 = seq0 + static_cast<int64_t>(kt) * kTile;
   const int nk = static_cast<int>(imin64(kTile, len - kt * kTile));
@@ -390,9 +438,10 @@ __global__ void __launch_bounds__(kThreads)
           if (ok && vis == kTilePartial) {
             ok = block_visible(a.block[q0 + col], a.stream[q0 + col], kb[i], ks[i]);
           }
+          // Masked pairs give exactly 0, also for a NaN row (NaN lse / delta).
           const float p = ok ? __expf(st[n][c] * a.scale - lse_s[col]) : 0.f;
           st[n][c] = p;
-          dpt[n][c] = p * (dpt[n][c] - delta_s[col]) * a.scale;
+          dpt[n][c] = ok ? p * (dpt[n][c] - delta_s[col]) * a.scale : 0.f;
         }
       }
       uint32_t pa[4][4], dsa[4][4];
@@ -521,16 +570,40 @@ constexpr int kDecodeKeysPerSplit = 512;
 constexpr int kDecodeMaxSplits = 32;
 constexpr int kDecodeRowsPerWarp = 4;
 
+// Sequence s's query rows [qb0, qb0 + nq) and cached length L as the decode kernels use them:
+// cu_seqlens_q clamped to [0, T] (end >= start) and cache_seqlens to [0, max_len], so no value of
+// either (the host checks them unless capturing a CUDA graph) reaches outside the tensors.
+// Overlapping ranges (a decreasing cu_seqlens_q) are each computed; the error flag says so.
+struct DecodeSeq {
+  int64_t qb0, L;
+  int nq;
+};
+
+__device__ __forceinline__ DecodeSeq decode_seq(const DecodeArgs& a, int s) {
+  const int64_t qb0 = clamp64(a.cu_seqlens_q[s], 0, a.T);
+  const int64_t end = clamp64(a.cu_seqlens_q[s + 1], qb0, a.T);
+  return DecodeSeq{qb0, clamp64(a.cache_seqlens[s], 0, a.max_len), static_cast<int>(end - qb0)};
+}
+
+// Flags the impossible values decode_seq clamped (one thread per sequence).
+__device__ void decode_flag_errors(const DecodeArgs& a, int s) {
+  const int32_t c0 = a.cu_seqlens_q[s], c1 = a.cu_seqlens_q[s + 1], L = a.cache_seqlens[s];
+  if (c1 < c0 || c1 < 0 || c1 > a.T || (s == 0 && c0 != 0) || (s == a.num_seqs - 1 && c1 != a.T)) {
+    flag_error(a.error_flag, kErrCuSeqlensQ);
+  }
+  if (L < 0 || L > a.max_len) flag_error(a.error_flag, kErrCacheSeqlens);
+}
+
 // One CTA per (sequence, kv head, split of the keys [cached prefix | own block]). Rows are
 // (query, head of the group) pairs; each warp keeps up to 4 rows' state in registers.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a, int splits) {
   const int s = blockIdx.x, hk = blockIdx.y, split = blockIdx.z;
   const int group = a.Hq / a.Hkv;
-  const int64_t qb0 = a.cu_seqlens_q[s];
-  const int nq = a.cu_seqlens_q[s + 1] - a.cu_seqlens_q[s];
-  // The host checks cache_seqlens unless capturing a graph; never read past a cache row.
-  const int64_t L = imin64(a.cache_seqlens[s], a.max_len);
+  const DecodeSeq sq = decode_seq(a, s);
+  const int64_t qb0 = sq.qb0, L = sq.L;
+  const int nq = sq.nq;
+  if (hk == 0 && split == 0 && threadIdx.x == 0) decode_flag_errors(a, s);
   const int64_t total = L + nq;
   const int64_t chunk = ((total + splits - 1) / splits + kTile - 1) / kTile * kTile;
   const int64_t kbeg = split * chunk, kend = imin64(total, kbeg + chunk);
@@ -604,11 +677,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(DecodeArgs a, int spli
         }
         sc[0] = lane < nk ? sc[0] : kNegInf;
         sc[1] = lane + 32 < nk ? sc[1] : kNegInf;
-        float mx = fmaxf(sc[0], sc[1]);
-        for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-        const float mnew = fmaxf(m[j], mx);
-        const float alpha = __expf(m[j] - mnew);
-        const float p0 = __expf(sc[0] - mnew), p1 = __expf(sc[1] - mnew);
+        float mx = nan_max(sc[0], sc[1]);
+        for (int off = 16; off > 0; off >>= 1) mx = nan_max(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+        const float mnew = nan_max(m[j], mx);
+        const float base = softmax_shift(mnew);  // all -inf so far: exp(-inf - 0) = 0, no NaN
+        const float alpha = __expf(m[j] - base);
+        const float p0 = __expf(sc[0] - base), p1 = __expf(sc[1] - base);
         float ps = p0 + p1;
         for (int off = 16; off > 0; off >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, off);
         l[j] = l[j] * alpha + ps;
@@ -650,7 +724,7 @@ __global__ void decode_combine_kernel(DecodeArgs a, int splits) {
   if (row >= a.T * a.Hq) return;
   const float* w = a.workspace + row * splits * (D + 2);
   float mx = kNegInf;
-  for (int i = 0; i < splits; ++i) mx = fmaxf(mx, w[i * (D + 2)]);
+  for (int i = 0; i < splits; ++i) mx = nan_max(mx, w[i * (D + 2)]);  // a NaN split wins
   float l = 0.f, acc[D / 32];
 #pragma unroll
   for (int e = 0; e < D / 32; ++e) acc[e] = 0.f;
@@ -664,17 +738,21 @@ __global__ void decode_combine_kernel(DecodeArgs a, int splits) {
   }
   T* out = static_cast<T*>(a.out) + row * D;
 #pragma unroll
-  for (int e = 0; e < D / 32; ++e) out[lane + 32 * e] = Mma<T>::from(l > 0.f ? acc[e] / l : 0.f);
+  for (int e = 0; e < D / 32; ++e) out[lane + 32 * e] = Mma<T>::from(l == 0.f ? 0.f : acc[e] / l);  // NaN l: NaN
 }
 
 // Appends each sequence's block to its cache and advances cache_seqlens (after the reads).
 template <typename T>
 __global__ void decode_commit_kernel(DecodeArgs a) {
   const int s = blockIdx.x;
-  const int64_t qb0 = a.cu_seqlens_q[s];
-  const int nq = a.cu_seqlens_q[s + 1] - a.cu_seqlens_q[s];
-  const int64_t L = a.cache_seqlens[s];
-  if (L + nq > a.max_len) return;  // a full cache row is never overrun (host checks when eager)
+  const DecodeSeq sq = decode_seq(a, s);
+  const int64_t qb0 = sq.qb0, L = sq.L;
+  const int nq = sq.nq;
+  // A cache row is never overrun (the host checks when eager): an impossible commit is skipped.
+  if (a.cache_seqlens[s] != L || L + nq > a.max_len) {
+    if (threadIdx.x == 0) flag_error(a.error_flag, kErrCommitOverflow);
+    return;
+  }
   const int64_t n = static_cast<int64_t>(nq) * a.Hkv * a.D;
   T* kc = static_cast<T*>(a.k_cache) + (s * a.max_len + L) * a.Hkv * a.D;
   T* vc = static_cast<T*>(a.v_cache) + (s * a.max_len + L) * a.Hkv * a.D;
@@ -714,9 +792,9 @@ int decode_typed(const DecodeArgs& a) {
 
 int launch_tile_table(const AttnArgs& a) {
   if (a.num_seqs == 0) return 0;
-  DLMKERN_LAUNCH(tile_table_kernel, static_cast<unsigned>(a.num_seqs), 128, 0,
+  DLMKERN_LAUNCH(tile_table_kernel, static_cast<unsigned>(a.num_seqs), kTableThreads, 0,
                  static_cast<cudaStream_t>(a.stream_ptr))(
-      a.cu_seqlens, a.block, a.stream, a.full, a.tiles);
+      a.cu_seqlens, a.block, a.stream, a.full, a.T, a.tiles, a.error_flag);
   return static_cast<int>(cudaGetLastError());
 }
 

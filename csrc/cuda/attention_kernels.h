@@ -15,6 +15,8 @@ constexpr int kAttnTile = 64;  // queries / keys per tile
 inline int64_t attn_num_slots(int64_t T, int64_t S) { return T / kAttnTile + S + 1; }
 
 struct TileTable {
+  int32_t* cu;         // [S + 1] the sequence bounds the kernels use: cu_seqlens made
+                       // non-decreasing (running max) and clamped to [0, T]
   int32_t* slot_seq;   // [slots] sequence of the slot, -1 if unused
   int32_t* slot_tile;  // [slots] tile index inside the sequence
   TileMeta* meta;      // [slots]
@@ -30,10 +32,12 @@ struct AttnArgs {
   float scale;
   bool full;
   TileTable tiles;
+  unsigned* error_flag;  // dlmkern/layout_errors.h bits; may be null
   void* stream_ptr;  // cudaStream_t
 };
 
-// Fills the tile table (slot_seq must be preset to -1 by the caller). Returns a cudaError_t.
+// Fills the tile table (slot_seq must be preset to -1 by the caller), clamping cu_seqlens into
+// tiles.cu and flagging impossible values (dlmkern/layout_errors.h). Returns a cudaError_t.
 int launch_tile_table(const AttnArgs& a);
 
 // out [T, Hq, D] (dtype), lse [Hq, T] fp32.
@@ -59,6 +63,7 @@ struct DecodeArgs {
   bool commit;
   float* workspace;  // decode_workspace_floats(...)
   void* out;
+  unsigned* error_flag;  // dlmkern/layout_errors.h bits; may be null
   void* stream_ptr;
 };
 

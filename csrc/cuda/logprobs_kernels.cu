@@ -95,6 +95,10 @@ __global__ void __launch_bounds__(kThreads)
   Tout* yr = y + row * ld_out;
   const float gl = g_logp[row], ge = g_ent[row], l = lse[row], mz = mean_z[row];
   const int64_t local = targets[row] - col0;
+  if (logprob_grad_is_zero(targets[row], l, gl, ge)) {  // ignored row, or no gradient
+    for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) yr[c] = from_float<Tout>(0.f);
+    return;
+  }
   for (int64_t c = begin + threadIdx.x; c < end; c += kThreads) {
     const float z = to_float(xr[c]) * inv_temp;
     yr[c] = from_float<Tout>(inv_temp * logprob_entropy_grad(z, l, mz, c == local, gl, ge));

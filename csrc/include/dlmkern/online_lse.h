@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "dlmkern/common.h"
 
@@ -23,6 +24,8 @@ struct LseState {
 
 DLMKERN_HD LseState lse_empty() { return LseState{-INFINITY, 0.f, 0.f}; }
 
+// NaN policy: a NaN or +inf logit makes the row's state NaN (s = NaN), so lse, log p and entropy
+// are NaN as with torch.log_softmax; -inf logits are skipped (probability 0).
 DLMKERN_HD void lse_push(LseState& st, float z) {
   // A -inf logit (a masked-out token) has probability 0 and adds nothing; pushing it through the
   // arithmetic below would give exp(-inf - -inf) = NaN on an empty state and 0 * -inf = NaN in t.
@@ -30,9 +33,11 @@ DLMKERN_HD void lse_push(LseState& st, float z) {
   if (z > st.m) {
     // Rescale what we have to the new max: e_j -> e_j c, (z_j - m) -> (z_j - m) + (m - z).
     // The new column itself adds e = 1 with z - m = 0. The empty state (s = 0) restarts.
+    // A +inf logit makes the row NaN, as torch.log_softmax does (its exp(inf - inf) is NaN).
+    // A NaN logit reaches the else branch below, where exp(NaN - m) makes s NaN.
     const float c = expf(st.m - z);
     st.t = st.s > 0.f ? c * (st.t + st.s * (st.m - z)) : 0.f;
-    st.s = st.s * c + 1.f;
+    st.s = z == INFINITY ? NAN : st.s * c + 1.f;
     st.m = z;
   } else {
     const float e = expf(z - st.m);
@@ -55,6 +60,14 @@ DLMKERN_HD float lse_value(const LseState& st) { return st.m + logf(st.s); }
 
 // Entropy of softmax(z): lse - E_p[z].
 DLMKERN_HD float lse_entropy(const LseState& st) { return logf(st.s) - st.t / st.s; }
+
+// Whether a row's logit gradient is exactly 0 without reading its logits: an ignored row (the
+// drivers pass target -1 for ignore_index: such rows never contribute, even with NaN logits), or
+// zero upstream gradients on a row with a finite lse. A NaN row (NaN lse) with a zero upstream
+// gradient still gets NaN, as from torch's autograd (0 * NaN).
+DLMKERN_HD bool logprob_grad_is_zero(int64_t target, float lse, float g_logp, float g_ent) {
+  return target < 0 || (g_logp == 0.f && g_ent == 0.f && fabsf(lse) < INFINITY);
+}
 
 // d/dz_j of (g_logp * log p_y + g_ent * H) where p = softmax(z), E = E_p[z]:
 //   g_logp * ([j == y] - p_j) - g_ent * p_j * (z_j - E)

@@ -80,6 +80,26 @@ def decode_attention(
                                           None if scale is None else float(scale))
 
 
+def check_layout_errors(device: torch.device | str | None = None) -> None:
+    """Raises ValueError if an attention kernel on ``device`` (default: the current CUDA device,
+    else the CPU) met impossible layout values since the last check, and clears the record.
+
+    The CUDA kernels never read or write outside their tensors whatever ``cu_seqlens`` /
+    ``stream`` / ``cache_seqlens`` / ``cu_seqlens_q`` hold, but a layout trusted since it was built
+    (or a decode step inside a CUDA graph) skips the host-side value checks, so a value changed
+    behind torch's back (through ``.data`` or a numpy view) only sets a device-side flag. The next
+    call that runs its host checks raises about it; this reads it at a point of your choosing
+    (one device sync), e.g. where a training step syncs for its loss anyway. The CPU kernels
+    check on every call and raise at once."""
+    if device is None:
+        on_cuda = torch.cuda.is_available() and backend.current() != "emulator"
+        device = "cuda" if on_cuda else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    backend.ops()._check_layout_errors(device)
+
+
 @torch.library.register_fake("dlmkern::block_attention")
 def _block_attention_fake(q, k, v, cu_seqlens, block, stream, full, scale):
     torch._check(q.dim() == 3 and k.dim() == 3, lambda: "q and k must be [T, H, D]")

@@ -194,11 +194,22 @@ def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
 
 
 def _attend(q, k, v, mask, scale):
-    """q [n, Hq, D], k/v [m, Hq, D], mask [n, m] bool -> (out [n, Hq, D], lse [Hq, n])."""
+    """q [n, Hq, D], k/v [m, Hq, D], mask [n, m] bool -> (out [n, Hq, D], lse [Hq, n]).
+
+    NaN policy (README "NaN policy"): torch.softmax over the keys a row sees, so a NaN score (NaN
+    or inf in q or a visible k) or a +inf score makes the row NaN. Masked scores are overwritten
+    with -inf before the softmax, so a NaN in a masked-out key's k never reaches the row (torch's
+    SDPA with a bool mask adds -inf to it instead, and NaN + -inf leaks). Rows whose scores are all
+    -inf (nothing visible) give 0 and lse -inf, like SDPA. The product with v is a plain matmul:
+    a NaN in a masked-out key's v reaches rows of the same sequence (0 * NaN), as in SDPA."""
     s = torch.einsum("nhd,mhd->hnm", q, k) * scale
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
-    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)  # rows that see nothing give 0
+    empty = (s == float("-inf")).all(-1, keepdim=True)  # NaN != -inf: NaN rows are not empty
+    # Softmax on rows that see something; empty rows get 0 (and no NaN gradient: the where-free
+    # masked_fill keeps exp(-inf - -inf) out of the graph).
+    p = torch.softmax(s.masked_fill(empty, 0.0), dim=-1).masked_fill(~mask | empty, 0.0)
+    lse = lse.masked_fill(p.isnan().any(-1), float("nan"))  # a +inf score: NaN row, NaN lse
     return torch.einsum("hnm,mhd->nhd", p, v), lse
 
 
