@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Runs the CUDA-emulator tests (tests/test_cuda_emu.py) with the emulated kernels built under
-# AddressSanitizer: an out-of-bounds read or write of a kernel (global or shared memory) aborts with
-# a report; a misaligned vector access (e.g. a 16-byte load) traps. Builds into build/emu-asan (about 2 minutes on 2 cores), swaps the ASan module in for
-# the run and restores the normal one afterwards. Tests that raise C++ exceptions are left out
+# Runs the CUDA-emulator tests (tests/test_cuda_emu.py, the emulator cases of test_nan_policy.py
+# and the capture-mode layout fuzz of test_layout_fuzz.py, whose subprocess inherits the preload)
+# with the emulated kernels built under AddressSanitizer: an out-of-bounds read or write of a
+# kernel (global or shared memory) aborts with a report; a misaligned vector access (e.g. a 16-byte
+# load) traps. Builds into build/emu-asan (about 2 minutes on 2 cores), swaps the ASan module in
+# for the run and restores the normal one afterwards. Tests that raise C++ exceptions are left out
 # (GCC's ASan runtime cannot intercept __cxa_throw when preloaded into Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,5 +20,5 @@ trap 'cp build/emu-asan/normal_emu.so "$NORMAL"' EXIT
 cp build/emu-asan/_C_emu*.so "$NORMAL"
 LD_PRELOAD=$(g++ -print-file-name=libasan.so) \
   ASAN_OPTIONS=detect_leaks=0:detect_stack_use_after_return=0 \
-  "$PY" -m pytest tests/test_cuda_emu.py -q -p no:cacheprovider \
-  -k "not misuse and not rejects and not outside_capture"
+  "$PY" -m pytest tests/test_cuda_emu.py tests/test_nan_policy.py tests/test_layout_fuzz.py \
+  -q -p no:cacheprovider -k "not misuse and not rejects and not outside_capture"

@@ -79,7 +79,7 @@ def test_emulator_capture_fuzz(seed):
 
 
 @EMU
-def test_flag_is_raised_by_the_next_checked_call():
+def test_next_checked_call_rejects_a_flagged_layout():
     import torch
     from dlmkern.ops import block_attention, check_layout_errors, layouts
 

@@ -89,12 +89,17 @@ DLMKERN_CPU_CLONES inline void softmax_grad_row_masked(
     float* __restrict p, float* __restrict dp, int64_t n, float scale, float lse, float delta,
     int32_t q_block, int32_t q_stream, const int32_t* __restrict k_block,
     const int32_t* __restrict k_stream) {
+  const bool q_clean = q_stream == 0;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const bool vis = block_visible(q_block, q_stream, k_block[j], k_stream[j]);
+    // block_visible, spelled branch-free (bitwise on bools) so that GCC vectorizes the loop
+    const int32_t kb = k_block[j], ks = k_stream[j];
+    const bool vis = ((ks == 0) & ((kb < q_block) | (q_clean & (kb == q_block)))) |
+                     ((ks != 0) & (ks == q_stream) & (kb == q_block));
     const float e = fast_exp(p[j] * scale - lse);
+    const float g = e * (dp[j] - delta) * scale;
     p[j] = vis ? e : 0.f;
-    dp[j] = vis ? e * (dp[j] - delta) * scale : 0.f;
+    dp[j] = vis ? g : 0.f;
   }
 }
 
