@@ -225,6 +225,9 @@ def test_decode_under_capture_never_writes_past_a_cache_row():
     kc_before = kc.clone()
     with emu(capturing=True):
         out = decode_attention(q, kn, vn, kc, vc, lens, cu, commit=True)
+        # ... and flagged for the next host check (read and cleared here: it would otherwise
+        # make the next eager attention call in this process raise, by design)
+        assert torch.ops.dlmkern_emu._layout_errors(torch.device("cpu")) == 16
     assert lens.tolist() == [14, 98]
     assert torch.equal(kc[0, 10:14], kn[:4]) and torch.equal(kc[1], kc_before[1])
     assert torch.isfinite(out.float()).all()
