@@ -38,7 +38,7 @@ MODES = {
     # a full-attention model: uncached sampling runs FSDP forwards a data-dependent number of
     # times, and with 1 prompt rank 1 samples nothing (it deadlocked before gathered() kept
     # the layers unsharded)
-    "llada": {"prompts_per_step": 1, "gen_block_length": 4, "steps_per_block": 2},
+    "llada": {"prompts_per_step": 2, "gen_block_length": 4, "steps_per_block": 2},
     # micro-batches of at most 50 row tokens (1-2 trajectories): the ranks hold different
     # numbers of them, so one runs zero-weight stand-ins to match the other's FSDP passes
     "micro": {"micro_batch_tokens": 50, "num_minibatches": 2, "use_value_model": True},
