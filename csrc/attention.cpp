@@ -80,6 +80,8 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 }
 
 double resolve_scale(const char* op, std::optional<double> scale, int64_t D) {
+  TORCH_CHECK_VALUE(D >= 1, op, ": `q` must have a head dimension D >= 1 (q is [T, H, D]), ",
+                    "got D = ", D);
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
   TORCH_CHECK_VALUE(std::isfinite(s) && s > 0, op, ": `scale` must be finite and > 0, got ", s);
   return s;

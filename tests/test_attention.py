@@ -209,6 +209,8 @@ def test_bad_input():
     _bad(r"query heads \(4\) must be a multiple of kv heads \(3\)", k=torch.randn(32, 3, 64),
          v=torch.randn(32, 3, 64))
     _bad(r"query heads \(0\) must be a multiple", q=torch.randn(32, 0, 64))
+    _bad(r"head dimension D >= 1 .* got D = 0", q=torch.randn(32, 4, 0), k=torch.randn(32, 2, 0),
+         v=torch.randn(32, 2, 0))
     _bad(r"`q` must be float32, float16 or bfloat16", TypeError,
          q=torch.zeros(32, 4, 64, dtype=torch.int32))
     _bad(r"must have q's dtype", TypeError, k=torch.randn(32, 2, 64, dtype=torch.float64))
