@@ -294,8 +294,8 @@ def main(argv=None):
                        "nothing downloaded")
     d.add_argument("--algo", choices=["tracerl", "dipo"], default="tracerl")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--sft-steps", type=int, help="default: 600")
-    d.add_argument("--rl-steps", type=int, help="default: 60")
+    d.add_argument("--sft-steps", type=int, help="default: 800")
+    d.add_argument("--rl-steps", type=int, help="default: 80")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--compare", action="store_true",

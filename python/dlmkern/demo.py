@@ -1,9 +1,10 @@
 """The embedded demo (SPEC 7): nothing downloaded. A tiny SDAR-architecture model and a character
 tokenizer built in code learn addition (a 2-digit plus a 1-digit number) from a sloppy teacher
-who forgets the carry on half the problems that need one. SFT imitates the teacher, mistakes included, and more SFT on the same
-data only imitates it better; TraceRL (or DiPO) with a reward that checks the sum learns to carry.
-Held-out accuracy is printed after each phase, with a plot of reward / accuracy per RL step;
-``compare=True`` also continues SFT from the same checkpoint for the wall time RL took."""
+who forgets the carry on half the problems that need one. SFT imitates the teacher, mistakes
+included, and more SFT on the same data only imitates it better; TraceRL (or DiPO) with a reward
+that checks the sum learns to carry. Held-out accuracy is printed after each phase, with a plot of
+reward / accuracy per RL step; ``compare=True`` also continues SFT from the same checkpoint for
+the wall time RL took (the equal-time control)."""
 
 from __future__ import annotations
 
@@ -33,10 +34,10 @@ class DemoSize:
     n_train: int = 700
     n_test: int = 300
     drop_carry: float = 0.5      # share of carry problems whose SFT answer forgets the carry
-    sft_steps: int = 600
+    sft_steps: int = 800
     sft_batch: int = 128
-    sft_lr: float = 2e-3
-    rl_steps: int = 60
+    sft_lr: float = 3e-3
+    rl_steps: int = 80
     prompts_per_step: int = 16
     group_size: int = 8
     rl_lr: float = 3e-4
