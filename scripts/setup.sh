@@ -37,5 +37,5 @@ echo "[setup] building dlmkern (DLMKERN_CUDA=$DLMKERN_CUDA, DLMKERN_CUDA_EMU=$DL
 
 if [[ $demo == 1 ]]; then
   "$VPY" examples/smoke.py
-  .venv/bin/dlmkern demo "$@"   # SFT then TraceRL on a tiny model, ~3 minutes on 2 cores
+  .venv/bin/dlmkern demo "$@"   # SFT then TraceRL on a tiny model, ~2 minutes on 2 idle cores
 fi
