@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 import torch
 
@@ -167,6 +168,9 @@ def load_tokenizer(path: str):
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it reads config.json too and warns about model_type sdar
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        with warnings.catch_warnings():  # and about config.json's rope_scaling key
+            warnings.simplefilter("ignore", FutureWarning)
+            return AutoTokenizer.from_pretrained(path, local_files_only=True,
+                                                 trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(level)
