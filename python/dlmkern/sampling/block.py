@@ -202,7 +202,7 @@ class BlockSampler:
                 st.load(uniforms=uniforms[it])
             run(st)
             if not fixed:  # a dynamic rule: stop once every block is done
-                pending, finished = _lagged_all_done(st.masked, pending)
+                pending, finished = lagged_all_done(st.masked, pending)
                 if finished:
                     break
         if self.use_cache:  # commit the finished blocks' clean k / v
@@ -275,7 +275,7 @@ class BlockSampler:
         st.counter += had
 
 
-def _lagged_all_done(masked: torch.Tensor, pending):
+def lagged_all_done(masked: torch.Tensor, pending):
     """Whether every block was finished one step ago (CUDA: read from pinned memory behind an
     event, so the host waits only for the step before the one in flight); on CPU, now."""
     flag = ~masked.any()

@@ -20,7 +20,7 @@ import torch
 from dlmkern._host import HOST
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.block import Trajectory, _lagged_all_done
+from dlmkern.sampling.block import Trajectory, lagged_all_done
 from dlmkern.sampling.rules import (
     SamplingConfig,
     SequenceDraws,
@@ -199,7 +199,7 @@ class FullSampler:
             blk.masked &= ~sel
             blk.counter += active
             if not fixed:  # a dynamic rule: stop once every block is done
-                pending, finished = _lagged_all_done(blk.masked, pending)
+                pending, finished = lagged_all_done(blk.masked, pending)
                 if finished:
                     break
 
