@@ -7,7 +7,8 @@ import torch
 from dlmkern import SFT, TraceRL, distributed
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
-from dlmkern.trainers import RLConfig, SFTConfig
+from dlmkern.sampling import SamplingConfig
+from dlmkern.trainers import SFTConfig, TraceRLConfig
 from dlmkern.trainers.checkpoint import full_state
 
 TOK = CharTokenizer()
@@ -38,7 +39,7 @@ MODES = {
     # a full-attention model: uncached sampling runs FSDP forwards a data-dependent number of
     # times, and with 1 prompt rank 1 samples nothing (it deadlocked before gathered() kept
     # the layers unsharded)
-    "llada": {"prompts_per_step": 2, "gen_block_length": 4, "steps_per_block": 2},
+    "llada": {"prompts_per_step": 2, "gen_block_length": 4, "steps": 2},
     # micro-batches of at most 50 row tokens (1-2 trajectories): the ranks hold different
     # numbers of them, so one runs zero-weight stand-ins to match the other's FSDP passes
     "micro": {"micro_batch_tokens": 50, "num_minibatches": 2, "use_value_model": True},
@@ -59,8 +60,11 @@ def make_trainer(out_dir, mode="tracerl"):
     if mode == "bf16":  # the GPU set-up: bf16 weights, fp32 masters, fp32 gradient reduction
         model = model.to(torch.bfloat16)
     kw = {"prompts_per_step": 4, **MODES[mode]}
-    cfg = RLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
-                   progress_bar=False, lr=1e-3, max_grad_norm=100.0, temperature=1.0, **kw)
+    kw = {"pass_rate_low": 0.0, "pass_rate_high": 1.0, **kw}
+    steps = kw.pop("steps", 4)
+    cfg = TraceRLConfig(group_size=4, max_new_tokens=8, total_steps=1, output_dir=out_dir,
+                        progress_bar=False, lr=1e-3, max_grad_norm=100.0,
+                        sampling=SamplingConfig(temperature=1.0, steps=steps), **kw)
     tr = TraceRL(model, TOK, DATA, reward, cfg)
     if mode.startswith("uneven"):  # step 0's prompts 1 and 3 (rank 1's share) score 0
         zero = {DATA[tr.data_order[i]]["prompt"] for i in (1, 3)}

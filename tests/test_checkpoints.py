@@ -9,7 +9,7 @@ from dlmkern import SFT, TraceRL
 from dlmkern.cli import main
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, load, load_tokenizer, tiny_config
-from dlmkern.trainers import RLConfig, SFTConfig
+from dlmkern.trainers import SFTConfig, TraceRLConfig
 
 TOK = CharTokenizer("0123456789+= \n")
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
@@ -46,10 +46,10 @@ def test_rewards_see_completions_without_special_tokens(tmp_path):
     eos_model = _model()
     with torch.no_grad():  # make EOS likely, so completions end with it
         eos_model.lm_head.weight[TOK.eos_token_id] += 3 * eos_model.lm_head.weight[0].abs()
-    cfg = RLConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, total_steps=1,
-                   output_dir=str(tmp_path / "rl"), progress_bar=False)
+    cfg = TraceRLConfig(prompts_per_step=2, group_size=4, max_new_tokens=8, total_steps=1,
+                        output_dir=str(tmp_path / "rl"), progress_bar=False)
     tr = TraceRL(eos_model, hf, DATA, record, cfg)
-    trajs, _ = tr.rollout(DATA[:2])
+    trajs = tr.rollout(DATA[:2]).trajs
     assert any(t.finish_reason == "eos" for t in trajs)
     assert seen and not any("<eos>" in c or "<pad>" in c for c in seen)
 

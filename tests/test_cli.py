@@ -45,7 +45,7 @@ def test_recipes_run_one_step_on_a_tiny_model(tmp_path, recipe, family):
     if algo == "sft":
         small += ["batch_size=4"]
     else:
-        small += ["prompts_per_step=1", "group_size=2", "max_new_tokens=8", "steps_per_block=2",
+        small += ["prompts_per_step=1", "group_size=2", "max_new_tokens=8", "sampling.steps=2",
                   "gen_block_length=4", "max_oversample_rounds=0"]
     # a reward with variance inside every group, so no recipe's filter skips the update
     reward = "tests.test_cli:alternating"
@@ -68,7 +68,7 @@ def test_train_resumes_from_a_checkpoint(tmp_path):
     path = os.path.join(ROOT, "configs", "trado4b_tracerl_value.yaml")
     common = [f"model={_tiny_dir(tmp_path, 'sdar')}", f"dataset={_data(tmp_path)}",
               "tokenizer=char", "reward=tests.test_cli:alternating", "progress_bar=false",
-              "prompts_per_step=1", "group_size=2", "max_new_tokens=8", "steps_per_block=2",
+              "prompts_per_step=1", "group_size=2", "max_new_tokens=8", "sampling.steps=2",
               "instruction="]  # the recipe's math instruction: letters the char tokenizer lacks
     out = tmp_path / "out"
     assert main(["train", path, *common, "total_steps=1", f"output_dir={out}"]) == 0
@@ -109,7 +109,7 @@ def test_bad_run_files_fail_before_work(tmp_path, capsys):
         parse_run(write({**good, "trainer": {"learning_rate": 1}}), [])
     with pytest.raises(ValueError, match=r"group_size must be int, got 'x'"):
         parse_run(write(good), ["group_size=x"])
-    with pytest.raises(ValueError, match=r"algo must be tracerl, dipo or sft"):
+    with pytest.raises(ValueError, match=r"algo must be one of tracerl, dipo, .*, sft, got 'ppo'"):
         parse_run(write({**good, "algo": "ppo"}), [])
     with pytest.raises(ValueError, match=r"reward 'no_such_module:f' cannot be loaded"):
         parse_run(write({**good, "reward": "no_such_module:f"}), [])

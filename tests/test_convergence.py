@@ -15,7 +15,11 @@ from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.ops import use_backend
 from dlmkern.ops.backend import current
-from dlmkern.trainers import SFT, RLConfig, SFTConfig, TraceRL
+from dlmkern.rl import Rows
+from dlmkern.trainers import SFT, SFTConfig, TraceRL
+from dlmkern.trainers.update import selected_logp
+
+from .rl_helpers import rl_config
 
 TOK = CharTokenizer("0123456789+=")
 
@@ -45,15 +49,15 @@ def _train(backend: str, tmp_path):
                                                output_dir=str(tmp_path / backend / "sft")))
         losses += [sft.train_step()["loss"] for _ in range(5)]
         grads = [_grads(model)]  # of the last SFT step
-        rl = TraceRL(model, TOK, train, digits_right, RLConfig(
+        rl = TraceRL(model, TOK, train, digits_right, rl_config(
             prompts_per_step=4, group_size=4, max_new_tokens=4, steps_per_block=2,
             temperature=1.0, lr=5e-4, seed=0, output_dir=str(tmp_path / backend / "rl"),
             progress_bar=False, pass_rate_low=0.0, pass_rate_high=1.0, kl_coef=0.01))
         steps = [rl.train_step() for _ in range(3)]
         grads.append(_grads(model))  # of the last RL step
-        trajs, _ = rl.rollout(test[:4])
+        trajs = rl.rollout(test[:4]).trajs
         with torch.no_grad():
-            logp = rl._logp(model, rl._rows(trajs))
+            logp = selected_logp(model, Rows.cat(rl.rows(trajs)), rl.device)
     assert not any("skipped" in s for s in steps), steps
     losses += [s["loss"] for s in steps]
     return (losses, [s["reward_mean"] for s in steps], [t.token_ids for t in trajs], logp,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from dlmkern.doctor import e2e_checks as e2e
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig, sample_tokens
-from dlmkern.trainers import SFT, DiPO, SFTConfig, TraceRL
+from dlmkern.trainers import SFT, DiPO, DiPOConfig, SFTConfig, TraceRL
 from torch.overrides import TorchFunctionMode
 
 PROMPTS = [e2e.TOK.encode(r["prompt"]) for r in e2e.DATA[:3]]
@@ -52,7 +52,7 @@ def _trainers(out):
         "tracerl_value": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
                                          rl(use_value_model=True, micro_batch_tokens=30)),
         "dipo_ref_kl": lambda: DiPO(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
-                                    rl(kl_to="ref", kl_coef=0.1)),
+                                    rl(preset=DiPOConfig, kl_coef=0.1, dynamic_sampling=False)),
         "llada": lambda: TraceRL(e2e.model("cpu", "llada"), e2e.TOK, e2e.DATA, e2e.digit_share,
                                  rl(gen_block_length=4, shrinkage=8)),
         "coupled": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,

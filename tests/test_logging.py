@@ -19,10 +19,10 @@ def test_progress_prints_a_line_every_five_percent_off_a_terminal(capsys):
 def test_plot_has_a_panel_per_curve(tmp_path):
     log = RunLogger(str(tmp_path), {})
     for s in range(6):
-        log.log({"step": s, "reward_mean": s / 10, "accuracy": s / 20,
+        log.log({"step": s, "reward_mean": s / 10, "pass_rate": s / 20,
                  **({"eval_accuracy": 0.3 + s / 50} if s % 2 else {})})
     one = log.plot(("reward_mean",), path=str(tmp_path / "one.png"))
-    three = log.plot(("reward_mean", "accuracy", "eval_accuracy", "missing"),
+    three = log.plot(("reward_mean", "pass_rate", "eval_accuracy", "missing"),
                      path=str(tmp_path / "three.png"), title="t",
                      marks={"eval_accuracy": (0.3, "after SFT")})
     h1, h3 = (matplotlib.image.imread(p).shape[0] for p in (one, three))

@@ -15,6 +15,8 @@ from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, ModelConfig, ValueModel, tiny_config
 from dlmkern.trainers import RLConfig, SFTConfig, build_config
 
+from .rl_helpers import rl_config
+
 TOK = CharTokenizer()
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b), "level": "easy"}
         for a in range(5) for b in range(5)]
@@ -33,7 +35,7 @@ def _rl(tmp_path, **kw):
                 total_steps=2, output_dir=str(tmp_path), progress_bar=False, lr=1e-3,
                 pass_rate_low=0.0, pass_rate_high=1.0)
     base.update(kw)
-    return RLConfig(**base)
+    return rl_config(**base)
 
 
 def _sft(tmp_path, **kw):
@@ -85,7 +87,7 @@ def test_reward_arrays_and_tensors_are_accepted(tmp_path):
         return torch.tensor([0.5] * len(completions))
 
     tr = TraceRL(_model(), TOK, DATA, [arr, ten], _rl(tmp_path))
-    _, rewards = tr.rollout(DATA[:1])
+    rewards = tr.rollout(DATA[:1]).rewards
     assert rewards.tolist() == [1.5, 0.5, 1.5, 0.5]
 
 
@@ -141,7 +143,7 @@ def test_a_reward_column_missing_from_the_dataset_fails_when_the_trainer_is_buil
     rows = [{**r, "tests": []} for r in DATA]
     del rows[7]["tests"]
     with pytest.raises(ValueError, match=r"needs column 'tests', but dataset row 7 has none"):
-        DiPO(NOWHERE, TOK, rows, needs_tests, _rl(tmp_path))
+        DiPO(NOWHERE, TOK, rows, needs_tests, {"output_dir": str(tmp_path)})
 
 
 def test_cli_train_checks_the_dataset_before_loading_the_model(tmp_path, monkeypatch, capsys):
@@ -353,7 +355,8 @@ def test_sft_stops_on_a_non_finite_loss_without_stepping(tmp_path):
 @pytest.mark.parametrize("value", [False, True])
 def test_rl_stops_on_a_non_finite_loss_without_stepping(tmp_path, value):
     tr = TraceRL(_model(), TOK, DATA, alternating, _rl(tmp_path, use_value_model=value))
-    trajs, rewards = tr.rollout(DATA[:1])  # sampled with finite weights
+    batch = tr.rollout(DATA[:1])  # sampled with finite weights
+    trajs, rewards = batch.trajs, batch.rewards
     poisoned = tr.value_model.value_head.weight if value else tr.model.lm_head.weight
     _poison(poisoned)
     before = _params(tr.model)

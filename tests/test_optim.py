@@ -99,7 +99,8 @@ def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
     tr = TraceRL(_model().to(torch.bfloat16), TOK, DATA, exact,
                  _cfg(tmp_path / "a", lr=1e-6, micro_batch_tokens=40))
     before = {n: p.detach().float().clone() for n, p in tr.model.named_parameters()}
-    trajs, rewards = tr.rollout(DATA[:1])
+    batch = tr.rollout(DATA[:1])
+    trajs, rewards = batch.trajs, batch.rewards
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     tr.update(trajs, adv, rewards)
     moved = [n for n, p in tr.model.named_parameters()

@@ -10,7 +10,7 @@ import torch
 from dlmkern import SFT, TraceRL
 from dlmkern.data import MATH_INSTRUCTION, CharTokenizer, PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, tiny_config
-from dlmkern.trainers import RLConfig, SFTConfig
+from dlmkern.trainers import SFTConfig, TraceRLConfig
 
 SPECIALS = ["<s>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|mask|>"]
 # ChatML written the Qwen way, with a BOS first as LLaMA-style templates write it
@@ -137,11 +137,11 @@ def test_rl_samples_templated_prompts_and_rewards_see_the_row_text(tmp_path):
 
     verl = [{"prompt": [{"role": "user", "content": f"{a}+{a}="}], "reward_model":
              {"ground_truth": str(2 * a)}} for a in range(2)]
-    cfg = RLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, total_steps=1,
-                   output_dir=str(tmp_path), progress_bar=False, instruction="Box it.",
-                   columns={"answer": "reward_model.ground_truth"})
+    cfg = TraceRLConfig(prompts_per_step=2, group_size=2, max_new_tokens=4, total_steps=1,
+                        output_dir=str(tmp_path), progress_bar=False, instruction="Box it.",
+                        columns={"answer": "reward_model.ground_truth"})
     tr = TraceRL(_model(), TOK, verl, reward, cfg)
-    trajs, _ = tr.rollout(tr.data)
+    trajs = tr.rollout(tr.data).trajs
     assert sorted(seen["prompts"]) == ["0+0=", "0+0=", "1+1=", "1+1="]
     texts = sorted({TOK.decode(t.prompt_ids) for t in trajs})
     assert texts == [f"<s><|im_start|>user\n{a}+{a}=\nBox it.<|im_end|>\n<|im_start|>assistant\n"

@@ -9,7 +9,19 @@ import torch
 from dlmkern import SFT, DiPO, TraceRL
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, load, tiny_config
-from dlmkern.trainers import RLConfig, SFTConfig, build_config, load_config
+from dlmkern.rl import Rows
+from dlmkern.trainers import (
+    DiPOConfig,
+    RLConfig,
+    SFTConfig,
+    TraceRLConfig,
+    build_config,
+    load_config,
+)
+from dlmkern.trainers.plan import micro_groups
+from dlmkern.trainers.update import selected_logp
+
+from .rl_helpers import rl_config
 
 TOK = CharTokenizer()
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
@@ -25,11 +37,12 @@ def _model(family="sdar", seed=0):
                                    mask_token_id=TOK.mask_token_id))
 
 
-def _cfg(tmp_path, **kw):
+def _cfg(tmp_path, preset=TraceRLConfig, **kw):
     base = dict(prompts_per_step=2, group_size=4, max_new_tokens=8, total_steps=2,
-                output_dir=str(tmp_path), progress_bar=False, lr=1e-3)
+                output_dir=str(tmp_path), progress_bar=False, lr=1e-3, pass_rate_low=0.0,
+                pass_rate_high=1.0)
     base.update(kw)
-    return RLConfig(**base)
+    return rl_config(preset, **base)
 
 
 def test_config_types_unknown_keys_and_yaml(tmp_path):
@@ -54,9 +67,9 @@ def test_config_types_unknown_keys_and_yaml(tmp_path):
 
 
 def _traj_logp(trainer, trajs):
-    rows = trainer._rows(trajs)
+    rows = Rows.cat(trainer.rows(trajs))
     with torch.no_grad():
-        lp = trainer._logp(trainer.model, rows)
+        lp = selected_logp(trainer.model, rows, trainer.device)
     return torch.zeros(len(trajs)).index_add(0, rows.traj, lp)
 
 
@@ -66,7 +79,8 @@ def test_one_rl_step_follows_the_advantage(tmp_path, family):
     # trajectory gains log-probability and a negative one loses it.
     cfg = _cfg(tmp_path, lr=1e-4, max_grad_norm=100.0, shrinkage=1)
     tr = TraceRL(_model(family), TOK, DATA, exact, cfg)
-    trajs, rewards = tr.rollout(DATA[:1])
+    batch = tr.rollout(DATA[:1])
+    trajs, rewards = batch.trajs, batch.rewards
     adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
     before = _traj_logp(tr, trajs)
     stats = tr.update(trajs, adv, rewards)
@@ -87,7 +101,8 @@ def test_minibatches_and_epochs_move_the_ratio_so_clip_and_kl_act(tmp_path):
     cfg = _cfg(tmp_path, lr=3e-2, max_grad_norm=100.0, num_minibatches=2, ppo_epochs=2,
                kl_coef=0.1, kl_to="old", eps_low=0.05, eps_high=0.05)
     tr = TraceRL(_model(), TOK, DATA, exact, cfg)
-    trajs, rewards = tr.rollout(DATA[:1])
+    batch = tr.rollout(DATA[:1])
+    trajs, rewards = batch.trajs, batch.rewards
     stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
     assert stats["optimizer_steps"] == 4
     assert stats["kl"] > 0 and stats["approx_kl"] > 0 and stats["clip_frac_mean"] > 0
@@ -106,7 +121,8 @@ def test_gradient_checkpointing_option_gives_the_same_update(tmp_path):
                           gradient_checkpointing=ckpt))
         assert tr.model.gradient_checkpointing is ckpt
         assert tr.value_model.trunk.gradient_checkpointing is ckpt
-        trajs, rewards = tr.rollout(DATA[:1])
+        batch = tr.rollout(DATA[:1])
+        trajs, rewards = batch.trajs, batch.rewards
         tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
         runs.append([p.detach().clone() for p in (*tr.model.parameters(),
                                                   *tr.value_model.parameters())])
@@ -155,9 +171,9 @@ def test_step_logs_reach_jsonl_tensorboard_and_wandb(tmp_path, monkeypatch):
     tr.train()
     rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 2]  # log_every = 2
-    for key in ("reward_mean", "reward_std", "accuracy", "kept_groups", "gen_tokens", "loss",
+    for key in ("reward_mean", "reward_std", "pass_rate", "kept_groups", "gen_tokens", "loss",
                 "clip_frac", "kl", "approx_kl", "train_tokens", "time_sample", "time_reward",
-                "time_train", "time_step"):
+                "time_train", "time_step", "sampler_logp_gap"):
         assert key in rows[0], key
     assert seen["init"] == ("dlmkern-test", 4)
     assert {s for _, s in seen["wandb"]} == {0, 2} and "reward_mean" in seen["wandb"][0][0]
@@ -167,7 +183,8 @@ def test_step_logs_reach_jsonl_tensorboard_and_wandb(tmp_path, monkeypatch):
 
 def test_more_minibatches_than_trajectories(tmp_path):
     tr = TraceRL(_model(), TOK, DATA, exact, _cfg(tmp_path, num_minibatches=6))
-    trajs, rewards = tr.rollout(DATA[:1])  # 4 trajectories, 6 mini-batches: 2 are empty
+    batch = tr.rollout(DATA[:1])  # 4 trajectories, 6 mini-batches: 2 are empty
+    trajs, rewards = batch.trajs, batch.rewards
     stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
     assert stats["optimizer_steps"] == 4 and math.isfinite(stats["loss"])
 
@@ -200,9 +217,10 @@ def test_no_trained_tokens_is_a_logged_no_op(tmp_path, capsys):
 
     tr = TraceRL(_model(), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
                  _cfg(tmp_path, prompts_per_step=1))
-    tr._sampler = lambda: type("S", (), {"generate": lambda self, prompts, n_samples, seeds: [
+    empty = type("S", (), {"generate": lambda self, prompts, n_samples, seeds: [
         Trajectory(prompt_ids=list(p), finish_reason="eos") for p in prompts
         for _ in range(n_samples)]})()
+    tr.rollout_stage.sampler = lambda model: empty
     before = [p.clone() for p in tr.model.parameters()]
     log = tr.train_step()
     assert log["skipped"] == "no trained tokens" and log["kept_groups"] == 1
@@ -215,14 +233,15 @@ def test_resume_restores_the_kl_reference(tmp_path):
     # the reference is the policy at the start of the run; a run resumed from a later
     # checkpoint (with its policy loaded from there) must still use that reference
     reward = lambda p, c, **k: [float(len(x) % 2) for x in c]  # noqa: E731
-    cfg = _cfg(tmp_path / "a", kl_coef=0.1, kl_to="ref", lr=1e-2, pass_rate_low=0.0)
+    old = dict(dynamic_sampling=False, eps_high=0.2)  # the settings this test was written with
+    cfg = _cfg(tmp_path / "a", DiPOConfig, kl_coef=0.1, lr=1e-2, **old)
     a = DiPO(_model(), TOK, DATA, reward, cfg)
     assert "skipped" not in a.train_step()
     assert any(not torch.equal(p1, p2) for p1, p2 in zip(_model().parameters(),
                                                          a.model.parameters(), strict=True))
     a.save(str(tmp_path / "ckpt"))
     b = DiPO(load(str(tmp_path / "ckpt" / "model")), TOK, DATA, reward,
-             _cfg(tmp_path / "b", kl_coef=0.1, kl_to="ref", lr=1e-2, pass_rate_low=0.0))
+             _cfg(tmp_path / "b", DiPOConfig, kl_coef=0.1, lr=1e-2, **old))
     b.resume(str(tmp_path / "ckpt"))
     for (n, p1), p2 in zip(_model().named_parameters(), b.ref_model.parameters(), strict=True):
         assert torch.equal(p1, p2), n
@@ -230,7 +249,7 @@ def test_resume_restores_the_kl_reference(tmp_path):
     # model the trainer was built with
     tr = TraceRL(_model(), TOK, DATA, reward, _cfg(tmp_path / "c", pass_rate_low=0.0))
     tr.save(str(tmp_path / "noref"))
-    c = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path / "d", kl_coef=0.1, kl_to="ref"))
+    c = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path / "d", DiPOConfig, kl_coef=0.1, **old))
     with pytest.warns(RuntimeWarning, match="holds no KL reference"):
         c.resume(str(tmp_path / "noref"))
 
@@ -269,12 +288,13 @@ def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default config logs to ./runs/rl
     d = DiPO(_model(), TOK, DATA, reward)
     assert d.cfg.eps_high == 0.28 and d.cfg.dynamic_sampling and d.ref_model is None
-    d.cfg = _cfg(tmp_path, eps_high=0.28, dynamic_sampling=True, max_oversample_rounds=3)
+    d = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path / "d", DiPOConfig,
+                                               max_oversample_rounds=3))
     log = d.train_step()
     assert log["kept_groups"] == 2 and log["sampled_groups"] > 2  # oversampled to fill
     assert len(calls) >= 2
     # kl_coef > 0 with kl_to=ref loads a frozen reference
-    d2 = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path, kl_coef=0.1, kl_to="ref"))
+    d2 = DiPO(_model(), TOK, DATA, reward, _cfg(tmp_path / "d2", DiPOConfig, kl_coef=0.1))
     assert d2.ref_model is not None and not any(p.requires_grad
                                                 for p in d2.ref_model.parameters())
     assert math.isfinite(d2.train_step()["kl"])
@@ -352,11 +372,24 @@ def test_sft_resume_reproduces_the_next_step_exactly(tmp_path):
 @pytest.mark.parametrize("estimator", ["random_mask", "coupled", "diffu_grpo"])
 @pytest.mark.parametrize("family", ["sdar", "llada"])
 def test_baseline_estimators_follow_the_advantage(tmp_path, estimator, family):
-    tr = TraceRL(_model(family), TOK, DATA, exact,
-                 _cfg(tmp_path, lr=3e-3, max_grad_norm=100.0, estimator=estimator))
-    trajs, rewards = tr.rollout(DATA[:1])
-    stats = tr.update(trajs, torch.tensor([1.0, -1.0, 1.0, -1.0]), rewards)
+    # the direction of the update, as for trace rows: the batch's advantage-weighted log-prob
+    # rises, and alone a positive-advantage trajectory gains log-probability, a negative one
+    # loses it (log-probs read on the estimator's own rows: same step, same masks)
+    cfg = _cfg(tmp_path, lr=1e-4, max_grad_norm=100.0, estimator=estimator)
+    tr = TraceRL(_model(family), TOK, DATA, exact, cfg)
+    batch = tr.rollout(DATA[:1])
+    trajs, rewards = batch.trajs, batch.rewards
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    before = _traj_logp(tr, trajs)
+    stats = tr.update(trajs, adv, rewards)
     assert math.isfinite(stats["loss"]) and stats["train_tokens"] > 0
+    assert float((adv * (_traj_logp(tr, trajs) - before)).sum()) > 0
+    for i, a in ((0, 1.0), (1, -1.0)):
+        single = TraceRL(_model(family), TOK, DATA, exact, cfg)
+        b = _traj_logp(single, trajs[i:i + 1])
+        single.update(trajs[i:i + 1], torch.tensor([a]), rewards[i:i + 1])
+        delta = float(_traj_logp(single, trajs[i:i + 1]) - b)
+        assert delta * a > 0, (i, delta)
 
 
 def _record_grads(*opts) -> list:
@@ -395,9 +428,10 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tmp_path, reduction, budge
         # gradient's scale and turns float noise in ~0 entries into full-size steps)
         grads = _record_grads(tr.opt, tr.value_opt if value else None)
         torch.manual_seed(1)
-        trajs, rewards = tr.rollout(DATA[:2])
+        batch = tr.rollout(DATA[:2])
+        trajs, rewards = batch.trajs, batch.rewards
         if tokens:  # the budget really splits: 4 trajectories per mini-batch, ~10-44 tokens
-            groups = tr._micro_groups(trajs[:4], list(range(4)))
+            groups = micro_groups([r.num_tokens for r in tr.rows(trajs[:4])], tokens)
             assert len(groups) >= 2 and (tokens == 40 or max(map(len, groups)) >= 2)
         stats = tr.update(trajs, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2), rewards)
         runs.append((tr, stats, grads))
@@ -418,14 +452,14 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tmp_path, reduction, budge
 
 def test_every_sampling_rule_reaches_the_rollout_and_bad_ones_fail_at_config(tmp_path):
     with pytest.raises(ValueError, match=r"config: sampling: unknown unmasking rule 'bogus'"):
-        RLConfig(rule="bogus").validate()  # before any model is built
+        build_config(RLConfig, {"sampling": {"rule": "bogus"}})  # before any model is built
     with pytest.raises(ValueError, match=r"config: sampling: unknown confidence 'best'"):
-        build_config(RLConfig, {}, ["confidence=best"]).validate()
+        build_config(RLConfig, {}, ["sampling.confidence=best"])
     cfg = _cfg(tmp_path, confidence="margin", schedule="dream", entropy_bound=0.5,
                cfg_scale=1.5, steps_total=4, max_new_tokens=8, gen_block_length=4, top_k=3)
     tr = TraceRL(_model("llada"), TOK, DATA, exact, cfg)
-    s = tr._sampler().cfg
+    s = tr.rollout_stage.sampler(tr.model).cfg
     assert (s.confidence, s.schedule, s.entropy_bound, s.cfg_scale, s.steps, s.top_k) == (
         "margin", "dream", 0.5, 1.5, 2, 3)  # steps_total 4 over 2 blocks: 2 per block
-    trajs, _ = tr.rollout(DATA[:1])
+    trajs = tr.rollout(DATA[:1]).trajs
     assert len(trajs) == cfg.group_size

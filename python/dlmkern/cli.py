@@ -15,7 +15,8 @@ RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer
 
 @dataclass
 class RunFile:
-    """A training run: `algo` (tracerl | dipo | sft), `model` (HF directory), `tokenizer`
+    """A training run: `algo` (an RL preset of dlmkern.trainers.PRESETS: tracerl, dipo,
+    random_mask, coupled_grpo, diffu_grpo; or sft), `model` (HF directory), `tokenizer`
     (directory, default: the model's), `dataset` (JSONL, JSON, CSV, parquet or a datasets
     save_to_disk directory; columns and prompt format in `trainer`), `reward` (math | code |
     module:function), `trainer` (the algorithm's config keys), `resume` (a checkpoint directory
@@ -36,7 +37,7 @@ def parse_run(path: str, overrides: list[str]):
     paths fail with the key and the reason."""
     import yaml
 
-    from dlmkern.trainers.config import RLConfig, SFTConfig, build_config
+    from dlmkern.trainers import PRESETS, SFTConfig, build_config
 
     with open(path) as f:
         raw = yaml.safe_load(f) or {}
@@ -58,8 +59,9 @@ def parse_run(path: str, overrides: list[str]):
     run = RunFile(**raw)
     if run.dtype not in ("bfloat16", "float16", "float32"):
         raise ValueError(f"{path}: dtype must be bfloat16, float16 or float32, got {run.dtype!r}")
-    if run.algo not in ("tracerl", "dipo", "sft"):
-        raise ValueError(f"{path}: algo must be tracerl, dipo or sft, got {run.algo!r}")
+    if run.algo != "sft" and run.algo not in PRESETS:
+        raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, 'sft'])}, got "
+                         f"{run.algo!r}")
     for key in ("model", "dataset"):
         p = getattr(run, key)
         if not isinstance(p, str) or not os.path.exists(p):
@@ -74,7 +76,8 @@ def parse_run(path: str, overrides: list[str]):
             resolve_reward(run.reward)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-    cls = SFTConfig if run.algo == "sft" else RLConfig
+    # the preset of `algo`, overridden field by field by the `trainer:` section
+    cls = SFTConfig if run.algo == "sft" else PRESETS[run.algo]
     cfg = build_config(cls, run.trainer, trainer_over)
     return run, cfg
 
@@ -144,8 +147,8 @@ def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
     import torch
 
-    from dlmkern import SFT, DiPO, TraceRL
     from dlmkern.models import load
+    from dlmkern.trainers import SFT, RLTrainer
 
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
@@ -157,9 +160,8 @@ def cmd_train(args):
         model = load(run.model)
     if run.algo == "sft":
         trainer = SFT(model, tok, data, cfg, resume_from=run.resume)
-    else:
-        cls = {"tracerl": TraceRL, "dipo": DiPO}[run.algo]
-        trainer = cls(model, tok, data, reward, cfg, resume_from=run.resume)
+    else:  # the config is the algorithm
+        trainer = RLTrainer(model, tok, data, reward, cfg, resume_from=run.resume)
     trainer.train()
 
 
@@ -274,6 +276,17 @@ def cmd_demo(args):
              out_dir=args.out, progress_bar=not args.quiet, compare=args.compare)
 
 
+def cmd_config(args):
+    """Every key of an algorithm's config with its default (the preset's) and help."""
+    from dlmkern.trainers import PRESETS, SFTConfig
+    from dlmkern.trainers.config import describe
+
+    cls = SFTConfig if args.algo == "sft" else PRESETS[args.algo]
+    print(f"# {args.algo}: {' '.join((cls.__doc__ or '').split())}")
+    for key, default, text in describe(cls):
+        print(f"{key:<26} {default!r:<14} {text}")
+
+
 def cmd_doctor(args):
     from dlmkern.doctor import run
 
@@ -302,6 +315,12 @@ def main(argv=None):
                    help="also continue SFT from the same checkpoint for the wall time RL took "
                    "(the equal-time control) and print the three accuracies")
     d.set_defaults(fn=cmd_demo)
+    from dlmkern.trainers.rl_config import PRESETS
+
+    c = sub.add_parser("config", help="the config keys of an algorithm, its defaults and help "
+                       "(a run file's trainer: section overrides them)")
+    c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft"])
+    c.set_defaults(fn=cmd_config)
     t = sub.add_parser("train", help="train from a YAML run file")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value")

@@ -18,7 +18,7 @@ import torch
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.sampling import BlockSampler, SamplingConfig
-from dlmkern.trainers import SFT, DiPO, RLConfig, SFTConfig, TraceRL
+from dlmkern.trainers import SFT, DiPO, DiPOConfig, SFTConfig, TraceRL, TraceRLConfig
 
 DIGITS = 2     # of the first number
 B_DIGITS = 1   # of the second
@@ -111,13 +111,16 @@ def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_di
            progress_bar: bool, acc_sft: float) -> float:
     """RL from the SFT model (in place); returns its wall time without the held-out evaluations
     that draw the curve."""
-    rl_cfg = RLConfig(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
-                      max_new_tokens=NEW_TOKENS, steps_per_block=2, temperature=1.0,
-                      lr=size.rl_lr, total_steps=size.rl_steps, seed=seed, output_dir=out_dir,
-                      progress_bar=progress_bar, eps_high=0.28 if algo == "dipo" else 0.2,
-                      dynamic_sampling=algo == "dipo", pass_rate_low=0.0, pass_rate_high=1.0,
-                      eval_every=max(1, size.rl_steps // 5), existing_output_dir="overwrite")
-    trainer = (DiPO if algo == "dipo" else TraceRL)(model, tok, train, exact_match, rl_cfg)
+    preset, trainer_cls = (DiPOConfig, DiPO) if algo == "dipo" else (TraceRLConfig, TraceRL)
+    over = {}
+    if algo == "tracerl":  # every group trains (one or seven right of eight carry signal too)
+        over = dict(pass_rate_low=0.0, pass_rate_high=1.0)
+    rl_cfg = preset(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
+                    max_new_tokens=NEW_TOKENS, sampling=SamplingConfig(steps=2, temperature=1.0),
+                    lr=size.rl_lr, total_steps=size.rl_steps, seed=seed, output_dir=out_dir,
+                    progress_bar=progress_bar, eval_every=max(1, size.rl_steps // 5),
+                    existing_output_dir="overwrite", **over)
+    trainer = trainer_cls(model, tok, train, exact_match, rl_cfg)
     eval_time = [0.0]
 
     def held_out(m):

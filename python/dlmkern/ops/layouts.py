@@ -75,7 +75,7 @@ def _check(block_size: int, **lists):
         if n is not None and len(v) != n:
             raise ValueError(f"`{name}` has {len(v)} entries, expected {n}")
         n = len(v)
-        if name != "block_rounds" and any(int(x) < 0 for x in v):
+        if name not in ("block_rounds", "copies") and any(int(x) < 0 for x in v):
             raise ValueError(f"`{name}` entries must be >= 0")
 
 
@@ -111,8 +111,49 @@ def bd3(seq_lens: Sequence[int], block_size: int) -> Layout:
     return _pack(parts, block_size)
 
 
-def _first_block_start(prompt_len: int, block_size: int) -> int:
-    return (prompt_len // block_size) * block_size
+def response_block_span(prompt_len: int, seq_len: int, block_size: int) -> tuple[int, int]:
+    """(first_block, n_blocks): the absolute blocks (position // block_size) that hold the
+    response tokens, positions prompt_len .. seq_len - 1. A prompt ending mid-block shares its last
+    block with the response. No response: (prompt_len // block_size, 0)."""
+    first = prompt_len // block_size
+    if seq_len <= prompt_len:
+        return first, 0
+    return first, -(-seq_len // block_size) - first
+
+
+def _blocks(blocks: Sequence[int] | torch.Tensor) -> list[int]:
+    return blocks.tolist() if isinstance(blocks, torch.Tensor) else [int(x) for x in blocks]
+
+
+@on_host
+def packed_copies(seq_lens: Sequence[int], block_size: int,
+                  copies: Sequence[Sequence[Sequence[int] | torch.Tensor]]) -> Layout:
+    """dlmkern's packed KV-reuse layout (SPEC 4.2) from explicit noisy copies, one packed
+    sequence per trajectory: [clean copy (stream 0) | copy 1 | ... | copy K].
+
+    ``copies[i][c - 1]``: the absolute block indices (increasing) noisy copy c of trajectory i
+    holds. A copy holds whole blocks (clipped to the sequence; a prompt tail in a block is part of
+    it) at the clean copy's positions. The packing order of every KV-reuse layout lives here.
+    """
+    _check(block_size, seq_lens=seq_lens, copies=copies)
+    parts = []
+    for n, segments in zip(seq_lens, copies, strict=True):
+        n_blocks = -(-int(n) // block_size)
+        blocks = [_blocks(b) for b in segments]
+        for c, b in enumerate(blocks, 1):
+            ordered = all(x < y for x, y in itertools.pairwise(b))
+            if not ordered or any(not 0 <= x < n_blocks for x in b):
+                raise ValueError(f"noisy copy {c} holds blocks {b}: expected increasing indices "
+                                 f"in [0, {n_blocks}) (length {n}, block size {block_size})")
+        block = torch.tensor([x for b in blocks for x in b], dtype=torch.int64, device=HOST)
+        copy = torch.tensor([c for c, b in enumerate(blocks, 1) for _ in b], dtype=torch.int64,
+                            device=HOST)
+        pos = (block[:, None] * block_size + _ar(0, block_size)).flatten()
+        keep = pos < n  # the sequence's last block may be partial
+        parts.append((torch.cat([_ar(0, n), pos[keep]]),
+                      torch.cat([torch.zeros(n, dtype=torch.int64, device=HOST),
+                                 copy.repeat_interleave(block_size)[keep]])))
+    return _pack(parts, block_size)
 
 
 @on_host
@@ -124,16 +165,13 @@ def tracerl(prompt_lens: Sequence[int], seq_lens: Sequence[int], block_size: int
     the sampler denoises that block.
     """
     _check(block_size, prompt_lens=prompt_lens, seq_lens=seq_lens)
-    parts = []
+    copies = []
     for p, n in zip(prompt_lens, seq_lens, strict=True):
         if p > n:
             raise ValueError(f"prompt length {p} exceeds sequence length {n}")
-        start = _first_block_start(p, block_size) if n > p else n
-        pos = torch.cat([_ar(0, n), _ar(start, n)])
-        stream = torch.cat([torch.zeros(n, dtype=torch.int64),
-                            torch.ones(n - start, dtype=torch.int64)])
-        parts.append((pos, stream))
-    return _pack(parts, block_size)
+        first, n_blocks = response_block_span(p, n, block_size)
+        copies.append([range(first, first + n_blocks)])
+    return packed_copies(seq_lens, block_size, copies)
 
 
 @on_host
@@ -148,13 +186,12 @@ def packed_rounds(
 
     ``block_rounds[i][j]`` is the number of rounds of the j-th block of trajectory i that holds
     response tokens (blocks from prompt_len // block_size on). Noisy copy r holds, in order, the
-    whole blocks with at least r rounds; its tokens share the clean copy's positions.
+    whole blocks with at least r rounds (``packed_copies``).
     """
     _check(block_size, prompt_lens=prompt_lens, seq_lens=seq_lens, block_rounds=block_rounds)
-    parts = []
+    copies = []
     for p, n, rounds in zip(prompt_lens, seq_lens, block_rounds, strict=True):
-        first = p // block_size if n > p else 0
-        n_blocks = (n + block_size - 1) // block_size - first if n > p else 0
+        first, n_blocks = response_block_span(p, n, block_size)
         rounds = [int(r) for r in rounds]
         if len(rounds) != n_blocks:
             raise ValueError(
@@ -163,16 +200,27 @@ def packed_rounds(
             )
         if any(r < 0 for r in rounds):
             raise ValueError("block_rounds entries must be >= 0")
-        pos, stream = [_ar(0, n)], [torch.zeros(n, dtype=torch.int64)]
-        for r in range(1, max(rounds, default=0) + 1):
-            for j, nr in enumerate(rounds):
-                if nr >= r:
-                    b = first + j
-                    seg = _ar(max(b * block_size, 0), min((b + 1) * block_size, n))
-                    pos.append(seg)
-                    stream.append(torch.full_like(seg, r))
-        parts.append((torch.cat(pos), torch.cat(stream)))
-    return _pack(parts, block_size)
+        copies.append([[first + j for j, nr in enumerate(rounds) if nr >= r]
+                       for r in range(1, max(rounds, default=0) + 1)])
+    return packed_copies(seq_lens, block_size, copies)
+
+
+@on_host
+def cat(parts: Sequence[Layout]) -> Layout:
+    """Concatenation of packed layouts (their sequences back to back); all full or all not.
+    The result is validated once, like every builder's."""
+    if not parts:
+        raise ValueError("layouts.cat: no layouts to concatenate")
+    full = parts[0].full
+    if any(p.full != full for p in parts):
+        raise ValueError("layouts.cat: cannot mix full-attention and block layouts")
+    tokens = offsets([p.num_tokens for p in parts])
+    cu = [parts[0].cu_seqlens[:1]] + [p.cu_seqlens[1:] + off
+                                      for p, off in zip(parts, tokens, strict=False)]
+    return _trusted(Layout(torch.cat([p.block for p in parts]),
+                           torch.cat([p.stream for p in parts]),
+                           torch.cat([p.position_ids for p in parts]),
+                           torch.cat(cu), max(p.max_seqlen for p in parts), full))
 
 
 @on_host

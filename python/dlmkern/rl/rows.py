@@ -1,21 +1,46 @@
 """Training rows built from trajectories (SPEC 4.2).
 
-Block models: one packed sequence per trajectory, [prompt + clean response (stream 0) |
-noisy_1 | ... | noisy_K], noisy copy r holding the blocks that have a round r, so the clean keys /
-values are computed once for every round (the KV-reuse layout of dlmkern.ops.layouts).
-Full-attention models: one row per (shrunk) step over the whole response, packed varlen.
+An estimator (dlmkern.rl.estimators) says what each noisy copy of a trajectory masks and trains
+(``NoisyCopy``); ``build_rows`` is the one builder that turns them into rows:
+- block models: one packed sequence per trajectory, [prompt + clean response (stream 0) | copy 1 |
+  ... | copy K], copy c holding (in block order) the response blocks in which it masks a token, so
+  the clean keys / values are computed once for every copy (the KV-reuse layout,
+  dlmkern.ops.layouts.packed_copies);
+- full-attention models: one row [prompt | response] per copy, packed varlen.
+For TraceRL copy r is round r of every block, as before. The baselines' copies used to hold every
+response block; now a block in which a copy masks nothing is left out of it: the trained tokens
+and their log-probs are unchanged (that block only fed itself), the rows are just shorter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from dlmkern._host import HOST
+from dlmkern._host import HOST, on_host
 from dlmkern.ops import layouts
 from dlmkern.ops.layouts import Layout
 from dlmkern.rl.trace import response_blocks, shrink, trace_rounds
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """What the rows are built for (the model), and the options of the estimators."""
+
+    mask_token_id: int
+    block_size: int | None   # None: full-attention model (LLaDA / Dream)
+    shrinkage: int = 1       # trace shrinkage s (used by "trace" only)
+
+
+@dataclass(frozen=True)
+class NoisyCopy:
+    """One noisy copy of a trajectory, over its n generated tokens (and P prompt tokens)."""
+
+    masked: torch.Tensor                       # [n] bool: [MASK] in this copy
+    step: torch.Tensor                         # [n] int64: -1 not trained here, else Rows.step
+    prompt_masked: torch.Tensor | None = None  # [P] bool: prompt tokens [MASK]ed (diffu_grpo)
 
 
 @dataclass
@@ -25,8 +50,9 @@ class Rows:
     train_rows: torch.Tensor   # [n] indices into the T tokens whose prediction is trained
     targets: torch.Tensor      # [n] the clean token at each trained row
     traj: torch.Tensor         # [n] trajectory index of each trained token
-    step: torch.Tensor         # [n] (shrunk) trace step of each trained token
+    step: torch.Tensor         # [n] (shrunk) trace step, or noisy-copy index, of each token
     gen_index: torch.Tensor    # [n] index of the token in its trajectory's generated tokens
+    num_trajectories: int      # trajectories the rows were built from (traj < this)
 
     @property
     def num_tokens(self) -> int:
@@ -35,87 +61,108 @@ class Rows:
     def to(self, device) -> Rows:
         return Rows(self.input_ids.to(device), self.layout.to(device),
                     self.train_rows.to(device), self.targets.to(device), self.traj.to(device),
-                    self.step.to(device), self.gen_index.to(device))
+                    self.step.to(device), self.gen_index.to(device), self.num_trajectories)
+
+    @staticmethod
+    def cat(parts: Sequence[Rows]) -> Rows:
+        """The rows of several batches packed back to back: part k's trajectory ids are offset by
+        the trajectories before it, its train_rows by the tokens before it."""
+        if not parts:
+            raise ValueError("Rows.cat: no rows to concatenate (see Rows.empty)")
+        tok = layouts.offsets([p.num_tokens for p in parts])
+        trj = layouts.offsets([p.num_trajectories for p in parts])
+        return Rows(torch.cat([p.input_ids for p in parts]), layouts.cat([p.layout for p in parts]),
+                    torch.cat([p.train_rows + o for p, o in zip(parts, tok, strict=False)]),
+                    torch.cat([p.targets for p in parts]),
+                    torch.cat([p.traj + o for p, o in zip(parts, trj, strict=False)]),
+                    torch.cat([p.step for p in parts]), torch.cat([p.gen_index for p in parts]),
+                    trj[-1])
+
+    @staticmethod
+    @on_host
+    def empty(full: bool) -> Rows:
+        """Rows of no trajectory."""
+        z = torch.zeros(0, dtype=torch.long)
+        lay = layouts.full([]) if full else layouts.block_causal([], 1)
+        return Rows(z, lay, z, z, z, z, z, 0)
+
+
+def _check_copies(copies: Sequence[NoisyCopy], P: int, n: int) -> None:
+    for c in copies:
+        if c.masked.shape != (n,) or c.step.shape != (n,) or c.masked.dtype != torch.bool:
+            raise ValueError(f"a noisy copy needs masked [n] bool and step [n] over the n={n} "
+                             f"generated tokens, got {tuple(c.masked.shape)} {c.masked.dtype} "
+                             f"and {tuple(c.step.shape)}")
+        pm = c.prompt_masked
+        if pm is not None and (pm.shape != (P,) or pm.dtype != torch.bool):
+            raise ValueError(f"prompt_masked must be [P={P}] bool, got {tuple(pm.shape)} "
+                             f"{pm.dtype}")
+
+
+def _prompt_masks(copies: Sequence[NoisyCopy], P: int, block: bool) -> torch.Tensor:
+    """[K + 1, P] bool: the prompt's [MASK]s in the clean stream (row 0) and in each copy. Block
+    models share one clean stream, so there every copy must mask the prompt alike."""
+    none = torch.zeros(P, dtype=torch.bool, device=HOST)
+    masks = [none if c.prompt_masked is None else c.prompt_masked for c in copies]
+    if block and any(not torch.equal(m, masks[0]) for m in masks):
+        raise ValueError("block models share one clean prompt: every noisy copy must mask the "
+                         "prompt the same way")
+    return torch.stack([masks[0] if block and masks else none, *masks])
+
+
+def _copy_blocks(P: int, n: int, masked: torch.Tensor, block_size: int) -> list[list[int]]:
+    """Per copy, the absolute blocks (in order) holding a response token it masks."""
+    first, n_blocks = layouts.response_block_span(P, P + n, block_size)
+    block = torch.arange(P, P + n, device=HOST) // block_size - first
+    has = torch.zeros(masked.shape[0], n_blocks, device=HOST).index_add_(
+        1, block, masked.float()) > 0
+    out: list[list[int]] = [[] for _ in range(masked.shape[0])]
+    for k, b in has.nonzero().tolist():  # copy-major, blocks ascending
+        out[k].append(first + b)
+    return out
+
+
+@on_host
+def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
+    """Rows of ONE trajectory (prompt_ids, token_ids) from its noisy copies. A copy that masks no
+    response token trains nothing and is dropped. Token ids and trained rows are read at the
+    layout's (stream, position) of every token, so rows and layout cannot disagree."""
+    P, n = len(traj.prompt_ids), len(traj.token_ids)
+    L, block = P + n, spec.block_size is not None
+    clean = torch.tensor(list(traj.prompt_ids) + list(traj.token_ids), dtype=torch.long)
+    _check_copies(copies, P, n)
+    empty = torch.zeros(0, n, dtype=torch.bool)
+    masked = torch.stack([c.masked for c in copies]) if copies else empty
+    step = torch.stack([c.step for c in copies]).long() if copies else empty.long()
+    if bool(((step >= 0) & ~masked).any()):
+        raise ValueError("a noisy copy trains a token it does not mask")
+    keep = masked.any(1).tolist()
+    copies = [c for c, k in zip(copies, keep, strict=True) if k]
+    masked, step = masked[keep], step[keep]
+    K = len(copies)
+    # [MASK] and step of every (stream, position); row 0 is the clean stream (block models)
+    masked = torch.cat([_prompt_masks(copies, P, block),
+                        torch.cat([torch.zeros(1, n, dtype=torch.bool), masked])], 1)
+    step = torch.cat([torch.full((K + 1, P), -1, dtype=torch.long),
+                      torch.cat([torch.full((1, n), -1, dtype=torch.long), step])], 1)
+    if block:
+        lay = layouts.packed_copies([L], spec.block_size,
+                                    [_copy_blocks(P, n, masked[1:, P:], spec.block_size)])
+        stream = lay.stream.long()
+    else:
+        lay = layouts.full([L] * K)
+        stream = torch.arange(1, K + 1).repeat_interleave(L)
+    pos = lay.position_ids
+    at = stream * L + pos
+    input_ids = torch.where(masked.flatten()[at], spec.mask_token_id, clean[pos])
+    st = step.flatten()[at]
+    rows = (st >= 0).nonzero().squeeze(1)
+    return Rows(input_ids, lay, rows, clean[pos[rows]], torch.zeros_like(rows), st[rows],
+                pos[rows] - P, 1)
 
 
 def _cat(parts, dtype=torch.long):
     return torch.tensor([x for p in parts for x in p], dtype=dtype, device=HOST)
-
-
-def _block_trace(t, block_size: int, shrinkage: int):
-    """(prompt length, response length, clean tokens, rounds per block) of a trajectory."""
-    P, n = len(t.prompt_ids), len(t.token_ids)
-    groups = response_blocks(P, n, block_size)
-    rounds = trace_rounds(shrink(list(t.step_map), groups, shrinkage), groups)
-    return P, n, list(t.prompt_ids) + list(t.token_ids), rounds
-
-
-def block_rows(trajectories, block_size: int, mask_token_id: int, shrinkage: int = 1) -> Rows:
-    """Packed KV-reuse rows for block-diffusion models. `trajectories`: objects with
-    prompt_ids, token_ids and step_map (dlmkern.sampling.Trajectory)."""
-    prompt_lens, seq_lens, block_rounds, ids, rows = [], [], [], [], []
-    tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
-    offset = 0
-    for ti, t in enumerate(trajectories):
-        P, n, clean, rounds = _block_trace(t, block_size, shrinkage)
-        prompt_lens.append(P)
-        seq_lens.append(P + n)
-        block_rounds.append([len(r) for r in rounds])
-        seq_ids = list(clean)
-        # noisy copies in the order of layouts.packed_rounds: round r, then blocks in order
-        cursor = offset + P + n
-        first = (P // block_size) * block_size if n else P + n
-        for r in range(1, max((len(x) for x in rounds), default=0) + 1):
-            for g, brounds in enumerate(rounds):
-                if len(brounds) < r:
-                    continue
-                rd = brounds[r - 1]
-                b = (first // block_size) + g
-                lo, hi = b * block_size, min((b + 1) * block_size, P + n)
-                masked = {P + i for i in rd.masked}
-                trained = {P + i for i in rd.trained}
-                for pos in range(lo, hi):
-                    seq_ids.append(mask_token_id if pos in masked else clean[pos])
-                    if pos in trained:
-                        rows.append(cursor + pos - lo)
-                        tr_traj.append(ti)
-                        tr_step.append(rd.step)
-                        tr_gen.append(pos - P)
-                        tr_tgt.append(clean[pos])
-                cursor += hi - lo
-        ids.append(seq_ids)
-        offset += len(seq_ids)
-    lay = layouts.packed_rounds(prompt_lens, seq_lens, block_size, block_rounds)
-    input_ids = _cat(ids)
-    assert input_ids.numel() == lay.num_tokens, "rows and layout disagree"
-    return Rows(input_ids, lay, _cat([rows]), _cat([tr_tgt]), _cat([tr_traj]), _cat([tr_step]),
-                _cat([tr_gen]))
-
-
-def full_rows(trajectories, mask_token_id: int, shrinkage: int = 8) -> Rows:
-    """Full-attention models: one row per (shrunk) step over the whole response."""
-    ids, rows, lens = [], [], []
-    tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
-    offset = 0
-    for ti, t in enumerate(trajectories):
-        P, n = len(t.prompt_ids), len(t.token_ids)
-        clean = list(t.prompt_ids) + list(t.token_ids)
-        steps = shrink(list(t.step_map), [list(range(n))], shrinkage)
-        for rd in trace_rounds(steps, [list(range(n))])[0]:
-            masked = set(rd.masked)
-            row = list(t.prompt_ids) + [mask_token_id if i in masked else t.token_ids[i]
-                                        for i in range(n)]
-            for i in rd.trained:
-                rows.append(offset + P + i)
-                tr_traj.append(ti)
-                tr_step.append(rd.step)
-                tr_gen.append(i)
-                tr_tgt.append(clean[P + i])
-            ids.append(row)
-            lens.append(P + n)
-            offset += P + n
-    return Rows(_cat(ids), layouts.full(lens), _cat([rows]), _cat([tr_tgt]), _cat([tr_traj]),
-                _cat([tr_step]), _cat([tr_gen]))
 
 
 def per_round_rows(trajectories, block_size: int, mask_token_id: int, shrinkage: int = 1) -> Rows:
@@ -126,8 +173,12 @@ def per_round_rows(trajectories, block_size: int, mask_token_id: int, shrinkage:
     tr_traj, tr_step, tr_gen, tr_tgt = [], [], [], []
     offset = 0
     for ti, t in enumerate(trajectories):
-        P, n, clean, rounds = _block_trace(t, block_size, shrinkage)
-        first = (P // block_size) * block_size if n else P + n
+        P, n = len(t.prompt_ids), len(t.token_ids)
+        clean = list(t.prompt_ids) + list(t.token_ids)
+        groups = response_blocks(P, n, block_size)
+        rounds = trace_rounds(shrink(list(t.step_map), groups, shrinkage), groups)
+        first_block, n_blocks = layouts.response_block_span(P, P + n, block_size)
+        first = first_block * block_size if n_blocks else P + n
         for r in range(1, max((len(x) for x in rounds), default=0) + 1):
             masked, trained = set(), {}
             for brounds in rounds:
@@ -146,4 +197,5 @@ def per_round_rows(trajectories, block_size: int, mask_token_id: int, shrinkage:
             seq_lens.append(P + n)
             offset += P + n + len(noisy)
     return Rows(_cat(ids), layouts.tracerl(prompt_lens, seq_lens, block_size), _cat([rows]),
-                _cat([tr_tgt]), _cat([tr_traj]), _cat([tr_step]), _cat([tr_gen]))
+                _cat([tr_tgt]), _cat([tr_traj]), _cat([tr_step]), _cat([tr_gen]),
+                len(trajectories))

@@ -16,22 +16,29 @@ RULES = ("static", "dynamic", "entropy_bounded", "sequential")
 CONFIDENCES = ("prob", "margin", "neg_entropy")
 
 
+def _help(default, text: str):
+    """A dataclass field with its one-line help (printed by `dlmkern config`)."""
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
 @dataclass
 class SamplingConfig:
-    rule: str = "static"            # static | dynamic | entropy_bounded | sequential
-    steps: int = 4                  # denoising steps per block (static / sequential schedules)
-    threshold: float = 0.9          # dynamic: unmask every token with confidence > threshold
-    entropy_bound: float = 1.0      # entropy_bounded: cumulative entropy budget per step
-    temperature: float = 1.0        # 0 = greedy
-    top_k: int = 0                  # 0 = off
-    top_p: float = 1.0              # 1 = off
-    confidence: str = "prob"        # prob | margin (top1 - top2) | neg_entropy
-    schedule: str = "even"          # static counts: "even" (LLaDA) or "dream" (Dream's timesteps)
-    eps: float = 1e-3               # Dream's final timestep
-    cfg_scale: float = 0.0          # LLaDA classifier-free guidance (full-attention models; 0 =
-    #   off): logits = uncond + (cfg_scale + 1) * (cond - uncond), uncond = the prompt masked
-    steps_total: int = 0            # LLaDA's `steps`: over ALL blocks of the generation (split
-    #   evenly, as LLaDA asserts); 0 = `steps` per block, dlmkern's and SDAR's convention
+    rule: str = _help("static", "unmasking rule: static | dynamic | entropy_bounded | sequential")
+    steps: int = _help(4, "denoising steps per block (static / sequential schedules)")
+    threshold: float = _help(0.9, "dynamic: unmask every token whose confidence exceeds this")
+    entropy_bound: float = _help(1.0, "entropy_bounded: cumulative entropy budget per step")
+    temperature: float = _help(1.0, "sampling temperature (0: greedy)")
+    top_k: int = _help(0, "keep the k most likely tokens before sampling (0: off)")
+    top_p: float = _help(1.0, "nucleus sampling mass (1: off)")
+    confidence: str = _help("prob", "what ranks positions: prob | margin (top1 - top2) | "
+                            "neg_entropy")
+    schedule: str = _help("even", "static counts per step: even (LLaDA) | dream (Dream's "
+                          "timesteps)")
+    eps: float = _help(1e-3, "Dream's final timestep")
+    # logits = uncond + (cfg_scale + 1) * (cond - uncond), uncond = the prompt masked
+    cfg_scale: float = _help(0.0, "LLaDA classifier-free guidance, full-attention models (0: off)")
+    steps_total: int = _help(0, "LLaDA's `steps` over ALL blocks, split evenly (0: `steps` per "
+                             "block, SDAR's convention)")
 
     def __post_init__(self):
         if self.rule not in RULES:

@@ -1,8 +1,19 @@
-"""Trainers: TraceRL, DiPO (RL, SPEC 4.3 / 4.4) and SFT (SPEC 4.5)."""
+"""Trainers: the RL algorithms as presets of one config (SPEC 4.7) run by RLTrainer (TraceRL and
+DiPO are RLTrainer with their preset), and SFT (SPEC 4.5)."""
 
-from dlmkern.trainers.config import RLConfig, SFTConfig, build_config, load_config
+from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
+from dlmkern.trainers.rl_config import (
+    PRESETS,
+    CoupledGRPOConfig,
+    DiffuGRPOConfig,
+    DiPOConfig,
+    RandomMaskConfig,
+    RLConfig,
+    TraceRLConfig,
+)
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["DiPO", "RLConfig", "RLTrainer", "SFT", "SFTConfig", "TraceRL", "build_config",
-           "load_config"]
+__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "RLConfig",
+           "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL", "TraceRLConfig",
+           "build_config", "load_config"]

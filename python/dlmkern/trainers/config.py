@@ -7,168 +7,81 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+
+def help_field(default, text: str):
+    """A dataclass field with its one-line help (printed by `dlmkern config`); mutable defaults
+    (dict) become a default_factory."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+opt = help_field
 
 
 @dataclass
 class DataConfig:
     """Dataset columns and prompt format, shared by every trainer (dlmkern.data)."""
 
-    # {name the trainer / rewards read: source column or dot path}, e.g. {prompt: question,
-    # answer: reward_model.ground_truth}; on the command line columns.answer=reward_model.x
-    columns: dict = field(default_factory=dict)
-    system_prompt: str = ""
-    instruction: str = ""                # added to the user turn (after a newline, or {prompt})
-    chat_template: bool | None = None    # None: when the tokenizer has one
-    prompt_template: str = ""            # a whole prompt with {prompt} (replaces the template)
-
-
-@dataclass
-class RLConfig(DataConfig):
-    # rollout
-    prompts_per_step: int = 8
-    group_size: int = 8                  # samples per prompt
-    max_new_tokens: int = 256
-    steps_per_block: int = 4             # block models: denoising steps per block
-    gen_block_length: int = 32           # full-attention models: semi-AR block length
-    # sampling (SamplingConfig's fields, checked with it: RLConfig.sampling())
-    rule: str = "static"                 # static | dynamic | entropy_bounded | sequential
-    threshold: float = 0.9               # dynamic: unmask every token with confidence above
-    entropy_bound: float = 1.0           # entropy_bounded: entropy budget per step
-    temperature: float = 1.0
-    top_k: int = 0                       # 0 = off
-    top_p: float = 1.0                   # 1 = off
-    confidence: str = "prob"             # what ranks positions: prob | margin | neg_entropy
-    schedule: str = "even"               # static counts: even (LLaDA) | dream (Dream's timesteps)
-    cfg_scale: float = 0.0               # LLaDA classifier-free guidance (full-attention; 0 = off)
-    steps_total: int = 0                 # LLaDA's convention: steps over all blocks (0: use
-    #                                      steps_per_block / gen_block_length's blocks)
-    # algorithm
-    estimator: str = "trace"             # trace | random_mask | coupled | diffu_grpo (baselines)
-    shrinkage: int = 1                   # trace shrinkage s (TraceRL: 1 block models, 8 full)
-    reduction: str = "token_mean"        # token_mean | seq_mean | sum
-    loss_normalizer: float = 1.0         # for reduction="sum" (Dr.GRPO constant)
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float = 0.0               # 0 = off
-    kl_coef: float = 0.0
-    kl_to: str = "old"                   # "old" (TraceRL) or "ref" (frozen reference policy)
-    pass_rate_low: float = 0.0           # keep groups whose mean reward lies in [low, high]
-    pass_rate_high: float = 1.0
-    dynamic_sampling: bool = False       # DAPO: keep 0 < mean < 1, oversample to fill the batch
-    max_oversample_rounds: int = 4
-    use_value_model: bool = False
-    gamma: float = 1.0
-    lam: float = 1.0
-    vf_clip: float = 0.2
-    # optimisation
-    lr: float = 1e-6
-    value_lr: float = 5e-6
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    total_steps: int = 100
-    gradient_checkpointing: bool = False  # recompute layer activations in backward (policy, value)
-    num_minibatches: int = 1             # optimizer steps per pass over a step's trajectories
-    ppo_epochs: int = 1                  # passes over them (old log-probs fixed at rollout)
-    # packed row tokens per forward: a mini-batch runs as several forward / backward passes
-    # (whole trajectories each) with accumulated gradients; 0 = the mini-batch in one forward
-    micro_batch_tokens: int = 0
-    # bookkeeping
-    seed: int = 0
-    output_dir: str = "runs/rl"
-    save_every: int = 0                  # 0 = only at the end
-    log_every: int = 1                   # JSONL / TensorBoard / W&B row every N steps
-    eval_every: int = 0                  # run trainer.eval_fn every N steps (0: never)
-    progress_bar: bool = True
-    # output_dir already holding a run (log.jsonl / checkpoints): refuse (error) | overwrite
-    # (delete its log, curves, checkpoints) | resume (from its latest checkpoint-N / final)
-    existing_output_dir: str = "refuse"
-    on_nonfinite: str = "stop"           # NaN / inf loss, grad norm or reward: stop | skip it
-
-    def sampling(self):
-        """The rollout's SamplingConfig (validated: a bad rule or value fails here, naming it)."""
-        from dlmkern.sampling.rules import SamplingConfig
-
-        return SamplingConfig(
-            rule=self.rule, steps=self.steps_per_block, threshold=self.threshold,
-            entropy_bound=self.entropy_bound, temperature=self.temperature, top_k=self.top_k,
-            top_p=self.top_p, confidence=self.confidence, schedule=self.schedule,
-            cfg_scale=self.cfg_scale, steps_total=self.steps_total)
-
-    def validate(self, value_model: bool = False):
-        """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
-        try:
-            self.sampling()
-        except ValueError as e:  # before any model is loaded
-            raise ValueError(f"config: sampling: {e}") from None
-        group_relative = not (self.use_value_model or value_model)
-        checks = [
-            (self.log_every >= 1, "log_every must be >= 1"),
-            (self.group_size >= 1, "group_size must be >= 1"),
-            (self.group_size >= 2 or not group_relative,
-             "group_size=1 with a group-relative advantage (the group z-score of TraceRL without "
-             "a value model, DiPO, the GRPO-style baselines) gives every sample advantage 0: "
-             "nothing would train; use group_size >= 2 or use_value_model: true"),
-            (self.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
-            (self.reduction in ("token_mean", "seq_mean", "sum"),
-             "reduction must be token_mean, seq_mean or sum"),
-            (self.kl_to in ("old", "ref"), "kl_to must be 'old' or 'ref'"),
-            (self.estimator in ("trace", "random_mask", "coupled", "diffu_grpo"),
-             "estimator must be trace, random_mask, coupled or diffu_grpo"),
-            (self.shrinkage >= 1, "shrinkage must be >= 1"),
-            (self.num_minibatches >= 1, "num_minibatches must be >= 1"),
-            (self.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
-            (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
-            (0 <= self.pass_rate_low <= self.pass_rate_high <= 1,
-             "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
-            *_policy_checks(self),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"config: {msg}")
-        return self
+    columns: dict = opt({}, "{name the trainer reads: source column or dot path}, e.g. "
+                        "columns.answer=reward_model.ground_truth")
+    system_prompt: str = opt("", "system turn of the chat template")
+    instruction: str = opt("", "added to the user turn (after a newline, or at {prompt})")
+    chat_template: bool | None = opt(None, "render prompts with the tokenizer's chat template "
+                                     "(none: when it has one)")
+    prompt_template: str = opt("", "a whole prompt with {prompt} (replaces the chat template)")
 
 
 @dataclass
 class SFTConfig(DataConfig):
-    batch_size: int = 16
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    total_steps: int = 200
-    min_mask_ratio: float = 1e-3         # t ~ U(eps, 1)
-    gradient_checkpointing: bool = False  # recompute layer activations in backward
-    # packed tokens per forward: a step's rows run as several forward / backward passes with
-    # accumulated gradients (0: all of this rank's rows in one forward)
-    micro_batch_tokens: int = 0
-    seed: int = 0
-    output_dir: str = "runs/sft"
-    save_every: int = 0                  # checkpoint every N steps (0: only at the end)
-    log_every: int = 10
-    progress_bar: bool = True
-    # output_dir already holding a run (log.jsonl / checkpoints): refuse (error) | overwrite
-    # (delete its log, curves, checkpoints) | resume (from its latest checkpoint-N / final)
-    existing_output_dir: str = "refuse"
-    on_nonfinite: str = "stop"           # NaN / inf loss or grad norm: stop | skip the update
+    """SFT (SPEC 4.5): block SFT on [noisy | clean] with t ~ U(eps, 1) masking, loss weighted
+    1 / t; MDLM SFT for full-attention models."""
+
+    algo: ClassVar[str] = "sft"
+    batch_size: int = opt(16, "rows per step (over all ranks)")
+    lr: float = opt(1e-4, "learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip")
+    total_steps: int = opt(200, "SFT steps of a run")
+    min_mask_ratio: float = opt(1e-3, "t ~ U(min_mask_ratio, 1) per row")
+    gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
+    micro_batch_tokens: int = opt(0, "packed tokens per forward, gradients accumulated (0: all "
+                                  "of this rank's rows in one forward)")
+    seed: int = opt(0, "seeds data order and masks")
+    output_dir: str = opt("runs/sft", "where logs, plots and checkpoints go")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    log_every: int = opt(10, "JSONL / TensorBoard / W&B row every N steps")
+    progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
+    existing_output_dir: str = opt("refuse", "output_dir already holding a run: refuse | "
+                                   "overwrite | resume")
+    on_nonfinite: str = opt("stop", "NaN / inf loss or grad norm: stop | skip the update")
 
     def validate(self):
-        checks = [
+        check_all([
             (0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
-            *_policy_checks(self),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(f"config: {msg}")
+            (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
+            *policy_checks(self),
+        ])
         return self
+
+
+def check_all(checks) -> None:
+    """Raises the first failed (ok, message) check as `config: message`."""
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"config: {msg}")
 
 
 OUTPUT_DIR_POLICIES = ("refuse", "overwrite", "resume")
 NONFINITE_POLICIES = ("stop", "skip")
 
 
-def _policy_checks(cfg) -> list:
+def policy_checks(cfg) -> list:
     return [(cfg.existing_output_dir in OUTPUT_DIR_POLICIES,
              f"existing_output_dir must be one of {', '.join(OUTPUT_DIR_POLICIES)}, got "
              f"{cfg.existing_output_dir!r}"),
@@ -181,12 +94,41 @@ def _policy_checks(cfg) -> list:
              "prompt_template is the whole prompt: drop system_prompt and chat_template: true")]
 
 
-def _coerce(cls, key: str, value):
+def _unknown(cls, key: str, prefix: str = "") -> ValueError:
+    known = [f.name for f in fields(cls)]
+    hint = ""
+    for name, t in typing.get_type_hints(cls).items():  # a key of a nested section
+        if dataclasses.is_dataclass(t) and key in {g.name for g in fields(t)}:
+            hint = f" (it lives under {name}: write {name}.{key})"
+    return ValueError(f"config: unknown key {prefix + key!r} for {cls.__name__}{hint} "
+                      f"(known: {', '.join(known)})")
+
+
+def _nested(t, key: str, value):
+    """A nested config section (e.g. sampling): an instance, or a mapping of its keys."""
+    if isinstance(value, t):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"config: {key} must be a mapping of {t.__name__} keys, got {value!r}")
+    kwargs = {}
+    for k, v in value.items():
+        if k not in {f.name for f in fields(t)}:
+            raise _unknown(t, k, prefix=f"{key}.")
+        kwargs[k] = _coerce(t, k, v, prefix=f"{key}.")
+    try:
+        return t(**kwargs)
+    except ValueError as e:  # the section's own checks (e.g. an unknown rule)
+        raise ValueError(f"config: {key}: {e}") from None
+
+
+def _coerce(cls, key: str, value, prefix: str = ""):
     types_ = typing.get_type_hints(cls)
-    if key not in types_:
-        known = ", ".join(f.name for f in fields(cls))
-        raise ValueError(f"config: unknown key {key!r} for {cls.__name__} (known: {known})")
+    if key not in types_ or key not in {f.name for f in fields(cls)}:
+        raise _unknown(cls, key, prefix)
     t = types_[key]
+    name = prefix + key
+    if dataclasses.is_dataclass(t):
+        return _nested(t, name, value)
     if isinstance(t, types.UnionType):  # X | None: None, "none" / "null" / "auto", or an X
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "auto")):
             return None
@@ -194,36 +136,41 @@ def _coerce(cls, key: str, value):
     if t is dict:
         if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                   for k, v in value.items()):
-            raise ValueError(f"config: {key} must be a mapping of names to strings, got "
+            raise ValueError(f"config: {name} must be a mapping of names to strings, got "
                              f"{value!r}")
         return dict(value)
     if isinstance(value, str) and t is not str:
         if t is bool:
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"config: {key} must be a bool, got {value!r}")
+                raise ValueError(f"config: {name} must be a bool, got {value!r}")
             return value.lower() in ("true", "1", "yes")
         try:
             return t(value)
         except ValueError:
-            raise ValueError(f"config: {key} must be {t.__name__}, got {value!r}") from None
+            raise ValueError(f"config: {name} must be {t.__name__}, got {value!r}") from None
     if t is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, t) or (t is int and isinstance(value, bool)):
-        raise ValueError(f"config: {key} must be {t.__name__}, got {type(value).__name__} "
+        raise ValueError(f"config: {name} must be {t.__name__}, got {type(value).__name__} "
                          f"{value!r}")
     return value
 
 
 def build_config(cls, values: dict | None = None, overrides: list[str] | None = None):
-    """cls(**values) with `key=value` overrides (`columns.NAME=SOURCE` sets one column of the
-    mapping), type-checked and validated."""
+    """cls(**values) with `key=value` overrides (`section.key=value` sets one key of a nested
+    section or mapping: sampling.rule=dynamic, columns.answer=solution), type-checked and
+    validated."""
     merged = dict(values or {})
     for ov in overrides or []:
         if "=" not in ov:
             raise ValueError(f"config: override {ov!r} is not key=value")
         k, v = (x.strip() for x in ov.split("=", 1))
-        if k.startswith("columns."):
-            merged["columns"] = {**(merged.get("columns") or {}), k[len("columns."):]: v}
+        section, dot, sub = k.partition(".")
+        if dot:
+            old = merged.get(section) or {}
+            if not isinstance(old, dict):  # an instance given in `values`
+                old = {f.name: getattr(old, f.name) for f in fields(old)}
+            merged[section] = {**old, sub: v}
         else:
             merged[k] = v
     kwargs = {k: _coerce(cls, k, v) for k, v in merged.items()}
@@ -241,6 +188,25 @@ def load_config(cls, path: str | None = None, overrides: list[str] | None = None
         if not isinstance(values, dict):
             raise ValueError(f"config: {path} must hold a mapping of keys")
     return build_config(cls, values, overrides)
+
+
+def _default(f):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def describe(cls) -> list[tuple[str, object, str]]:
+    """(key, default, help) of every field of config class `cls`, nested sections as
+    `section.key` (what `dlmkern config ALGO` prints)."""
+    out = []
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            section = _default(f)
+            out += [(f"{f.name}.{g.name}", getattr(section, g.name), g.metadata.get("help", ""))
+                    for g in fields(section)]
+        else:
+            out.append((f.name, _default(f), f.metadata.get("help", "")))
+    return out
 
 
 def to_dict(cfg) -> dict:

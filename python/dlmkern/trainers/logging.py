@@ -1,5 +1,5 @@
 """Run logging: JSONL always; TensorBoard and Weights & Biases when installed; tqdm bars; a PNG
-plot of reward / accuracy curves at the end of a run."""
+plot of reward / pass-rate / held-out accuracy curves at the end of a run."""
 
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ class _Lines:
                       .rstrip(), file=sys.stderr, flush=True)
 
 
-LABELS = {"reward_mean": "mean reward", "accuracy": "training pass rate",
+LABELS = {"reward_mean": "mean reward", "pass_rate": "training pass rate",
           "eval_accuracy": "held-out accuracy", "loss": "loss"}
 
 
@@ -110,7 +110,7 @@ class RunLogger:
         if self.enabled:
             print(f"[dlmkern] {msg}", file=sys.stderr)
 
-    def plot(self, keys=("reward_mean", "accuracy"), path: str | None = None,
+    def plot(self, keys=("reward_mean", "pass_rate"), path: str | None = None,
              title: str = "", marks: dict | None = None) -> str | None:
         """PNG with one panel per key that has values, against the step (None if matplotlib is
         missing). marks: {key: (value, label)} drawn as a dashed line in that key's panel, e.g.

@@ -19,6 +19,7 @@ from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
 from dlmkern.trainers.optim import MixedPrecisionAdamW
+from dlmkern.trainers.plan import micro_groups
 
 
 class SFT(Checkpointing):
@@ -136,24 +137,14 @@ class SFT(Checkpointing):
 
     def _micro_groups(self, rows) -> list[tuple[list[int], float]]:
         """(row indices, weight) per forward: consecutive rows whose packed tokens fit
-        micro_batch_tokens (one group without a budget). Every rank runs as many as the rank with
-        the most (FSDP passes are collectives): the missing ones repeat a group at weight 0."""
-        budget = self.cfg.micro_batch_tokens
-        groups = [list(range(len(rows)))]
-        if budget > 0 and len(rows) > 1:
-            copies = 2 if self.model.config.block_causal else 1  # [noisy | clean]
-            groups, size = [[]], 0
-            for i, r in enumerate(rows):
-                n = copies * sum(len(x) for x in self.encode(r))
-                if groups[-1] and size + n > budget:
-                    groups.append([])
-                    size = 0
-                groups[-1].append(i)
-                size += n
-        out = [(g, 1.0) for g in groups]
-        if self.distributed and budget > 0:
-            most = max(distributed.all_gather(len(groups)))
-            out += [(groups[-1], 0.0)] * (most - len(groups))
+        micro_batch_tokens (trainers.plan.micro_groups: the stand-ins that keep ranks in step
+        repeat the last group at weight 0)."""
+        copies = 2 if self.model.config.block_causal else 1  # [noisy | clean]
+        sizes = [copies * sum(len(x) for x in self.encode(r)) for r in rows] \
+            if self.cfg.micro_batch_tokens > 0 else [0] * len(rows)
+        out = []
+        for g in micro_groups(sizes, self.cfg.micro_batch_tokens):
+            out.append((g, 1.0) if g is not None else (out[-1][0], 0.0))
         return out
 
     def train_step(self) -> dict:

@@ -1,0 +1,28 @@
+"""RL estimators (SPEC 4.5), selectable in the same trainer. A new estimator is one file (an
+Estimator subclass: what each noisy copy masks and trains) plus one line in ESTIMATORS."""
+
+from __future__ import annotations
+
+from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.coupled import Coupled
+from dlmkern.rl.estimators.diffu_grpo import DiffuGRPO
+from dlmkern.rl.estimators.random_mask import RandomMask
+from dlmkern.rl.estimators.trace import Trace
+
+ESTIMATORS: dict[str, type[Estimator]] = {
+    "trace": Trace,
+    "random_mask": RandomMask,
+    "coupled": Coupled,
+    "diffu_grpo": DiffuGRPO,
+}
+
+
+def get(name: str, **options) -> Estimator:
+    """Estimator `name`, built with `options` (its fields, e.g. prompt_mask_ratio)."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; known: {', '.join(ESTIMATORS)}")
+    return ESTIMATORS[name](**options)
+
+
+__all__ = ["ESTIMATORS", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy", "RandomMask",
+           "RowSpec", "Trace", "get"]

@@ -1,0 +1,50 @@
+"""The estimator interface (SPEC 4.5). An estimator says what each noisy copy of a trajectory
+masks and trains (``copies``); the one shared builder, dlmkern.rl.rows.build_rows, turns that
+into rows for block or full-attention models."""
+
+from __future__ import annotations
+
+import torch
+
+from dlmkern._host import HOST, on_host
+from dlmkern.rl.rows import NoisyCopy, Rows, RowSpec, build_rows
+
+__all__ = ["EPS", "Estimator", "NoisyCopy", "RowSpec", "trained_copies", "uniform_mask"]
+
+EPS = 1e-3  # random masking draws its rate t ~ U(EPS, 1): never a copy that masks nothing
+
+
+class Estimator:
+    """Base class; subclasses set the three class attributes and implement ``copies``."""
+
+    name: str = ""
+    trace_steps: bool = False  # Rows.step are denoising trace steps (GAE over them is meaningful)
+    random: bool = False       # draws random masks: rows(...) needs a torch.Generator (CPU)
+
+    def copies(self, traj, spec: RowSpec, gen: torch.Generator | None) -> list[NoisyCopy]:
+        """What each noisy copy of ONE trajectory (prompt_ids, token_ids, step_map) masks and
+        trains. Random draws come from `gen` (a CPU generator), in a fixed order."""
+        raise NotImplementedError
+
+    @on_host
+    def rows(self, traj, spec: RowSpec, gen: torch.Generator | None = None) -> Rows:
+        """Training rows of ONE trajectory (batches: dlmkern.rl.batch_rows / Rows.cat)."""
+        if self.random and gen is None:
+            raise ValueError(f"estimator {self.name!r} draws random masks: pass a "
+                             "torch.Generator")
+        return build_rows(traj, self.copies(traj, spec, gen), spec)
+
+
+def uniform_mask(n: int, gen: torch.Generator, eps: float = EPS) -> torch.Tensor:
+    """[n] bool: each token masked with probability t ~ U(eps, 1) (random-masking RL). Draws a
+    scalar, then n uniforms."""
+    t = eps + (1 - eps) * float(torch.rand((), generator=gen, device=HOST))
+    return torch.rand(n, generator=gen, device=HOST) < t
+
+
+def trained_copies(masks: list[torch.Tensor]) -> list[NoisyCopy]:
+    """Copies that train exactly the tokens they mask. A mask without a token is dropped; step is
+    the copy's index among those kept (0, 1, ...)."""
+    kept = [m for m in masks if bool(m.any())]
+    return [NoisyCopy(m, torch.full(m.shape, -1, dtype=torch.long, device=HOST).masked_fill(m, c))
+            for c, m in enumerate(kept)]

@@ -1,0 +1,199 @@
+"""The RL config tree and the algorithms as its presets (SPEC 4.7).
+
+``RLConfig`` holds every knob of the RL loop; an algorithm is a subclass whose defaults ARE the
+algorithm (TRL's habit): ``TraceRLConfig``, ``DiPOConfig`` and the baselines. An explicit config
+overrides a preset field by field (``DiPOConfig(lr=2e-6)`` keeps DiPO's clip and sampling), a
+run file's ``algo:`` picks the preset and its ``trainer:`` section overrides it. Sampling is a
+nested ``SamplingConfig``. ``validate`` checks every enum, range and combination before any
+model is loaded, naming the key; every field carries a one-line help (``dlmkern config ALGO``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from dlmkern.rl.estimators import ESTIMATORS
+from dlmkern.rl.estimators import get as get_estimator
+from dlmkern.sampling.rules import SamplingConfig
+from dlmkern.trainers.config import DataConfig, check_all, policy_checks
+from dlmkern.trainers.config import help_field as opt
+
+REDUCTIONS = ("token_mean", "seq_mean", "sum")
+
+
+@dataclass
+class RLConfig(DataConfig):
+    """The RL loop's settings with neutral defaults (GRPO-style, trace rows, no filter)."""
+
+    algo: ClassVar[str] = "rl"
+    # rollout
+    prompts_per_step: int = opt(8, "prompts drawn per step (over all ranks)")
+    group_size: int = opt(8, "completions sampled per prompt")
+    max_new_tokens: int = opt(256, "generated tokens per completion at most")
+    gen_block_length: int = opt(32, "full-attention models: semi-autoregressive block length")
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=SamplingConfig,
+        metadata={"help": "the rollout sampler (sampling.rule, sampling.steps, ...)"})
+    # rows and advantages
+    estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
+    shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
+                         "full attention)")
+    use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
+    gamma: float = opt(1.0, "GAE discount over trace steps")
+    lam: float = opt(1.0, "GAE lambda over trace steps")
+    vf_clip: float = opt(0.2, "value-loss clip around the rollout-time values")
+    pass_threshold: float = opt(1.0, "a completion passes when its summed reward is >= this")
+    pass_rate_low: float = opt(0.0, "train groups whose pass rate is >= this")
+    pass_rate_high: float = opt(1.0, "train groups whose pass rate is <= this")
+    dynamic_sampling: bool = opt(False, "DAPO: train groups with 0 < pass rate < 1, oversample "
+                                 "prompts to fill the step")
+    max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
+    # policy loss
+    reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
+    loss_normalizer: float = opt(1.0, "reduction=sum: the constant divisor (Dr.GRPO)")
+    eps_low: float = opt(0.2, "ratio clip below: 1 - eps_low")
+    eps_high: float = opt(0.2, "ratio clip above: 1 + eps_high (clip-higher when > eps_low)")
+    dual_clip: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
+    kl_coef: float = opt(0.0, "k3 KL coefficient beta (0: no KL term)")
+    kl_to: str = opt("old", "KL target: old (rollout policy) | ref (frozen initial policy)")
+    # optimisation
+    lr: float = opt(1e-6, "policy learning rate")
+    value_lr: float = opt(5e-6, "value model learning rate")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient-norm clip")
+    total_steps: int = opt(100, "RL steps of a run")
+    num_minibatches: int = opt(1, "optimizer steps per pass over a step's trajectories")
+    ppo_epochs: int = opt(1, "passes over them (old log-probs fixed at rollout)")
+    micro_batch_tokens: int = opt(0, "packed row tokens per forward, gradients accumulated "
+                                  "(0: a mini-batch in one forward)")
+    gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
+    # bookkeeping
+    seed: int = opt(0, "seeds data order, sampling and masks")
+    output_dir: str = opt("runs/rl", "where logs, plots and checkpoints go")
+    save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    log_every: int = opt(1, "JSONL / TensorBoard / W&B row every N steps")
+    eval_every: int = opt(0, "run trainer.eval_fn every N steps (0: never)")
+    progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
+    existing_output_dir: str = opt("refuse", "output_dir already holding a run: refuse | "
+                                   "overwrite | resume")
+    on_nonfinite: str = opt("stop", "NaN / inf loss, grad norm or reward: stop | skip it")
+
+    def resolved_shrinkage(self, block_causal: bool) -> int:
+        """shrinkage, with 0 read as the paper's default for this kind of model (SPEC 4.3)."""
+        return self.shrinkage or (1 if block_causal else 8)
+
+    def validate(self, value_model: bool = False):
+        """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
+        if not isinstance(self.sampling, SamplingConfig):
+            raise ValueError(f"config: sampling must be a SamplingConfig, got "
+                             f"{type(self.sampling).__name__}")
+        valued = self.use_value_model or value_model
+        check_all([
+            *_range_checks(self),
+            (self.group_size >= 2 or valued,
+             "group_size=1 with a group-relative advantage (the group z-score of TraceRL without "
+             "a value model, DiPO, the GRPO-style baselines) gives every sample advantage 0: "
+             "nothing would train; use group_size >= 2 or use_value_model: true"),
+            (not valued or get_estimator(self.estimator).trace_steps,
+             f"use_value_model needs estimator: trace (GAE runs over trace steps; "
+             f"{self.estimator!r} rows have none)"),
+            (not self.dynamic_sampling or (self.pass_rate_low, self.pass_rate_high) == (0.0, 1.0),
+             "dynamic_sampling keeps 0 < pass rate < 1 by itself: leave pass_rate_low / "
+             "pass_rate_high at 0 / 1 (they would be ignored)"),
+            *policy_checks(self),
+        ])
+        return self
+
+
+def _range_checks(c: RLConfig) -> list:
+    return [
+        (c.log_every >= 1, "log_every must be >= 1"),
+        (c.group_size >= 1, "group_size must be >= 1"),
+        (c.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
+        (c.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
+        (c.gen_block_length >= 1, "gen_block_length must be >= 1"),
+        (c.reduction in REDUCTIONS, "reduction must be token_mean, seq_mean or sum"),
+        (c.kl_to in ("old", "ref"), "kl_to must be 'old' or 'ref'"),
+        (c.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}, got "
+                                    f"{c.estimator!r}"),
+        (c.shrinkage >= 0, "shrinkage must be >= 1 (or 0: the paper's default)"),
+        (c.num_minibatches >= 1, "num_minibatches must be >= 1"),
+        (c.ppo_epochs >= 1, "ppo_epochs must be >= 1"),
+        (c.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
+        (c.max_oversample_rounds >= 0, "max_oversample_rounds must be >= 0"),
+        (0 <= c.pass_rate_low <= c.pass_rate_high <= 1,
+         "need 0 <= pass_rate_low <= pass_rate_high <= 1"),
+        (0 <= c.eps_low < 1 and c.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0"),
+        (c.dual_clip == 0 or c.dual_clip > 1, "dual_clip must be 0 (off) or > 1"),
+        (c.kl_coef >= 0, "kl_coef must be >= 0"),
+        (0 <= c.gamma <= 1 and 0 <= c.lam <= 1, "gamma and lam must lie in [0, 1]"),
+        (c.vf_clip > 0, "vf_clip must be > 0"),
+        (c.loss_normalizer > 0, "loss_normalizer must be > 0"),
+        (c.lr > 0 and c.value_lr > 0, "lr and value_lr must be > 0"),
+        (c.weight_decay >= 0, "weight_decay must be >= 0"),
+        (c.max_grad_norm > 0, "max_grad_norm must be > 0"),
+        (c.total_steps >= 0, "total_steps must be >= 0"),
+        (c.save_every >= 0 and c.eval_every >= 0, "save_every and eval_every must be >= 0"),
+    ]
+
+
+def _same(name: str, default):
+    """A preset's new default for RLConfig field `name` (its help is kept)."""
+    help_ = {f.name: f.metadata for f in dataclasses.fields(RLConfig)}[name]
+    return dataclasses.field(default=default, metadata=help_)
+
+
+@dataclass
+class TraceRLConfig(RLConfig):
+    """TraceRL (SPEC 4.3): trace rows with shrinkage, groups with pass rate in [0.2, 0.8] (the
+    paper's code), clipped surrogate eps 0.2, optional value model (GAE over trace steps)."""
+
+    algo: ClassVar[str] = "tracerl"
+    pass_rate_low: float = _same("pass_rate_low", 0.2)
+    pass_rate_high: float = _same("pass_rate_high", 0.8)
+
+
+@dataclass
+class DiPOConfig(RLConfig):
+    """DiPO (SPEC 4.4): group z-score, clip-higher [0.8, 1.28], KL to a frozen reference (loaded
+    only when kl_coef > 0), DAPO dynamic sampling with oversampling, token-mean loss."""
+
+    algo: ClassVar[str] = "dipo"
+    eps_high: float = _same("eps_high", 0.28)
+    kl_to: str = _same("kl_to", "ref")
+    dynamic_sampling: bool = _same("dynamic_sampling", True)
+
+
+# The baselines (SPEC 4.5): their estimator, otherwise the neutral GRPO-style defaults above
+# (not tuned to their papers' runs).
+@dataclass
+class RandomMaskConfig(RLConfig):
+    """Random-masking RL: one noisy copy per completion at t ~ U(eps, 1), GRPO advantages."""
+
+    algo: ClassVar[str] = "random_mask"
+    estimator: str = _same("estimator", "random_mask")
+
+
+@dataclass
+class CoupledGRPOConfig(RLConfig):
+    """Coupled-GRPO (DiffuCoder): two complementary masks per completion, GRPO advantages."""
+
+    algo: ClassVar[str] = "coupled_grpo"
+    estimator: str = _same("estimator", "coupled")
+
+
+@dataclass
+class DiffuGRPOConfig(RLConfig):
+    """diffu-GRPO (d1): the whole completion masked, the prompt masked at random (15 %)."""
+
+    algo: ClassVar[str] = "diffu_grpo"
+    estimator: str = _same("estimator", "diffu_grpo")
+
+
+# the run file's `algo:` -> its preset (one line per algorithm)
+PRESETS: dict[str, type[RLConfig]] = {
+    c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
+                        DiffuGRPOConfig)
+}

@@ -1,0 +1,185 @@
+"""The rollout stage (SPEC 4.6): sample completions with the live weights, score them, and the
+group filters and pass rates that read only rewards. Produces a `RolloutBatch`."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from dlmkern import distributed
+from dlmkern._host import HOST
+from dlmkern.rl import group_zscore
+from dlmkern.sampling import BlockSampler, FullSampler
+from dlmkern.sampling.block import Trajectory
+from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
+from dlmkern.trainers.rl_config import RLConfig
+
+
+@dataclass
+class RolloutBatch:
+    """Completions of whole prompt groups (group_size consecutive trajectories per prompt)."""
+
+    trajs: list[Trajectory]
+    rewards: torch.Tensor                     # [n] summed rewards (host, fp32)
+    prompts: list[int]                        # each group's global prompt index in the step
+    group_size: int
+    time_sample: float = 0.0
+    time_reward: float = 0.0
+    advantages: torch.Tensor | None = field(default=None)  # [n] group z-scores (no value model)
+
+    def __len__(self) -> int:
+        return len(self.trajs)
+
+    def groups(self, keep: torch.Tensor) -> RolloutBatch:
+        """The groups where `keep` [num groups] is True."""
+        g = self.group_size
+        idx = [i for gi in keep.nonzero().flatten().tolist() for i in range(gi * g, gi * g + g)]
+        sel = torch.tensor(idx, dtype=torch.long, device=HOST)
+        return RolloutBatch([self.trajs[i] for i in idx], self.rewards[sel],
+                            [self.prompts[gi] for gi in keep.nonzero().flatten().tolist()], g,
+                            advantages=None if self.advantages is None else self.advantages[sel])
+
+    @staticmethod
+    def cat(batches: list[RolloutBatch], group_size: int) -> RolloutBatch:
+        adv = [b.advantages for b in batches]
+        return RolloutBatch(
+            [t for b in batches for t in b.trajs],
+            torch.cat([b.rewards for b in batches]) if batches else torch.zeros(0, device=HOST),
+            [p for b in batches for p in b.prompts], group_size,
+            sum(b.time_sample for b in batches), sum(b.time_reward for b in batches),
+            torch.cat(adv) if batches and all(a is not None for a in adv) else None)
+
+    def positions(self) -> tuple[list[int], int]:
+        """Each trajectory's place in the step's global order of kept trajectories (prompt index
+        order over all ranks), and that order's length: mini-batches are cut from it, so they
+        do not depend on the number of ranks."""
+        order = sorted(p for ranks in distributed.all_gather(self.prompts) for p in ranks)
+        where = {p: i for i, p in enumerate(order)}
+        g = self.group_size
+        return [where[p] * g + k for p in self.prompts for k in range(g)], len(order) * g
+
+
+def pass_rates(rewards: torch.Tensor, group_size: int, threshold: float) -> torch.Tensor:
+    """[num groups]: the share of each group's completions whose reward is >= threshold."""
+    return (rewards.float() >= threshold).float().view(-1, group_size).mean(-1)
+
+
+def keep_mask(rewards: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
+    """Bool per group: which groups are trained (pass-rate filter, or DAPO's 0 < rate < 1)."""
+    rate = pass_rates(rewards, cfg.group_size, cfg.pass_threshold)
+    if cfg.dynamic_sampling:
+        return (rate > 0) & (rate < 1)
+    return (rate >= cfg.pass_rate_low) & (rate <= cfg.pass_rate_high)
+
+
+class Rollout:
+    """Samples `group_size` completions per prompt and sums the rewards. Each reward receives the
+    dataset columns its signature names (dlmkern.trainers.checks.RewardSpec)."""
+
+    def __init__(self, cfg: RLConfig, tokenizer, prompt_format, reward_fns):
+        self.cfg, self.tok, self.prompt_format = cfg, tokenizer, prompt_format
+        self.reward_fns = list(reward_fns) if isinstance(reward_fns, (list, tuple)) \
+            else [reward_fns]
+        self._specs: dict[int, RewardSpec] = {}
+
+    def spec(self, fn) -> RewardSpec:
+        spec = self._specs.get(id(fn))
+        if spec is None or spec.fn is not fn:
+            spec = self._specs[id(fn)] = RewardSpec(fn)
+        return spec
+
+    def sampler(self, model):
+        cfg = self.cfg
+        eos = self.tok.eos_token_id
+        if model.config.block_causal:
+            return BlockSampler(model, cfg.sampling, max_new_tokens=cfg.max_new_tokens,
+                                eos_token_id=eos)
+        return FullSampler(model, cfg.sampling, gen_length=cfg.max_new_tokens,
+                           block_length=min(cfg.gen_block_length, cfg.max_new_tokens),
+                           eos_token_id=eos)
+
+    def __call__(self, model, rows: list[dict], indices: list[int], step: int,
+                 with_advantages: bool) -> RolloutBatch:
+        """`indices`: the rows' positions among the step's prompts (over all ranks): a sample
+        always draws from the same seed, whichever rank samples it. Collective: every rank
+        calls it, with or without rows."""
+        g = self.cfg.group_size
+        model.eval()
+        base = (self.cfg.seed * 7919 + step) * 1000003
+        seeds = [base + i * g + k for i in indices for k in range(g)]
+        t0 = time.perf_counter()
+        with distributed.gathered(model):  # collective: ranks without prompts join too
+            if not rows:
+                return RolloutBatch([], torch.zeros(0, device=HOST), [], g)
+            prompts = [self.prompt_format.encode(r, self.tok) for r in rows]
+            trajs = self.sampler(model).generate(prompts, n_samples=g, seeds=seeds)
+        t1 = time.perf_counter()
+        rewards = self.score(rows, trajs)
+        batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
+                             time.perf_counter() - t1)
+        if with_advantages:  # computed once, here; a value model's GAE replaces them
+            batch.advantages = group_zscore(rewards, g)
+        return batch
+
+    def score(self, rows: list[dict], trajs: list[Trajectory]) -> torch.Tensor:
+        """Summed rewards [len(trajs)] (host): each reward checked to return n finite floats,
+        else a ValueError naming it (NaN / inf: NonFiniteReward)."""
+        g = self.cfg.group_size
+        completions = [t.text(self.tok) for t in trajs]
+        expanded = [r for r in rows for _ in range(g)]
+        keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")
+        columns = {k: [r.get(k) for r in expanded] for k in keys}
+        prompt_text = [r["prompt"] for r in expanded]
+        rewards = torch.zeros(len(trajs), device=HOST)  # rewards, advantages: host-side
+        for fn in self.reward_fns:
+            rewards += torch.tensor(self.spec(fn)(prompt_text, completions, columns),
+                                    dtype=torch.float32, device=HOST)
+        return rewards
+
+
+def collect(trainer):
+    """Rollout rounds until prompts_per_step groups are kept on all ranks together (one round
+    without dynamic sampling). Returns (kept, sampled, kept group count, error): error is the
+    message of a non-finite reward under on_nonfinite: skip (agreed by every rank)."""
+    cfg, rank, world = trainer.cfg, distributed.rank(), distributed.world()
+    rounds = 1 + (cfg.max_oversample_rounds if cfg.dynamic_sampling else 0)
+    kept, sampled, drawn, n_kept = [], [], 0, 0
+    for _ in range(rounds):
+        needed = cfg.prompts_per_step - n_kept  # exactly what 1 process draws
+        rows = trainer._next_rows(needed)
+        mine = list(range(rank, needed, world))
+        bad = None
+        try:
+            batch = trainer.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+        except NonFiniteReward as e:  # "stop": the reward's ValueError, as it is
+            if cfg.on_nonfinite == "stop":
+                raise
+            bad = str(e)
+        if cfg.on_nonfinite == "skip" and distributed.enabled() and \
+                distributed.all_sum(float(bad is not None)) > 0 and bad is None:
+            bad = "a reward returned non-finite values on another rank"
+        if bad is not None:
+            return None, None, 0, bad
+        drawn += needed
+        sampled.append(batch)
+        if len(batch):
+            kept.append(batch.groups(keep_mask(batch.rewards, cfg)))
+        n_kept = int(distributed.all_sum(sum(len(b) for b in kept) // cfg.group_size))
+        if n_kept >= cfg.prompts_per_step:
+            break
+    g = cfg.group_size
+    return RolloutBatch.cat(kept, g), RolloutBatch.cat(sampled, g), n_kept, None
+
+
+def reward_stats(sampled: RolloutBatch, cfg: RLConfig) -> dict:
+    """Reward mean / std and pass rate over every sampled completion on every rank."""
+    r = sampled.rewards
+    n = distributed.all_sum(r.numel())
+    mean = distributed.all_sum(float(r.sum())) / n
+    sq = distributed.all_sum(float((r - mean).pow(2).sum()))
+    passed = distributed.all_sum(float((r >= cfg.pass_threshold).sum()))
+    return {"reward_mean": mean, "reward_std": math.sqrt(sq / (n - 1)) if n > 1 else 0.0,
+            "pass_rate": passed / n, "sampled_groups": int(n) // cfg.group_size}

@@ -1,0 +1,213 @@
+"""The update stage (SPEC 4.6 / 2.4): for each planned mini-batch, the no-grad quantities of the
+rollout-time policy (old / reference log-probs, values, GAE targets), then its optimizer steps.
+Policy and value terms go through `policy_value_loss` in ONE call per pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlmkern._host import HOST
+from dlmkern.ops import policy_value_loss
+from dlmkern.rl import Rows, trace_gae
+from dlmkern.trainers.checks import nonfinite_guard
+from dlmkern.trainers.plan import MiniBatch, Pass
+
+
+def selected_logp(model, rows: Rows, device) -> torch.Tensor:
+    """Log-probs of the rows' targets at their trained positions (the one place that builds
+    this call)."""
+    return model(rows.input_ids.to(device), rows.layout.to(device),
+                 rows=rows.train_rows.to(device), targets=rows.targets.to(device))
+
+
+def selected_values(value_model, rows: Rows, device) -> torch.Tensor:
+    """The value model's V at the rows' trained positions."""
+    return value_model(rows.input_ids.to(device), rows.layout.to(device))[
+        rows.train_rows.to(device)]
+
+
+@dataclass
+class Prepared:
+    """A pass's tensors, fixed at rollout time (no gradients)."""
+
+    plan: Pass
+    rows: Rows                        # on the device
+    old_logp: torch.Tensor
+    ref_logp: torch.Tensor | None
+    adv: torch.Tensor                 # per trained token
+    old_v: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    logp_gap: torch.Tensor | None = None  # sum |sampler logp - old logp| (trace rows)
+
+
+class Update:
+    """Owns the update's models and optimizers (the trainer's); one `prepare` and one `step`
+    per mini-batch and epoch."""
+
+    def __init__(self, trainer):
+        self.t = trainer
+
+    def prepare(self, mb: MiniBatch, rows: list[Rows], trajs, sample_adv, rewards,
+                trace_steps: bool) -> list[Prepared]:
+        t, dev = self.t, self.t.device
+        out = []
+        for p in mb.passes:
+            host = Rows.cat([rows[i] for i in p.traj])
+            r = host.to(dev)  # once: every epoch reuses it
+            with torch.no_grad():
+                t.model.eval()
+                old = selected_logp(t.model, r, dev)
+                ref = None
+                if t.cfg.kl_coef > 0:
+                    ref = selected_logp(t.ref_model, r, dev) if t.ref_model else old
+                prep = Prepared(p, r, old, ref, None)
+                if t.value_model is not None:  # GAE over trace steps: the advantages
+                    self._value_targets(prep, host.traj, rewards[p.traj])
+                else:
+                    prep.adv = sample_adv[p.traj].to(dev)[r.traj]
+                if trace_steps:
+                    prep.logp_gap = _sampler_gap(host, [trajs[i] for i in p.traj], old)
+            out.append(prep)
+        return out
+
+    def _value_targets(self, prep: Prepared, traj: torch.Tensor, rewards: torch.Tensor) -> None:
+        """Values of the rollout-time value model at each trained token's noisy position, and
+        GAE advantages / returns over trace steps."""
+        t, r = self.t, prep.rows
+        t.value_model.eval()
+        old_v = selected_values(t.value_model, r, t.device)
+        adv, ret = torch.zeros_like(old_v), torch.zeros_like(old_v)
+        for k in range(r.num_trajectories):  # `traj`: the host copy of r.traj (no sync)
+            if bool((traj == k).any()):
+                m = (traj == k).to(old_v.device)
+                adv[m], ret[m] = trace_gae(r.step[m], old_v[m], float(rewards[k]), t.cfg.gamma,
+                                           t.cfg.lam)
+        prep.adv, prep.old_v, prep.returns = adv, old_v, ret
+
+    def step(self, mb: MiniBatch, prepared: list[Prepared]) -> dict:
+        """One optimizer step of the policy (and the value model) on a prepared mini-batch."""
+        t, cfg = self.t, self.t.cfg
+        vm = t.value_model
+        t.model.train()
+        if vm is not None:
+            vm.train()
+            t.value_opt.zero_grad(set_to_none=True)
+        t.opt.zero_grad(set_to_none=True)
+        several = len(prepared) > 1
+        parts = []
+        for prep in prepared:
+            p, r = prep.plan, prep.rows
+            logp = selected_logp(t.model, r, t.device)
+            values = selected_values(vm, r, t.device) if vm is not None else None
+            coef = _vf_coef(mb, p, cfg, int(logp.numel()))
+            loss, st = policy_value_loss(
+                logp, prep.old_logp, prep.adv, torch.ones_like(logp, dtype=torch.bool),
+                ref_logp=prep.ref_logp, values=values, old_values=prep.old_v,
+                returns=prep.returns, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, vf_coef=coef,
+                vf_clip=cfg.vf_clip, reduction=cfg.reduction, seq_ids=r.traj,
+                num_seqs=r.num_trajectories, normalizer=cfg.loss_normalizer)
+            # a single pass keeps the expression (and its rounding) of an unsplit step
+            scale = mb.policy_scale if not several else mb.policy_scale * p.policy_share
+            (loss * scale).backward()
+            if several:  # bf16 gradients summed in fp32
+                t.opt.stash_grads()
+                if vm is not None:
+                    t.value_opt.stash_grads()
+            if p.weight > 0 or mb.weight == 0 or not several:  # stand-in ranks keep theirs
+                parts.append((p, st, prep))
+        t.opt.unstash_grads()
+        stats = {}
+        if vm is not None:
+            t.value_opt.unstash_grads()
+            vnorm = torch.nn.utils.clip_grad_norm_(vm.parameters(), cfg.max_grad_norm)
+            stats.update(_value_stats(parts, cfg), value_grad_norm=float(vnorm))
+        gnorm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+        # to host once, after every pass is queued (no sync between passes), and before the
+        # optimizer steps: a non-finite loss or gradient norm never reaches the weights
+        stats.update(combine_stats([(p.policy_share, _host(st)) for p, st, _ in parts],
+                                   cfg.kl_coef), grad_norm=float(gnorm))
+        if vm is not None and nonfinite_guard(
+                t, t.value_opt, "value", {"value_loss": stats["value_loss"],
+                                          "value_grad_norm": stats["value_grad_norm"]},
+                agree=True):
+            t.value_opt.step()
+        if nonfinite_guard(t, t.opt, "policy",
+                           {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}, agree=True):
+            t.opt.step()
+        return stats
+
+
+def _vf_coef(mb: MiniBatch, p: Pass, cfg, n_tokens: int) -> float:
+    """vf_coef that gives the value model, through the fused loss's policy scaling, the gradient
+    of its own token-mean loss at its own share (the two-call path's): equal scales for
+    token_mean; a sum's normalizer and token count otherwise. seq_mean reduces the value term
+    per sequence too (SPEC 2.4: one reduction for the fused loss)."""
+    policy = mb.policy_scale * (p.policy_share if len(mb.passes) > 1 else 1.0)
+    value = mb.value_scale * (p.value_share if len(mb.passes) > 1 else 1.0)
+    if policy == 0 or cfg.reduction == "seq_mean":
+        return 1.0
+    if cfg.reduction == "sum":
+        return value * cfg.loss_normalizer / (policy * max(n_tokens, 1))
+    return value / policy
+
+
+def _sampler_gap(rows: Rows, trajs, old_logp: torch.Tensor) -> torch.Tensor:
+    """sum over trained tokens of |sampler log-prob - trainer old log-prob|."""
+    if rows.gen_index.numel() == 0:
+        return old_logp.new_zeros(())
+    lp = [torch.tensor(t.logprobs, dtype=torch.float32, device=HOST) for t in trajs]
+    start = torch.tensor([0] + [len(x) for x in lp[:-1]], device=HOST).cumsum(0)
+    sampler = torch.cat(lp)[start[rows.traj] + rows.gen_index]  # host rows
+    return (sampler.to(old_logp.device) - old_logp.float()).abs().sum()
+
+
+def _host(st: dict) -> dict:
+    return {k: float(v) for k, v in st.items()}
+
+
+def _value_stats(parts, cfg) -> dict:
+    """Value-loss statistics from the fused passes: the token-mean value loss (vf_loss is
+    reduced like the policy loss: a sum is turned back into a mean)."""
+    n = max(sum(int(prep.old_v.numel()) for *_, prep in parts), 1)
+    loss = clip = vsum = 0.0
+    for p, st, prep in parts:
+        k = int(prep.old_v.numel())
+        vf = float(st["vf_loss"])
+        if cfg.reduction == "sum":
+            vf = vf * cfg.loss_normalizer / max(k, 1)
+        loss += p.value_share * vf
+        clip += float(st["vf_clip_frac"]) * k
+        vsum += float(prep.old_v.sum())
+    return {"value_loss": loss, "vf_clip_frac": clip / n, "value_mean": vsum / n}
+
+
+_TOKEN_MEANS = ("clip_frac", "clip_frac_low", "clip_frac_high", "approx_kl", "ratio_mean",
+                "vf_clip_frac", "dual_clip_frac")
+
+
+def combine_stats(parts, kl_coef: float) -> dict:
+    """Mini-batch statistics from its passes' (share, stats): the loss terms by their share of
+    the reduction, token fractions by token counts, the max ratio by max. `loss` is the policy
+    objective pg + kl_coef * kl (the value term is reported as value_loss)."""
+    for _, st in parts:
+        st["loss"] = st["pg_loss"] + kl_coef * st["kl"]
+        st.pop("vf_loss", None)
+        st.pop("vf_clip_frac", None)
+    if len(parts) == 1:
+        return dict(parts[0][1])
+    tokens = max(sum(st["num_tokens"] for _, st in parts), 1.0)
+    out = {}
+    for key in parts[0][1]:
+        vals = [(share, st[key], st["num_tokens"]) for share, st in parts]
+        if key == "ratio_max":
+            out[key] = max(v for _, v, _ in vals)
+        elif key == "num_tokens":
+            out[key] = sum(v for _, v, _ in vals)
+        elif key in _TOKEN_MEANS:
+            out[key] = sum(v * n for _, v, n in vals) / tokens
+        else:  # loss, pg_loss, kl: reduced like the loss
+            out[key] = sum(share * v for share, v, _ in vals)
+    return out
