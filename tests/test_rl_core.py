@@ -140,6 +140,41 @@ def test_trace_gae_by_hand():
     torch.testing.assert_close(ret1, torch.ones(5))
 
 
+def _gae_loops(steps, values, reward, g, lam):
+    """Plain-Python GAE over one trajectory's trace steps (SPEC 4.3), the independent check."""
+    ids = sorted(set(steps))
+    V = [sum(v for s, v in zip(steps, values, strict=True) if s == k) / steps.count(k)
+         for k in ids] + [0.0]
+    r = [0.0] * (len(ids) - 1) + [reward] + [0.0]
+    R, A = [0.0] * (len(ids) + 1), [0.0] * (len(ids) + 1)
+    for k in range(len(ids) - 1, -1, -1):
+        R[k] = r[k] + g * R[k + 1]
+        A[k] = r[k] - V[k] + g * V[k + 1] + g * lam * A[k + 1]
+    out = []
+    for s, v in zip(steps, values, strict=True):
+        k = ids.index(s)
+        out.append((r[k] - v + g * V[k + 1] + g * lam * A[k + 1], r[k] + g * R[k + 1]))
+    return out
+
+
+def test_trace_gae_batch_equals_one_trajectory_at_a_time():
+    # trajectories of 1, 4 and 7 distinct steps, tokens interleaved, one with no token at all:
+    # the batched recursion (zero-padded shorter traces) must give each its own GAE
+    from dlmkern.rl.advantages import trace_gae_batch
+
+    gen = torch.Generator().manual_seed(0)
+    traj = torch.tensor([0, 2, 2, 3, 2, 3, 3, 3, 2, 3, 3, 3, 3, 2, 3, 3])
+    steps = torch.randint(0, 9, (traj.numel(),), generator=gen)
+    values = torch.rand(traj.numel(), generator=gen)
+    rewards = torch.tensor([1.0, 5.0, -0.5, 2.0])
+    adv, ret = trace_gae_batch(traj, steps, values, rewards, gamma=0.9, lam=0.7)
+    for t in (0, 2, 3):
+        m = traj == t
+        want = _gae_loops(steps[m].tolist(), values[m].tolist(), float(rewards[t]), 0.9, 0.7)
+        torch.testing.assert_close(adv[m], torch.tensor([a for a, _ in want]))
+        torch.testing.assert_close(ret[m], torch.tensor([r for _, r in want]))
+
+
 @pytest.mark.parametrize("block_size", [4, None])
 def test_baseline_rows(block_size):
     from dlmkern.rl import baseline_rows

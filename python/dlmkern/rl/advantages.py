@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from dlmkern._host import HOST
+
 
 def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
     """(r - mean) / (std + eps) within consecutive groups of `group_size` samples of one prompt;
@@ -36,22 +38,49 @@ def trace_gae(step_ids: torch.Tensor, values: torch.Tensor, reward: float, gamma
       A*_k = delta*_k + g l A*_{k+1},
       A_j = r_j - V_j + g V*_{k+1} + g l A*_{k+1},  return_j = r_j + g R*_{k+1}
     (g = l = 1 gives A_j = R - V_j)."""
-    steps = torch.unique(step_ids, sorted=True)
-    K = steps.numel()
-    which = torch.searchsorted(steps, step_ids)
+    zeros = torch.zeros(step_ids.numel(), dtype=torch.long, device=HOST)
+    return trace_gae_batch(zeros, step_ids, values,
+                           torch.tensor([float(reward)], device=HOST), gamma, lam)
+
+
+def trace_gae_batch(traj: torch.Tensor, step_ids: torch.Tensor, values: torch.Tensor,
+                    rewards: torch.Tensor, gamma: float = 1.0,
+                    lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """trace_gae of many trajectories at once. traj / step_ids [n] on the host (the rows' host
+    copies: the step structure is read there, so nothing is read back from the device), values
+    [n] and rewards [num trajectories] on the compute device. The recursions run over the
+    longest trace, all trajectories together (shorter ones are zero-padded at the end, which
+    leaves their values unchanged)."""
+    dev = values.device
+    n_traj = int(rewards.numel())
+    if step_ids.numel() == 0:
+        return values.float() * 0, values.float() * 0
+    traj, step_ids = traj.cpu().long(), step_ids.cpu().long()
+    # rank of each token's step among its trajectory's distinct steps (host)
+    key = traj * (int(step_ids.max()) + 1) + step_ids
+    uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    owner = uniq // (int(step_ids.max()) + 1)
+    first = torch.searchsorted(owner, torch.arange(n_traj, device=HOST))
+    count = torch.bincount(owner, minlength=n_traj)
+    rank = inverse - first[traj]
+    K = int(count.max())
+    flat = (traj * (K + 1) + rank).to(dev)
     v = values.float()
-    v_step = torch.zeros(K, dtype=torch.float32, device=v.device).index_add(0, which, v)
-    v_step = v_step / torch.bincount(which, minlength=K).clamp(min=1).to(v.dtype)
-    r_step = torch.zeros(K, dtype=torch.float32, device=v.device)
-    if K:
-        r_step[-1] = reward
-    R = torch.zeros(K + 1, device=v.device)
-    A = torch.zeros(K + 1, device=v.device)
-    V = torch.cat([v_step, torch.zeros(1, device=v.device)])
-    for k in range(K - 1, -1, -1):
-        R[k] = r_step[k] + gamma * R[k + 1]
-        A[k] = r_step[k] - V[k] + gamma * V[k + 1] + gamma * lam * A[k + 1]
-    r_tok = r_step[which]
-    adv = r_tok - v + gamma * V[which + 1] + gamma * lam * A[which + 1]
-    ret = r_tok + gamma * R[which + 1]
+    shape = (n_traj, K + 1)
+    v_step = torch.zeros(n_traj * (K + 1), device=dev).index_add(0, flat, v)
+    n_step = torch.zeros(n_traj * (K + 1), device=dev).index_add(0, flat, torch.ones_like(v))
+    V = (v_step / n_step.clamp(min=1)).view(shape)
+    r_step = torch.zeros(shape, device=HOST)  # the reward sits on each trajectory's last step
+    has = count > 0
+    r_step[torch.arange(n_traj, device=HOST)[has], count[has] - 1] = rewards.float().cpu()[has]
+    r_step = r_step.to(dev)
+    R = torch.zeros(shape, device=dev)
+    A = torch.zeros(shape, device=dev)
+    for k in range(K - 1, -1, -1):  # column K stays 0: past every trace's end
+        R[:, k] = r_step[:, k] + gamma * R[:, k + 1]
+        A[:, k] = r_step[:, k] - V[:, k] + gamma * V[:, k + 1] + gamma * lam * A[:, k + 1]
+    r_tok = r_step.view(-1)[flat]
+    nxt = flat + 1
+    adv = r_tok - v + gamma * V.view(-1)[nxt] + gamma * lam * A.view(-1)[nxt]
+    ret = r_tok + gamma * R.view(-1)[nxt]
     return adv, ret

@@ -10,7 +10,8 @@ import torch
 
 from dlmkern._host import HOST
 from dlmkern.ops import policy_value_loss
-from dlmkern.rl import Rows, trace_gae
+from dlmkern.rl import Rows
+from dlmkern.rl.advantages import trace_gae_batch
 from dlmkern.trainers.checks import nonfinite_guard
 from dlmkern.trainers.plan import MiniBatch, Pass
 
@@ -64,7 +65,7 @@ class Update:
                     ref = selected_logp(t.ref_model, r, dev) if t.ref_model else old
                 prep = Prepared(p, r, old, ref, None)
                 if t.value_model is not None:  # GAE over trace steps: the advantages
-                    self._value_targets(prep, host.traj, rewards[p.traj])
+                    self._value_targets(prep, host, rewards[p.traj])
                 else:
                     prep.adv = sample_adv[p.traj].to(dev)[r.traj]
                 if trace_steps:
@@ -72,19 +73,16 @@ class Update:
             out.append(prep)
         return out
 
-    def _value_targets(self, prep: Prepared, traj: torch.Tensor, rewards: torch.Tensor) -> None:
+    def _value_targets(self, prep: Prepared, host: Rows, rewards: torch.Tensor) -> None:
         """Values of the rollout-time value model at each trained token's noisy position, and
-        GAE advantages / returns over trace steps."""
+        GAE advantages / returns over trace steps (step structure read from the host rows)."""
         t, r = self.t, prep.rows
+        traj, step = host.traj, host.step
         t.value_model.eval()
         old_v = selected_values(t.value_model, r, t.device)
-        adv, ret = torch.zeros_like(old_v), torch.zeros_like(old_v)
-        for k in range(r.num_trajectories):  # `traj`: the host copy of r.traj (no sync)
-            if bool((traj == k).any()):
-                m = (traj == k).to(old_v.device)
-                adv[m], ret[m] = trace_gae(r.step[m], old_v[m], float(rewards[k]), t.cfg.gamma,
-                                           t.cfg.lam)
-        prep.adv, prep.old_v, prep.returns = adv, old_v, ret
+        prep.adv, prep.returns = trace_gae_batch(traj, step, old_v, rewards, t.cfg.gamma,
+                                                 t.cfg.lam)
+        prep.old_v = old_v
 
     def step(self, mb: MiniBatch, prepared: list[Prepared]) -> dict:
         """One optimizer step of the policy (and the value model) on a prepared mini-batch."""
