@@ -29,15 +29,6 @@ from dlmkern.trainers.update import selected_logp, selected_values
 from .rl_helpers import rl_config
 
 TOK = CharTokenizer()
-
-
-class _NoEos(CharTokenizer):
-    def __init__(self):
-        super().__init__()
-        self.eos_token_id = None  # samplers run to max_new_tokens
-
-
-NO_EOS = _NoEos()
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
 
 
@@ -283,13 +274,13 @@ def test_pass_rate_is_defined_by_the_threshold_not_by_reward_one():
 def test_sampler_logp_gap_is_zero_when_sampler_and_rows_agree(tmp_path, family):
     # at temperature 1 with shrinkage 1, the trainer's old log-probs on the packed rows are the
     # sampler's own log-probs: any mismatch of cache, rounds or positions shows up here
-    # (no EOS: a completion cut at its EOS drops positions the sampler saw masked; see below)
+    # (completions that end with EOS keep the sampler's after-EOS context: tests/test_eos_context)
     kw = dict(max_new_tokens=8, gen_block_length=4, shrinkage=1, steps_per_block=2)
-    tr = TraceRL(_model(family), NO_EOS, DATA, parity, _cfg(tmp_path / "t1", **kw))
+    tr = TraceRL(_model(family), TOK, DATA, parity, _cfg(tmp_path / "t1", **kw))
     log = tr.train_step()
     assert "sampler_logp_gap" in log and log["sampler_logp_gap"] < 1e-4, log
     # a sampler at another temperature is another policy: the gap sees it
-    hot = TraceRL(_model(family), NO_EOS, DATA, parity,
+    hot = TraceRL(_model(family), TOK, DATA, parity,
                   _cfg(tmp_path / "t2", temperature=0.5, **kw))
     assert hot.train_step()["sampler_logp_gap"] > 1e-2
 

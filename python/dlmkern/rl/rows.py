@@ -10,6 +10,9 @@ An estimator (dlmkern.rl.estimators) says what each noisy copy of a trajectory m
 For TraceRL copy r is round r of every block, as before. The baselines' copies used to hold every
 response block; now a block in which a copy masks nothing is left out of it: the trained tokens
 and their log-probs are unchanged (that block only fed itself), the rows are just shorter.
+A copy that says what it masks of the trajectory's after-EOS context (Trajectory.after_eos_ids:
+the rest of the EOS block, or of a full-attention canvas) gets it placed after the response, as
+context only: never trained, never counted in the n generated tokens.
 """
 
 from __future__ import annotations
@@ -36,11 +39,13 @@ class RowSpec:
 
 @dataclass(frozen=True)
 class NoisyCopy:
-    """One noisy copy of a trajectory, over its n generated tokens (and P prompt tokens)."""
+    """One noisy copy of a trajectory, over its n generated tokens (and P prompt tokens, and A
+    after-EOS context tokens when it holds them)."""
 
     masked: torch.Tensor                       # [n] bool: [MASK] in this copy
     step: torch.Tensor                         # [n] int64: -1 not trained here, else Rows.step
     prompt_masked: torch.Tensor | None = None  # [P] bool: prompt tokens [MASK]ed (diffu_grpo)
+    after_eos_masked: torch.Tensor | None = None  # [A] bool over after_eos_ids; None: left out
 
 
 @dataclass
@@ -87,8 +92,15 @@ class Rows:
         return Rows(z, lay, z, z, z, z, z, 0)
 
 
-def _check_copies(copies: Sequence[NoisyCopy], P: int, n: int) -> None:
+def _check_copies(copies: Sequence[NoisyCopy], P: int, n: int, A: int) -> None:
+    given = {c.after_eos_masked is not None for c in copies}
+    if len(given) > 1:
+        raise ValueError("either every noisy copy masks the after-EOS context or none holds it")
     for c in copies:
+        am = c.after_eos_masked
+        if am is not None and (am.shape != (A,) or am.dtype != torch.bool):
+            raise ValueError(f"after_eos_masked must be [A={A}] bool, got {tuple(am.shape)} "
+                             f"{am.dtype}")
         if c.masked.shape != (n,) or c.step.shape != (n,) or c.masked.dtype != torch.bool:
             raise ValueError(f"a noisy copy needs masked [n] bool and step [n] over the n={n} "
                              f"generated tokens, got {tuple(c.masked.shape)} {c.masked.dtype} "
@@ -122,15 +134,26 @@ def _copy_blocks(P: int, n: int, masked: torch.Tensor, block_size: int) -> list[
     return out
 
 
+def _after_eos(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> list[int]:
+    """The after-EOS context the rows hold: the trajectory's, when its copies mask it. Block
+    models: it never leaves the EOS block (later blocks never fed the completion)."""
+    ids = list(getattr(traj, "after_eos_ids", []))
+    if not ids or not copies or copies[0].after_eos_masked is None:
+        return []
+    P, n, B = len(traj.prompt_ids), len(traj.token_ids), spec.block_size
+    if B is not None and (n == 0 or (P + n + len(ids) - 1) // B != (P + n - 1) // B):
+        raise ValueError(f"the after-EOS context ({len(ids)} tokens after position {P + n}) "
+                         f"crosses the EOS block (block size {B})")
+    return ids
+
+
 @on_host
 def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
-    """Rows of ONE trajectory (prompt_ids, token_ids) from its noisy copies. A copy that masks no
-    response token trains nothing and is dropped. Token ids and trained rows are read at the
-    layout's (stream, position) of every token, so rows and layout cannot disagree."""
+    """Rows of ONE trajectory (prompt_ids, token_ids, after_eos_ids) from its noisy copies. A copy
+    that masks no response token trains nothing and is dropped. Token ids and trained rows are
+    read at the layout's (stream, position) of every token, so rows and layout cannot disagree."""
     P, n = len(traj.prompt_ids), len(traj.token_ids)
-    L, block = P + n, spec.block_size is not None
-    clean = torch.tensor(list(traj.prompt_ids) + list(traj.token_ids), dtype=torch.long)
-    _check_copies(copies, P, n)
+    _check_copies(copies, P, n, len(getattr(traj, "after_eos_ids", [])))
     empty = torch.zeros(0, n, dtype=torch.bool)
     masked = torch.stack([c.masked for c in copies]) if copies else empty
     step = torch.stack([c.step for c in copies]).long() if copies else empty.long()
@@ -139,15 +162,21 @@ def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
     keep = masked.any(1).tolist()
     copies = [c for c, k in zip(copies, keep, strict=True) if k]
     masked, step = masked[keep], step[keep]
-    K = len(copies)
+    K, after = len(copies), _after_eos(traj, copies, spec)
+    A = len(after)
+    if A:  # context only: masked as each copy says, never trained
+        masked = torch.cat([masked, torch.stack([c.after_eos_masked for c in copies])], 1)
+        step = torch.cat([step, torch.full((K, A), -1, dtype=torch.long)], 1)
+    L, block = P + n + A, spec.block_size is not None
+    clean = torch.tensor(list(traj.prompt_ids) + list(traj.token_ids) + after, dtype=torch.long)
     # [MASK] and step of every (stream, position); row 0 is the clean stream (block models)
     masked = torch.cat([_prompt_masks(copies, P, block),
-                        torch.cat([torch.zeros(1, n, dtype=torch.bool), masked])], 1)
+                        torch.cat([torch.zeros(1, n + A, dtype=torch.bool), masked])], 1)
     step = torch.cat([torch.full((K + 1, P), -1, dtype=torch.long),
-                      torch.cat([torch.full((1, n), -1, dtype=torch.long), step])], 1)
+                      torch.cat([torch.full((1, n + A), -1, dtype=torch.long), step])], 1)
     if block:
         lay = layouts.packed_copies([L], spec.block_size,
-                                    [_copy_blocks(P, n, masked[1:, P:], spec.block_size)])
+                                    [_copy_blocks(P, n + A, masked[1:, P:], spec.block_size)])
         stream = lay.stream.long()
     else:
         lay = layouts.full([L] * K)

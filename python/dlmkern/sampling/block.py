@@ -32,6 +32,7 @@ from dlmkern.sampling.rules import (
 )
 
 HOST = torch.device("cpu")  # the block plan is built on the host, then copied to the device
+NOT_DECODED = 2**62  # step of a position after EOS the sampler never unmasked: [MASK] always
 
 
 @dataclass
@@ -41,6 +42,9 @@ class Trajectory:
     step_map: list[int] = field(default_factory=list)    # global denoising step of each token
     logprobs: list[float] = field(default_factory=list)  # sampler log-prob of each chosen token
     finish_reason: str = "length"                         # "eos" or "length"
+    # what the sampler still had after EOS (SPEC 4.1: rows see it, never train it); "length": []
+    after_eos_ids: list[int] = field(default_factory=list)    # rest of the EOS block / canvas
+    after_eos_steps: list[int] = field(default_factory=list)  # their steps (NOT_DECODED: [MASK])
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;
@@ -154,7 +158,7 @@ class BlockSampler:
         # start at gen = max(start, prompt length): a prompt tail in the block is never resampled.
         spans, gen = [], []
         for s in seqs:
-            a = (len(s.tokens) // B) * B
+            a = layouts.response_block_span(len(s.tokens), s.limit, B)[0] * B  # the trainer's rule
             e = a if s.done else min(a + B, s.limit)
             spans.append((a, e))
             gen.append(max(a, len(s.traj.prompt_ids)))
@@ -228,10 +232,8 @@ class BlockSampler:
             t.step_map.extend(step_map[i][gen[i] - a: e - a])
             t.logprobs.extend(logprobs[i][gen[i] - a: e - a])
             if self.eos is not None and self.eos in new:
-                n = t.token_ids.index(self.eos) + 1
-                t.token_ids, t.step_map, t.logprobs = (t.token_ids[:n], t.step_map[:n],
-                                                       t.logprobs[:n])
-                s.done, t.finish_reason = True, "eos"
+                end_at_eos(t, t.token_ids.index(self.eos) + 1)
+                s.done = True
             elif e >= s.limit:
                 s.done = True
 
@@ -273,6 +275,16 @@ class BlockSampler:
         st.logprobs.copy_(torch.where(sel, spread(lp, 0.0), st.logprobs))
         st.masked &= ~sel
         st.counter += had
+
+
+def end_at_eos(t: Trajectory, n: int, masked_after: int = 0, mask_id: int | None = None) -> None:
+    """Cut `t` after its first n tokens (EOS last): the decoded rest of the EOS block goes to its
+    after_eos context, then `masked_after` positions the sampler kept [MASK] (full attention's
+    later blocks)."""
+    t.after_eos_ids = t.token_ids[n:] + [mask_id] * masked_after
+    t.after_eos_steps = t.step_map[n:] + [NOT_DECODED] * masked_after
+    t.token_ids, t.step_map, t.logprobs = t.token_ids[:n], t.step_map[:n], t.logprobs[:n]
+    t.finish_reason = "eos"
 
 
 def lagged_all_done(masked: torch.Tensor, pending):

@@ -20,7 +20,7 @@ import torch
 from dlmkern._host import HOST
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
-from dlmkern.sampling.block import Trajectory, lagged_all_done
+from dlmkern.sampling.block import Trajectory, end_at_eos, lagged_all_done
 from dlmkern.sampling.rules import (
     SamplingConfig,
     SequenceDraws,
@@ -99,7 +99,7 @@ class FullSampler:
             hi = min(lo + self.block_length, self.gen_length)
             blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)
             self._denoise(blk, canvas)
-            self._finish_block(blk, canvas, trajs, done, counter)
+            self._finish_block(blk, canvas, trajs, done, counter, self.gen_length - hi)
         return trajs
 
     def _plan(self, prompts, done, counter, draws, lo, hi, canvas, device) -> _Block:
@@ -203,9 +203,10 @@ class FullSampler:
                 if finished:
                     break
 
-    def _finish_block(self, blk: _Block, canvas, trajs, done, counter):
+    def _finish_block(self, blk: _Block, canvas, trajs, done, counter, masked_after: int):
         """The block's one read-back: tokens, step map, log-probs and counters to the host; a
-        sequence whose block holds EOS ends there."""
+        sequence whose block holds EOS ends there (its after_eos context: the rest of the canvas,
+        the `masked_after` positions after this block still [MASK])."""
         tokens = canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape).tolist()
         step_map, logprobs = blk.step_map.tolist(), blk.logprobs.tolist()
         for i, c in enumerate(blk.counter.tolist()):
@@ -217,10 +218,8 @@ class FullSampler:
             t.step_map.extend(step_map[i])
             t.logprobs.extend(logprobs[i])
             if self.eos is not None and self.eos in tokens[i]:
-                k = t.token_ids.index(self.eos) + 1
-                t.token_ids, t.step_map, t.logprobs = (t.token_ids[:k], t.step_map[:k],
-                                                       t.logprobs[:k])
-                done[i], t.finish_reason = True, "eos"
+                end_at_eos(t, t.token_ids.index(self.eos) + 1, masked_after, self.mask_id)
+                done[i] = True
 
 
 def _static_counts(cfg: SamplingConfig, masked: int) -> list[int]:

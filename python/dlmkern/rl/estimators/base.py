@@ -23,7 +23,9 @@ class Estimator:
 
     def copies(self, traj, spec: RowSpec, gen: torch.Generator | None) -> list[NoisyCopy]:
         """What each noisy copy of ONE trajectory (prompt_ids, token_ids, step_map) masks and
-        trains. Random draws come from `gen` (a CPU generator), in a fixed order."""
+        trains. Random draws come from `gen` (a CPU generator), in a fixed order. The baselines
+        leave NoisyCopy.after_eos_masked None: their masks reproduce no sampler step, so their
+        rows stay on prompt + completion (only trace rows hold the after-EOS context)."""
         raise NotImplementedError
 
     @on_host
