@@ -19,6 +19,8 @@ def on_host(fn):
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():  # traced: dynamo cannot enter a device context, and
             return fn(*args, **kwargs)     # the compiled graph places its own tensors
+        if torch.get_default_device() == HOST:  # already: the device context would only add
+            return fn(*args, **kwargs)          # a dispatch hook to every torch call inside
         with HOST:
             return fn(*args, **kwargs)
 
