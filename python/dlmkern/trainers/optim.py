@@ -91,6 +91,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
             raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
         for _, p, _ in low:  # AdamW skips parameters without a gradient
             p.grad = None
+        self._init_state_on_host()
         try:
             # AdamW's own step without its hook wrapper (this step already ran the hooks)
             inner = torch.optim.AdamW.step
@@ -101,6 +102,26 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         for group, p, g in low:
             self._master_step(group, p, g)
         return loss
+
+    def _init_state_on_host(self):
+        """AdamW's state of parameters about to take their first step, made here as torch's
+        AdamW makes it, but with the step counter on the CPU: torch 2.11 creates it on the
+        default device (a torch.set_default_device("cuda") would then cost a read-back per
+        parameter and step)."""
+        scalar = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        for group in self.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                continue  # torch keeps those counters on the parameter's device on purpose
+            for p in group["params"]:
+                if p.grad is None or self.state[p]:
+                    continue
+                state = self.state[p]
+                state["step"] = torch.tensor(0.0, dtype=scalar, device="cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format)
 
     def _master_step(self, group, p, grad):
         state = self.state[p]
