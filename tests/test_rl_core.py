@@ -114,7 +114,11 @@ def test_group_zscore_and_filters():
     assert torch.all(group_zscore(torch.ones(4), 4) == 0)  # std 0 -> 0, no NaN
     rates = torch.tensor([0, 0, 0, 0, 1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 1.0])
     assert keep_groups(rates, 4, 0.2, 0.8).tolist() == [False, True, True, False]
-    assert keep_groups(rates, 4, 0.0, 1.0, strict=True).tolist() == [False, True, True, False]
+    assert keep_groups(rates, 4, 0.0, 1.0, dynamic=True).tolist() == [False, True, True, False]
+    # partial credit: DAPO keeps any group with a spread (none has pass rate 1 at threshold 1)
+    part = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.5, 0.5, 0.5, 0.5, 2.0, 1.0, 1.0, 1.0])
+    assert keep_groups(part, 4, 0.0, 1.0, dynamic=True).tolist() == [True, False, True]
+    assert keep_groups(part, 4, 0.2, 0.8).tolist() == [True, True, False]
 
 
 def test_trace_gae_by_hand():

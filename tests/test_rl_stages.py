@@ -2,7 +2,6 @@
 before any model work, advantages computed once, rows built once, the fused policy + value loss,
 and logs that tell the truth (pass rate by threshold, sampler / trainer log-prob gap)."""
 
-import math
 
 import pytest
 import torch
@@ -116,11 +115,14 @@ def test_config_mistakes_fail_before_any_model_is_loaded(tmp_path):
         ({"use_value_model": True, "estimator": "coupled"},
          r"use_value_model needs estimator: trace"),
         ({"dynamic_sampling": True, "pass_rate_low": 0.2},
-         r"dynamic_sampling keeps 0 < pass rate < 1"),
+         r"dynamic_sampling keeps the groups whose rewards differ by itself"),
         ({"estimator": "mystery"}, r"estimator must be one of trace, random_mask"),
         ({"eps_low": 1.5}, r"eps_low"),
         ({"dual_clip": 0.5}, r"dual_clip must be 0"),
         ({"sampling": {"steps": 0}}, r"config: sampling: steps must be >= 1"),
+        ({"sampling": {"steps_total": 5}, "max_new_tokens": 8, "gen_block_length": 4},
+         r"sampling.steps_total=5 must split evenly over the 2 blocks"),
+        ({"use_value_model": True, "estimator": "mystery"}, r"estimator must be one of"),
     ]
     for values, msg in bad:
         with pytest.raises(ValueError, match=msg):
@@ -129,8 +131,29 @@ def test_config_mistakes_fail_before_any_model_is_loaded(tmp_path):
         build_config(TraceRLConfig, {}, ["sampling.rules=static"])
     with pytest.raises(ValueError, match=r"log_every must be >= 1"):  # before: ZeroDivision
         build_config(SFTConfig, {"log_every": 0})
+    # a config built in Python is type-checked too (YAML and key=value are coerced)
+    for kw, msg in (({"use_value_model": "false"}, r"use_value_model must be bool, got str"),
+                    ({"group_size": 4.0}, r"group_size must be int, got float"),
+                    ({"pass_threshold": float("nan")}, r"pass_threshold must be finite"),
+                    ({"lr": "1e-6"}, r"lr must be float, got str")):
+        with pytest.raises(ValueError, match=msg):
+            TraceRLConfig(**kw).validate()
+    # a setting the model kind refuses fails before output_dir is touched or weights load
+    model_dir, out = tmp_path / "sdar", tmp_path / "previous"
+    _model("sdar").save_pretrained(str(model_dir))
+    out.mkdir()
+    (out / "log.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(ValueError, match=r"cfg_scale and sampling.steps_total are LLaDA's"):
-        TraceRL(_model("sdar"), TOK, DATA, parity, _cfg(tmp_path, cfg_scale=1.0))
+        TraceRL(str(model_dir), TOK, DATA, parity, _cfg(out, cfg_scale=1.0,
+                                                         existing_output_dir="overwrite"))
+    assert (out / "log.jsonl").exists()
+    # a dict config is checked knowing the explicit value model (group_size 1 is fine then)
+    from dlmkern.models import ValueModel
+
+    m = _model()
+    tr = TraceRL(m, TOK, DATA, parity, {"group_size": 1, "output_dir": str(tmp_path / "v")},
+                 value_model=ValueModel.from_policy(m))
+    assert tr.cfg.group_size == 1
 
 
 def test_shrinkage_default_follows_the_model_kind(tmp_path):
@@ -224,9 +247,10 @@ def _grads(tr):
             for p in (*tr.model.parameters(), *tr.value_model.parameters())]
 
 
-@pytest.mark.parametrize("reduction", ["token_mean", "sum"])
+@pytest.mark.parametrize("reduction", ["token_mean", "sum", "seq_mean"])
 def test_fused_policy_value_call_gives_the_two_call_gradients(tmp_path, monkeypatch, reduction):
-    # SPEC 2.4: one policy_value_loss call per pass carries both terms
+    # SPEC 2.4: one policy_value_loss call per pass carries both terms (seq_mean: the value term
+    # keeps its own token-mean call, since one reduction cannot serve both)
     import dlmkern.trainers.update as update
 
     calls = []
@@ -247,7 +271,7 @@ def test_fused_policy_value_call_gives_the_two_call_gradients(tmp_path, monkeypa
     state = {k: v.clone() for k, v in tr.model.state_dict().items()}
     vstate = {k: v.clone() for k, v in tr.value_model.state_dict().items()}
     tr.updater.step(mb, prep)
-    assert calls == [True]  # one call, values included
+    assert calls == ([False, True] if reduction == "seq_mean" else [True])
     tr.model.load_state_dict(state)
     tr.value_model.load_state_dict(vstate)
     for m in (tr.model, tr.value_model):
@@ -285,11 +309,16 @@ def test_sampler_logp_gap_is_zero_when_sampler_and_rows_agree(tmp_path, family):
     assert hot.train_step()["sampler_logp_gap"] > 1e-2
 
 
-def test_rows_cat_of_one_trajectory_each_is_what_the_update_trains(tmp_path):
+def test_a_pass_packs_each_trajectorys_rows_without_changing_their_log_probs(tmp_path):
+    # the update packs per-trajectory rows (built once) into one pass: every trained token's
+    # log-prob must be the one its trajectory's rows alone give (no attention across them)
     tr = TraceRL(_model(), TOK, DATA, parity, _cfg(tmp_path))
     batch = tr.rollout(DATA[:1])
-    rows = Rows.cat(tr.rows(batch.trajs))
-    assert rows.num_trajectories == 4
-    lp = selected_logp(tr.model, rows, tr.device)
-    assert lp.shape == rows.targets.shape and bool(torch.isfinite(lp).all())
-    assert math.isfinite(float(lp.sum()))
+    parts = tr.rows(batch.trajs)
+    rows = Rows.cat(parts)
+    assert rows.num_trajectories == 4 and rows.traj.tolist() == [
+        k for k, p in enumerate(parts) for _ in range(p.targets.numel())]
+    with torch.no_grad():
+        packed = selected_logp(tr.model, rows, tr.device)
+        alone = torch.cat([selected_logp(tr.model, p, tr.device) for p in parts])
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

@@ -18,7 +18,7 @@ from dlmkern.trainers import (
     build_config,
     load_config,
 )
-from dlmkern.trainers.plan import micro_groups
+from dlmkern.trainers.plan import micro_batches
 from dlmkern.trainers.update import selected_logp
 
 from .rl_helpers import rl_config
@@ -428,7 +428,7 @@ def test_micro_batches_accumulate_to_the_unsplit_step(tmp_path, reduction, budge
         batch = tr.rollout(DATA[:2])
         trajs, rewards = batch.trajs, batch.rewards
         if tokens:  # the budget really splits: 4 trajectories per mini-batch, ~10-44 tokens
-            groups = micro_groups([r.num_tokens for r in tr.rows(trajs[:4])], tokens)
+            groups = micro_batches([r.num_tokens for r in tr.rows(trajs[:4])], tokens)
             assert len(groups) >= 2 and (tokens == 40 or max(map(len, groups)) >= 2)
         stats = tr.update(trajs, torch.tensor([1.0, -1.0, 0.5, -0.5] * 2), rewards)
         runs.append((tr, stats, grads))

@@ -83,13 +83,22 @@ def _read_tensors(path: str) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
 
 
+def _read_config(path: str) -> tuple[dict, ModelConfig]:
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    return raw, ModelConfig.from_hf(raw)
+
+
+def load_config(path: str) -> ModelConfig:
+    """The ModelConfig of a Hugging Face directory, without its weights."""
+    return _read_config(path)[1]
+
+
 def load(path: str, dtype: torch.dtype | None = None, device=None):
     """Loads a DiffusionLM (or a ValueModel, if the directory holds one) from a Hugging Face
     directory. Every expected tensor must be present with the expected shape; the error names
     the tensor otherwise."""
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    config = ModelConfig.from_hf(raw)
+    raw, config = _read_config(path)
     is_value = bool(raw.get("dlmkern_value_model", False))
     with torch.device("meta"):
         model = ValueModel(config) if is_value else DiffusionLM(config)

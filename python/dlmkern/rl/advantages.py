@@ -18,12 +18,15 @@ def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
 
 
 def keep_groups(rewards: torch.Tensor, group_size: int, low: float, high: float,
-                strict: bool = False) -> torch.Tensor:
-    """Bool [num_groups]: groups whose mean reward (pass rate) lies in [low, high]
-    (TraceRL keeps 0.2..0.8), or in (low, high) with strict=True (DAPO: 0 < mean < 1)."""
-    mean = rewards.float().view(-1, group_size).mean(-1)
-    if strict:
-        return (mean > low) & (mean < high)
+                dynamic: bool = False) -> torch.Tensor:
+    """Bool [num_groups]: the prompt groups that train. Their mean reward (the pass rate, for
+    0 / 1 rewards) must lie in [low, high] (TraceRL's code keeps 0.2..0.8); `dynamic` (DAPO's
+    dynamic sampling) keeps instead the groups whose rewards are not all equal: 0 < pass rate
+    < 1 for 0 / 1 rewards, any spread for partial credit (verl's rule: std > 0)."""
+    r = rewards.float().view(-1, group_size)
+    if dynamic:
+        return (r != r[:, :1]).any(-1)
+    mean = r.mean(-1)
     return (mean >= low) & (mean <= high)
 
 

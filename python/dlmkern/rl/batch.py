@@ -1,5 +1,6 @@
 """Rows of a batch of trajectories: every trajectory's rows from its estimator, packed with
-Rows.cat. block_rows / full_rows / baseline_rows are the entry points of the trainers and bench."""
+Rows.cat. block_rows / full_rows / baseline_rows: the batch forms that tests and bench/ use (the
+trainer builds each trajectory's rows once and packs them per pass)."""
 
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ class SFTConfig(DataConfig):
     on_nonfinite: str = opt("stop", "NaN / inf loss or grad norm: stop | skip the update")
 
     def validate(self):
+        check_types(self)
         check_all([
             (0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
@@ -156,7 +157,8 @@ def _coerce(cls, key: str, value, prefix: str = ""):
     return value
 
 
-def build_config(cls, values: dict | None = None, overrides: list[str] | None = None):
+def build_config(cls, values: dict | None = None, overrides: list[str] | None = None,
+                 validate: bool = True):
     """cls(**values) with `key=value` overrides (`section.key=value` sets one key of a nested
     section or mapping: sampling.rule=dynamic, columns.answer=solution), type-checked and
     validated."""
@@ -167,14 +169,18 @@ def build_config(cls, values: dict | None = None, overrides: list[str] | None = 
         k, v = (x.strip() for x in ov.split("=", 1))
         section, dot, sub = k.partition(".")
         if dot:
-            old = merged.get(section) or {}
-            if not isinstance(old, dict):  # an instance given in `values`
+            old = merged.get(section)
+            if old is None:  # the section's default (a preset's own, when it sets one)
+                field_ = {f.name: f for f in fields(cls)}.get(section)
+                old = _default(field_) if field_ is not None else {}
+            if dataclasses.is_dataclass(old):  # an instance: its values, then the override
                 old = {f.name: getattr(old, f.name) for f in fields(old)}
             merged[section] = {**old, sub: v}
         else:
             merged[k] = v
     kwargs = {k: _coerce(cls, k, v) for k, v in merged.items()}
-    return cls(**kwargs).validate()
+    cfg = cls(**kwargs)
+    return cfg.validate() if validate else cfg
 
 
 def load_config(cls, path: str | None = None, overrides: list[str] | None = None):
@@ -210,4 +216,30 @@ def describe(cls) -> list[tuple[str, object, str]]:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as logged and checkpointed, with its algorithm (a class attribute)."""
+    return {"algo": cfg.algo, **dataclasses.asdict(cfg)}
+
+
+def check_types(cfg, prefix: str = "") -> None:
+    """Every field holds a value of its annotated type (a config built in Python skips the
+    coercion that YAML and key=value go through), floats finite; nested sections too."""
+    import math
+
+    for name, t in typing.get_type_hints(type(cfg)).items():
+        if name not in {f.name for f in fields(cfg)}:
+            continue  # a ClassVar
+        v, key = getattr(cfg, name), prefix + name
+        if dataclasses.is_dataclass(t):
+            if not isinstance(v, t):
+                raise ValueError(f"config: {key} must be a {t.__name__}, got {type(v).__name__}")
+            check_types(v, f"{key}.")
+            continue
+        if isinstance(t, types.UnionType):
+            if v is None:
+                continue
+            t = next(a for a in t.__args__ if a is not type(None))
+        ok = isinstance(v, (int, float)) if t is float else isinstance(v, t)
+        if not ok or (t in (int, float) and isinstance(v, bool)):
+            raise ValueError(f"config: {key} must be {t.__name__}, got {type(v).__name__} {v!r}")
+        if t is float and not math.isfinite(v):
+            raise ValueError(f"config: {key} must be finite, got {v!r}")

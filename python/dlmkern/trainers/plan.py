@@ -58,7 +58,7 @@ def minibatch_chunks(positions: Sequence[int], n_global: int, m: int) -> list[li
             for k in range(m)]
 
 
-def micro_groups(sizes: Sequence[int], budget: int) -> list[list[int] | None]:
+def micro_batches(sizes: Sequence[int], budget: int) -> list[list[int] | None]:
     """Consecutive items whose sizes fit `budget` (an item over it is a group of its own); one
     group without a budget. Distributed: `None` stand-ins pad the list to the longest rank's."""
     groups = [list(range(len(sizes)))]
@@ -109,7 +109,7 @@ def plan_step(positions: Sequence[int], n_global: int, rows: Sequence, reduction
         w = weight if idx else 0.0
         idx = idx or [0]  # none here: join the other ranks' step with zero weight
         passes = []
-        for group in micro_groups([rows[i].num_tokens for i in idx], budget):
+        for group in micro_batches([rows[i].num_tokens for i in idx], budget):
             real = group is not None
             traj = [idx[i] for i in group] if real else passes[-1].traj
             trained = [int(rows[i].train_rows.numel()) for i in traj]

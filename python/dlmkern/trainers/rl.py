@@ -18,10 +18,11 @@ from dlmkern import distributed
 from dlmkern._host import HOST
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
+from dlmkern.models.io import load_config
 from dlmkern.rl import RowSpec, get_estimator
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
-from dlmkern.trainers.checks import check_reward_columns, prepare_output_dir
+from dlmkern.trainers.checks import check_output_dir, check_reward_columns, prepare_output_dir
 from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
@@ -57,6 +58,11 @@ class RLTrainer(Checkpointing):
         self.prompt_format.check(self.data, tokenizer)
         self.rollout_stage = Rollout(self.cfg, tokenizer, self.prompt_format, reward_fns)
         check_reward_columns(self.data, [self.rollout_stage.spec(f) for f in self.reward_fns])
+        # a previous run refused, then the model kind read from its config.json, before
+        # output_dir is touched (overwrite) and the weights load
+        check_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir, resume_from)
+        self.cfg.check_model(model.config if isinstance(model, DiffusionLM) else
+                             load_config(model))
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
@@ -81,8 +87,8 @@ class RLTrainer(Checkpointing):
         want = cls.config_class
         if config is None:
             return want()
-        if isinstance(config, dict):
-            return build_config(want, config)
+        if isinstance(config, dict):  # validated once, by __init__ (knowing the value model)
+            return build_config(want, config, validate=False)
         if not isinstance(config, want):
             raise TypeError(
                 f"{cls.__name__} takes a {want.__name__} (its defaults are the algorithm), got "
@@ -92,9 +98,6 @@ class RLTrainer(Checkpointing):
 
     def _models(self, model: DiffusionLM, value_model: ValueModel | None) -> None:
         cfg = self.cfg
-        if model.config.block_causal and (cfg.sampling.cfg_scale or cfg.sampling.steps_total):
-            raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
-                             "(full-attention models); this model is block-causal")
         self.model = distributed.to_local_device(model)
         self.device = next(self.model.parameters()).device
         if value_model is None and cfg.use_value_model:
@@ -238,7 +241,7 @@ class RLTrainer(Checkpointing):
         return log
 
     def _stand_in_update(self, sampled: RolloutBatch, n_global: int) -> None:
-        trajs, rewards = sampled.trajs, sampled.rewards
+        trajs, rewards = sampled.trajs[:1], sampled.rewards[:1]  # one is enough to join in
         if not trajs:  # it sampled nothing either: a stand-in trajectory
             trajs = [Trajectory(prompt_ids=[0], token_ids=[0], step_map=[0], logprobs=[0.0])]
             rewards = torch.zeros(1, device=HOST)

@@ -17,7 +17,7 @@ from typing import ClassVar
 from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
 from dlmkern.sampling.rules import SamplingConfig
-from dlmkern.trainers.config import DataConfig, check_all, policy_checks
+from dlmkern.trainers.config import DataConfig, check_all, check_types, policy_checks
 from dlmkern.trainers.config import help_field as opt
 
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
@@ -45,10 +45,11 @@ class RLConfig(DataConfig):
     lam: float = opt(1.0, "GAE lambda over trace steps")
     vf_clip: float = opt(0.2, "value-loss clip around the rollout-time values")
     pass_threshold: float = opt(1.0, "a completion passes when its summed reward is >= this")
-    pass_rate_low: float = opt(0.0, "train groups whose pass rate is >= this")
-    pass_rate_high: float = opt(1.0, "train groups whose pass rate is <= this")
-    dynamic_sampling: bool = opt(False, "DAPO: train groups with 0 < pass rate < 1, oversample "
-                                 "prompts to fill the step")
+    pass_rate_low: float = opt(0.0, "train groups whose mean reward (pass rate, for 0 / 1 "
+                               "rewards) is >= this")
+    pass_rate_high: float = opt(1.0, "train groups whose mean reward is <= this")
+    dynamic_sampling: bool = opt(False, "DAPO: train groups whose rewards differ (0 < pass rate "
+                                 "< 1), oversample prompts to fill the step")
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
     # policy loss
     reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
@@ -86,25 +87,38 @@ class RLConfig(DataConfig):
 
     def validate(self, value_model: bool = False):
         """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
-        if not isinstance(self.sampling, SamplingConfig):
-            raise ValueError(f"config: sampling must be a SamplingConfig, got "
-                             f"{type(self.sampling).__name__}")
+        check_types(self)
         valued = self.use_value_model or value_model
+        n_blocks = -(-self.max_new_tokens // max(min(self.gen_block_length,
+                                                     self.max_new_tokens), 1))
         check_all([
             *_range_checks(self),
             (self.group_size >= 2 or valued,
              "group_size=1 with a group-relative advantage (the group z-score of TraceRL without "
              "a value model, DiPO, the GRPO-style baselines) gives every sample advantage 0: "
              "nothing would train; use group_size >= 2 or use_value_model: true"),
-            (not valued or get_estimator(self.estimator).trace_steps,
+            (not self.sampling.steps_total or self.sampling.steps_total % n_blocks == 0,
+             f"sampling.steps_total={self.sampling.steps_total} must split evenly over the "
+             f"{n_blocks} blocks of max_new_tokens / gen_block_length (LLaDA's rule)"),
+            (not valued or self.estimator not in ESTIMATORS or
+             get_estimator(self.estimator).trace_steps,
              f"use_value_model needs estimator: trace (GAE runs over trace steps; "
              f"{self.estimator!r} rows have none)"),
             (not self.dynamic_sampling or (self.pass_rate_low, self.pass_rate_high) == (0.0, 1.0),
-             "dynamic_sampling keeps 0 < pass rate < 1 by itself: leave pass_rate_low / "
-             "pass_rate_high at 0 / 1 (they would be ignored)"),
+             f"dynamic_sampling keeps the groups whose rewards differ by itself: set "
+             f"pass_rate_low: 0 and pass_rate_high: 1 (they are {self.pass_rate_low} / "
+             f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
+             f"use DiPOConfig"),
             *policy_checks(self),
         ])
         return self
+
+
+    def check_model(self, model_config) -> None:
+        """Settings that only one kind of model takes (its config.json is enough)."""
+        if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
+            raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
+                             "(full-attention models); this model is block-causal")
 
 
 def _range_checks(c: RLConfig) -> list:

@@ -11,7 +11,7 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST
-from dlmkern.rl import group_zscore
+from dlmkern.rl import group_zscore, keep_groups
 from dlmkern.sampling import BlockSampler, FullSampler
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
@@ -62,17 +62,11 @@ class RolloutBatch:
         return [where[p] * g + k for p in self.prompts for k in range(g)], len(order) * g
 
 
-def pass_rates(rewards: torch.Tensor, group_size: int, threshold: float) -> torch.Tensor:
-    """[num groups]: the share of each group's completions whose reward is >= threshold."""
-    return (rewards.float() >= threshold).float().view(-1, group_size).mean(-1)
-
-
 def keep_mask(rewards: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
-    """Bool per group: which groups are trained (pass-rate filter, or DAPO's 0 < rate < 1)."""
-    rate = pass_rates(rewards, cfg.group_size, cfg.pass_threshold)
-    if cfg.dynamic_sampling:
-        return (rate > 0) & (rate < 1)
-    return (rate >= cfg.pass_rate_low) & (rate <= cfg.pass_rate_high)
+    """Bool per group: which groups are trained (dlmkern.rl.keep_groups: the config's bounds on
+    the mean reward, or DAPO's groups with a reward spread)."""
+    return keep_groups(rewards, cfg.group_size, cfg.pass_rate_low, cfg.pass_rate_high,
+                       dynamic=cfg.dynamic_sampling)
 
 
 class Rollout:

@@ -19,7 +19,7 @@ from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
 from dlmkern.trainers.optim import MixedPrecisionAdamW
-from dlmkern.trainers.plan import micro_groups
+from dlmkern.trainers.plan import micro_batches
 
 
 class SFT(Checkpointing):
@@ -137,13 +137,13 @@ class SFT(Checkpointing):
 
     def _micro_groups(self, rows) -> list[tuple[list[int], float]]:
         """(row indices, weight) per forward: consecutive rows whose packed tokens fit
-        micro_batch_tokens (trainers.plan.micro_groups: the stand-ins that keep ranks in step
+        micro_batch_tokens (trainers.plan.micro_batches: the stand-ins that keep ranks in step
         repeat the last group at weight 0)."""
         copies = 2 if self.model.config.block_causal else 1  # [noisy | clean]
         sizes = [copies * sum(len(x) for x in self.encode(r)) for r in rows] \
             if self.cfg.micro_batch_tokens > 0 else [0] * len(rows)
         out = []
-        for g in micro_groups(sizes, self.cfg.micro_batch_tokens):
+        for g in micro_batches(sizes, self.cfg.micro_batch_tokens):
             out.append((g, 1.0) if g is not None else (out[-1][0], 0.0))
         return out
 

@@ -1,6 +1,7 @@
 """The update stage (SPEC 4.6 / 2.4): for each planned mini-batch, the no-grad quantities of the
 rollout-time policy (old / reference log-probs, values, GAE targets), then its optimizer steps.
-Policy and value terms go through `policy_value_loss` in ONE call per pass."""
+Policy and value terms go through `policy_value_loss` in ONE call per pass (two under seq_mean,
+see Update._pass)."""
 
 from __future__ import annotations
 
@@ -84,6 +85,36 @@ class Update:
                                                  t.cfg.lam)
         prep.old_v = old_v
 
+    def _pass(self, mb: MiniBatch, prep: Prepared, several: bool) -> dict:
+        """Forward and backward of one pass; its statistics (0-d tensors). The value term rides
+        in the policy's policy_value_loss call, except under seq_mean: one op reduction cannot
+        be the policy's per-sequence mean and the value loss's token mean, so there the value
+        term keeps its own call (its gradient stays that of the token-mean value loss)."""
+        t, cfg, vm = self.t, self.t.cfg, self.t.value_model
+        p, r = prep.plan, prep.rows
+        logp = selected_logp(t.model, r, t.device)
+        values = selected_values(vm, r, t.device) if vm is not None else None
+        fused = vm is not None and cfg.reduction != "seq_mean"
+        mask = torch.ones_like(logp, dtype=torch.bool)
+        loss, st = policy_value_loss(
+            logp, prep.old_logp, prep.adv, mask, ref_logp=prep.ref_logp,
+            values=values if fused else None, old_values=prep.old_v if fused else None,
+            returns=prep.returns if fused else None, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+            dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef,
+            vf_coef=_vf_coef(mb, p, cfg, int(logp.numel())), vf_clip=cfg.vf_clip,
+            reduction=cfg.reduction, seq_ids=r.traj, num_seqs=r.num_trajectories,
+            normalizer=cfg.loss_normalizer)
+        # a single pass keeps the expression (and its rounding) of an unsplit step
+        (loss * (mb.policy_scale * p.policy_share if several else mb.policy_scale)).backward()
+        if vm is not None and not fused:
+            z = torch.zeros_like(values)
+            vloss, vst = policy_value_loss(z, z, z, mask, values=values, old_values=prep.old_v,
+                                           returns=prep.returns, vf_coef=1.0,
+                                           vf_clip=cfg.vf_clip)
+            (vloss * (mb.value_scale * p.value_share if several else mb.value_scale)).backward()
+            st = dict(st, vf_loss=vst["vf_loss"], vf_clip_frac=vst["vf_clip_frac"])
+        return st
+
     def step(self, mb: MiniBatch, prepared: list[Prepared]) -> dict:
         """One optimizer step of the policy (and the value model) on a prepared mini-batch."""
         t, cfg = self.t, self.t.cfg
@@ -96,20 +127,8 @@ class Update:
         several = len(prepared) > 1
         parts = []
         for prep in prepared:
-            p, r = prep.plan, prep.rows
-            logp = selected_logp(t.model, r, t.device)
-            values = selected_values(vm, r, t.device) if vm is not None else None
-            coef = _vf_coef(mb, p, cfg, int(logp.numel()))
-            loss, st = policy_value_loss(
-                logp, prep.old_logp, prep.adv, torch.ones_like(logp, dtype=torch.bool),
-                ref_logp=prep.ref_logp, values=values, old_values=prep.old_v,
-                returns=prep.returns, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef, vf_coef=coef,
-                vf_clip=cfg.vf_clip, reduction=cfg.reduction, seq_ids=r.traj,
-                num_seqs=r.num_trajectories, normalizer=cfg.loss_normalizer)
-            # a single pass keeps the expression (and its rounding) of an unsplit step
-            scale = mb.policy_scale if not several else mb.policy_scale * p.policy_share
-            (loss * scale).backward()
+            p = prep.plan
+            st = self._pass(mb, prep, several)
             if several:  # bf16 gradients summed in fp32
                 t.opt.stash_grads()
                 if vm is not None:
@@ -141,11 +160,10 @@ class Update:
 def _vf_coef(mb: MiniBatch, p: Pass, cfg, n_tokens: int) -> float:
     """vf_coef that gives the value model, through the fused loss's policy scaling, the gradient
     of its own token-mean loss at its own share (the two-call path's): equal scales for
-    token_mean; a sum's normalizer and token count otherwise. seq_mean reduces the value term
-    per sequence too (SPEC 2.4: one reduction for the fused loss)."""
+    token_mean; a sum's normalizer and token count otherwise."""
     policy = mb.policy_scale * (p.policy_share if len(mb.passes) > 1 else 1.0)
     value = mb.value_scale * (p.value_share if len(mb.passes) > 1 else 1.0)
-    if policy == 0 or cfg.reduction == "seq_mean":
+    if policy == 0:  # a stand-in: nothing flows back anyway
         return 1.0
     if cfg.reduction == "sum":
         return value * cfg.loss_normalizer / (policy * max(n_tokens, 1))
