@@ -294,6 +294,16 @@ def test_pass_rate_is_defined_by_the_threshold_not_by_reward_one():
     assert "accuracy" not in st
 
 
+def test_the_trainers_group_filter_keeps_partial_credit_groups_with_a_spread():
+    # a pass-rate filter (share >= pass_threshold) dropped every partial-credit group: DiPO with
+    # the code reward (fraction of tests passed) trained nothing
+    from dlmkern.trainers.rollout import keep_mask
+
+    r = torch.tensor([0.5, 0.25, 0.75, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert keep_mask(r, DiPOConfig(group_size=4)).tolist() == [True, False]
+    assert keep_mask(r, TraceRLConfig(group_size=4)).tolist() == [True, True]  # mean 0.5
+
+
 @pytest.mark.parametrize("family", ["sdar", "llada"])
 def test_sampler_logp_gap_is_zero_when_sampler_and_rows_agree(tmp_path, family):
     # at temperature 1 with shrinkage 1, the trainer's old log-probs on the packed rows are the

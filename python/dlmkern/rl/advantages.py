@@ -60,9 +60,10 @@ def trace_gae_batch(traj: torch.Tensor, step_ids: torch.Tensor, values: torch.Te
         return values.float() * 0, values.float() * 0
     traj, step_ids = traj.cpu().long(), step_ids.cpu().long()
     # rank of each token's step among its trajectory's distinct steps (host)
-    key = traj * (int(step_ids.max()) + 1) + step_ids
+    span = int(step_ids.max()) + 1
+    key = traj * span + step_ids
     uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    owner = uniq // (int(step_ids.max()) + 1)
+    owner = uniq // span
     first = torch.searchsorted(owner, torch.arange(n_traj, device=HOST))
     count = torch.bincount(owner, minlength=n_traj)
     rank = inverse - first[traj]

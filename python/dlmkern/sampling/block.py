@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dlmkern._host import HOST  # the block plan is built on the host, then copied over
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
 from dlmkern.sampling.rules import (
@@ -31,7 +32,6 @@ from dlmkern.sampling.rules import (
     transfer_schedule,
 )
 
-HOST = torch.device("cpu")  # the block plan is built on the host, then copied to the device
 NOT_DECODED = 2**62  # step of a position after EOS the sampler never unmasked: [MASK] always
 
 

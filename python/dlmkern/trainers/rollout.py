@@ -36,10 +36,11 @@ class RolloutBatch:
     def groups(self, keep: torch.Tensor) -> RolloutBatch:
         """The groups where `keep` [num groups] is True."""
         g = self.group_size
-        idx = [i for gi in keep.nonzero().flatten().tolist() for i in range(gi * g, gi * g + g)]
+        kept = keep.nonzero().flatten().tolist()
+        idx = [i for gi in kept for i in range(gi * g, gi * g + g)]
         sel = torch.tensor(idx, dtype=torch.long, device=HOST)
         return RolloutBatch([self.trajs[i] for i in idx], self.rewards[sel],
-                            [self.prompts[gi] for gi in keep.nonzero().flatten().tolist()], g,
+                            [self.prompts[gi] for gi in kept], g,
                             advantages=None if self.advantages is None else self.advantages[sel])
 
     @staticmethod
