@@ -144,12 +144,29 @@ def test_threads_share_a_pool(pool2):
 
 def test_worker_count_setting(monkeypatch):
     monkeypatch.delenv(pool_mod.ENV_WORKERS, raising=False)
+    monkeypatch.delenv(pool_mod.ENV_LOCAL_RANKS, raising=False)
     assert reward_workers() == len(os.sched_getaffinity(0))
     monkeypatch.setenv(pool_mod.ENV_WORKERS, "3")
     assert reward_workers() == 3 and reward_workers(5) == 5
     for bad in ("0", "two"):
         monkeypatch.setenv(pool_mod.ENV_WORKERS, bad)
         with pytest.raises(ValueError, match="integer|>= 1"):
+            reward_workers()
+
+
+def test_worker_count_is_shared_by_the_ranks_on_a_machine(monkeypatch):
+    # 8 torchrun ranks each sized their pool to every CPU: 8 x 16 interpreters on 16 cores.
+    monkeypatch.delenv(pool_mod.ENV_WORKERS, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    for ranks, want in (("1", 16), ("8", 2), ("3", 5), ("32", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+        assert reward_workers() == want
+    monkeypatch.setenv(pool_mod.ENV_WORKERS, "6")  # an explicit size is per rank already
+    assert reward_workers() == 6 and reward_workers(4) == 4
+    monkeypatch.delenv(pool_mod.ENV_WORKERS)
+    for bad in ("0", "eight"):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", bad)
+        with pytest.raises(ValueError, match="LOCAL_WORLD_SIZE"):
             reward_workers()
 
 

@@ -12,8 +12,9 @@ re-import the trainer's __main__ (an unguarded script would start workers recurs
 imports only math-verify, not dlmkern or torch (~0.7 s and ~60 MB per worker instead of ~4 s
 and ~0.8 GB).
 
-Size: `workers=`, else $DLMKERN_REWARD_WORKERS, else the CPUs this process may run on. Pools are
-shared per size, safe to call from several threads at once, and killed at exit.
+Size: `workers=`, else $DLMKERN_REWARD_WORKERS, else the CPUs this process may run on divided by
+the ranks on this machine ($LOCAL_WORLD_SIZE). Pools are shared per size, safe to call from
+several threads at once, and killed at exit.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from dlmkern.rewards._verify_worker import RUN_NAME
 
 WORKER_FILE = os.path.join(os.path.dirname(__file__), "_verify_worker.py")
 ENV_WORKERS = "DLMKERN_REWARD_WORKERS"
+ENV_LOCAL_RANKS = "LOCAL_WORLD_SIZE"  # set by torchrun: ranks on this machine
 START_METHOD = "spawn"  # a fresh interpreter per worker; never a fork of the trainer
 START_TIMEOUT = 60.0  # for a fresh worker to import sympy / math-verify on a loaded machine
 MAX_TRIES = 2         # an answer whose worker died under it (not by our timeout) is tried again
@@ -39,21 +41,42 @@ _EMPTY = object()     # an idle slot with no worker process (started when the sl
 
 
 def reward_workers(workers: int | None = None) -> int:
-    """`workers`, else $DLMKERN_REWARD_WORKERS, else the CPUs this process may use."""
+    """`workers`, else $DLMKERN_REWARD_WORKERS, else the CPUs this process may use shared among
+    the ranks on this machine (torchrun's $LOCAL_WORLD_SIZE; at least one worker per rank)."""
     if workers is None:
         env = os.environ.get(ENV_WORKERS, "").strip()
         if env:
-            try:
-                workers = int(env)
-            except ValueError:
-                raise ValueError(f"{ENV_WORKERS}={env!r} is not an integer") from None
-        elif hasattr(os, "sched_getaffinity"):
-            workers = len(os.sched_getaffinity(0))
+            workers = _env_int(ENV_WORKERS, env)
         else:
-            workers = os.cpu_count() or 1
+            workers = max(1, _cpus() // _local_ranks())
     if workers < 1:
         raise ValueError(f"reward workers must be >= 1, got {workers}")
     return workers
+
+
+def _cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _local_ranks() -> int:
+    """Ranks of this job on this machine: every rank would otherwise start one interpreter per
+    CPU (8 ranks x all cores)."""
+    env = os.environ.get(ENV_LOCAL_RANKS, "").strip()
+    if not env:
+        return 1
+    n = _env_int(ENV_LOCAL_RANKS, env)
+    if n < 1:
+        raise ValueError(f"{ENV_LOCAL_RANKS}={env!r} must be >= 1")
+    return n
+
+
+def _env_int(key: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r} is not an integer") from None
 
 
 class _Worker:
