@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlmkern._host import HOST
+from dlmkern._host import HOST, planning, read
 from dlmkern.models.transformer import DiffusionLM, KVCache
 from dlmkern.ops import layouts
 from dlmkern.sampling.block import Trajectory, end_at_eos, lagged_all_done
@@ -93,8 +93,9 @@ class FullSampler:
         trajs = [Trajectory(p) for p in prompts]
         counter = [0] * len(prompts)
         done = [False] * len(prompts)
-        for lo in range(0, self.gen_length, self.block_length):
-            if all(done):
+        plan = planning()  # dlmkern.plan: later blocks repeat these shapes (module doc of _host)
+        for k, lo in enumerate(range(0, self.gen_length, self.block_length)):
+            if all(done) or (plan is not None and k >= plan.blocks):
                 break
             hi = min(lo + self.block_length, self.gen_length)
             blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)
@@ -207,9 +208,10 @@ class FullSampler:
         """The block's one read-back: tokens, step map, log-probs and counters to the host; a
         sequence whose block holds EOS ends there (its after_eos context: the rest of the canvas,
         the `masked_after` positions after this block still [MASK])."""
-        tokens = canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape).tolist()
-        step_map, logprobs = blk.step_map.tolist(), blk.logprobs.tolist()
-        for i, c in enumerate(blk.counter.tolist()):
+        tokens, step_map, logprobs, counters = read(
+            canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape), blk.step_map,
+            blk.logprobs, blk.counter)
+        for i, c in enumerate(counters):
             if done[i]:
                 continue
             t = trajs[i]
