@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from dlmkern import distributed
-from dlmkern._host import HOST
+from dlmkern._host import HOST, read
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, ValueModel, load
 from dlmkern.models.io import load_config
@@ -195,7 +195,8 @@ class RLTrainer(Checkpointing):
         stats.update(train_tokens=sum(mb.n_tokens for mb in mine),
                      row_tokens=sum(mb.row_tokens for mb in mine), optimizer_steps=len(steps))
         if self.estimator.trace_steps:  # over every rank's trained tokens
-            gap = sum(float(x.logp_gap) for prep in prepared for x in prep if x.plan.weight > 0)
+            gaps = [x.logp_gap for prep in prepared for x in prep if x.plan.weight > 0]
+            gap = sum(read(torch.stack(gaps))[0]) if gaps else 0.0
             n = distributed.all_sum(stats["train_tokens"])
             stats["sampler_logp_gap"] = distributed.all_sum(gap) / n if n else 0.0
         return stats

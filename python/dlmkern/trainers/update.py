@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dlmkern._host import HOST
+from dlmkern._host import HOST, read_floats
 from dlmkern.ops import policy_value_loss
 from dlmkern.rl import Rows
 from dlmkern.rl.advantages import trace_gae_batch
@@ -136,16 +136,21 @@ class Update:
             if p.weight > 0 or mb.weight == 0 or not several:  # stand-in ranks keep theirs
                 parts.append((p, st, prep))
         t.opt.unstash_grads()
-        stats = {}
+        norms = {}
         if vm is not None:
             t.value_opt.unstash_grads()
-            vnorm = torch.nn.utils.clip_grad_norm_(vm.parameters(), cfg.max_grad_norm)
-            stats.update(_value_stats(parts, cfg), value_grad_norm=float(vnorm))
-        gnorm = torch.nn.utils.clip_grad_norm_(t.model.parameters(), cfg.max_grad_norm)
+            norms["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(vm.parameters(),
+                                                                      cfg.max_grad_norm)
+        norms["grad_norm"] = torch.nn.utils.clip_grad_norm_(t.model.parameters(),
+                                                            cfg.max_grad_norm)
         # to host once, after every pass is queued (no sync between passes), and before the
         # optimizer steps: a non-finite loss or gradient norm never reaches the weights
-        stats.update(combine_stats([(p.policy_share, _host(st)) for p, st, _ in parts],
-                                   cfg.kl_coef), grad_norm=float(gnorm))
+        host, host_parts = _read_step(norms, parts, vm is not None)
+        stats = {}
+        if vm is not None:
+            stats.update(_value_stats(host_parts, cfg), value_grad_norm=host["value_grad_norm"])
+        stats.update(combine_stats([(p.policy_share, st) for p, st, _ in host_parts],
+                                   cfg.kl_coef), grad_norm=host["grad_norm"])
         if vm is not None and nonfinite_guard(
                 t, t.value_opt, "value", {"value_loss": stats["value_loss"],
                                           "value_grad_norm": stats["value_grad_norm"]},
@@ -180,23 +185,36 @@ def _sampler_gap(rows: Rows, trajs, old_logp: torch.Tensor) -> torch.Tensor:
     return (sampler.to(old_logp.device) - old_logp.float()).abs().sum()
 
 
-def _host(st: dict) -> dict:
-    return {k: float(v) for k, v in st.items()}
+def _read_step(norms: dict, parts, valued: bool):
+    """One host read for a mini-batch: the gradient norms and every pass's statistics (and,
+    with a value model, the sum of its old values). Returns (norms, [(pass, stats, n_old_v)])
+    as floats."""
+    flat = dict(norms)
+    for j, (_, st, prep) in enumerate(parts):
+        flat.update({(j, k): v for k, v in st.items()})
+        if valued:
+            flat[(j, "old_v_sum")] = prep.old_v.sum()
+    host = read_floats(flat)
+    out = []
+    for j, (p, st, prep) in enumerate(parts):
+        keys = list(st) + (["old_v_sum"] if valued else [])
+        n_v = int(prep.old_v.numel()) if valued else 0
+        out.append((p, {k: host[(j, k)] for k in keys}, n_v))
+    return {k: host[k] for k in norms}, out
 
 
 def _value_stats(parts, cfg) -> dict:
-    """Value-loss statistics from the fused passes: the token-mean value loss (vf_loss is
-    reduced like the policy loss: a sum is turned back into a mean)."""
-    n = max(sum(int(prep.old_v.numel()) for *_, prep in parts), 1)
+    """Value-loss statistics from the fused passes' host stats: the token-mean value loss
+    (vf_loss is reduced like the policy loss: a sum is turned back into a mean)."""
+    n = max(sum(k for *_, k in parts), 1)
     loss = clip = vsum = 0.0
-    for p, st, prep in parts:
-        k = int(prep.old_v.numel())
-        vf = float(st["vf_loss"])
+    for p, st, k in parts:
+        vf = st["vf_loss"]
         if cfg.reduction == "sum":
             vf = vf * cfg.loss_normalizer / max(k, 1)
         loss += p.value_share * vf
-        clip += float(st["vf_clip_frac"]) * k
-        vsum += float(prep.old_v.sum())
+        clip += st["vf_clip_frac"] * k
+        vsum += st["old_v_sum"]
     return {"value_loss": loss, "vf_clip_frac": clip / n, "value_mean": vsum / n}
 
 
@@ -212,6 +230,7 @@ def combine_stats(parts, kl_coef: float) -> dict:
         st["loss"] = st["pg_loss"] + kl_coef * st["kl"]
         st.pop("vf_loss", None)
         st.pop("vf_clip_frac", None)
+        st.pop("old_v_sum", None)
     if len(parts) == 1:
         return dict(parts[0][1])
     tokens = max(sum(st["num_tokens"] for _, st in parts), 1.0)
