@@ -293,10 +293,12 @@ def lagged_all_done(masked: torch.Tensor, pending):
     flag = ~masked.any()
     if masked.device.type != "cuda":
         return None, bool(flag)
-    host = torch.empty((), dtype=torch.bool, pin_memory=True)
-    host.copy_(flag, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
+    # on the flag's device: an event recorded on another device's stream never waits for the copy
+    with torch.cuda.device(masked.device):
+        host = torch.empty((), dtype=torch.bool, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(masked.device))
     finished = False
     if pending is not None:
         pending[0].synchronize()
@@ -307,7 +309,8 @@ def lagged_all_done(masked: torch.Tensor, pending):
 class _StepRunner:
     """Runs BlockSampler.step on the block state of each shape: eagerly, or (CUDA) from a CUDA
     graph captured on the shape's first step (that first step runs eagerly on a side stream as
-    the warm-up). Graphs and states live for one generate() call, as the cache does.
+    the warm-up). Graphs and states live for one generate() call, as the cache does. Streams and
+    captures are made on the states' device (the model's), whatever the current device is.
     graphs="emulate" keeps the static-buffer path without capture (CPU tests)."""
 
     def __init__(self, sampler: BlockSampler, cache, graphs, pad_seqs: int = 0):
@@ -316,6 +319,7 @@ class _StepRunner:
         self.states: dict[int, _BlockState] = {}
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._pool = None
+        self._stream = None  # warm-up and capture stream: captures sharing a pool share it
 
     def state(self, S, B, n_live, device) -> _BlockState:
         if not self.graphs:
@@ -327,18 +331,22 @@ class _StepRunner:
     def __call__(self, st: _BlockState):
         if self.graphs is not True:
             return self.sampler.step(st, self.cache)
-        key = st.slots.numel()
-        graph = self._graphs.get(key)
-        if graph is not None:
-            graph.replay()
-            return
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.sampler.step(st, self.cache)  # the real step, and the capture's warm-up
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self.sampler.step(st, self.cache)
-        self._pool = graph.pool()
-        self._graphs[key] = graph
+        device = st.tokens.device  # the model's: a capture on another device's stream is empty
+        with torch.cuda.device(device):
+            key = st.slots.numel()
+            graph = self._graphs.get(key)
+            if graph is not None:
+                graph.replay()
+                return
+            if self._stream is None:
+                self._stream = torch.cuda.Stream(device=device)
+            side, current = self._stream, torch.cuda.current_stream(device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                self.sampler.step(st, self.cache)  # the real step, and the capture's warm-up
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side):
+                self.sampler.step(st, self.cache)
+            self._pool = graph.pool()
+            self._graphs[key] = graph
