@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from dlmkern._host import HOST
 
@@ -51,40 +54,75 @@ def trace_gae_batch(traj: torch.Tensor, step_ids: torch.Tensor, values: torch.Te
                     lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """trace_gae of many trajectories at once. traj / step_ids [n] on the host (the rows' host
     copies: the step structure is read there, so nothing is read back from the device), values
-    [n] and rewards [num trajectories] on the compute device. The recursions run over the
-    longest trace, all trajectories together (shorter ones are zero-padded at the end, which
-    leaves their values unchanged)."""
+    [n] and rewards [num trajectories] on the compute device. The recursions over trace steps run
+    as discounted suffix sums over all trajectories and steps together (a fixed number of ops
+    whatever the trace length; shorter traces are zero-padded at the end, which leaves their
+    values unchanged)."""
     dev = values.device
     n_traj = int(rewards.numel())
     if step_ids.numel() == 0:
         return values.float() * 0, values.float() * 0
-    traj, step_ids = traj.cpu().long(), step_ids.cpu().long()
-    # rank of each token's step among its trajectory's distinct steps (host)
+    slot, ends, K = _step_slots(traj.cpu().long(), step_ids.cpu().long(), n_traj)
+    flat = slot.to(dev)
+    v = values.float()
+    cols = K + 1  # column K stays 0: past every trace's end
+    v_step = torch.zeros(n_traj * cols, device=dev).index_add(0, flat, v)
+    n_step = torch.zeros(n_traj * cols, device=dev).index_add(0, flat, torch.ones_like(v))
+    V = (v_step / n_step.clamp(min=1)).view(n_traj, cols)
+    # the reward sits on each trajectory's last step (scattered on the device: no read-back)
+    owners, last = ends.to(dev).unbind(0)
+    r_step = torch.zeros(n_traj * cols, device=dev).index_put_(
+        (last,), rewards.float().index_select(0, owners)).view(n_traj, cols)
+    delta = r_step[:, :K] - V[:, :K] + gamma * V[:, 1:]
+    A = F.pad(discounted_suffix_sum(delta, gamma * lam), (0, 1))
+    R = F.pad(discounted_suffix_sum(r_step[:, :K], gamma), (0, 1))
+    r_tok = r_step.view(-1)[flat]
+    nxt = flat + 1
+    adv = r_tok - v + gamma * V.view(-1)[nxt] + gamma * lam * A.view(-1)[nxt]
+    ret = r_tok + gamma * R.view(-1)[nxt]
+    return adv, ret
+
+
+def _step_slots(traj: torch.Tensor, step_ids: torch.Tensor,
+                n_traj: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Host work: each token's slot traj * (K + 1) + (rank of its step among its trajectory's
+    distinct steps), the [2, m] (trajectory, slot of its last step) of the m trajectories with
+    tokens, and K, the longest trace."""
     span = int(step_ids.max()) + 1
     key = traj * span + step_ids
     uniq, inverse = torch.unique(key, sorted=True, return_inverse=True)
     owner = uniq // span
     first = torch.searchsorted(owner, torch.arange(n_traj, device=HOST))
     count = torch.bincount(owner, minlength=n_traj)
-    rank = inverse - first[traj]
     K = int(count.max())
-    flat = (traj * (K + 1) + rank).to(dev)
-    v = values.float()
-    shape = (n_traj, K + 1)
-    v_step = torch.zeros(n_traj * (K + 1), device=dev).index_add(0, flat, v)
-    n_step = torch.zeros(n_traj * (K + 1), device=dev).index_add(0, flat, torch.ones_like(v))
-    V = (v_step / n_step.clamp(min=1)).view(shape)
-    r_step = torch.zeros(shape, device=HOST)  # the reward sits on each trajectory's last step
-    has = count > 0
-    r_step[torch.arange(n_traj, device=HOST)[has], count[has] - 1] = rewards.float().cpu()[has]
-    r_step = r_step.to(dev)
-    R = torch.zeros(shape, device=dev)
-    A = torch.zeros(shape, device=dev)
-    for k in range(K - 1, -1, -1):  # column K stays 0: past every trace's end
-        R[:, k] = r_step[:, k] + gamma * R[:, k + 1]
-        A[:, k] = r_step[:, k] - V[:, k] + gamma * V[:, k + 1] + gamma * lam * A[:, k + 1]
-    r_tok = r_step.view(-1)[flat]
-    nxt = flat + 1
-    adv = r_tok - v + gamma * V.view(-1)[nxt] + gamma * lam * A.view(-1)[nxt]
-    ret = r_tok + gamma * R.view(-1)[nxt]
-    return adv, ret
+    slot = traj * (K + 1) + inverse - first[traj]
+    has = torch.nonzero(count).view(-1)
+    return slot, torch.stack([has, has * (K + 1) + count[has] - 1]), K
+
+
+def discounted_suffix_sum(x: torch.Tensor, c: float) -> torch.Tensor:
+    """out[:, k] = sum_{j >= k} c^(j - k) x[:, j], i.e. out_k = x_k + c out_{k+1}, for x [n, K],
+    without a loop over k: the steps are cut into blocks of C ~ sqrt(K); a C x C matrix of
+    discounts sums within each block and an nb x nb one carries later blocks back. Only powers
+    c^m with m >= 0 appear (for c <= 1 they underflow harmlessly to 0 and never overflow, unlike
+    a cumsum of x_j c^-j), in float64 (no TF32 matmul)."""
+    n, K = x.shape
+    if K == 0:
+        return x.clone()
+    C = math.isqrt(K - 1) + 1  # ceil(sqrt(K))
+    nb = -(-K // C)
+    dev = x.device
+    blocks = F.pad(x.double(), (0, nb * C - K)).view(n, nb, C)
+    local = blocks @ _discounts(C, c, 1, dev).T  # local[:, b, i]: block b's own steps from i on
+    head = local[:, :, 0] @ _discounts(nb, c, C, dev).T  # head[:, b]: everything from block b on
+    carry = F.pad(head[:, 1:], (0, 1))  # what blocks after b contribute, seen from its end
+    tail = c ** (C - torch.arange(C, device=dev, dtype=torch.float64))
+    out = local + carry[:, :, None] * tail
+    return out.view(n, nb * C)[:, :K].to(x.dtype)
+
+
+def _discounts(m: int, c: float, stride: int, device) -> torch.Tensor:
+    """[m, m] float64: c^(stride * (j - i)) for j >= i, else 0."""
+    i = torch.arange(m, device=device, dtype=torch.float64)
+    e = i[None, :] - i[:, None]
+    return torch.where(e >= 0, c ** (stride * e.clamp(min=0)), 0.0)
