@@ -27,7 +27,7 @@ class RunFile:
     dataset: str
     reward: str = "math"
     tokenizer: str | None = None
-    dtype: str = "bfloat16"          # weights on GPU (float32 on CPU)
+    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU; float32 refused on GPU
     trainer: dict = field(default_factory=dict)
     resume: str | None = None
 
@@ -57,8 +57,7 @@ def parse_run(path: str, overrides: list[str]):
         else:
             trainer_over.append(ov)
     run = RunFile(**raw)
-    if run.dtype not in ("bfloat16", "float16", "float32"):
-        raise ValueError(f"{path}: dtype must be bfloat16, float16 or float32, got {run.dtype!r}")
+    _check_dtype(path, run.dtype)
     if run.algo != "sft" and run.algo not in PRESETS:
         raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, 'sft'])}, got "
                          f"{run.algo!r}")
@@ -80,6 +79,21 @@ def parse_run(path: str, overrides: list[str]):
     cls = SFTConfig if run.algo == "sft" else PRESETS[run.algo]
     cfg = build_config(cls, run.trainer, trainer_over)
     return run, cfg
+
+
+def _check_dtype(path: str, dtype) -> None:
+    """The run's dtype on the device the run will use (this rank's GPU when there is CUDA):
+    float32 with the CUDA kernels is refused here, naming the key, not at the first forward."""
+    import torch
+
+    from dlmkern.models.io import run_dtype
+
+    if dtype is None:
+        return
+    try:  # only is_available(): no CUDA call before the refusal
+        run_dtype("cuda" if torch.cuda.is_available() else "cpu", dtype)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def resolve_reward(spec: str):
@@ -145,37 +159,34 @@ def check_train_inputs(run, cfg, tok=None):
 
 def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
-    import torch
-
-    from dlmkern.models import load
     from dlmkern.trainers import SFT, RLTrainer
 
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
     data, reward = check_train_inputs(run, cfg, tok)
-    if torch.cuda.is_available():  # one GPU per rank under torchrun
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        model = load(run.model, dtype=getattr(torch, run.dtype), device=device)
-    else:
-        model = load(run.model)
+    # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
     if run.algo == "sft":
-        trainer = SFT(model, tok, data, cfg, resume_from=run.resume)
+        trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype)
     else:  # the config is the algorithm
-        trainer = RLTrainer(model, tok, data, reward, cfg, resume_from=run.resume)
+        trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
+                            dtype=run.dtype)
     trainer.train()
 
 
 def _load_for_inference(args):
-    """The model on --device in --dtype (defaults: the GPU in bfloat16 when there is one, else
-    the CPU in float32) and its tokenizer (loaded first: a bad path fails before the weights)."""
+    """The model on --device in --dtype (defaults: this process's GPU in bfloat16 when there is
+    one, else the CPU in float32; float32 on CUDA refused before anything loads) and its
+    tokenizer (loaded first: a bad path fails before the weights)."""
     import torch
 
+    from dlmkern.distributed import local_device
     from dlmkern.models import load
+    from dlmkern.models.io import run_dtype
 
+    device = torch.device(args.device) if args.device else local_device()
+    dtype = run_dtype(device, args.dtype, key="--dtype")
     tok = make_tokenizer(args.tokenizer or args.model)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return load(args.model, dtype=getattr(torch, dtype), device=device).eval(), tok
+    return load(args.model, dtype=dtype, device=device).eval(), tok
 
 
 def _sampler(model, tok, args):

@@ -56,12 +56,29 @@ def _destroy_at_exit():
         dist.destroy_process_group()
 
 
+def local_device() -> torch.device:
+    """This rank's device: its GPU when there is CUDA (cuda:LOCAL_RANK under torchrun, else the
+    current GPU), otherwise the CPU. Where a run's weights, given as a path, are loaded."""
+    return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_device(device) -> torch.device:
+    """``device`` (default: the CPU) as a torch.device; a bare "cuda" names this rank's GPU
+    (cuda:LOCAL_RANK under torchrun: not cuda:0 on every rank), explicit indices are kept."""
+    dev = torch.device("cpu" if device is None else device)
+    if dev.type != "cuda" or dev.index is not None:
+        return dev
+    if "LOCAL_RANK" in os.environ:  # torchrun sets it; no CUDA call needed to read it
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
 def to_local_device(model: torch.nn.Module) -> torch.nn.Module:
-    """Under torchrun a model loaded with device="cuda" before the process group existed sits on
-    cuda:0 on every rank; move it to this rank's GPU (LOCAL_RANK)."""
+    """Under torchrun a model loaded onto cuda:0 before the process group existed sits there on
+    every rank; move it to this rank's GPU (LOCAL_RANK)."""
     p = next(model.parameters(), None)
     if enabled() and p is not None and p.is_cuda:
-        local = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = resolve_device("cuda")
         if p.device != local:
             model.to(local)
     return model

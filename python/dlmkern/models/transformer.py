@@ -259,16 +259,42 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: DiffusionLM) -> ValueModel:
-        vm = cls(policy.config)
-        vm.trunk.load_state_dict(policy.state_dict())
-        return vm.to(next(policy.parameters()).dtype).to(next(policy.parameters()).device)
+        """A value model whose trunk is a copy of ``policy``'s weights, in its dtype on its
+        device, and whose head is zero: built on the meta device and filled from the policy's
+        tensors (no random init of a model, no fp32 copy)."""
+        from dlmkern.models.io import materialize
+
+        p = next(policy.parameters())
+        with torch.device("meta"):
+            trunk = DiffusionLM(policy.config)
+        trunk = materialize(trunk, p.dtype, p.device)
+        trunk.load_state_dict(policy.state_dict())
+        return cls.around(trunk)
+
+    @classmethod
+    def around(cls, trunk: DiffusionLM) -> ValueModel:
+        """A value model whose trunk IS ``trunk`` (its tensors, not a copy), with a zero head in
+        the trunk's dtype on its device."""
+        p = next(trunk.parameters())
+        with torch.device("meta"):  # the trunk built here is replaced: nothing allocated
+            vm = cls(trunk.config)
+        vm.trunk = trunk
+        vm.value_head = vm.value_head.to(p.dtype).to_empty(device=p.device)
+        with torch.no_grad():
+            vm.value_head.weight.zero_()
+            vm.value_head.bias.zero_()
+        return vm
 
     @classmethod
     def from_policy_checkpoint(cls, path: str, dtype=None, device=None) -> ValueModel:
-        """A value model whose trunk starts from the policy saved at ``path``."""
+        """A value model whose trunk starts from the policy saved at ``path`` (loaded once,
+        straight into the trunk: dlmkern.models.io.load's dtype / device rules)."""
         from dlmkern.models.io import load
 
-        return cls.from_policy(load(path, dtype=dtype, device=device))
+        policy = load(path, dtype=dtype, device=device)
+        if not isinstance(policy, DiffusionLM):
+            raise ValueError(f"{path}: holds a value model, not a policy; load it with load()")
+        return cls.around(policy)
 
     def save_pretrained(self, path: str) -> None:
         from dlmkern.models.io import save_pretrained

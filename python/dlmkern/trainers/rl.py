@@ -17,8 +17,8 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, read
 from dlmkern.data import PromptFormat, load_dataset
-from dlmkern.models import DiffusionLM, ValueModel, load
-from dlmkern.models.io import load_config
+from dlmkern.models import DiffusionLM, ValueModel
+from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.rl import RowSpec, get_estimator
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
@@ -41,13 +41,17 @@ class RLTrainer(Checkpointing):
     list[float]`` (summed), each receiving the dataset columns its signature names (checked when
     the trainer is built); ``config``: an instance of ``config_class`` (or a subclass), a dict of
     overrides of it, or None for its defaults. Before any model work the trainer applies the
-    ``existing_output_dir`` policy. ``resume_from``: a checkpoint directory to start from."""
+    ``existing_output_dir`` policy. ``resume_from``: a checkpoint directory to start from. A
+    ``model`` path loads onto ``device`` in ``dtype`` (defaults: this rank's device, bfloat16 on
+    CUDA, float32 on CPU; models.io.run_target); a module is used as it is."""
 
     config_class: ClassVar[type[RLConfig]] = RLConfig
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config=None,
-                 value_model: ValueModel | None = None, resume_from: str | None = None):
+                 value_model: ValueModel | None = None, resume_from: str | None = None,
+                 device=None, dtype=None):
         self.cfg = self._config(config).validate(value_model=value_model is not None)
+        target = run_target(model, device, dtype)  # refused before any work
         self.name = self.cfg.algo
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
@@ -66,7 +70,7 @@ class RLTrainer(Checkpointing):
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
-        self._models(load(model) if isinstance(model, str) else model, value_model)
+        self._models(load_for_run(model, target), value_model)
         self.estimator = get_estimator(self.cfg.estimator)
         c = self.model.config
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
@@ -303,5 +307,6 @@ class DiPO(RLTrainer):
     config_class = DiPOConfig
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config=None,
-                 resume_from: str | None = None):
-        super().__init__(model, tokenizer, dataset, reward_fns, config, resume_from=resume_from)
+                 resume_from: str | None = None, device=None, dtype=None):
+        super().__init__(model, tokenizer, dataset, reward_fns, config, resume_from=resume_from,
+                         device=device, dtype=dtype)

@@ -12,7 +12,8 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST
 from dlmkern.data import PromptFormat, load_dataset
-from dlmkern.models import DiffusionLM, load
+from dlmkern.models import DiffusionLM
+from dlmkern.models.io import load_for_run, run_target
 from dlmkern.ops import layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require_column
@@ -38,11 +39,14 @@ class SFT(Checkpointing):
     ``output_dir`` and checks that every row has the answer column; a non-finite loss or
     gradient norm stops training (or skips the update: ``on_nonfinite``). ``resume_from``: a
     checkpoint directory to start from (inside output_dir it continues that run whatever the
-    policy)."""
+    policy). A ``model`` path loads onto ``device`` in ``dtype`` (defaults: this rank's device,
+    bfloat16 on CUDA, float32 on CPU; models.io.run_target); a module is used as it is."""
 
     def __init__(self, model, tokenizer, dataset, config: SFTConfig | None = None,
-                 answer_key: str = "answer", resume_from: str | None = None):
+                 answer_key: str = "answer", resume_from: str | None = None, device=None,
+                 dtype=None):
         self.cfg = (config or SFTConfig()).validate()
+        target = run_target(model, device, dtype)  # refused before any work
         torch.manual_seed(self.cfg.seed)
         self.distributed = distributed.init()
         if self.cfg.batch_size < distributed.world():
@@ -57,8 +61,7 @@ class SFT(Checkpointing):
         self.prompt_format.check(self.data, tokenizer)
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
-        self.model: DiffusionLM = distributed.to_local_device(
-            load(model) if isinstance(model, str) else model)
+        self.model: DiffusionLM = distributed.to_local_device(load_for_run(model, target))
         self.tok = tokenizer
         self.device = next(self.model.parameters()).device
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
