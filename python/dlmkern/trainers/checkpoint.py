@@ -1,7 +1,9 @@
 """Checkpoints shared by every trainer: model, value model and optimizers through
 torch.distributed.checkpoint (sharded when training on several ranks, loadable on any number of
 ranks), RNG states, the trainer's own progress (step, data position, ...) and a Hugging Face
-export of the model, written atomically."""
+export of the model, written atomically. A run keeps its last `keep_last` periodic checkpoints
+(and `final`), with or without the optimizer state (`save_optimizer`), and checks before it
+trains that the disk holds as many as will exist at once (`checkpoint_bytes`)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,11 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST
+from dlmkern.trainers.checks import _CKPT
 from dlmkern.trainers.config import to_dict
+from dlmkern.trainers.optim import _FP32_STATE, _LOW
+
+GIB = 2**30
 
 
 class Checkpointing:
@@ -35,9 +41,10 @@ class Checkpointing:
         raise NotImplementedError
 
     def save(self, path: str):
-        """Writes a checkpoint directory: dcp/ (model, value model, optimizers), model/ (Hugging
-        Face export), trainer_state.pt (progress and RNG states), trainer_config.json. A temporary
-        directory is renamed into place, so a crash never leaves a half-written checkpoint."""
+        """Writes a checkpoint directory: dcp/ (model, value model, optimizers unless
+        save_optimizer is off), model/ (Hugging Face export), trainer_state.pt (progress and RNG
+        states), trainer_config.json. A temporary directory is renamed into place, so a crash
+        never leaves a half-written checkpoint."""
         import torch.distributed.checkpoint as dcp
 
         from dlmkern.models.io import save_state
@@ -48,7 +55,8 @@ class Checkpointing:
             os.makedirs(tmp)
         distributed.barrier()
         with _quiet_dcp():
-            dcp.save(self._state(), checkpoint_id=os.path.join(tmp, "dcp"))
+            dcp.save(self._state(optim=self.cfg.save_optimizer),
+                     checkpoint_id=os.path.join(tmp, "dcp"))
         full = full_state(self.model)  # collective: every rank takes part
         if distributed.rank() == 0:
             save_state(self.model.config, full, os.path.join(tmp, "model"))  # training dtype
@@ -67,24 +75,23 @@ class Checkpointing:
         """Restores a checkpoint written by save(), on any number of ranks."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-        from torch.distributed.checkpoint.state_dict import set_state_dict
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-        state = self._state()
+        saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata()
+        with_optim = any(k.startswith("optim.") for k in saved.state_dict_metadata)
+        if not with_optim:
+            warnings.warn(f"{path}: the checkpoint holds no optimizer state (save_optimizer: "
+                          "false); the optimizers start fresh (moments from zero, fp32 masters "
+                          "from the weights)", RuntimeWarning, stacklevel=2)
+        state = self._state(optim=with_optim)
         # Optimizer entries of parameters that never had a gradient (the value model's unused
         # lm_head) are absent from a checkpoint but present in a fresh template: allow that.
         with _quiet_dcp():
             dcp.load(state, checkpoint_id=os.path.join(path, "dcp"),
                      planner=DefaultLoadPlanner(allow_partial_load=True))
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-        if self.value_model is not None:
-            set_state_dict(self.value_model, self.value_opt,
-                           model_state_dict=state["value_model"],
-                           optim_state_dict=state["value_optim"])
+        _set_models(state, [("model", self.model, self.opt),
+                            ("value_model", self.value_model, self.value_opt)])
         if getattr(self, "ref_model", None) is not None:
-            from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-            saved = dcp.FileSystemReader(os.path.join(path, "dcp")).read_metadata()
             if any(k.startswith("ref_model.") for k in saved.state_dict_metadata):
                 set_model_state_dict(self.ref_model, state["ref_model"])
             else:
@@ -100,20 +107,125 @@ class Checkpointing:
             logger.truncate(self.step)
         return self
 
-    def _state(self) -> dict:
-        from torch.distributed.checkpoint.state_dict import get_state_dict
+    def _state(self, optim: bool = True) -> dict:
+        """The dcp state: models (policy, value model, KL reference) and, with `optim`, the
+        optimizers (key "<model>_optim" beside each: "optim" for the policy's)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self.opt)
-        state = {"model": model_sd, "optim": optim_sd}
-        if self.value_model is not None:
-            vsd, vopt = get_state_dict(self.value_model, self.value_opt)
-            state.update(value_model=vsd, value_optim=vopt)
+        state = {}
+        for name, model, opt in (("model", self.model, self.opt),
+                                 ("value_model", self.value_model, self.value_opt)):
+            if model is None:
+                continue
+            if optim:
+                state[name], state[_OPTIM_KEY[name]] = get_state_dict(model, opt)
+            else:
+                state[name] = get_model_state_dict(model)
         if getattr(self, "ref_model", None) is not None:  # the frozen KL reference, too: a
             # resumed run must not take its current policy as the reference
-            from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
             state["ref_model"] = get_model_state_dict(self.ref_model)
         return state
+
+    def save_periodic(self) -> str:
+        """output_dir/checkpoint-<step>, then the periodic checkpoints beyond keep_last
+        deleted (oldest first; final and later steps are never touched)."""
+        out = self.cfg.output_dir
+        path = os.path.join(out, f"checkpoint-{self.step}")
+        self.save(path)
+        if distributed.rank() == 0:
+            for old in stale_checkpoints(out, self.step, self.cfg.keep_last):
+                shutil.rmtree(old, ignore_errors=True)
+        distributed.barrier()
+        return path
+
+    def check_checkpoint_disk(self) -> None:
+        """Before training: refuses a run whose checkpoints (as many as will exist at once,
+        keep_last) do not fit in output_dir's free space, naming the bytes and the settings."""
+        cfg = self.cfg
+        per = checkpoint_bytes(self.model, self.value_model, getattr(self, "ref_model", None),
+                               save_optimizer=cfg.save_optimizer)
+        se = cfg.save_every
+        saves = cfg.total_steps // se - self.step // se if se else 0
+        existing = len(periodic_checkpoints(cfg.output_dir))
+        copies = checkpoints_at_once(cfg.keep_last, max(saves, 0), existing)
+        need, free = copies * per, shutil.disk_usage(cfg.output_dir).free
+        short = distributed.all_sum(int(distributed.rank() == 0 and need > free))
+        if short:
+            lean = checkpoint_bytes(self.model, self.value_model,
+                                    getattr(self, "ref_model", None), save_optimizer=False)
+            raise ValueError(
+                f"output_dir {cfg.output_dir!r}: checkpoints need {need / GIB:.2f} GiB "
+                f"({copies} x {per / GIB:.2f} GiB: keep_last={cfg.keep_last} periodic ones and "
+                f"the one being written) but the disk has {free / GIB:.2f} GiB free; set "
+                f"save_optimizer: false ({lean / GIB:.2f} GiB each), a smaller keep_last or "
+                "save_every, or another output_dir")
+
+
+_OPTIM_KEY = {"model": "optim", "value_model": "value_optim"}
+
+
+def _set_models(state: dict, models) -> None:
+    """Loads each (name, model, optimizer) from `state`; the optimizer only when its state was
+    loaded (a checkpoint without it leaves the optimizer fresh)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    for name, model, opt in models:
+        if model is None:
+            continue
+        if _OPTIM_KEY[name] in state:
+            set_state_dict(model, opt, model_state_dict=state[name],
+                           optim_state_dict=state[_OPTIM_KEY[name]])
+        else:
+            set_model_state_dict(model, state[name])
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes of these tensors at full size (a sharded DTensor counts all ranks' shards)."""
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def optimizer_state_bytes(model) -> int:
+    """MixedPrecisionAdamW's state of `model` once every trained parameter has stepped: fp32
+    master and moments for bf16 / fp16 parameters, AdamW's two moments for the others."""
+    return sum(p.numel() * (4 * len(_FP32_STATE) if p.dtype in _LOW else 2 * p.element_size())
+               for p in model.parameters() if p.requires_grad)
+
+
+def checkpoint_bytes(model, value_model=None, ref_model=None, *,
+                     save_optimizer: bool = True) -> int:
+    """Disk of one checkpoint, over all ranks: the dcp state of the models (and the optimizer
+    state of the policy and value model, with save_optimizer) plus the Hugging Face export of
+    the policy in its dtype. Metadata, tokenizer and trainer state (kilobytes) not counted."""
+    models = [m for m in (model, value_model, ref_model) if m is not None]
+    total = sum(tensor_bytes(m.state_dict().values()) for m in models)
+    if save_optimizer:
+        total += sum(optimizer_state_bytes(m) for m in (model, value_model) if m is not None)
+    return total + tensor_bytes(model.state_dict().values())
+
+
+def checkpoints_at_once(keep_last: int, saves: int, existing: int = 0) -> int:
+    """Checkpoints a run adds to the disk at its peak, `final` included: the periodic ones kept
+    beside the `existing` ones, plus the one being written (a temporary directory until the
+    oldest is deleted). keep_last 0 keeps every one of the run's `saves`."""
+    if keep_last == 0:
+        return saves + 1
+    return max(1, min(keep_last, existing + saves) + 1 - existing)
+
+
+def periodic_checkpoints(out_dir: str) -> list[int]:
+    """Steps of out_dir's periodic checkpoints (checkpoint-N directories), ascending."""
+    if not os.path.isdir(out_dir):
+        return []
+    return sorted(int(m.group(1)) for m in map(_CKPT.match, os.listdir(out_dir))
+                  if m and os.path.isdir(os.path.join(out_dir, m.group(0))))
+
+
+def stale_checkpoints(out_dir: str, step: int, keep_last: int) -> list[str]:
+    """The periodic checkpoints of out_dir up to `step` beyond the newest keep_last (0: none
+    is stale), oldest first."""
+    steps = [n for n in periodic_checkpoints(out_dir) if n <= step]
+    old = steps[:-keep_last] if keep_last else []
+    return [os.path.join(out_dir, f"checkpoint-{n}") for n in old]
 
 
 def _rng_states() -> dict:

@@ -52,6 +52,10 @@ class SFTConfig(DataConfig):
     seed: int = opt(0, "seeds data order and masks")
     output_dir: str = opt("runs/sft", "where logs, plots and checkpoints go")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "periodic checkpoints kept (the oldest deleted; final always kept; "
+                         "0: all)")
+    save_optimizer: bool = opt(True, "checkpoints hold the optimizer state (fp32 masters and "
+                               "moments: ~6x a bf16 model); false: resume starts it fresh")
     log_every: int = opt(10, "JSONL / TensorBoard / W&B row every N steps")
     progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
     existing_output_dir: str = opt("refuse", "output_dir already holding a run: refuse | "
@@ -65,6 +69,8 @@ class SFTConfig(DataConfig):
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
+            (self.save_every >= 0 and self.keep_last >= 0,
+             "save_every and keep_last must be >= 0"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
             *policy_checks(self),
         ])

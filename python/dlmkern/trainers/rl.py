@@ -268,13 +268,14 @@ class RLTrainer(Checkpointing):
         """Runs until config.total_steps, saving every save_every steps and at the end."""
         from dlmkern.trainers.logging import progress
 
+        self.check_checkpoint_disk()  # before the first step, not at the first save
         bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
         for _ in bar:
             log = self.train_step()
             if hasattr(bar, "set_postfix") and "reward_mean" in log:
                 bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
+                self.save_periodic()  # and deletes those beyond keep_last
         self.save(os.path.join(self.cfg.output_dir, "final"))
         self.logger.plot(("reward_mean", "pass_rate", "eval_accuracy"), title=self.name,
                          marks=self.plot_marks)

@@ -74,6 +74,10 @@ class RLConfig(DataConfig):
     seed: int = opt(0, "seeds data order, sampling and masks")
     output_dir: str = opt("runs/rl", "where logs, plots and checkpoints go")
     save_every: int = opt(0, "checkpoint every N steps (0: only at the end)")
+    keep_last: int = opt(2, "periodic checkpoints kept (the oldest deleted; final always kept; "
+                         "0: all)")
+    save_optimizer: bool = opt(True, "checkpoints hold the optimizer state (fp32 masters and "
+                               "moments: ~6x a bf16 model); false: resume starts it fresh")
     log_every: int = opt(1, "JSONL / TensorBoard / W&B row every N steps")
     eval_every: int = opt(0, "run trainer.eval_fn every N steps (0: never)")
     progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
@@ -150,6 +154,7 @@ def _range_checks(c: RLConfig) -> list:
         (c.max_grad_norm > 0, "max_grad_norm must be > 0"),
         (c.total_steps >= 0, "total_steps must be >= 0"),
         (c.save_every >= 0 and c.eval_every >= 0, "save_every and eval_every must be >= 0"),
+        (c.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
     ]
 
 

@@ -188,12 +188,13 @@ class SFT(Checkpointing):
     def train(self):
         """Runs until config.total_steps, saving every save_every steps and at the end
         (output_dir/final: checkpoint, with the Hugging Face model in final/model)."""
+        self.check_checkpoint_disk()  # before the first step, not at the first save
         for _ in progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft"):
             log = self.train_step()
             if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log:
                 self.logger.log(log)
             if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save(os.path.join(self.cfg.output_dir, f"checkpoint-{self.step}"))
+                self.save_periodic()  # and deletes those beyond keep_last
         self.save(os.path.join(self.cfg.output_dir, "final"))
         self.logger.close()
         return self
