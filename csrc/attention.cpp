@@ -10,7 +10,7 @@
 #include <unordered_map>
 
 #include "checks.h"
-#include "dlmkern/layout_errors.h"
+#include "device_errors.h"
 
 namespace dlmkern {
 namespace {
@@ -38,10 +38,6 @@ TrustedEntry make_entry(const at::Tensor& t, int64_t tokens) {
 std::mutex g_trust_mutex;
 std::unordered_map<const c10::TensorImpl*, TrustedEntry> g_trusted;
 std::atomic<int64_t> g_value_checks{0};
-
-// Layout error flags by device (see dlmkern/layout_errors.h).
-std::mutex g_flag_mutex;
-std::unordered_map<std::string, at::Tensor> g_error_flags;
 
 bool is_trusted(const at::Tensor& t, int64_t tokens) {
   if (t.is_inference()) return false;
@@ -95,8 +91,11 @@ void check_cu_seqlens(const char* op, const char* name, const at::Tensor& cu, in
                     "` must be 1-D [S + 1], got ", cu.sizes());
   TORCH_CHECK_VALUE(cu.device() == like.device(), op, ": `", name, "` must be on ",
                     like.device(), ", got ", cu.device());
+  // Known from the shapes alone (with no sequence the kernels would see no token at all).
+  TORCH_CHECK_VALUE(check_values || cu.size(0) >= 2 || total == 0, op, ": `", name,
+                    "` holds no sequence (shape [1]) but there are ", total, " tokens");
   if (!check_values) return;
-  auto c = cu.to(at::kCPU, at::kLong);
+  auto c = read_to_host(cu, at::kLong);
   const int64_t* p = c.const_data_ptr<int64_t>();
   const int64_t n = c.size(0);
   TORCH_CHECK_VALUE(p[0] == 0, op, ": `", name, "`[0] must be 0, got ", p[0]);
@@ -129,15 +128,12 @@ AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const a
   // Layout tensors validated once by trust_layout skip the per-call value checks (on a GPU a
   // device -> host copy per call, i.e. per layer and pass in training).
   if (check_values && is_trusted(cu_seqlens, T) && is_trusted(stream, T)) check_values = false;
-  if (check_values) {
-    ++g_value_checks;
-    raise_layout_errors(kBlockOp, q.device());  // this call syncs anyway
-  }
+  if (check_values) ++g_value_checks;
   check_cu_seqlens(kBlockOp, "cu_seqlens", cu_seqlens, T, q, check_values);
   check_token_ids(kBlockOp, "block", block, T, q);
   check_token_ids(kBlockOp, "stream", stream, T, q);
   if (check_values && T > 0) {
-    TORCH_CHECK_VALUE(stream.min().item<int32_t>() >= 0, kBlockOp,
+    TORCH_CHECK_VALUE(read_item<int32_t>(stream.min()) >= 0, kBlockOp,
                       ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
   }
   return AttnDims{T, q.size(1), k.size(1), q.size(2), cu_seqlens.size(0) - 1,
@@ -151,7 +147,6 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                                 std::optional<double> scale, bool check_values) {
   check_qkv(kDecodeOp, q, k_new, v_new, "k_new", "v_new");
   const int64_t T = q.size(0);
-  if (check_values) raise_layout_errors(kDecodeOp, q.device());
   check_cu_seqlens(kDecodeOp, "cu_seqlens_q", cu_seqlens_q, T, q, check_values);
   const int64_t S = cu_seqlens_q.size(0) - 1;
   TORCH_CHECK_VALUE(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), kDecodeOp,
@@ -175,12 +170,14 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                     kDecodeOp, ": `cache_seqlens` must be [", S, "] on ", q.device(), ", got ",
                     cache_seqlens.sizes(), " on ", cache_seqlens.device());
   if (check_values && S > 0) {
-    auto lens = cache_seqlens.to(at::kCPU, at::kLong);
-    auto cu = cu_seqlens_q.to(at::kCPU, at::kLong);
+    auto lens = read_to_host(cache_seqlens, at::kLong).contiguous();
+    auto cu = read_to_host(cu_seqlens_q, at::kLong).contiguous();
+    const int64_t* lp = lens.const_data_ptr<int64_t>();
+    const int64_t* cp = cu.const_data_ptr<int64_t>();
     const int64_t max_len = k_cache.size(1);
     for (int64_t i = 0; i < S; ++i) {
-      const int64_t n = lens[i].item<int64_t>();
-      const int64_t blk = cu[i + 1].item<int64_t>() - cu[i].item<int64_t>();
+      const int64_t n = lp[i];
+      const int64_t blk = cp[i + 1] - cp[i];
       TORCH_CHECK_VALUE(n >= 0 && n <= max_len, kDecodeOp, ": cache_seqlens[", i, "] = ", n,
                         " is outside [0, ", max_len, "]");
       TORCH_CHECK_VALUE(!commit || n + blk <= max_len, kDecodeOp, ": committing ", blk,
@@ -195,10 +192,12 @@ AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,
 void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream) {
   check_token_ids(kBlockOp, "stream", stream, stream.numel(), cu_seqlens);
   TORCH_CHECK_VALUE(stream.dim() == 1, kBlockOp, ": `stream` must be 1-D");
+  // Off the CPU the kernels check every call on the device; validating here would be a sync.
+  if (!cu_seqlens.is_cpu()) return;
   const int64_t T = stream.numel();
   check_cu_seqlens(kBlockOp, "cu_seqlens", cu_seqlens, T, stream, true);
   if (T > 0) {
-    TORCH_CHECK_VALUE(stream.min().item<int32_t>() >= 0, kBlockOp,
+    TORCH_CHECK_VALUE(read_item<int32_t>(stream.min()) >= 0, kBlockOp,
                       ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
   }
   if (cu_seqlens.is_inference() || stream.is_inference()) return;  // no version counter
@@ -217,56 +216,12 @@ void check_layout_values(const char* op, const at::Tensor& cu_seqlens, const at:
                          int64_t T) {
   try {
     check_cu_seqlens(op, "cu_seqlens", cu_seqlens, T, stream, true);
-    TORCH_CHECK_VALUE(T == 0 || stream.min().item<int32_t>() >= 0, op,
+    TORCH_CHECK_VALUE(T == 0 || read_item<int32_t>(stream.min()) >= 0, op,
                       ": `stream` ids must be >= 0 (0 = clean, r >= 1 = noisy copy r)");
   } catch (const c10::ValueError& e) {
     TORCH_CHECK_VALUE(false, e.msg(), " (this layout was validated when built, so its values "
                       "were changed behind torch's back, e.g. through `.data` or a numpy view)");
   }
-}
-
-unsigned* layout_error_flag(const at::Tensor& like, bool may_allocate) {
-  std::lock_guard<std::mutex> lock(g_flag_mutex);
-  const std::string key = like.device().str();
-  auto it = g_error_flags.find(key);
-  if (it == g_error_flags.end()) {
-    if (!may_allocate) return nullptr;
-    it = g_error_flags.emplace(key, at::zeros({1}, like.options().dtype(at::kInt))).first;
-  }
-  return reinterpret_cast<unsigned*>(it->second.data_ptr<int32_t>());
-}
-
-int64_t take_layout_errors(at::Device device) {
-  at::Tensor flag;
-  {
-    std::lock_guard<std::mutex> lock(g_flag_mutex);
-    auto it = g_error_flags.find(device.str());
-    if (it == g_error_flags.end()) return 0;
-    flag = it->second;
-  }
-  const int64_t bits = flag.item<int32_t>();
-  if (bits != 0) flag.zero_();
-  return bits;
-}
-
-void raise_layout_errors(const char* op, at::Device device) {
-  const int64_t bits = take_layout_errors(device);
-  if (bits == 0) return;
-  std::string what;
-  auto add = [&](unsigned bit, const char* text) {
-    if (bits & bit) what += std::string(what.empty() ? "" : "; ") + text;
-  };
-  add(kErrCuSeqlens, "block_attention: `cu_seqlens` was not 0 = c0 <= c1 <= ... <= cS = T");
-  add(kErrStream, "block_attention: a `stream` id was negative");
-  add(kErrCuSeqlensQ, "decode_attention: `cu_seqlens_q` was not 0 = c0 <= ... <= cS = T");
-  add(kErrCacheSeqlens, "decode_attention: a `cache_seqlens` entry was outside [0, max_len]");
-  add(kErrCommitOverflow,
-      "decode_attention: `cache_seqlens` + the block length exceeded max_len (commit skipped)");
-  TORCH_CHECK_VALUE(false, op, ": an earlier attention call on ", device.str(),
-                    " met impossible layout values that its host checks did not see (a trusted "
-                    "layout changed through `.data` or a numpy view, or values set inside a CUDA "
-                    "graph): ", what, ". The kernels clamped the bounds (no access outside the "
-                    "tensors) but that call's outputs are not meaningful.");
 }
 
 std::vector<SeqTiles> make_seq_tiles(const int32_t* cu, int64_t num_seqs, const int32_t* block,

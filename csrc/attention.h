@@ -17,14 +17,17 @@ struct AttnDims {
   bool values_checked = false;  // whether the host-side value checks ran in this call
 };
 
-// Validates q/k/v/cu_seqlens/block/stream of block_attention and returns the sizes.
+// Validates q/k/v/cu_seqlens/block/stream of block_attention and returns the sizes. check_values:
+// also read cu_seqlens / stream on the host (CPU backend; the CUDA glue passes false: its kernels
+// check the values on the device into the error flag, device_errors.h).
 AttnDims check_block_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                const at::Tensor& cu_seqlens, const at::Tensor& block,
                                const at::Tensor& stream, std::optional<double> scale,
                                bool check_values);
 
-// Validates a layout's cu_seqlens / stream values once (a host sync) and remembers these exact
-// tensors: while unmodified they skip check_block_attention's per-call value checks.
+// Validates a layout's cu_seqlens / stream values once and remembers these exact CPU tensors:
+// while unmodified they skip check_block_attention's per-call value checks. Tensors off the CPU
+// are not read (their kernels check on the device).
 void trust_layout(const at::Tensor& cu_seqlens, const at::Tensor& stream);
 
 // How many block_attention calls ran the host-side value checks (for tests).
@@ -37,17 +40,6 @@ int64_t attention_value_checks();
 // bounds.
 void check_layout_values(const char* op, const at::Tensor& cu_seqlens, const at::Tensor& stream,
                          int64_t T);
-
-// The device-side layout error flag of like's device (dlmkern/layout_errors.h), allocated on
-// first use; nullptr when it does not exist yet and may not be allocated now (CUDA-graph capture).
-unsigned* layout_error_flag(const at::Tensor& like, bool may_allocate);
-
-// Reads and clears the layout error flag of `device` (a device sync when the flag exists);
-// returns its bits (0 if none).
-int64_t take_layout_errors(at::Device device);
-
-// Raises a ValueError naming what a previous call on `device` met, if its flag is set.
-void raise_layout_errors(const char* op, at::Device device);
 
 // Validates the decode_attention arguments and returns the sizes (S = number of sequences).
 AttnDims check_decode_attention(const at::Tensor& q, const at::Tensor& k_new,

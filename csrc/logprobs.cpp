@@ -7,9 +7,12 @@
 
 #include <cmath>
 
-#include "checks.h"
 #include <cstdlib>
 #include <string>
+
+#include "checks.h"
+#include "device_errors.h"
+#include "dlmkern/error_flag.h"
 
 namespace dlmkern {
 namespace {
@@ -22,43 +25,52 @@ void check_temperature(const char* op, double temperature) {
                     ": `temperature` must be a finite number > 0, got ", temperature);
 }
 
-// Targets must lie in [0, V) or equal ignore_index. A value check reads device memory, so it is
-// skipped only while a CUDA graph is being captured (the caller validated before capture).
+// Targets must lie in [0, V) or equal ignore_index. On the host path a bad one raises at once; on
+// the device path it sets kErrTargets (the row kernels only compare targets with column ids, so an
+// impossible one reads nothing out of bounds).
 void check_targets(const char* op, const at::Tensor& targets, int64_t n, int64_t vocab,
-                   int64_t ignore_index, const RowKernels& k) {
+                   int64_t ignore_index, const ValueCheck& vc) {
   TORCH_CHECK_TYPE(targets.scalar_type() == at::kLong, op, ": `targets` must be int64, got ",
                    targets.scalar_type());
   TORCH_CHECK_VALUE(targets.dim() == 1 && targets.size(0) == n, op,
                     ": `targets` must have shape [", n, "], got ", targets.sizes());
-  if (n == 0 || !k.can_sync()) return;
+  if (n == 0) return;
   auto bad = (targets != ignore_index).logical_and_((targets < 0).logical_or_(targets >= vocab));
-  if (bad.any().item<bool>()) {
-    const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
+  if (!vc.on_host) return flag_if_any(vc.flag, bad, kErrTargets);
+  if (read_item<bool>(bad.any())) {
+    const int64_t i = read_item<int64_t>(bad.nonzero().select(1, 0)[0]);
     TORCH_CHECK_INDEX(false, op, ": `targets` must lie in [0, ", vocab,
                       ") or equal ignore_index=", ignore_index, "; targets[", i,
-                      "] = ", targets[i].item<int64_t>());
+                      "] = ", read_item<int64_t>(targets[i]));
   }
 }
 
-// Returns int64 row indices (a bool mask is turned into the indices of its true entries).
+// Returns int64 row indices (a bool mask is turned into the indices of its true entries: a host
+// read, whatever the device). On the device path impossible indices are clamped into [0, N) for
+// the gathers (an out-of-range index_select is a device-side assert) and set kErrRows.
 at::Tensor row_indices(const at::Tensor& rows, int64_t n_total, const at::Tensor& like,
-                       const RowKernels& k) {
+                       const ValueCheck& vc) {
   TORCH_CHECK_VALUE(rows.device() == like.device(), kOp, ": `rows` must be on ", like.device(),
                     ", got ", rows.device());
   TORCH_CHECK_VALUE(rows.dim() == 1, kOp, ": `rows` must be 1-D, got shape ", rows.sizes());
   if (rows.scalar_type() == at::kBool) {
     TORCH_CHECK_VALUE(rows.size(0) == n_total, kOp, ": bool `rows` must have shape [", n_total,
                       "], got ", rows.sizes());
+    note_host_read();  // nonzero() sizes its output from the data
     return rows.nonzero().select(1, 0);
   }
   TORCH_CHECK_TYPE(rows.scalar_type() == at::kLong, kOp,
                    ": `rows` must be int64 indices or a bool mask, got ", rows.scalar_type());
-  if (rows.numel() > 0 && k.can_sync()) {
-    auto bad = (rows < 0).logical_or_(rows >= n_total);
-    TORCH_CHECK_INDEX(!bad.any().item<bool>(), kOp, ": `rows` indices must lie in [0, ", n_total,
-                      "), got min ", rows.min().item<int64_t>(), " max ",
-                      rows.max().item<int64_t>());
+  if (rows.numel() == 0) return rows;
+  TORCH_CHECK_INDEX(n_total > 0, kOp, ": `rows` indices must lie in [0, 0): `hidden` has no rows");
+  auto bad = (rows < 0).logical_or_(rows >= n_total);
+  if (!vc.on_host) {
+    flag_if_any(vc.flag, bad, kErrRows);
+    return rows.clamp(0, n_total - 1);
   }
+  TORCH_CHECK_INDEX(!read_item<bool>(bad.any()), kOp, ": `rows` indices must lie in [0, ",
+                    n_total, "), got min ", read_item<int64_t>(rows.min()), " max ",
+                    read_item<int64_t>(rows.max()));
   return rows;
 }
 
@@ -206,11 +218,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> masked_logprobs_forward(
   TORCH_CHECK_VALUE(targets.device() == hidden.device(), kOp, ": `targets` must be on ",
                     hidden.device(), ", got ", targets.device());
   const int64_t N = hidden.size(0), V = weight.size(0);
-  check_targets(kOp, targets, N, V, ignore_index, k);
+  const ValueCheck vc = k.value_check(hidden);
+  check_targets(kOp, targets, N, V, ignore_index, vc);
 
   at::Tensor h = hidden, tgt = targets;
   if (rows.has_value() && rows->defined()) {
-    auto idx = row_indices(*rows, N, hidden, k);
+    auto idx = row_indices(*rows, N, hidden, vc);
     h = hidden.index_select(0, idx);
     tgt = targets.index_select(0, idx);
   }
@@ -249,11 +262,12 @@ std::tuple<at::Tensor, at::Tensor> masked_logprobs_backward(
   check_hidden_weight(hidden, weight);
   check_temperature(kOp, temperature);
   const int64_t N = hidden.size(0), V = weight.size(0), H = hidden.size(1);
-  check_targets(kOp, targets, N, V, ignore_index, k);
+  const ValueCheck vc = k.value_check(hidden);
+  check_targets(kOp, targets, N, V, ignore_index, vc);
 
   at::Tensor h = hidden, tgt = targets, idx;
   if (rows.has_value() && rows->defined()) {
-    idx = row_indices(*rows, N, hidden, k);
+    idx = row_indices(*rows, N, hidden, vc);
     h = hidden.index_select(0, idx);
     tgt = targets.index_select(0, idx);
   }
@@ -343,7 +357,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> logprobs_from_logits_forward(
   check_logits(logits, targets);
   check_temperature(kOpLogits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_targets(kOpLogits, targets, N, V, ignore_index, k);
+  check_targets(kOpLogits, targets, N, V, ignore_index, k.value_check(logits));
   auto x = logits.stride(1) == 1 ? logits : logits.contiguous();
   auto tgt = targets.contiguous();
   auto state = init_state(N, logits.options());
@@ -359,7 +373,7 @@ at::Tensor logprobs_from_logits_backward(
   check_logits(logits, targets);
   check_temperature(kOpLogits, temperature);
   const int64_t N = logits.size(0), V = logits.size(1);
-  check_targets(kOpLogits, targets, N, V, ignore_index, k);
+  check_targets(kOpLogits, targets, N, V, ignore_index, k.value_check(logits));
   check_saved(kOpLogits, lse, "lse", N);
   check_saved(kOpLogits, entropy, "entropy", N);
   auto x = logits.stride(1) == 1 ? logits : logits.contiguous();

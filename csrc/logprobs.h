@@ -9,6 +9,8 @@
 #include <optional>
 #include <tuple>
 
+#include "device_errors.h"
+
 namespace dlmkern {
 
 struct RowKernels {
@@ -20,8 +22,8 @@ struct RowKernels {
   void (*grad)(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0, double inv_temp,
                const at::Tensor& lse, const at::Tensor& mean_z, const at::Tensor& g_logp,
                const at::Tensor& g_ent, at::Tensor& out);
-  // Whether a value check may synchronize with the device (false during CUDA-graph capture).
-  bool (*can_sync)();
+  // How targets / rows values are checked (device_errors.h): on the host, or on the device.
+  ValueCheck (*value_check)(const at::Tensor& like);
   // Chunk sizes of the masked_logprobs drivers (rows x vocabulary).
   int64_t row_chunk;
   int64_t vocab_chunk;

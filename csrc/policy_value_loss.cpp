@@ -7,6 +7,8 @@
 #include <cmath>
 
 #include "checks.h"
+#include "device_errors.h"
+#include "dlmkern/error_flag.h"
 
 namespace dlmkern {
 namespace {
@@ -26,6 +28,20 @@ at::Tensor flat_f32(const at::Tensor& t) { return t.reshape({-1}).to(at::kFloat)
 
 const float* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.const_data_ptr<float>() : nullptr;
+}
+
+// Only unmasked tokens belong to a sequence; masked ones (padding) may carry any id. On the device
+// path a bad id sets kErrSeqIds (the kernel leaves that token out of the sums and makes the loss
+// NaN; it never indexes with it).
+void check_seq_ids(const at::Tensor& sid, const at::Tensor& mask, int64_t num_seqs,
+                   const ValueCheck& vc) {
+  auto bad = (sid < 0).logical_or_(sid >= num_seqs).logical_and_(mask.reshape({-1}));
+  if (!vc.on_host) return flag_if_any(vc.flag, bad, kErrSeqIds);
+  if (read_item<bool>(bad.any())) {
+    const int64_t i = read_item<int64_t>(bad.nonzero().select(1, 0)[0]);
+    TORCH_CHECK_INDEX(false, kOp, ": `seq_ids` of unmasked tokens must lie in [0, ", num_seqs,
+                      "), got seq_ids[", i, "] = ", read_item<int64_t>(sid[i]));
+  }
 }
 
 }  // namespace
@@ -89,14 +105,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
     if (!sid.defined()) {
       TORCH_CHECK_VALUE(num_seqs == logp.size(0), kOp, ": `num_seqs` must equal B=",
                         logp.size(0), " for [B, L] tokens without `seq_ids`, got ", num_seqs);
-    } else if (T > 0 && k.can_sync()) {
-      // Only unmasked tokens belong to a sequence; masked ones (padding) may carry any id.
-      auto bad = (sid < 0).logical_or_(sid >= num_seqs).logical_and_(mask.reshape({-1}));
-      if (bad.any().item<bool>()) {
-        const int64_t i = bad.nonzero().select(1, 0)[0].item<int64_t>();
-        TORCH_CHECK_INDEX(false, kOp, ": `seq_ids` of unmasked tokens must lie in [0, ", num_seqs,
-                          "), got seq_ids[", i, "] = ", sid[i].item<int64_t>());
-      }
+    } else if (T > 0) {
+      check_seq_ids(sid, mask, num_seqs, k.value_check(logp));
     }
   } else {
     num_seqs = 1;

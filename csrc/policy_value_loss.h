@@ -6,6 +6,7 @@
 #include <optional>
 #include <tuple>
 
+#include "device_errors.h"
 #include "policy_value_loss_args.h"
 
 namespace dlmkern {
@@ -13,7 +14,8 @@ namespace dlmkern {
 struct PvKernels {
   void (*forward)(PvForwardArgs& a);
   void (*backward)(PvBackwardArgs& a);
-  bool (*can_sync)();
+  // How seq_ids values are checked (device_errors.h): on the host, or on the device.
+  ValueCheck (*value_check)(const at::Tensor& like);
 };
 
 // Returns (loss [], stats [kNumPvOutStats], u_logp, u_values, seq_scale).

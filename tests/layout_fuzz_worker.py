@@ -1,8 +1,10 @@
 """Subprocess worker of tests/test_layout_fuzz.py (a crash here is a failed test there, not a dead
 pytest). Usage: python -m tests.layout_fuzz_worker MODE SEED CASES, MODE one of
-  native   CPU kernels, eager; emu   the CUDA kernels on the emulator, eager (host checks run);
-  capture  the emulator with a CUDA-graph capture reported (no host checks: the kernels' own
-           clamps and error flag are all there is; nothing here raises, so ASan can watch it).
+  native   CPU kernels, eager (they check on the host and raise);
+  emu      the CUDA kernels on the emulator, eager: the call reads nothing on the host, the flag
+           check after it (check_device_errors) raises naming the argument;
+  capture  the emulator with a CUDA-graph capture reported: the kernels' own clamps and error
+           flag, whose bits are recorded; nothing here raises, so ASan can watch it.
 Each case builds a trusted layout, corrupts it behind the version counter (through `.data` or a
 numpy view) before the forward or between forward and backward, runs the op and prints one JSON
 line: {"case", "arg", "valid", "error", "flag", "match"}. The line naming the case is printed and
@@ -17,7 +19,7 @@ import sys
 
 import torch
 from dlmkern import _cuda_emu
-from dlmkern.ops import block_attention, decode_attention, layouts
+from dlmkern.ops import block_attention, check_device_errors, decode_attention, layouts
 from dlmkern.ops import reference as ref
 
 I32_MAX, I32_MIN = 2**31 - 1, -(2**31)
@@ -143,16 +145,18 @@ def main(mode, seed, cases):
     scope = {"native": contextlib.nullcontext(), "emu": _cuda_emu.emulated_cuda(),
              "capture": _cuda_emu.emulated_cuda(capturing=True)}[mode]
     with scope:
-        errors = torch.ops.dlmkern_emu._layout_errors if mode != "native" else None
         for _ in range(cases):
             kind = rng.choice(["forward", "forward", "backward", "decode"])
+            rec = None
             try:
                 rec = (_decode_case(rng, mode) if kind == "decode" else
                        _attention_case(rng, mode, kind))
+                if mode == "emu":
+                    check_device_errors()  # where a sampler block / training step reads it
             except ValueError as e:  # never raised in capture mode (ASan cannot watch a throw)
-                rec = dict(_last, error=str(e).split("\n")[0])
-            if errors is not None:
-                rec["flag"] = int(errors(torch.device("cpu")))
+                rec = dict(_last, **(rec or {}), error=str(e).split("\n")[0])
+            if mode == "capture":
+                rec["flag"] = int(torch.ops.dlmkern_emu._device_errors(torch.device("cpu")))
             print(json.dumps(rec), flush=True)
 
 

@@ -11,6 +11,7 @@ from dlmkern import _cuda_emu
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.ops import (
     block_attention,
+    check_device_errors,
     decode_attention,
     layouts,
     logprobs_from_logits,
@@ -218,25 +219,29 @@ def test_decode_sequences_without_queries_and_schedules():
     assert all(torch.equal(outs[0], o) for o in outs[1:])
 
 
-def test_decode_under_capture_never_writes_past_a_cache_row():
-    """Inside a (emulated) graph capture the host checks are off; a cache_seqlens that would overrun
-    its row is clamped for the reads and its commit is skipped, other sequences are unaffected."""
+@pytest.mark.parametrize("capturing", [False, True])
+def test_decode_skips_an_overrunning_commit_and_the_check_rejects_it(capturing):
+    """The glue reads no value on the host (eager or inside a graph capture): a cache_seqlens that
+    would overrun its row is clamped for the reads and its commit is skipped, other sequences are
+    unaffected, and the next flag check raises naming the argument (then finds nothing: cleared)."""
     q, kn, vn, kc, vc, lens, cu = _decode_case(64, torch.bfloat16, [10, 98], [4, 4], 100)
     kc_before = kc.clone()
-    with emu(capturing=True):
+    with emu(capturing=capturing):
         out = decode_attention(q, kn, vn, kc, vc, lens, cu, commit=True)
-        # ... and flagged for the next host check (read and cleared here: it would otherwise
-        # make the next eager attention call in this process raise, by design)
-        assert torch.ops.dlmkern_emu._layout_errors(torch.device("cpu")) == 16
+        with pytest.raises(ValueError, match=r"`cache_seqlens` \+ the block length exceeded"):
+            check_device_errors()
+        check_device_errors()
     assert lens.tolist() == [14, 98]
     assert torch.equal(kc[0, 10:14], kn[:4]) and torch.equal(kc[1], kc_before[1])
     assert torch.isfinite(out.float()).all()
 
 
-def test_decode_outside_capture_rejects_an_overrunning_cache():
-    q, kn, vn, kc, vc, lens, cu = _decode_case(64, torch.bfloat16, [10, 98], [4, 4], 100)
-    with emu(), pytest.raises(ValueError):  # the host check refuses it
-        decode_attention(q, kn, vn, kc, vc, lens, cu, commit=True)
+def test_decode_flags_impossible_cache_lengths_by_their_bit():
+    q, kn, vn, kc, vc, lens, cu = _decode_case(64, torch.bfloat16, [10, 200], [4, 4], 100)
+    with emu():
+        decode_attention(q, kn, vn, kc, vc, lens, cu, commit=True)  # 200 > max_len
+        assert torch.ops.dlmkern_emu._device_errors(torch.device("cpu")) == 8
+    assert lens.tolist() == [14, 200]  # that sequence's commit was skipped
 
 
 # ---- log-probs -----------------------------------------------------------------------------------
@@ -370,13 +375,16 @@ def test_policy_value_loss_bad_sequence_id_under_capture_gives_nan():
     assert torch.isfinite(loss)
 
 
-def test_policy_value_loss_bad_sequence_id_outside_capture_is_an_error():
+def test_the_check_rejects_a_bad_sequence_id_after_the_call():
     b = _batch((300,), "cpu", spread=0.6)
     seq_ids = torch.zeros(300, dtype=torch.long)
     b["mask"][:] = True
     seq_ids[17] = 9
-    with emu(), pytest.raises(IndexError, match="seq_ids"):
-        _pv_run(b, reduction="seq_mean", seq_ids=seq_ids, num_seqs=4)
+    with emu():
+        loss, _, g, _ = _pv_run(b, reduction="seq_mean", seq_ids=seq_ids, num_seqs=4)
+        assert torch.isnan(loss) and torch.isfinite(g).all()
+        with pytest.raises(IndexError, match=r"`seq_ids` entry was outside \[0, num_seqs\)"):
+            check_device_errors()
 
 
 # ---- the model and the sampler on the emulated kernels -------------------------------------------

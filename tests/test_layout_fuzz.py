@@ -3,10 +3,10 @@ attention kernels never crash or touch memory outside their tensors. Trusted lay
 corrupted behind torch's version counter (`.data`, numpy views), before the forward or between
 forward and backward, in a subprocess (tests/layout_fuzz_worker.py) so a segfault fails the test
 instead of killing pytest. The documented outcomes (README "Layout integrity"):
-- CPU kernels, and the CUDA glue when it runs its host checks: a ValueError naming the argument;
-- CUDA kernels without host checks (trusted layout, CUDA-graph capture): bounds clamped (the rows
-  of the clamped sequences are exactly the reference on the clamped cu_seqlens), and the device
-  error flag names the argument at the next check;
+- CPU kernels: a ValueError naming the argument, raised by the call;
+- CUDA kernels (the glue reads no value on the host, eager or in a CUDA-graph capture): bounds
+  clamped (the rows of the clamped sequences are exactly the reference on the clamped
+  cu_seqlens), and the device error flag names the argument at the next check;
 - block ids, and stream ids >= 0, are never invalid: the SPEC rule applies to them as they are."""
 
 import json
@@ -19,7 +19,7 @@ from dlmkern import _cuda_emu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = pytest.mark.skipif(not _cuda_emu.available(), reason="built without DLMKERN_CUDA_EMU=ON")
-# The flag bits of csrc/include/dlmkern/layout_errors.h, by the argument they name.
+# The flag bits of csrc/include/dlmkern/error_flag.h, by the argument they name.
 FLAG = {"cu_seqlens": 1, "stream": 2, "cu_seqlens_q": 4, "cache_seqlens": 8 | 16}
 
 
@@ -56,7 +56,9 @@ def test_cpu_rejects_corrupted_layouts(seed):
 
 
 @EMU
-def test_emulator_rejects_corrupted_layouts_eagerly():
+def test_emulator_check_rejects_corrupted_layouts():
+    """Eager CUDA calls raise nothing themselves (no host read per call, #25): the flag check
+    after each call raises the ValueError naming the argument."""
     kinds = _check_eager(_run("emu", 2, 24))
     assert ("cu_seqlens", False) in kinds
 
@@ -79,9 +81,9 @@ def test_emulator_capture_fuzz(seed):
 
 
 @EMU
-def test_next_checked_call_rejects_a_flagged_layout():
+def test_the_flag_check_rejects_a_flagged_layout():
     import torch
-    from dlmkern.ops import block_attention, check_layout_errors, layouts
+    from dlmkern.ops import block_attention, check_device_errors, check_layout_errors, layouts
 
     lay = layouts.block_causal([10, 20], 4)
     q = k = v = torch.randn(30, 2, 64, dtype=torch.bfloat16)
@@ -89,12 +91,12 @@ def test_next_checked_call_rejects_a_flagged_layout():
     with _cuda_emu.emulated_cuda(capturing=True):
         block_attention(q, k, v, lay)  # clamps to [0, 30], flags
     with _cuda_emu.emulated_cuda(), pytest.raises(ValueError, match=r"`cu_seqlens`"):
-        check_layout_errors()  # what a trainer may call where it syncs anyway
+        check_device_errors()  # what a trainer calls once per step, where it syncs anyway
     with _cuda_emu.emulated_cuda():
-        check_layout_errors()  # read and cleared: nothing left
-    with _cuda_emu.emulated_cuda(capturing=True):
-        block_attention(q, k, v, lay)
+        check_device_errors()  # read and cleared: nothing left
+        block_attention(q, k, v, lay)  # eager: no host read either, flags again
+        block_attention(q, k, v, layouts.block_causal([10, 20], 4))  # a good call: no raise
     with _cuda_emu.emulated_cuda(), pytest.raises(ValueError, match=r"earlier .*`cu_seqlens`"):
-        block_attention(q, k, v, layouts.block_causal([10, 20], 4))  # host checks run: raises
+        check_layout_errors()  # the former name
     with _cuda_emu.emulated_cuda():
-        check_layout_errors()  # read and cleared
+        check_device_errors()  # read and cleared

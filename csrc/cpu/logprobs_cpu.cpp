@@ -90,9 +90,7 @@ void cpu_grad(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0, 
   });
 }
 
-bool cpu_can_sync() { return true; }
-
-const RowKernels kCpu{cpu_update, cpu_grad, cpu_can_sync, kCpuRowChunk, kCpuVocabChunk};
+const RowKernels kCpu{cpu_update, cpu_grad, host_value_check, kCpuRowChunk, kCpuVocabChunk};
 
 }  // namespace
 

@@ -105,9 +105,7 @@ void cpu_backward(PvBackwardArgs& a) {
   });
 }
 
-bool cpu_can_sync() { return true; }
-
-const PvKernels kCpu{cpu_forward, cpu_backward, cpu_can_sync};
+const PvKernels kCpu{cpu_forward, cpu_backward, host_value_check};
 
 }  // namespace
 

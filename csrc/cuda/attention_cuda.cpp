@@ -6,6 +6,7 @@
 
 #include "attention.h"
 #include "cuda/attention_kernels.h"
+#include "cuda/glue.h"
 #include "library.h"
 
 namespace dlmkern {
@@ -18,21 +19,9 @@ void check_launch(int err) {
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 
-bool capturing() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
-  return status != cudaStreamCaptureStatusNone;
-}
-
-// The device's layout error flag (attention.h); allocated outside CUDA-graph capture only (an
-// allocation and memset inside a capture would be replayed). The emulator's flag is CPU memory.
-unsigned* error_flag(const at::Tensor& like) {
-#ifdef DLMKERN_CUDA_EMU
-  return layout_error_flag(like, true);
-#else
-  return layout_error_flag(like, !capturing());
-#endif
-}
+// The glue reads no layout value on the host (check_values = false): the tile-table and decode
+// kernels clamp impossible values and set the device's error flag (device_errors.h).
+constexpr bool kHostValueChecks = false;
 
 DType half_dtype(const char* op, const at::Tensor& q) {
   if (q.scalar_type() == at::kBFloat16) return DType::kBFloat16;
@@ -92,7 +81,7 @@ cuda::AttnArgs attn_args(const at::Tensor& q, const at::Tensor& k, const at::Ten
   a.scale = static_cast<float>(d.scale);
   a.full = full;
   a.tiles = tiles.table;
-  a.error_flag = error_flag(q);
+  a.error_flag = flag_ptr(glue_error_flag(q));
   a.stream_ptr = c10::cuda::getCurrentCUDAStream().stream();
   return a;
 }
@@ -103,7 +92,7 @@ std::tuple<at::Tensor, at::Tensor> block_attention_cuda(
     std::optional<double> scale) {
   const c10::cuda::CUDAGuard guard(q_in.device());  // streams and launches on q's device
   const AttnDims d = check_block_attention(q_in, k_in, v_in, cu_in, block_in, stream_in, scale,
-                                           !capturing());
+                                           kHostValueChecks);
   check_head_dim(kBlockOp, d.D);
   half_dtype(kBlockOp, q_in);
   auto q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
@@ -124,7 +113,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> block_attention_backward_cuda(
     std::optional<double> scale) {
   const c10::cuda::CUDAGuard guard(q_in.device());  // streams and launches on q's device
   const AttnDims d = check_block_attention(q_in, k_in, v_in, cu_in, block_in, stream_in, scale,
-                                           !capturing());
+                                           kHostValueChecks);
   check_head_dim(kBlockOp, d.D);
   TORCH_CHECK_VALUE(grad_out.sizes() == q_in.sizes() && out.sizes() == q_in.sizes(),
                     "dlmkern.block_attention_backward: `grad_out` and `out` must match q's shape");
@@ -156,7 +145,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_new
   const c10::cuda::CUDAGuard guard(q_in.device());
   constexpr const char* op = "dlmkern.decode_attention";
   const AttnDims d = check_decode_attention(q_in, k_new_in, v_new_in, k_cache, v_cache,
-                                            cache_seqlens, cu_in, commit, scale, !capturing());
+                                            cache_seqlens, cu_in, commit, scale,
+                                            kHostValueChecks);
   check_head_dim(op, d.D);
   TORCH_CHECK_VALUE(cache_seqlens.is_contiguous(), op, ": `cache_seqlens` must be contiguous");
   auto q = q_in.contiguous(), kn = k_new_in.contiguous(), vn = v_new_in.contiguous();
@@ -185,7 +175,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q_in, const at::Tensor& k_new
   a.commit = commit;
   a.workspace = ws.data_ptr<float>();
   a.out = out.data_ptr();
-  a.error_flag = error_flag(q);
+  a.error_flag = flag_ptr(glue_error_flag(q));
   a.stream_ptr = c10::cuda::getCurrentCUDAStream().stream();
   check_launch(cuda::launch_decode_attention(a));
   return out;

@@ -18,7 +18,7 @@
 #include "cuda/attention_kernels.h"
 #include "cuda/launch.h"
 #include "dlmkern/block_mask.h"
-#include "dlmkern/layout_errors.h"
+#include "dlmkern/error_flag.h"
 #include "dlmkern/softmax_nan.h"
 
 namespace dlmkern::cuda {
@@ -572,7 +572,7 @@ constexpr int kDecodeRowsPerWarp = 4;
 
 // Sequence s's query rows [qb0, qb0 + nq) and cached length L as the decode kernels use them:
 // cu_seqlens_q clamped to [0, T] (end >= start) and cache_seqlens to [0, max_len], so no value of
-// either (the host checks them unless capturing a CUDA graph) reaches outside the tensors.
+// either (never read by the host: the error flag reports them) reaches outside the tensors.
 // Overlapping ranges (a decreasing cu_seqlens_q) are each computed; the error flag says so.
 struct DecodeSeq {
   int64_t qb0, L;
@@ -748,9 +748,11 @@ __global__ void decode_commit_kernel(DecodeArgs a) {
   const DecodeSeq sq = decode_seq(a, s);
   const int64_t qb0 = sq.qb0, L = sq.L;
   const int nq = sq.nq;
-  // A cache row is never overrun (the host checks when eager): an impossible commit is skipped.
+  // A cache row is never overrun: an impossible commit is skipped (and flagged).
   if (a.cache_seqlens[s] != L || L + nq > a.max_len) {
-    if (threadIdx.x == 0) flag_error(a.error_flag, kErrCommitOverflow);
+    if (threadIdx.x == 0) {
+      flag_error(a.error_flag, a.cache_seqlens[s] != L ? kErrCacheSeqlens : kErrCommitOverflow);
+    }
     return;
   }
   const int64_t n = static_cast<int64_t>(nq) * a.Hkv * a.D;

@@ -32,12 +32,12 @@ struct AttnArgs {
   float scale;
   bool full;
   TileTable tiles;
-  unsigned* error_flag;  // dlmkern/layout_errors.h bits; may be null
+  unsigned* error_flag;  // dlmkern/error_flag.h bits; may be null
   void* stream_ptr;  // cudaStream_t
 };
 
 // Fills the tile table (slot_seq must be preset to -1 by the caller), clamping cu_seqlens into
-// tiles.cu and flagging impossible values (dlmkern/layout_errors.h). Returns a cudaError_t.
+// tiles.cu and flagging impossible values (dlmkern/error_flag.h). Returns a cudaError_t.
 int launch_tile_table(const AttnArgs& a);
 
 // out [T, Hq, D] (dtype), lse [Hq, T] fp32.
@@ -63,7 +63,7 @@ struct DecodeArgs {
   bool commit;
   float* workspace;  // decode_workspace_floats(...)
   void* out;
-  unsigned* error_flag;  // dlmkern/layout_errors.h bits; may be null
+  unsigned* error_flag;  // dlmkern/error_flag.h bits; may be null
   void* stream_ptr;
 };
 

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include "cuda/glue.h"
 #include "cuda/logprobs_kernels.h"
 #include "library.h"
 #include "logprobs.h"
@@ -48,14 +49,8 @@ void cuda_grad(const at::Tensor& chunk, const at::Tensor& targets, int64_t col0,
       out.stride(0), current_stream()));
 }
 
-// Value checks (targets / rows in range) synchronize; they are skipped inside graph capture.
-bool cuda_can_sync() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
-  return status == cudaStreamCaptureStatusNone;
-}
-
-const RowKernels kCuda{cuda_update, cuda_grad, cuda_can_sync, kCudaRowChunk, kCudaVocabChunk};
+const RowKernels kCuda{cuda_update, cuda_grad, device_value_check, kCudaRowChunk,
+                      kCudaVocabChunk};
 
 }  // namespace
 

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include "cuda/glue.h"
 #include "cuda/policy_value_loss_kernels.h"
 #include "library.h"
 #include "policy_value_loss.h"
@@ -30,13 +31,7 @@ void cuda_backward(PvBackwardArgs& a) {
   check_launch(cuda::launch_pv_backward(a));
 }
 
-bool cuda_can_sync() {
-  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &status);
-  return status == cudaStreamCaptureStatusNone;
-}
-
-const PvKernels kCuda{cuda_forward, cuda_backward, cuda_can_sync};
+const PvKernels kCuda{cuda_forward, cuda_backward, device_value_check};
 
 }  // namespace
 

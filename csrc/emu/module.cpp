@@ -17,8 +17,8 @@ int run_selftest(const std::string& name, float* out);
 
 namespace {
 
-// capturing: make cudaStreamIsCapturing report an active capture (the glue then skips its host
-// checks, as inside a CUDA graph). schedule: 0 forward, 1 reverse, 2 random order of the threads
+// capturing: make cudaStreamIsCapturing report an active capture (the glue takes its graph-capture
+// path). schedule: 0 forward, 1 reverse, 2 random order of the threads
 // between barriers (seeded).
 void emu_config(bool capturing, int64_t schedule, int64_t seed) {
   TORCH_CHECK_VALUE(schedule >= 0 && schedule <= 2, "dlmkern_emu: schedule must be 0, 1 or 2");

@@ -6,7 +6,7 @@ import torch
 
 from dlmkern import _build  # noqa: F401  (loads the extension that defines the ops)
 from dlmkern.ops import backend, reference
-from dlmkern.ops._checks import check_tensors
+from dlmkern.ops._checks import check_device_errors, check_tensors
 from dlmkern.ops.layouts import Layout
 
 
@@ -30,6 +30,8 @@ def block_attention(
     clean and ``block[k] < block[q]``, or k is in noisy copy r and ``block[k] == block[q]``.
     ``full=True`` is bidirectional attention per sequence. Returns ``(out [T, Hq, D],
     lse [Hq, T] fp32)``; differentiable in q, k and v. No T x T mask is ever built.
+    Impossible ``cu_seqlens`` / ``stream`` values raise at once on the CPU; on CUDA (no host
+    read per call) they are reported by :func:`check_device_errors`.
     """
     if isinstance(cu_seqlens, Layout):
         layout = cu_seqlens
@@ -69,6 +71,9 @@ def decode_attention(
     hold their prefixes, ``cache_seqlens`` int32 ``[S]`` long. Each block attends to its prefix and,
     bidirectionally, to itself. ``commit=True`` appends the block's k / v to the cache and advances
     ``cache_seqlens`` in the same call (after computing the output). Inference only (no autograd).
+    Impossible ``cache_seqlens`` / ``cu_seqlens_q`` values (or a commit past ``max_len``) raise
+    at once on the CPU, writing nothing; on CUDA (no host read per call) the sequence's reads are
+    clamped, its commit is skipped and :func:`check_device_errors` reports it.
     """
     check_tensors("decode_attention", "q", q=q, k_new=k_new, v_new=v_new, k_cache=k_cache,
                    v_cache=v_cache, cache_seqlens=cache_seqlens, cu_seqlens_q=cu_seqlens_q)
@@ -80,24 +85,8 @@ def decode_attention(
                                           None if scale is None else float(scale))
 
 
-def check_layout_errors(device: torch.device | str | None = None) -> None:
-    """Raises ValueError if an attention kernel on ``device`` (default: the current CUDA device,
-    else the CPU) met impossible layout values since the last check, and clears the record.
-
-    The CUDA kernels never read or write outside their tensors whatever ``cu_seqlens`` /
-    ``stream`` / ``cache_seqlens`` / ``cu_seqlens_q`` hold, but a layout trusted since it was built
-    (or a decode step inside a CUDA graph) skips the host-side value checks, so a value changed
-    behind torch's back (through ``.data`` or a numpy view) only sets a device-side flag. The next
-    call that runs its host checks raises about it; this reads it at a point of your choosing
-    (one device sync), e.g. where a training step syncs for its loss anyway. The CPU kernels
-    check on every call and raise at once."""
-    if device is None:
-        on_cuda = torch.cuda.is_available() and backend.current() != "emulator"
-        device = "cuda" if on_cuda else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    backend.ops()._check_layout_errors(device)
+# The former name of check_device_errors (the flag began with the attention layouts).
+check_layout_errors = check_device_errors
 
 
 @torch.library.register_fake("dlmkern::block_attention")

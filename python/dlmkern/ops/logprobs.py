@@ -34,7 +34,9 @@ def masked_logprobs(
 
     A bool ``rows`` mask is turned into indices with ``nonzero()`` (a host sync, and not allowed
     inside CUDA-graph capture); pass int64 indices on hot or captured paths. Out-of-range targets
-    and indices are checked with a host sync too, except while a CUDA graph is being captured.
+    and indices raise IndexError at once on the CPU; on CUDA they are checked on the device (no
+    host sync; indices clamped for the gather) and reported by
+    :func:`dlmkern.ops.check_device_errors`.
     """
     check_tensors(
         "masked_logprobs", "hidden", hidden=hidden, weight=weight, targets=targets, rows=rows

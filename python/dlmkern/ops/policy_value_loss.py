@@ -57,8 +57,10 @@ def policy_value_loss(
     - ``"seq_mean"``: mean over each sequence's masked tokens, then mean over sequences that have
       any (``seq_ids`` gives each token's sequence; ``[B, L]`` input defaults to one per row).
       Masked tokens belong to no sequence: their ids (padding, often -1) are never read. An
-      unmasked token's id outside ``[0, num_seqs)`` raises IndexError, except inside CUDA-graph
-      capture (no host sync there), where it makes the loss NaN;
+      unmasked token's id outside ``[0, num_seqs)`` raises IndexError at once on the CPU; on
+      CUDA (no host sync per call) it makes the loss NaN and
+      :func:`dlmkern.ops.check_device_errors` raises the IndexError. Pass ``num_seqs``: without
+      it, it is read from ``seq_ids`` (a host sync);
     - ``"sum"``: sum / ``normalizer`` (Dr.GRPO's constant; plain sum when None).
 
     Returns ``(loss, stats)``; stats is a dict of 0-d fp32 tensors: pg_loss, kl, vf_loss (each
