@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from dlmkern._host import HOST
 from dlmkern.models.config import ModelConfig
 from dlmkern.ops import block_attention, decode_attention
 from dlmkern.ops.layouts import Layout
@@ -96,15 +97,13 @@ class Attention(nn.Module):
         out, _ = block_attention(q, k, v, layout)
         return self.wo(out.reshape(x.shape[0], self.c.num_heads * self.c.head_dim))
 
-    def prefill(self, x, layout: Layout, cache: KVCache, layer: int):
+    def prefill(self, x, layout: Layout, cache: KVCache, layer: int, slots):
+        """Block-causal attention over the prompts; their k / v go to the cache in one scatter
+        (``slots``: each token's (cache row, position) on the device, see DiffusionLM.prefill)."""
         q, k, v = self.qkv(x, layout.position_ids)
         out, _ = block_attention(q, k, v, layout)
-        cu = layout.cu_seqlens.tolist()
-        lens = cache.seqlens[layer]
-        for i, (s, e) in enumerate(zip(cu[:-1], cu[1:], strict=True)):
-            cache.k[layer][i, : e - s] = k[s:e]
-            cache.v[layer][i, : e - s] = v[s:e]
-            lens[i] = e - s
+        cache.k[layer].index_put_(slots, k.to(cache.k[layer].dtype))
+        cache.v[layer].index_put_(slots, v.to(cache.v[layer].dtype))
         return self.wo(out.reshape(x.shape[0], self.c.num_heads * self.c.head_dim))
 
     def decode(self, x, positions, cu_seqlens_q, cache: KVCache, layer: int, commit: bool):
@@ -137,8 +136,8 @@ class Layer(nn.Module):
         x = x + self.attn(self.attn_norm(x), layout)
         return x + self.mlp(self.mlp_norm(x))
 
-    def prefill(self, x, layout, cache, layer):
-        x = x + self.attn.prefill(self.attn_norm(x), layout, cache, layer)
+    def prefill(self, x, layout, cache, layer, slots):
+        x = x + self.attn.prefill(self.attn_norm(x), layout, cache, layer, slots)
         return x + self.mlp(self.mlp_norm(x))
 
     def decode(self, x, positions, cu, cache, layer, commit):
@@ -219,19 +218,31 @@ class DiffusionLM(nn.Module):
 
     @torch.no_grad()
     def prefill(self, input_ids, cu_seqlens, cache: KVCache) -> torch.Tensor:
-        """Runs the prompts (packed [T], one per cache row, the cache empty) with the training
-        attention pattern (block-causal for SDAR, bidirectional for LLaDA / Dream) and stores
-        their k / v in the cache. Returns the final hidden states [T, H]."""
+        """Runs the prompts (packed [T], prompt i into cache row i) with the training attention
+        pattern (block-causal for SDAR, bidirectional for LLaDA / Dream) and stores their k / v
+        in the cache: rows 0..S-1 are refilled from position 0 (their lengths set to the
+        prompts'), the other rows are left as they are. Returns the final hidden states [T, H].
+
+        ``cu_seqlens``: the prompts' offsets [S + 1], a list of ints or an int tensor. Give them
+        on the host (a list or a CPU tensor: the caller builds them there): a device tensor is
+        read back once. Nothing else is read from the device, in any layer."""
         from dlmkern.ops import layouts
 
-        if int(cache.lengths.max()) != 0:
-            raise ValueError("prefill expects an empty cache (cache.lengths must be 0)")
-        lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        lay = layouts.block_causal(lens, self.config.block_size).to(input_ids.device)
-        lay = self._layout(lay)
+        cu = cu_seqlens.tolist() if isinstance(cu_seqlens, torch.Tensor) else list(cu_seqlens)
+        lens = _prefill_lengths(cu, input_ids.shape[0], cache)
+        lay = self._layout(layouts.block_causal(lens, self.config.block_size))
+        dev = input_ids.device
+        # each token's (cache row, position): the one scatter per layer writes them all
+        seq = torch.repeat_interleave(torch.arange(len(lens), device=HOST),
+                                      torch.tensor(lens, dtype=torch.long, device=HOST))
+        slots = tuple(torch.stack([seq, lay.position_ids.long()]).to(dev).unbind(0))
+        lengths = torch.tensor(lens, dtype=torch.int32, device=HOST).to(dev)
+        for seqlens in cache.seqlens:
+            seqlens[: len(lens)].copy_(lengths)
+        lay = lay.to(dev)
         x = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            x = layer.prefill(x, lay, cache, i)
+            x = layer.prefill(x, lay, cache, i, slots)
         return self.norm(x)
 
     @torch.no_grad()
@@ -244,6 +255,20 @@ class DiffusionLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, positions, cu_seqlens_q, cache, i, commit)
         return self.norm(x)
+
+
+def _prefill_lengths(cu: list, num_tokens: int, cache: KVCache) -> list[int]:
+    """The prompt lengths of prefill's offsets, checked against the tokens and the cache (host
+    values only)."""
+    lens = [int(e) - int(s) for s, e in zip(cu[:-1], cu[1:], strict=True)]
+    rows, max_len = cache.k[0].shape[:2]
+    if not cu or int(cu[0]) != 0 or int(cu[-1]) != num_tokens or min(lens, default=0) < 0:
+        raise ValueError(f"prefill: `cu_seqlens` must rise from 0 to the {num_tokens} tokens of "
+                         f"`input_ids`, got {cu}")
+    if len(lens) > rows or max(lens, default=0) > max_len:
+        raise ValueError(f"prefill: {len(lens)} prompts of up to {max(lens, default=0)} tokens "
+                         f"do not fit a cache of {rows} rows x {max_len} positions")
+    return lens
 
 
 class ValueModel(nn.Module):
