@@ -3,27 +3,38 @@
 # falling value, each time-boxed and writing into OUTDIR as it goes (a later failure or the
 # lease's end never loses an earlier result):
 #   1 device   nvidia-smi, torch, python, date                       15 s
-#   2 build    pip install --no-build-isolation -e . (sm_90a, no      130 s
-#              emulator) + build_info.json
+#   2 build    a venv of its own (--system-site-packages), then        90 s
+#              pip install --no-build-isolation -e . into it (sm_90a,
+#              no emulator) + build_info.json
 #   3 doctor   python -m dlmkern.doctor --json OUTDIR/doctor.json      50 s
 #   4 tests    pytest -q -m cuda tests                                 60 s
 #   5 bench_*  each bench --quick --device cuda: block_attention 50,  215 s together
 #              masked_logprobs 35, policy_value_loss 20, sampler 45, rl_step 35,
 #              decode_attention 15, logprobs_from_logits 15
 #   6 summary  summary.txt / summary.json (phases, key numbers)        10 s
-# Time boxes add up to 480 s; a phase's box is also cut to what is left of the 480 s.
+# Time boxes add up to 440 s; a phase's box is also cut to what is left of the 480 s.
+#
+# The build never installs into the image's Python environment: it makes a venv of its own
+# (GPU_CHECK_VENV, default build/gpu-check-venv) with --system-site-packages, plus a .pth that adds
+# the image interpreter's own site-packages (python3 there is itself a venv, /opt/torch/.venv, whose
+# packages --system-site-packages alone would not see), and every later phase runs its python. It
+# stops at once, saying so, when the interpreter has no Python.h (nothing could compile).
+# The build box comes from a measured build of these sources (bench/BUILD-TIMES.md): DLMKERN_CUDA=ON,
+# sm_90a, no emulator, 14 translation units, 160 CPU-s in all, the slowest 17 CPU-s, configure 8 s;
+# on 16 idle cores about 30 s, on 2 idle cores about 95 s: 90 s is 3x the 16-core estimate.
 #
 # OUTDIR gets: summary.txt summary.json phases.tsv results.jsonl build_info.json doctor.json
 # logs.tar.gz (refreshed after every phase), and each phase's log in LOGDIR (default: a fresh
 # temporary folder, so OUTDIR holds only those few files: the device tool brings back at most 8
 # files from its $OUT; set GPU_CHECK_LOGS to keep the loose logs somewhere).
 #
-# --dry-run: the same plumbing on a CPU, ~2 minutes (240 s at most; CI runs it): no rebuild (the
-# installed build, build_info recorded), doctor --device cpu, a small named test subset, every
-# bench --tiny --device cpu. Exit status: non-zero when any phase failed, timed out or was cut.
+# --dry-run: the same plumbing on a CPU, ~2 minutes (240 s at most; CI runs it): the venv made and
+# used, but no rebuild (the interpreter's installed build, seen through the venv; build_info
+# recorded), doctor --device cpu, a small named test subset, every bench --tiny --device cpu.
+# Exit status: non-zero when any phase failed, timed out or was cut.
 #
 # Usage: bash bench/gpu_check.sh [--dry-run] OUTDIR   (replaces OUTDIR's previous run; PYTHON=...
-# picks the interpreter, else .venv/bin/python when there, else python3)
+# picks the interpreter the venv is made from, else .venv/bin/python when there, else python3)
 set -uo pipefail
 DRY=0
 if [[ ${1:-} == --dry-run ]]; then DRY=1; shift; fi
@@ -35,7 +46,9 @@ mkdir -p "$LOGS" && LOGS=$(cd "$LOGS" && pwd)
 if [[ -n ${PYTHON:-} ]]; then PY=$PYTHON
 elif [[ -x .venv/bin/python ]]; then PY=$PWD/.venv/bin/python
 else PY=python3; fi
-export PY OUT DRY PYTHONUNBUFFERED=1 DLMKERN_BENCH_RESULTS="$OUT/results.jsonl"
+VENV=${GPU_CHECK_VENV:-build/gpu-check-venv}
+mkdir -p "$(dirname "$VENV")" && VENV=$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")
+export PY VENV OUT DRY PYTHONUNBUFFERED=1 DLMKERN_BENCH_RESULTS="$OUT/results.jsonl"
 # OUTDIR holds one run: the previous run's files there are replaced.
 rm -f "$OUT"/{phases.tsv,results.jsonl,build_info.json,doctor.json,summary.txt,summary.json} \
   "$OUT/logs.tar.gz" "$LOGS"/*.log
@@ -50,7 +63,7 @@ if (( DRY )); then
            decode_attention:40 logprobs_from_logits:40 rewards:40)  # ~5-15 s each; the 180 s bound it all
 else
   TOTAL=480 DOCTOR_ARGS="" SIZE=--quick
-  BOX_DEVICE=15 BOX_BUILD=130 BOX_DOCTOR=50 BOX_TESTS=60 BOX_SUMMARY=10
+  BOX_DEVICE=15 BOX_BUILD=90 BOX_DOCTOR=50 BOX_TESTS=60 BOX_SUMMARY=10
   BENCHES=(block_attention:50 masked_logprobs:35 policy_value_loss:20 sampler:45 rl_step:35
            decode_attention:15 logprobs_from_logits:15)
 fi
@@ -107,22 +120,50 @@ print('machine', platform.machine(), 'cores', __import__('os').cpu_count())"
   date -u +%Y-%m-%dT%H:%M:%SZ
 }
 
+# make_venv: stops with a clear message when $PY has no Python headers; else makes VENV from $PY
+# (no pip of its own: the interpreter's pip, seen through the venv, installs into the venv).
+make_venv() {
+  "$PY" - <<'EOF' || return 1
+import os, sys, sysconfig
+h = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+if not os.path.isfile(h):
+    sys.exit(f"build: {h} is missing: {sys.executable} has no Python headers, so no extension "
+             "can be built for it (install its -dev package, or set PYTHON= to one that has them)")
+print("python headers:", h)
+EOF
+  "$PY" -m venv --clear --system-site-packages --without-pip "$VENV" || {
+    echo "build: $PY -m venv $VENV failed"; return 1; }
+  # $PY may itself be a venv (the GPU image's python3 is): its own site-packages (and their .pth
+  # files) are added after ours, so torch & co. come from the image unchanged; the base
+  # interpreter's come from --system-site-packages.
+  local site
+  site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') &&
+    "$PY" -c "import site, sys
+for p in site.getsitepackages():
+    if sys.prefix != sys.base_prefix and p.startswith(sys.prefix + '/'):
+        print(f'import site; site.addsitedir({p!r})')" \
+      > "$site/_gpu_check_base.pth" || { echo "build: cannot link $PY's packages"; return 1; }
+  "$VENV/bin/python" -c "import sys, torch; print('venv', sys.prefix, 'torch', torch.__version__)" &&
+    "$VENV/bin/python" -m pip --version || {
+      echo "build: torch or pip is not importable in $VENV"; return 1; }
+}
+
 build() {
+  make_venv || return 1
   if (( DRY )); then
-    echo "dry run: no rebuild, the installed build is used"
+    echo "dry run: no rebuild, the installed build is used (seen through the venv)"
   else
     export DLMKERN_CUDA=ON DLMKERN_CUDA_ARCHS=${DLMKERN_CUDA_ARCHS:-90a} DLMKERN_CUDA_EMU=OFF
     export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}
-    local pip=("$PY" -m pip install --no-build-isolation --no-deps -e .)
-    # PEP 668 images refuse a plain install into the system interpreter.
-    "${pip[@]}" || "${pip[@]}" --break-system-packages || return 1
+    "$VENV/bin/python" -m pip install --no-build-isolation --no-deps -e . || return 1
   fi
-  "$PY" - <<'EOF'
+  "$VENV/bin/python" - <<'EOF'
 import json, os, sys
 import dlmkern
 info = dlmkern.build_info()
 json.dump(info, open(os.path.join(os.environ["OUT"], "build_info.json"), "w"), indent=1)
 print(json.dumps(info, indent=1))
+print("dlmkern from", os.path.dirname(dlmkern.__file__), "python", sys.executable)
 if os.environ["DRY"] == "0" and not (info["cuda_available"] and info["cuda_kernels_registered"]):
     sys.exit("build: CUDA kernels are not registered or no GPU is visible")
 EOF
@@ -146,13 +187,14 @@ bench() {
   (( DRY )) && dev=cpu
   "$PY" "bench/bench_$1.py" "$SIZE" --device "$dev"
 }
-export -f device_info build doctor tests bench
+export -f device_info make_venv build doctor tests bench
 export SIZE DOCTOR_ARGS
 
 echo "gpu_check: $([[ $DRY == 1 ]] && echo dry run || echo GPU run), ${TOTAL} s budget," \
-     "python $PY, out $OUT"
+     "python $PY (venv $VENV), out $OUT"
 phase device "$BOX_DEVICE" bash -c device_info && cat "$LOGS/device.log"
 if phase build "$BOX_BUILD" bash -c build; then
+  PY=$VENV/bin/python  # every later phase runs the venv's python
   if (( DRY )) && ! "$PY" -c "import dlmkern.doctor" 2>/dev/null; then
     echo "dlmkern.doctor cannot be imported yet" > "$LOGS/doctor.log"
     record doctor missing - 0 0
