@@ -10,8 +10,10 @@ micro-batch's loss statistics): all the tensors of one decision in one synchroni
 in ``READS`` (tests assert the count does not grow with sequences or layers). While
 ``dlmkern.plan`` runs the real step on fake tensors (``planned``), a read returns zeros of each
 tensor's shape, the planner's worst case: no EOS is seen, no block finishes early, every loss is
-finite; and samplers stop after the planned number of blocks (every later block has the same
-shapes: the KV cache and the step buffers are allocated for the whole generation up front).
+finite; samplers run one chunk of sequences and stop after the planned number of blocks (every
+later block and chunk has the same shapes: the KV cache and the step buffers are allocated for
+the whole generation up front), and the update runs the planned number of micro-batches of its
+first mini-batch (every later one is cut to the same token budget).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ class Planning:
     """What the planner decides in place of device values it cannot read."""
 
     blocks: int = 2  # sampler blocks run per generate() call (the rest repeat their shapes)
+    passes: int = 2  # micro-batches run of one mini-batch (the second holds the first's sums)
 
 
 _PLANNING: Planning | None = None
@@ -85,9 +88,17 @@ def read_floats(values: dict) -> dict:
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     out = {k: float(v) for k, v in values.items() if k not in keys}
     if keys:
-        stacked = torch.stack([values[k].detach().reshape(()).double() for k in keys])
+        stacked = torch.stack([_local(values[k]).detach().reshape(()).double() for k in keys])
         out.update(zip(keys, read(stacked)[0], strict=True))
     return {k: out[k] for k in values}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of t's value: a DTensor (an FSDP gradient norm) is gathered (every rank
+    reads at the same point, so the collective is matched)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def on_host(fn):

@@ -91,7 +91,8 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    mesh = init_device_mesh(device, (world(),))
+    with _host_modes_off():  # dlmkern.plan: the mesh reads its rank map on the host
+        mesh = init_device_mesh(device, (world(),))
     # bf16 / fp16 models: gradients are reduced across ranks in fp32 (then stored in the
     # parameter dtype; the optimizer keeps fp32 masters, see trainers/optim.py)
     low = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
@@ -101,6 +102,13 @@ def shard(model: torch.nn.Module) -> torch.nn.Module:
         fully_shard(layer, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     return model
+
+
+def _host_modes_off():
+    """No fake-tensor / tracking mode for host bookkeeping while dlmkern.plan runs a step."""
+    from dlmkern._host import _real_modes_off, planning
+
+    return _real_modes_off() if planning() is not None else contextlib.nullcontext()
 
 
 def _fsdp_modules(model):

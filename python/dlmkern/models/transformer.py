@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dlmkern._host import HOST
+from dlmkern._host import on_host
 from dlmkern.models.config import ModelConfig
 from dlmkern.ops import block_attention, decode_attention
 from dlmkern.ops.layouts import Layout
@@ -232,11 +232,8 @@ class DiffusionLM(nn.Module):
         lens = _prefill_lengths(cu, input_ids.shape[0], cache)
         lay = self._layout(layouts.block_causal(lens, self.config.block_size))
         dev = input_ids.device
-        # each token's (cache row, position): the one scatter per layer writes them all
-        seq = torch.repeat_interleave(torch.arange(len(lens), device=HOST),
-                                      torch.tensor(lens, dtype=torch.long, device=HOST))
-        slots = tuple(torch.stack([seq, lay.position_ids.long()]).to(dev).unbind(0))
-        lengths = torch.tensor(lens, dtype=torch.int32, device=HOST).to(dev)
+        slots, lengths = _prefill_slots(lens, lay)
+        slots, lengths = tuple(slots.to(dev).unbind(0)), lengths.to(dev)
         for seqlens in cache.seqlens:
             seqlens[: len(lens)].copy_(lengths)
         lay = lay.to(dev)
@@ -255,6 +252,15 @@ class DiffusionLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer.decode(x, positions, cu_seqlens_q, cache, i, commit)
         return self.norm(x)
+
+
+@on_host
+def _prefill_slots(lens: list[int], lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each token's (cache row, position) [2, T], the one scatter per layer writes them all,
+    and the rows' lengths [S] int32 (host tensors)."""
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.long))
+    return (torch.stack([seq, lay.position_ids.long()]),
+            torch.tensor(lens, dtype=torch.int32))
 
 
 def _prefill_lengths(cu: list, num_tokens: int, cache: KVCache) -> list[int]:

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dlmkern._host import HOST
+from dlmkern._host import HOST, on_host
 
 
 def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
@@ -83,6 +83,7 @@ def trace_gae_batch(traj: torch.Tensor, step_ids: torch.Tensor, values: torch.Te
     return adv, ret
 
 
+@on_host
 def _step_slots(traj: torch.Tensor, step_ids: torch.Tensor,
                 n_traj: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Host work: each token's slot traj * (K + 1) + (rank of its step among its trajectory's

@@ -69,6 +69,7 @@ class Rows:
                     self.step.to(device), self.gen_index.to(device), self.num_trajectories)
 
     @staticmethod
+    @on_host
     def cat(parts: Sequence[Rows]) -> Rows:
         """The rows of several batches packed back to back: part k's trajectory ids are offset by
         the trajectories before it, its train_rows by the tokens before it."""

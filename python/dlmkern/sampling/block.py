@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dlmkern._host import HOST  # the block plan is built on the host, then copied over
+from dlmkern._host import HOST, planning, read  # block plans: built on the host, copied over
 from dlmkern.models.transformer import DiffusionLM, KVCache
-from dlmkern.ops import layouts
+from dlmkern.ops import check_device_errors, layouts
 from dlmkern.sampling.rules import (
     SamplingConfig,
     SequenceDraws,
     choose_batch,
+    in_chunks,
     sample_tokens,
     transfer_schedule,
 )
@@ -121,11 +122,23 @@ class BlockSampler:
         """One trajectory per (prompt, sample). Each sequence draws from its own CPU generator
         (seeded `seed * 1000003 + index`, or `seeds[index]`) a fixed number of uniforms per
         block, so a sequence's tokens do not depend on which other sequences share the batch
-        (or the rank)."""
+        (or the rank). At most `config.max_seqs` sequences run at a time, each chunk with its
+        own KV cache (freed before the next): the same tokens as one batch."""
+        self.step_shapes = []  # live-row buckets used (captured graphs), over every chunk
+        return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
+                         self._planned)
+
+    def _planned(self, prompt: list[int]) -> Trajectory:
+        """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
+        from dlmkern.sampling.planned import block_trajectory
+
+        return block_trajectory(prompt, self.max_new_tokens, self.B, self.cfg)
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Trajectory]:
         device = next(self.model.parameters()).device
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
-                for p in prompts for _ in range(n_samples)]
-        draws = SequenceDraws(len(seqs), seed, seeds)
+                for p in prompts]
+        draws = SequenceDraws(len(seqs), seeds=seeds)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else (
             self.use_cache and device.type == "cuda")
         if graphs and device.type != "cuda":
@@ -142,12 +155,16 @@ class BlockSampler:
             starts = [(len(s.tokens) // self.B) * self.B for s in seqs]
             ids = torch.tensor([t for s, n in zip(seqs, starts, strict=True) for t in s.tokens[:n]],
                                dtype=torch.long, device=device)
-            cu = torch.tensor(layouts.offsets(starts), dtype=torch.int32, device=device)
-            self.model.prefill(ids, cu, cache)
+            self.model.prefill(ids, layouts.offsets(starts), cache)  # offsets on the host
         run = _StepRunner(self, cache, graphs, pad_seqs)
-        while not all(s.done for s in seqs):
+        plan = planning()  # dlmkern.plan: later blocks repeat these shapes (module doc of _host)
+        n_blocks = 0
+        while not all(s.done for s in seqs) and (plan is None or n_blocks < plan.blocks):
             self._block(seqs, run, draws, device)
-        self.step_shapes = sorted(run.states)  # live-row buckets used (captured graphs)
+            n_blocks += 1
+        self.step_shapes = sorted(set(self.step_shapes) | set(run.states))
+        if plan is not None:  # the planner's worst case stands for what it cannot read
+            return [self._planned(s.traj.prompt_ids) for s in seqs]
         return [s.traj for s in seqs]
 
     def _block(self, seqs, run, draws, device):
@@ -173,17 +190,14 @@ class BlockSampler:
             lens += dummy
             n_live += pad
         st = run.state(S, B, n_live, device)
-        tokens = torch.full((S, B), self.mask_id, dtype=torch.long, device=HOST)
-        masked = torch.zeros(S, B, dtype=torch.bool, device=HOST)
-        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=False)):  # real ones only
-            tail = s.tokens[a:]
-            tokens[i, : len(tail)] = torch.tensor(tail, dtype=torch.long, device=HOST)
-            masked[i, gen[i] - a: e - a] = True
-        slots = torch.cat([torch.arange(i * B, i * B + n, device=HOST)
-                           for i, n in enumerate(lens)])
-        positions = torch.cat([torch.arange(a, e, device=HOST) for a, e in spans])
+        tokens, masked = self._block_slots(seqs, spans, gen, S)
+        slots = [i * B + j for i, n in enumerate(lens) for j in range(n)]
+        positions = [p for a, e in spans for p in range(a, e)]
         cu = torch.tensor(layouts.offsets(lens), dtype=torch.int32, device=HOST)
-        st.load(tokens=tokens, masked=masked, slots=slots, positions=positions, cu=cu,
+        st.load(tokens=torch.tensor(tokens, dtype=torch.long, device=HOST),
+                masked=torch.tensor(masked, dtype=torch.bool, device=HOST),
+                slots=torch.tensor(slots, dtype=torch.long, device=HOST),
+                positions=torch.tensor(positions, dtype=torch.long, device=HOST), cu=cu,
                 step_map=torch.full((S, B), -1, device=HOST),
                 logprobs=torch.zeros(S, B, device=HOST),
                 counter=torch.tensor([s.step for s in seqs] + [0] * run.pad_seqs, device=HOST))
@@ -217,10 +231,23 @@ class BlockSampler:
                     lens_l[len(seqs):] = 0  # the dummy sequences keep nothing
         self._finish_block(seqs, spans[:len(seqs)], gen[:len(seqs)], st)
 
+    def _block_slots(self, seqs, spans, gen, S):
+        """[S, B] host lists of the block's starting tokens (prompt tail, else [MASK]) and of the
+        slots still to generate: built as lists, one tensor each (no per-sequence tensor op)."""
+        B, mask = self.B, self.mask_id
+        tokens = [[mask] * B for _ in range(S)]
+        masked = [[False] * B for _ in range(S)]
+        for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=False)):  # real ones only
+            tail = s.tokens[a:]
+            tokens[i][: len(tail)] = tail
+            masked[i][gen[i] - a: e - a] = [True] * max(e - gen[i], 0)
+        return tokens, masked
+
     def _finish_block(self, seqs, spans, gen, st):
         """The block's one read-back: tokens, step map, log-probs and counters to the host."""
-        tokens, step_map = st.tokens.tolist(), st.step_map.tolist()
-        logprobs, counter = st.logprobs.tolist(), st.counter.tolist()
+        tokens, step_map, logprobs, counter = read(st.tokens, st.step_map, st.logprobs,
+                                                   st.counter)
+        check_device_errors(st.tokens.device)  # the kernels' flag, once per block (CUDA)
         for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=True)):
             if s.done:
                 continue
@@ -292,7 +319,7 @@ def lagged_all_done(masked: torch.Tensor, pending):
     event, so the host waits only for the step before the one in flight); on CPU, now."""
     flag = ~masked.any()
     if masked.device.type != "cuda":
-        return None, bool(flag)
+        return None, bool(read(flag)[0])
     # on the flag's device: an event recorded on another device's stream never waits for the copy
     with torch.cuda.device(masked.device):
         host = torch.empty((), dtype=torch.bool, pin_memory=True)

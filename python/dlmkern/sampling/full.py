@@ -19,13 +19,14 @@ import torch
 
 from dlmkern._host import HOST, planning, read
 from dlmkern.models.transformer import DiffusionLM, KVCache
-from dlmkern.ops import layouts
+from dlmkern.ops import check_device_errors, layouts
 from dlmkern.sampling.block import Trajectory, end_at_eos, lagged_all_done
 from dlmkern.sampling.rules import (
     SamplingConfig,
     SequenceDraws,
     choose_batch,
     dream_transfer_count,
+    in_chunks,
     sample_tokens,
     transfer_schedule,
 )
@@ -77,10 +78,20 @@ class FullSampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
                  seeds: list[int] | None = None):
-        """Like BlockSampler.generate (one generator per sequence, see SequenceDraws)."""
+        """Like BlockSampler.generate (one generator per sequence, see SequenceDraws; at most
+        `config.max_seqs` sequences at a time)."""
+        return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
+                         self._planned)
+
+    def _planned(self, prompt: list[int]) -> Trajectory:
+        """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
+        from dlmkern.sampling.planned import full_trajectory
+
+        return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg)
+
+    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Trajectory]:
         device = next(self.model.parameters()).device
-        prompts = [list(p) for p in prompts for _ in range(n_samples)]
-        draws = SequenceDraws(len(prompts), seed, seeds)
+        draws = SequenceDraws(len(prompts), seeds=seeds)
         lens = [len(p) + self.gen_length for p in prompts]
         self._offsets = layouts.offsets(lens)
         canvas = torch.tensor([t for p in prompts for t in p + [self.mask_id] * self.gen_length],
@@ -101,6 +112,8 @@ class FullSampler:
             blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)
             self._denoise(blk, canvas)
             self._finish_block(blk, canvas, trajs, done, counter, self.gen_length - hi)
+        if plan is not None:  # the planner's worst case stands for what it cannot read
+            return [self._planned(p) for p in prompts]
         return trajs
 
     def _plan(self, prompts, done, counter, draws, lo, hi, canvas, device) -> _Block:
@@ -145,8 +158,7 @@ class FullSampler:
         prefix = [o + j for o, s in zip(self._offsets, start, strict=False) for j in range(s)]
         ids = canvas.index_select(0, torch.tensor(prefix, dtype=torch.long, device=HOST)
                                   .to(device))
-        self.model.prefill(ids, torch.tensor(layouts.offsets(start), dtype=torch.int32,
-                                             device=HOST).to(device), blk.cache)
+        self.model.prefill(ids, layouts.offsets(start), blk.cache)  # offsets on the host
         seg = [(o + s, o + e, s, e) for o, s, e in zip(self._offsets, start, ends, strict=False)]
         seg_lens = [e - s for s, e in zip(start, ends, strict=True)]
         seg_cu = layouts.offsets(seg_lens)
@@ -211,6 +223,7 @@ class FullSampler:
         tokens, step_map, logprobs, counters = read(
             canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape), blk.step_map,
             blk.logprobs, blk.counter)
+        check_device_errors(canvas.device)  # the kernels' flag, once per block (CUDA)
         for i, c in enumerate(counters):
             if done[i]:
                 continue

@@ -39,6 +39,8 @@ class SamplingConfig:
     cfg_scale: float = _help(0.0, "LLaDA classifier-free guidance, full-attention models (0: off)")
     steps_total: int = _help(0, "LLaDA's `steps` over ALL blocks, split evenly (0: `steps` per "
                              "block, SDAR's convention)")
+    max_seqs: int = _help(0, "sequences generated at a time, each chunk with its own KV cache "
+                          "(0: all at once; `dlmkern train` sets it from its memory plan)")
 
     def __post_init__(self):
         if self.rule not in RULES:
@@ -51,9 +53,9 @@ class SamplingConfig:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("temperature must be >= 0, top_p in (0, 1], top_k >= 0")
-        if self.cfg_scale < 0 or self.steps_total < 0:
-            raise ValueError(f"cfg_scale and steps_total must be >= 0, got {self.cfg_scale} "
-                             f"and {self.steps_total}")
+        if self.cfg_scale < 0 or self.steps_total < 0 or self.max_seqs < 0:
+            raise ValueError(f"cfg_scale, steps_total and max_seqs must be >= 0, got "
+                             f"{self.cfg_scale}, {self.steps_total} and {self.max_seqs}")
 
     def per_block(self, n_blocks: int) -> SamplingConfig:
         """This config with `steps` per block: LLaDA's steps_total split over n_blocks blocks."""
@@ -90,10 +92,8 @@ class SequenceDraws:
     generator ever has to match a device."""
 
     def __init__(self, n: int, seed: int = 0, seeds: list[int] | None = None):
-        if seeds is not None and len(seeds) != n:
-            raise ValueError(f"seeds has {len(seeds)} entries for {n} sequences")
-        self.gens = [torch.Generator(device="cpu").manual_seed(
-            seeds[i] if seeds is not None else seed * 1000003 + i) for i in range(n)]
+        self.gens = [torch.Generator(device="cpu").manual_seed(s)
+                     for s in sequence_seeds(n, seed, seeds)]
 
     def block(self, live: list[bool], n_iter: int, width: int, device) -> torch.Tensor:
         """Uniforms in (0, 1] of shape [n_iter, len(live), width] on ``device``: fresh draws for
@@ -104,6 +104,33 @@ class SequenceDraws:
             if on:
                 out[:, i] = 1.0 - torch.rand(n_iter, width, generator=g, device="cpu")
         return out.to(device, non_blocking=True)
+
+
+def sequence_seeds(n: int, seed: int = 0, seeds: list[int] | None = None) -> list[int]:
+    """Each sequence's generator seed (SequenceDraws): `seeds`, else seed * 1000003 + index."""
+    if seeds is not None and len(seeds) != n:
+        raise ValueError(f"seeds has {len(seeds)} entries for {n} sequences")
+    return list(seeds) if seeds is not None else [seed * 1000003 + i for i in range(n)]
+
+
+def in_chunks(generate_chunk, prompts: list[list[int]], n_samples: int, seed: int,
+              seeds: list[int] | None, max_seqs: int, planned=None) -> list:
+    """A sampler's generate over (prompt, sample) sequences, at most `max_seqs` at a time (0:
+    all): `generate_chunk(prompts, seeds)` runs one chunk (its own cache). Each sequence keeps
+    its own seed, so the tokens do not depend on the chunking. While dlmkern.plan runs, only the
+    first chunk runs: `planned(prompt)` gives the others' worst-case trajectories."""
+    from dlmkern._host import planning
+
+    flat = [list(p) for p in prompts for _ in range(n_samples)]
+    sd = sequence_seeds(len(flat), seed, seeds)
+    step = max_seqs or max(len(flat), 1)
+    out = []
+    for lo in range(0, len(flat), step):
+        if lo and planning() is not None:
+            out += [planned(p) for p in flat[lo:]]
+            break
+        out += generate_chunk(flat[lo:lo + step], sd[lo:lo + step])
+    return out
 
 
 def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
@@ -120,7 +147,31 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
     token's log-probability under softmax(logits / temperature), unfiltered: the policy's
     probability, what the trainer computes. Sampling inverts the CDF at a uniform draw
     (``uniforms`` [n] in (0, 1], any device; see :class:`SequenceDraws`); greedy when
-    temperature == 0 (``uniforms`` may then be None)."""
+    temperature == 0 (``uniforms`` may then be None). Rows are processed in chunks so that the
+    step's fp32 temporaries never exceed two [n, V] buffers (tests/test_rollout_memory.py)."""
+    if cfg.temperature > 0:
+        if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
+            got = getattr(uniforms, "shape", uniforms)
+            raise ValueError(f"sample_tokens: temperature {cfg.temperature} needs `uniforms`, a "
+                             f"tensor of {logits.shape[0]} draws (see SequenceDraws), got {got}")
+        uniforms = uniforms.to(logits.device)
+    n = logits.shape[0]
+    rows = max(1, -(-n * _RULE_BUFFERS // _PEAK_BUFFERS))
+    parts = [_sample_rows(lg, cfg, mask_token_id, None if uniforms is None else uniforms[lo:])
+             for lo, lg in zip(range(0, n, rows), logits.split(rows), strict=True)]
+    if len(parts) == 1:
+        return parts[0]
+    return tuple(torch.cat(x) for x in zip(*parts, strict=True))
+
+
+# The rule step's peak fp32 temporaries, in [rows, V] buffers (measured: 7 at temperature > 0,
+# 13.25 with top-k and top-p): sample_tokens takes rows in chunks that keep it under 2 of the
+# whole step's buffers (at 8192 rows x 151936 vocabulary, one buffer is 5 GB).
+_PEAK_BUFFERS, _RULE_BUFFERS = 14, 2
+
+
+def _sample_rows(logits, cfg: SamplingConfig, mask_token_id: int, uniforms):
+    """sample_tokens on a chunk of rows (`uniforms`: the draws from the chunk's first row on)."""
     tempered = logits.float()
     if cfg.temperature > 0:
         tempered = tempered / cfg.temperature
@@ -137,12 +188,8 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
     if cfg.temperature == 0:
         token = torch.argmax(choice, dim=-1)
     else:
-        if not isinstance(uniforms, torch.Tensor) or uniforms.shape != logits.shape[:1]:
-            got = getattr(uniforms, "shape", uniforms)
-            raise ValueError(f"sample_tokens: temperature {cfg.temperature} needs `uniforms`, a "
-                             f"tensor of {logits.shape[0]} draws (see SequenceDraws), got {got}")
         cdf = choice.softmax(-1).cumsum(-1)
-        u = uniforms.to(cdf.device, cdf.dtype)[:, None] * cdf[:, -1:]
+        u = uniforms[: cdf.shape[0]].to(cdf.dtype)[:, None] * cdf[:, -1:]
         # the first token whose CDF reaches u: never a zero-probability token since u > 0
         token = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
     tok_logp = torch.log_softmax(tempered, -1).gather(-1, token[:, None]).squeeze(-1)

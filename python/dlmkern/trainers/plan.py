@@ -137,3 +137,14 @@ def _finish(passes: list[Pass], w: float, reduction: str) -> MiniBatch:
     mb.policy_scale = _global_scale(n_policy * (w > 0), reduction == "sum") * w
     mb.value_scale = _global_scale(mb.n_tokens * (w > 0), False) * w
     return mb
+
+
+def planned_trajectories(positions: Sequence[int], n_global: int, first_rows, cfg,
+                         passes: int) -> list[int]:
+    """dlmkern.plan's cut (every trajectory is the same worst case): the local trajectories of
+    the first mini-batch that fill its first `passes` micro-batches, whose shapes every later
+    micro-batch repeats. `first_rows`: one trajectory's rows."""
+    first = minibatch_chunks(positions, n_global, cfg.num_minibatches)[0]
+    budget = cfg.micro_batch_tokens
+    per_pass = max(1, budget // max(first_rows.num_tokens, 1)) if budget else len(first)
+    return first[: per_pass * passes]

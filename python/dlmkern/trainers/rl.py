@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from dlmkern import distributed
-from dlmkern._host import HOST, read
+from dlmkern._host import HOST, on_host, planning, read
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
@@ -26,7 +26,7 @@ from dlmkern.trainers.checks import check_output_dir, check_reward_columns, prep
 from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
-from dlmkern.trainers.plan import plan_step
+from dlmkern.trainers.plan import plan_step, planned_trajectories
 from dlmkern.trainers.rl_config import DiPOConfig, RLConfig, TraceRLConfig
 from dlmkern.trainers.rollout import Rollout, RolloutBatch, collect, reward_stats
 from dlmkern.trainers.update import Update
@@ -135,6 +135,7 @@ class RLTrainer(Checkpointing):
 
     # ---- data ---------------------------------------------------------------------------------
 
+    @on_host
     def _permutation(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         return torch.randperm(len(self.data), generator=g, device=HOST).tolist()
@@ -180,8 +181,14 @@ class RLTrainer(Checkpointing):
         plus means over steps."""
         if positions is None:
             positions, n_global = list(range(len(trajs))), len(trajs)
-        rows = self.rows(trajs, positions)
         cfg = self.cfg
+        if planning() is not None:  # dlmkern.plan: the first passes stand for the rest
+            keep = planned_trajectories(positions, n_global, self.rows(trajs[:1]).pop(), cfg,
+                                        planning().passes)
+            trajs, positions = [trajs[i] for i in keep], [positions[i] for i in keep]
+            sample_adv = None if sample_adv is None else sample_adv[keep]
+            rewards = rewards[keep]
+        rows = self.rows(trajs, positions)
         plan = plan_step(positions, n_global, rows, cfg.reduction, cfg.num_minibatches,
                          cfg.micro_batch_tokens, weight)
         prepared = [self.updater.prepare(mb, rows, trajs, sample_adv, rewards,

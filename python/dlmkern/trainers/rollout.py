@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmkern import distributed
-from dlmkern._host import HOST
+from dlmkern._host import HOST, on_host
 from dlmkern.rl import group_zscore, keep_groups
 from dlmkern.sampling import BlockSampler, FullSampler
 from dlmkern.sampling.block import Trajectory
@@ -33,6 +33,7 @@ class RolloutBatch:
     def __len__(self) -> int:
         return len(self.trajs)
 
+    @on_host
     def groups(self, keep: torch.Tensor) -> RolloutBatch:
         """The groups where `keep` [num groups] is True."""
         g = self.group_size
@@ -44,6 +45,7 @@ class RolloutBatch:
                             advantages=None if self.advantages is None else self.advantages[sel])
 
     @staticmethod
+    @on_host
     def cat(batches: list[RolloutBatch], group_size: int) -> RolloutBatch:
         adv = [b.advantages for b in batches]
         return RolloutBatch(
@@ -63,6 +65,7 @@ class RolloutBatch:
         return [where[p] * g + k for p in self.prompts for k in range(g)], len(order) * g
 
 
+@on_host
 def keep_mask(rewards: torch.Tensor, cfg: RLConfig) -> torch.Tensor:
     """Bool per group: which groups are trained (dlmkern.rl.keep_groups: the config's bounds on
     the mean reward, or DAPO's groups with a reward spread)."""
@@ -119,6 +122,7 @@ class Rollout:
             batch.advantages = group_zscore(rewards, g)
         return batch
 
+    @on_host
     def score(self, rows: list[dict], trajs: list[Trajectory]) -> torch.Tensor:
         """Summed rewards [len(trajs)] (host): each reward checked to return n finite floats,
         else a ValueError naming it (NaN / inf: NonFiniteReward)."""
@@ -169,6 +173,7 @@ def collect(trainer):
     return RolloutBatch.cat(kept, g), RolloutBatch.cat(sampled, g), n_kept, None
 
 
+@on_host
 def reward_stats(sampled: RolloutBatch, cfg: RLConfig) -> dict:
     """Reward mean / std and pass rate over every sampled completion on every rank."""
     r = sampled.rewards

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST, read_floats
-from dlmkern.ops import policy_value_loss
+from dlmkern.ops import check_device_errors, policy_value_loss
 from dlmkern.rl import Rows
 from dlmkern.rl.advantages import trace_gae_batch
 from dlmkern.trainers.checks import nonfinite_guard
@@ -146,6 +146,7 @@ class Update:
         # to host once, after every pass is queued (no sync between passes), and before the
         # optimizer steps: a non-finite loss or gradient norm never reaches the weights
         host, host_parts = _read_step(norms, parts, vm is not None)
+        check_device_errors(t.device)  # the kernels' flag, once per optimizer step (CUDA)
         stats = {}
         if vm is not None:
             stats.update(_value_stats(host_parts, cfg), value_grad_norm=host["value_grad_norm"])
