@@ -35,6 +35,28 @@ class RunFile:
 def parse_run(path: str, overrides: list[str]):
     """Reads and checks a run file before any work starts: unknown keys, wrong types and missing
     paths fail with the key and the reason."""
+    run, cfg, _ = read_run(path, overrides)
+    for key in ("model", "dataset"):
+        p = getattr(run, key)
+        if not isinstance(p, str) or not os.path.exists(p):
+            raise ValueError(f"{path}: {key} path {p!r} does not exist")
+    if run.resume is not None and not os.path.isfile(
+            os.path.join(str(run.resume), "trainer_state.pt")):
+        raise ValueError(f"{path}: resume {run.resume!r} is not a dlmkern checkpoint directory")
+    if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
+        raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
+    if run.algo != "sft":
+        try:
+            resolve_reward(run.reward)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    return run, cfg
+
+
+def read_run(path: str, overrides: list[str]):
+    """The run file's keys and its algorithm's config (key and type checks, no file system
+    checks: `dlmkern plan` needs only the model's config.json). Returns (run, config, the
+    trainer keys the file or the overrides set, nested ones as `section.key`)."""
     import yaml
 
     from dlmkern.trainers import PRESETS, SFTConfig, build_config
@@ -61,24 +83,15 @@ def parse_run(path: str, overrides: list[str]):
     if run.algo != "sft" and run.algo not in PRESETS:
         raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, 'sft'])}, got "
                          f"{run.algo!r}")
-    for key in ("model", "dataset"):
-        p = getattr(run, key)
-        if not isinstance(p, str) or not os.path.exists(p):
-            raise ValueError(f"{path}: {key} path {p!r} does not exist")
-    if run.resume is not None and not os.path.isfile(
-            os.path.join(str(run.resume), "trainer_state.pt")):
-        raise ValueError(f"{path}: resume {run.resume!r} is not a dlmkern checkpoint directory")
-    if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
-        raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
-    if run.algo != "sft":
-        try:
-            resolve_reward(run.reward)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+    if not isinstance(run.trainer, dict):
+        raise ValueError(f"{path}: trainer must be a mapping of config keys")
     # the preset of `algo`, overridden field by field by the `trainer:` section
     cls = SFTConfig if run.algo == "sft" else PRESETS[run.algo]
     cfg = build_config(cls, run.trainer, trainer_over)
-    return run, cfg
+    given = {f"{k}.{sub}" if isinstance(v, dict) else k
+             for k, v in run.trainer.items() for sub in (v if isinstance(v, dict) else [None])}
+    given |= {ov.partition("=")[0].strip() for ov in trainer_over}
+    return run, cfg, given
 
 
 def _check_dtype(path: str, dtype) -> None:
@@ -298,6 +311,32 @@ def cmd_config(args):
         print(f"{key:<26} {default!r:<14} {text}")
 
 
+def cmd_plan(args):
+    """Memory per rank and stage of a run file at its real size (no GPU, no weights)."""
+    from dlmkern.plan.command import parse_bytes, plan, report
+
+    p = plan(args.config, args.overrides, gpus=args.gpus, nodes=args.nodes,
+             gpu_memory=parse_bytes(args.gpu_memory), prompt_tokens=args.prompt_tokens,
+             margin=args.margin, reserve=parse_bytes(args.reserve))
+    print(report(p))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(p, f, indent=2)
+    return 0 if p["fits"] else 1
+
+
+def _add_plan_args(s):
+    s.add_argument("--gpus", type=int, default=1, help="GPUs per node (torchrun ranks)")
+    s.add_argument("--nodes", type=int, default=1)
+    s.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU: 80GiB, 141GiB, ...")
+    s.add_argument("--prompt-tokens", type=int, default=512,
+                   help="prompt length planned for (the longest prompts of the dataset)")
+    s.add_argument("--margin", type=float, default=0.08,
+                   help="allocator overhead over the tracked peak (fragmentation)")
+    s.add_argument("--reserve", default="1.5GiB",
+                   help="per GPU, outside tensors: CUDA context, cuBLAS / NCCL workspaces")
+
+
 def cmd_doctor(args):
     from dlmkern.doctor import run
 
@@ -332,6 +371,14 @@ def main(argv=None):
                        "(a run file's trainer: section overrides them)")
     c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft"])
     c.set_defaults(fn=cmd_config)
+    pl = sub.add_parser("plan", help="memory per GPU and stage of a run file at its real size, "
+                        "measured on fake tensors (no GPU, no weights), and the knobs that fit")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*", help="key=value (model=DIR: a directory holding "
+                    "config.json, e.g. configs/models/TraDo-4B-Instruct)")
+    _add_plan_args(pl)
+    pl.add_argument("--json", help="also write the plan to this JSON file")
+    pl.set_defaults(fn=cmd_plan)
     t = sub.add_parser("train", help="train from a YAML run file")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value")

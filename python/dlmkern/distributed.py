@@ -143,9 +143,10 @@ def all_sum(x: float | int) -> float:
     if not enabled():
         return x
     dev = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    return float(t.item())
+    with _host_modes_off():  # a host value, whatever mode the caller runs in
+        t = torch.tensor([float(x)], dtype=torch.float64, device=dev)
+        dist.all_reduce(t)
+        return float(t.item())
 
 
 def all_gather(obj) -> list:
@@ -153,7 +154,8 @@ def all_gather(obj) -> list:
     if not enabled():
         return [obj]
     out = [None] * world()
-    dist.all_gather_object(out, obj)
+    with _host_modes_off():  # pickled into host tensors
+        dist.all_gather_object(out, obj)
     return out
 
 

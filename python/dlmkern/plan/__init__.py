@@ -1,7 +1,7 @@
 """Memory planning at real size without a GPU (SPEC 9): dlmkern's real RL step on fake tensors
 under torch's memory tracker, per rank and stage (`dlmkern plan`)."""
 
-from dlmkern.plan.step import STAGES, run_step
+from dlmkern.plan.step import STAGES, PlannedRun, run_tracked
 from dlmkern.plan.tracker import StageTracker
 
-__all__ = ["STAGES", "StageTracker", "run_step"]
+__all__ = ["STAGES", "PlannedRun", "StageTracker", "run_tracked"]

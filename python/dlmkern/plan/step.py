@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import warnings
 
 import torch
 
@@ -100,39 +101,132 @@ def _probes(tracker: StageTracker):
             setattr(cls, name, fn)
 
 
-@dataclasses.dataclass
-class StepResult:
-    stages: dict[str, dict[str, int]]     # stage -> {category: bytes, "total": bytes}, one rank
-    params: dict[str, int]                # model -> parameter count
-    state_bytes: dict[str, int]           # model -> resident bytes at the end (params + opt)
-    trainer: object = None
+def trainer_inputs(cfg, prompt_tokens: int):
+    """What the planner gives the real trainer: its tokenizer, prompts and reward."""
+    data = [{"prompt": "p"} for _ in range(cfg.prompts_per_step)]
+    return PlanTokenizer(prompt_tokens), data, half_pass
 
 
-def run_step(model_config: ModelConfig, cfg, ranks: int = 1, prompt_tokens: int = 512,
-             dtype: torch.dtype = torch.bfloat16, steps: int = 1) -> StepResult:
-    """The recipe's RL step (`cfg`: an RLConfig preset) on `ranks` fake ranks, at full size."""
-    from dlmkern.models.transformer import DiffusionLM, ValueModel
-    from dlmkern.trainers.rl import RLTrainer
+def tracked(trainer, stages: dict | None = None) -> StageTracker:
+    """A tracker that counts the trainer's models and optimizers as resident (`stages`: a dict
+    the tracker records into, shared by several trials)."""
+    tracker = StageTracker("cpu")
+    if stages is not None:
+        tracker.stages = stages
+    tracker.track_external(*[m for m in (trainer.model, trainer.value_model, trainer.ref_model)
+                             if m is not None],
+                           *[o for o in (trainer.opt, trainer.value_opt) if o is not None])
+    return tracker
 
-    with tempfile.TemporaryDirectory() as out, fake_world(ranks):
-        cfg = dataclasses.replace(cfg, output_dir=out, existing_output_dir="overwrite",
+
+def run_tracked(trainer, fn, stages: dict | None = None) -> dict:
+    """fn() under a tracker with the stage probes; the stages' peaks (one rank)."""
+    tracker = tracked(trainer, stages)
+    with tracker, _probes(tracker):
+        fn()
+    return tracker.stages
+
+
+def params_of(trainer) -> dict[str, int]:
+    return {name: sum(p.numel() for p in m.parameters()) for name, m in
+            (("policy", trainer.model), ("value", trainer.value_model),
+             ("reference", trainer.ref_model)) if m is not None}
+
+
+class PlannedRun:
+    """``with PlannedRun(model_config, cfg, ranks) as run:`` the recipe's RLTrainer at full size on
+    fake tensors, with its optimizer state made (the steady state of step 2 on); ``run.load()``,
+    ``run.rollout(max_seqs)`` and ``run.update(...)`` are trials of its stages, each returning
+    the stages' peaks by category (bytes of one rank). The knobs are the config's: a trial sets
+    them on the live trainer."""
+
+    def __init__(self, model_config: ModelConfig, cfg, ranks: int = 1, prompt_tokens: int = 512,
+                 dtype: torch.dtype = torch.bfloat16):
+        self.model_config, self.ranks, self.dtype = model_config, ranks, dtype
+        self.cfg, self.prompt_tokens = cfg, prompt_tokens
+        self._stack = contextlib.ExitStack()
+        self.batch = None
+
+    def __enter__(self) -> PlannedRun:
+        from dlmkern.models.transformer import DiffusionLM, ValueModel
+        from dlmkern.trainers.rl import RLTrainer
+
+        out = self._stack.enter_context(tempfile.TemporaryDirectory())
+        self._stack.enter_context(fake_world(self.ranks))
+        self._stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("ignore", UserWarning)  # torch's module tracker on re-entry
+        cfg = dataclasses.replace(self.cfg, output_dir=out, existing_output_dir="overwrite",
                                   progress_bar=False, save_every=0, eval_every=0)
-        with default_dtype(dtype):  # fake weights in `dtype`, at full size
-            model = DiffusionLM(model_config)
-            value = ValueModel(model_config) if cfg.use_value_model else None
-        data = [{"prompt": "p"} for _ in range(cfg.prompts_per_step)]
-        trainer = RLTrainer(model, PlanTokenizer(prompt_tokens), data, half_pass, cfg,
-                            value_model=value)
-        tracker = StageTracker("cpu")
-        models = [m for m in (trainer.model, trainer.value_model, trainer.ref_model) if m]
-        tracker.track_external(*models, *[o for o in (trainer.opt, trainer.value_opt) if o])
-        with tracker, _probes(tracker):
-            with tracker.stage("load"):
-                pass
-            for _ in range(steps):
-                trainer.train_step()
-        trainer.logger.close()
-        params = {name: sum(p.numel() for p in m.parameters()) for name, m in
-                  (("policy", trainer.model), ("value", trainer.value_model),
-                   ("reference", trainer.ref_model)) if m is not None}
-        return StepResult(tracker.stages, params, tracker.current(), trainer)
+        with default_dtype(self.dtype):  # fake weights in `dtype`, at full size
+            model = DiffusionLM(self.model_config)
+            value = ValueModel(self.model_config) if cfg.use_value_model else None
+        self.trainer = RLTrainer(model, *trainer_inputs(cfg, self.prompt_tokens), cfg,
+                                 value_model=value)
+        for opt in (self.trainer.opt, self.trainer.value_opt):
+            if opt is not None:
+                _make_state(opt)
+        self.params = params_of(self.trainer)
+        return self
+
+    def __exit__(self, *exc):
+        self.trainer.logger.close()
+        return self._stack.__exit__(*exc)
+
+    def set_offload(self, offload: bool) -> None:
+        """The optimizers with their state on the host (optimizer_offload) or on the GPU."""
+        from dlmkern.trainers.optim import MixedPrecisionAdamW
+
+        t = self.trainer
+        if bool(getattr(t.cfg, "optimizer_offload", False)) == offload:
+            return
+        t.cfg.optimizer_offload = offload
+        for name, model in (("opt", t.model), ("value_opt", t.value_model)):
+            old = getattr(t, name)
+            if old is None:
+                continue
+            group = old.param_groups[0]
+            new = MixedPrecisionAdamW(model.parameters(), lr=group["lr"],
+                                      weight_decay=group["weight_decay"], offload=offload)
+            _make_state(new)
+            setattr(t, name, new)
+
+    def load(self) -> dict:
+        """What is resident between steps: weights and optimizer state."""
+        return {"load": tracked(self.trainer).current()}
+
+    def rollout(self, max_seqs: int) -> dict:
+        """The rollout (prefill, blocks) with `max_seqs` sequences at a time."""
+        from dlmkern.trainers.rollout import collect
+
+        t = self.trainer
+        t.cfg.sampling = dataclasses.replace(t.cfg.sampling, max_seqs=max_seqs)
+        t.data_pos = 0
+        out = {}
+
+        def go():
+            self.batch = collect(t)
+        run_tracked(t, go, out)
+        return out
+
+    def update(self, micro_batch_tokens: int, gradient_checkpointing: bool) -> dict:
+        """Rows, old log-probs, forward / backward of the micro-batches, optimizer step."""
+        t = self.trainer
+        if self.batch is None:
+            self.rollout(t.cfg.sampling.max_seqs)
+        t.cfg.micro_batch_tokens = micro_batch_tokens
+        for m in (t.model, t.value_model and t.value_model.trunk):
+            if m is not None:
+                m.gradient_checkpointing = gradient_checkpointing
+        kept = self.batch[0]
+        positions, n_global = kept.positions()
+        return run_tracked(t, lambda: t.update(kept.trajs, kept.advantages, kept.rewards,
+                                               positions=positions, n_global=n_global), {})
+
+
+def _make_state(opt) -> None:
+    """The optimizer's state as after a first step (zero gradients, one step, none kept)."""
+    for g in opt.param_groups:
+        for p in g["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    opt.zero_grad(set_to_none=True)

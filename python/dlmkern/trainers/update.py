@@ -160,6 +160,10 @@ class Update:
         if nonfinite_guard(t, t.opt, "policy",
                            {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}, agree=True):
             t.opt.step()
+        # gradients are not kept past the step: the next rollout has their memory
+        t.opt.zero_grad(set_to_none=True)
+        if vm is not None:
+            t.value_opt.zero_grad(set_to_none=True)
         return stats
 
 

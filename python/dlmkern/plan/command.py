@@ -1,0 +1,141 @@
+"""`dlmkern plan RUN_FILE`: a recipe's memory per rank and stage at its real size, the knobs that
+make it fit the GPUs, the disk of a checkpoint; and the check `dlmkern train` runs before any
+weight loads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+from dlmkern.plan.fit import GiB, MARGIN, RESERVE, Budget, fit
+
+KNOB_KEYS = {"max_seqs": "sampling.max_seqs", "micro_batch_tokens": "micro_batch_tokens",
+             "gradient_checkpointing": "gradient_checkpointing",
+             "optimizer_offload": "optimizer_offload"}
+REWARD_WORKER_BYTES = 200 * 2**20  # one reward worker's resident memory (README: measured)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB' or '80G' (binary), '141GB' (decimal), '1.5TiB', or a number of bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?)(B?)\s*", str(text).upper())
+    if not m:
+        raise ValueError(f"a memory size like 80GiB or 141GB, got {text!r}")
+    value, unit, binary, b = float(m.group(1)), m.group(2), m.group(3), m.group(4)
+    if not unit:
+        return int(value)
+    return int(value * (1000 if b and not binary else 1024) ** " KMGT".index(unit))
+
+
+def model_config_of(run, run_path: str):
+    """The run's model config from `model`/config.json alone (no weights read)."""
+    from dlmkern.models.io import load_config
+
+    cfg_json = os.path.join(str(run.model), "config.json")
+    if not os.path.isfile(cfg_json):
+        raise ValueError(f"{run_path}: model {run.model!r} has no config.json (dlmkern plan "
+                         "reads only that file: point model= at a directory holding it, e.g. "
+                         "configs/models/TraDo-4B-Instruct)")
+    return load_config(str(run.model))
+
+
+def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes: int = 1,
+         gpu_memory: int = 80 * GiB, prompt_tokens: int = 512, margin: float = MARGIN,
+         reserve: int = RESERVE) -> dict:
+    """The plan of a run file on `nodes` x `gpus` GPUs of `gpu_memory` bytes (the JSON object
+    `dlmkern plan --json` writes)."""
+    import torch
+
+    from dlmkern.cli import read_run
+    from dlmkern.plan.step import PlannedRun
+    from dlmkern.trainers.checkpoint import checkpoint_bytes
+
+    run, cfg, given = read_run(run_path, list(overrides or []))
+    if run.algo == "sft":
+        raise ValueError(f"{run_path}: dlmkern plan covers the RL algorithms; SFT is not "
+                         "planned yet")
+    mc = model_config_of(run, run_path)
+    ranks = gpus * nodes
+    fixed = {k: _knob(cfg, key) for k, key in KNOB_KEYS.items() if key in given}
+    if fixed.get("max_seqs") == 0:
+        fixed.pop("max_seqs")  # 0: the plan's choice
+    local_seqs = -(-cfg.prompts_per_step // ranks) * cfg.group_size
+    budget = Budget(gpu_memory, reserve, margin)
+    dtype = getattr(torch, run.dtype or "bfloat16")
+    with PlannedRun(mc, cfg, ranks, prompt_tokens, dtype) as prun:
+        result = fit(prun, budget, fixed, local_seqs)
+        ckpt = checkpoint_bytes(prun.trainer.model, prun.trainer.value_model,
+                                prun.trainer.ref_model, save_optimizer=cfg.save_optimizer)
+        params = prun.params
+    peak = max(v["total"] for v in result.stages.values())
+    knobs = dataclasses.asdict(result.knobs)
+    return {
+        "run_file": run_path, "model": str(run.model), "algo": run.algo, "fits": result.fits,
+        "gpus": ranks, "nodes": nodes, "gpu_memory_bytes": gpu_memory,
+        "usable_bytes": budget.usable, "margin": margin, "reserve_bytes": reserve,
+        "per_rank_peak_bytes": peak,
+        "per_rank_with_overhead_bytes": int(peak * (1 + margin)) + reserve,
+        "failing_stage": result.failing, "stages": result.stages, "knobs": knobs,
+        "knobs_from_run_file": sorted(fixed), "checkpoint_bytes": ckpt,
+        "checkpoints_at_once": _at_once(cfg), "params": params,
+        "prompt_tokens": prompt_tokens, "local_sequences": local_seqs,
+        "host": {"reward_workers_per_rank": _workers(gpus),
+                 "reward_workers_bytes": _workers(gpus) * REWARD_WORKER_BYTES},
+        "fitted_trainer": {KNOB_KEYS[k]: v for k, v in knobs.items()},
+    }
+
+
+def _knob(cfg, key: str):
+    obj = cfg
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _at_once(cfg) -> int:
+    from dlmkern.trainers.checkpoint import checkpoints_at_once
+
+    saves = cfg.total_steps // cfg.save_every if cfg.save_every else 0
+    return checkpoints_at_once(cfg.keep_last, saves)
+
+
+def _workers(gpus: int) -> int:
+    """Reward workers of one rank on a machine like this one (dlmkern.rewards.pool's rule)."""
+    return max(1, (os.cpu_count() or 1) // max(gpus, 1))
+
+
+def report(p: dict) -> str:
+    """The plan as text: stages by category (GiB, one rank), knobs, disk."""
+    cats = ["params", "grads", "optimizer", "activations", "temporaries", "kv_cache"]
+    lines = [f"{p['run_file']}: {p['algo']} on {p['model']} ({_params(p['params'])}), "
+             f"{p['nodes']} x {p['gpus'] // p['nodes']} GPU(s) of {p['gpu_memory_bytes'] / GiB:.0f}"
+             f" GiB, prompts of {p['prompt_tokens']} tokens, {p['local_sequences']} sequences "
+             "per rank",
+             f"{'stage (GiB per rank)':<18}" + "".join(f"{c:>12}" for c in cats) + f"{'total':>9}"]
+    for stage, v in p["stages"].items():
+        lines.append(f"{stage:<18}" + "".join(f"{v[c] / GiB:>12.2f}" for c in cats) +
+                     f"{v['total'] / GiB:>9.2f}")
+    lines.append(f"peak {p['per_rank_peak_bytes'] / GiB:.2f} GiB per rank; with the allocator "
+                 f"margin ({p['margin']:.0%}) and {p['reserve_bytes'] / GiB:.1f} GiB reserved "
+                 f"(CUDA context, workspaces): {p['per_rank_with_overhead_bytes'] / GiB:.2f} of "
+                 f"{p['gpu_memory_bytes'] / GiB:.0f} GiB")
+    lines.append("knobs: " + ", ".join(f"{KNOB_KEYS[k]}={v}" for k, v in p["knobs"].items()) +
+                 (f" (from the run file: {', '.join(p['knobs_from_run_file'])})"
+                  if p["knobs_from_run_file"] else ""))
+    lines.append(f"checkpoint: {p['checkpoint_bytes'] / GiB:.1f} GiB on disk each, "
+                 f"{p['checkpoints_at_once']} at once; reward workers: "
+                 f"{p['host']['reward_workers_per_rank']} per rank")
+    if p["fits"]:
+        lines.append("FITS. The fitted trainer keys (a run file's trainer: section):")
+        lines += [f"  {k}: {json.dumps(v)}" for k, v in p["fitted_trainer"].items()]
+    else:
+        st = p["stages"][p["failing_stage"]]["total"]
+        lines.append(f"DOES NOT FIT: stage {p['failing_stage']} needs {st / GiB:.2f} GiB per rank"
+                     f" with the smallest knobs tried; the budget is {p['usable_bytes'] / GiB:.2f}"
+                     " GiB (more GPUs, optimizer_offload, or a shorter max_new_tokens)")
+    return "\n".join(lines)
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k} {v / 1e9:.2f}B" for k, v in params.items())

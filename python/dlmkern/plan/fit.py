@@ -1,0 +1,101 @@
+"""Fitting a recipe's memory knobs to a GPU: each candidate is a measured trial of the stages it
+changes (plan.step.PlannedRun), never a formula.
+
+The budget of one GPU is its memory less a fixed reserve (CUDA context, cuBLAS and NCCL
+workspaces: not tensors, so no tracker sees them), divided by 1 + margin (the caching
+allocator's reserved-over-allocated overhead: fragmentation, rounding to its block sizes). Both
+are stated in every plan. Knobs the run file sets are kept; the others are searched, cheapest
+first: no optimizer offload before offload, no activation checkpointing before checkpointing, the
+largest micro-batch and rollout chunk that fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 2**30
+RESERVE = int(1.5 * GiB)   # CUDA context + library workspaces per GPU (not tensors)
+MARGIN = 0.08              # allocator overhead on top of the tracked peak
+BUDGETS = (0, 131072, 65536, 32768, 16384, 8192, 4096, 2048)  # micro_batch_tokens candidates
+
+
+@dataclasses.dataclass
+class Budget:
+    gpu_memory: int
+    reserve: int = RESERVE
+    margin: float = MARGIN
+
+    @property
+    def usable(self) -> int:
+        """The largest tracked peak that fits."""
+        return int((self.gpu_memory - self.reserve) / (1 + self.margin))
+
+
+@dataclasses.dataclass
+class Knobs:
+    max_seqs: int
+    micro_batch_tokens: int
+    gradient_checkpointing: bool
+    optimizer_offload: bool
+
+
+@dataclasses.dataclass
+class Fit:
+    fits: bool
+    knobs: Knobs
+    stages: dict[str, dict[str, int]]
+    failing: str | None = None       # the stage over budget when nothing fits
+
+
+def _peak(stages: dict) -> tuple[str, int]:
+    name = max(stages, key=lambda k: stages[k]["total"])
+    return name, stages[name]["total"]
+
+
+def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
+    """Knobs for `run` (a PlannedRun inside its context) under `budget`. `fixed`: the knobs the
+    run file sets (name -> value); `local_seqs`: sequences one rank generates per rollout."""
+    usable = budget.usable
+    offloads = [fixed["optimizer_offload"]] if "optimizer_offload" in fixed else [False, True]
+    ckpts = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed \
+        else [False, True]
+    mbts = [fixed["micro_batch_tokens"]] if "micro_batch_tokens" in fixed else list(BUDGETS)
+    last = None
+    for offload in offloads:
+        run.set_offload(offload)
+        for ckpt in ckpts:
+            for mbt in mbts:
+                stages = {**run.load(), **run.update(mbt, ckpt)}
+                name, peak = _peak(stages)
+                last = (Knobs(0, mbt, ckpt, offload), stages, name)
+                if peak > usable:
+                    continue
+                seqs, rollout = _rollout(run, usable, fixed.get("max_seqs"), local_seqs)
+                stages.update(rollout)
+                knobs = Knobs(seqs, mbt, ckpt, offload)
+                if seqs:
+                    return Fit(True, knobs, stages)
+                last = (knobs, stages, _peak(rollout)[0])
+                break  # smaller micro-batches do not shrink the rollout
+    knobs, stages, failing = last
+    return Fit(False, knobs, stages, failing)
+
+
+def _rollout(run, usable: int, fixed: int | None, local_seqs: int) -> tuple[int, dict]:
+    """The largest rollout chunk (max_seqs) whose stages fit, by bisection over powers of two
+    (memory grows with the chunk); (0, the smallest chunk's stages) when none fits."""
+    if fixed:  # the run file's choice (0: auto)
+        stages = run.rollout(fixed)
+        return (fixed if _peak(stages)[1] <= usable else 0), stages
+    sizes = [local_seqs]
+    while sizes[-1] > 1:
+        sizes.append(max(1, sizes[-1] // 2))
+    lo, hi, best = 0, len(sizes) - 1, None  # sizes descending; find the first that fits
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        stages = run.rollout(sizes[mid])
+        if _peak(stages)[1] <= usable:
+            best, hi = (sizes[mid], stages), mid - 1
+        else:
+            lo, smallest = mid + 1, stages
+    return best if best is not None else (0, smallest)
