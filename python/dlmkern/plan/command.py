@@ -9,7 +9,7 @@ import json
 import os
 import re
 
-from dlmkern.plan.fit import GiB, MARGIN, RESERVE, Budget, fit
+from dlmkern.plan.fit import MARGIN, RESERVE, Budget, GiB, fit
 
 KNOB_KEYS = {"max_seqs": "sampling.max_seqs", "micro_batch_tokens": "micro_batch_tokens",
              "gradient_checkpointing": "gradient_checkpointing",
