@@ -107,14 +107,15 @@ def _workers(gpus: int) -> int:
 
 def report(p: dict) -> str:
     """The plan as text: stages by category (GiB, one rank), knobs, disk."""
-    cats = ["params", "grads", "optimizer", "activations", "temporaries", "kv_cache"]
+    cats = ["params", "grads", "optimizer", "activations", "temporaries", "kv_cache",
+            "graph_pool"]
     lines = [f"{p['run_file']}: {p['algo']} on {p['model']} ({_params(p['params'])}), "
              f"{p['nodes']} x {p['gpus'] // p['nodes']} GPU(s) of {p['gpu_memory_bytes'] / GiB:.0f}"
              f" GiB, prompts of {p['prompt_tokens']} tokens, {p['local_sequences']} sequences "
              "per rank",
              f"{'stage (GiB per rank)':<18}" + "".join(f"{c:>12}" for c in cats) + f"{'total':>9}"]
     for stage, v in p["stages"].items():
-        lines.append(f"{stage:<18}" + "".join(f"{v[c] / GiB:>12.2f}" for c in cats) +
+        lines.append(f"{stage:<18}" + "".join(f"{v.get(c, 0) / GiB:>12.2f}" for c in cats) +
                      f"{v['total'] / GiB:>9.2f}")
     lines.append(f"peak {p['per_rank_peak_bytes'] / GiB:.2f} GiB per rank; with the allocator "
                  f"margin ({p['margin']:.0%}) and {p['reserve_bytes'] / GiB:.1f} GiB reserved "

@@ -68,6 +68,7 @@ def _probes(tracker: StageTracker):
 
     probes = [(DiffusionLM, "prefill", "rollout_prefill", False, None),
               (BlockSampler, "_block", "rollout_blocks", False, None),
+              (BlockSampler, "step", "decode_step", False, None),
               (FullSampler, "_plan", "rollout_blocks", False, None),
               (FullSampler, "_denoise", "rollout_blocks", False, None),
               (RLTrainer, "rows", "rows", False, None),
@@ -119,12 +120,12 @@ def tracked(trainer, stages: dict | None = None) -> StageTracker:
     return tracker
 
 
-def run_tracked(trainer, fn, stages: dict | None = None) -> dict:
-    """fn() under a tracker with the stage probes; the stages' peaks (one rank)."""
+def run_tracked(trainer, fn, stages: dict | None = None) -> StageTracker:
+    """fn() under a tracker with the stage probes (tracker.stages: the peaks of one rank)."""
     tracker = tracked(trainer, stages)
     with tracker, _probes(tracker):
         fn()
-    return tracker.stages
+    return tracker
 
 
 def params_of(trainer) -> dict[str, int]:
@@ -162,9 +163,10 @@ class PlannedRun:
             value = ValueModel(self.model_config) if cfg.use_value_model else None
         self.trainer = RLTrainer(model, *trainer_inputs(cfg, self.prompt_tokens), cfg,
                                  value_model=value)
-        for opt in (self.trainer.opt, self.trainer.value_opt):
+        t = self.trainer
+        for opt, model in ((t.opt, t.model), (t.value_opt, t.value_model)):
             if opt is not None:
-                _make_state(opt)
+                _make_state(opt, model)
         self.params = params_of(self.trainer)
         return self
 
@@ -187,7 +189,7 @@ class PlannedRun:
             group = old.param_groups[0]
             new = MixedPrecisionAdamW(model.parameters(), lr=group["lr"],
                                       weight_decay=group["weight_decay"], offload=offload)
-            _make_state(new)
+            _make_state(new, model)
             setattr(t, name, new)
 
     def load(self) -> dict:
@@ -205,7 +207,16 @@ class PlannedRun:
 
         def go():
             self.batch = collect(t)
-        run_tracked(t, go, out)
+        tracker = run_tracked(t, go, out)
+        # dlmkern's own accounting (no GPU here): a CUDA graph's private pool keeps what its
+        # captured step allocated for the whole generate() call, beside everything the block
+        # does outside the graph (the commit); counted as the step's measured rise
+        pool = tracker.transient.get("decode_step", 0)
+        if "rollout_blocks" in out and t.model.config.block_causal:
+            blk = out["rollout_blocks"]
+            blk["graph_pool"] = pool
+            blk["total"] += pool
+        out.pop("decode_step", None)
         return out
 
     def update(self, micro_batch_tokens: int, gradient_checkpointing: bool) -> dict:
@@ -220,13 +231,21 @@ class PlannedRun:
         kept = self.batch[0]
         positions, n_global = kept.positions()
         return run_tracked(t, lambda: t.update(kept.trajs, kept.advantages, kept.rewards,
-                                               positions=positions, n_global=n_global), {})
+                                               positions=positions, n_global=n_global),
+                           {}).stages
 
 
-def _make_state(opt) -> None:
-    """The optimizer's state as after a first step (zero gradients, one step, none kept)."""
+def _make_state(opt, model) -> None:
+    """The optimizer's state as after a first step (zero gradients, one step, none kept), for
+    the parameters a step gives gradients: all but a value model's lm_head (its forward never
+    reaches it; tied, it is the embedding, which is used)."""
+    unused = set()
+    trunk = getattr(model, "trunk", None)
+    if trunk is not None and trunk.lm_head.weight is not trunk.embed.weight:
+        unused = {id(trunk.lm_head.weight)}
     for g in opt.param_groups:
         for p in g["params"]:
-            p.grad = torch.zeros_like(p)
+            if id(p) not in unused:
+                p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)

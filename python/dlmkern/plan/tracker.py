@@ -34,6 +34,8 @@ class StageTracker(MemTracker):
         self.device = torch.device(device)
         self.stages: dict[str, dict[str, int]] = {}
         self._stage: tuple[str, bool] | None = None
+        self._inv_peak = 0
+        self.transient: dict[str, int] = {}  # stage -> most it ever rose above its entry
         for attr in ("_peak_mem", "_peak_mem_snap", "_curr_mem_snap", "_mod_tracker"):
             if not hasattr(self, attr):  # torch internals this class relies on
                 raise RuntimeError(f"dlmkern.plan: this torch's MemTracker has no {attr} "
@@ -58,13 +60,17 @@ class StageTracker(MemTracker):
         """Peaks reached inside the block are recorded as `name` (`name`_backward while autograd
         runs backward, when split_backward); a stage run several times keeps its highest peak.
         Stages nest: the innermost one records."""
-        outer = self._stage
+        outer, outer_peak = self._stage, self._inv_peak
         self._stage = (name, split_backward)
-        self._record(self._curr_mem_snap.get(self.device))  # what is resident on entry
+        entry = self._curr_mem_snap.get(self.device)
+        self._inv_peak = entry["Total"] if entry else 0
+        self._record(entry)  # what is resident on entry
         try:
             yield self
         finally:
-            self._stage = outer
+            rise = self._inv_peak - (entry["Total"] if entry else 0)
+            self.transient[name] = max(self.transient.get(name, 0), rise)
+            self._stage, self._inv_peak = outer, max(outer_peak, self._inv_peak)
 
     def _update_peak_stats(self, peak_state) -> None:
         # the device peak and the stage peaks only: per-module peaks (the stock tracker walks
@@ -83,6 +89,7 @@ class StageTracker(MemTracker):
         if split:
             name += "_backward" if self._mod_tracker.is_bw else "_forward"
         total = snap["Total"] if snap else 0
+        self._inv_peak = max(self._inv_peak, total)
         if total >= self.stages.get(name, {}).get("total", -1):
             self.stages[name] = _named(snap)
 

@@ -140,7 +140,7 @@ class BlockSampler:
                 for p in prompts]
         draws = SequenceDraws(len(seqs), seeds=seeds)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else (
-            self.use_cache and device.type == "cuda")
+            self.use_cache and (device.type == "cuda" or planning() is not None))
         if graphs and device.type != "cuda":
             graphs = "emulate"  # same static buffers and code path, eager (tests on CPU)
         # Step shapes come in buckets (see _block): padding rows live in dummy sequences with

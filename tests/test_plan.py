@@ -1,0 +1,145 @@
+"""dlmkern plan (issue 25): the plan's per-stage peaks against a real run of the same step at small
+size, tracked with the same tracker on real tensors (within 10 %); fitting, refusing and the
+command line."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from dlmkern.cli import main
+from dlmkern.models import DiffusionLM, ValueModel
+from dlmkern.models.config import tiny_config
+from dlmkern.plan import PlannedRun, run_tracked
+from dlmkern.plan.command import parse_bytes
+from dlmkern.plan.fit import Budget, fit
+from dlmkern.plan.step import trainer_inputs, tracked
+from dlmkern.sampling import BlockSampler, SamplingConfig
+from dlmkern.trainers import TraceRLConfig
+from dlmkern.trainers.rl import RLTrainer
+
+# ~5.4M parameters per model; sequential unmasking of one token per step is the planner's worst
+# case exactly (every block takes its 4 steps), so the real rows are the planned ones
+MC = tiny_config("sdar", vocab_size=4096, hidden_size=256, intermediate_size=768, num_layers=4,
+                 num_heads=8, num_kv_heads=4, head_dim=32)
+PROMPT = 16
+
+
+def _cfg(out, **kw):
+    base = dict(prompts_per_step=4, group_size=2, max_new_tokens=16, use_value_model=True,
+                micro_batch_tokens=160, gradient_checkpointing=False, output_dir=str(out),
+                progress_bar=False,
+                sampling=SamplingConfig(rule="sequential", steps=4, temperature=1.0, max_seqs=4))
+    base.update(kw)
+    return TraceRLConfig(**base)
+
+
+def _real(cfg, monkeypatch) -> dict:
+    """The step on real tensors: its second step (the first makes the optimizer state), with
+    the block sampler on its static-buffer path as on a GPU."""
+    torch.manual_seed(0)
+    init = BlockSampler.__init__
+
+    def graphs_on(self, *a, **kw):
+        init(self, *a, **{**kw, "cuda_graphs": True})  # "emulate" on the CPU
+    monkeypatch.setattr(BlockSampler, "__init__", graphs_on)
+    trainer = RLTrainer(DiffusionLM(MC), *trainer_inputs(cfg, PROMPT), cfg,
+                        value_model=ValueModel(MC))
+    trainer.train_step()
+    stages = {"load": tracked(trainer).current()}
+    stages.update(run_tracked(trainer, trainer.train_step).stages)
+    stages.pop("decode_step", None)
+    return stages
+
+
+def _planned(cfg) -> dict:
+    with PlannedRun(MC, cfg, ranks=1, prompt_tokens=PROMPT, dtype=torch.float32) as run:
+        stages = {**run.load(), **run.rollout(cfg.sampling.max_seqs),
+                  **run.update(cfg.micro_batch_tokens, cfg.gradient_checkpointing)}
+    blk = stages["rollout_blocks"]
+    blk["total"] -= blk.pop("graph_pool")  # CUDA graphs' pool: no such pool on the CPU
+    return stages
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_plan_matches_a_real_run_stage_by_stage(tmp_path, monkeypatch, ckpt):
+    cfg = _cfg(tmp_path / "real", gradient_checkpointing=ckpt)
+    real = _real(cfg, monkeypatch)
+    plan = _planned(dataclasses.replace(cfg, output_dir=str(tmp_path / "plan")))
+    stages = ["load", "rollout_prefill", "rollout_blocks", "old_logp", "update_forward",
+              "update_backward", "optimizer_step"]
+    assert set(stages) <= set(real) and set(stages) <= set(plan), (sorted(real), sorted(plan))
+    for s in stages:
+        r, p = real[s]["total"], plan[s]["total"]
+        assert abs(p - r) <= 0.10 * r, (s, p, r, plan[s], real[s])
+    # the resident state is the same tensors, byte for byte
+    assert plan["load"] == real["load"]
+
+
+def test_fit_picks_the_largest_rollout_chunk_that_fits(tmp_path):
+    # 512 sequences per rank: their KV caches outweigh a micro-batch of the update
+    cfg = _cfg(tmp_path, prompts_per_step=256, max_new_tokens=64, micro_batch_tokens=400,
+               sampling=SamplingConfig(rule="sequential", steps=4, max_seqs=0))
+    with PlannedRun(MC, cfg, prompt_tokens=PROMPT, dtype=torch.float32) as run:
+        peak = lambda stages: max(v["total"] for v in stages.values())  # noqa: E731
+        big, small = peak(run.rollout(512)), peak(run.rollout(1))
+        update = peak(run.update(400, False))
+        assert small < update < big
+        fixed = {"micro_batch_tokens": 400, "gradient_checkpointing": False,
+                 "optimizer_offload": False}
+        # room for every sequence at once, then for less than that
+        roomy = Budget(int(max(big, update) * 1.2), reserve=0, margin=0.0)
+        got = fit(run, roomy, fixed, local_seqs=512)
+        assert got.fits and got.knobs.max_seqs == 512
+        tight = Budget((update + big) // 2, reserve=0, margin=0.0)
+        got = fit(run, tight, fixed, local_seqs=512)
+        assert got.fits and 1 <= got.knobs.max_seqs < 512
+        assert peak(got.stages) <= tight.usable
+        # twice the chosen chunk does not fit: it is the largest power of two that does
+        assert peak(run.rollout(2 * got.knobs.max_seqs)) > tight.usable
+        none = fit(run, Budget(small // 2, reserve=0, margin=0.0), fixed, local_seqs=512)
+        assert not none.fits and none.failing
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * 2**30 == parse_bytes("80G")
+    assert parse_bytes("141GB") == 141 * 10**9
+    assert parse_bytes("1024") == 1024
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes("lots")
+
+
+def _model_dir(tmp_path):
+    from dlmkern.models.io import save_pretrained
+
+    d = tmp_path / "model"
+    save_pretrained(DiffusionLM(MC), str(d))
+    return d
+
+
+def test_plan_command_writes_json_and_exits_by_fit(tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text("algo: tracerl\nmodel: nowhere\ndataset: nowhere.jsonl\n"
+                   "trainer:\n  prompts_per_step: 2\n  group_size: 2\n  max_new_tokens: 8\n"
+                   "  micro_batch_tokens: 64\n  sampling: {rule: sequential, steps: 4}\n")
+    model = _model_dir(tmp_path)
+    out = tmp_path / "plan.json"
+    rc = main(["plan", str(run), f"model={model}", "--gpu-memory", "4GiB", "--reserve", "0",
+               "--prompt-tokens", "8", "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    p = json.loads(out.read_text())
+    assert p["fits"] and p["gpus"] == 1 and p["params"]["policy"] == sum(
+        t.numel() for t in DiffusionLM(MC).parameters())
+    assert p["knobs"]["max_seqs"] == 4 and p["knobs"]["micro_batch_tokens"] == 64
+    assert {"rollout_prefill", "rollout_blocks", "update_backward", "optimizer_step"} <= \
+        set(p["stages"])
+    assert p["checkpoint_bytes"] > 0 and "FITS" in capsys.readouterr().out
+    rc = main(["plan", str(run), f"model={model}", "--gpu-memory", "1MiB", "--reserve", "0"])
+    assert rc == 1 and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_plan_needs_a_config_json(tmp_path, capsys):
+    run = tmp_path / "run.yaml"
+    run.write_text("algo: tracerl\nmodel: nowhere\ndataset: d.jsonl\n")
+    assert main(["plan", str(run)]) == 2
+    assert "config.json" in capsys.readouterr().err
