@@ -13,7 +13,7 @@ from dlmkern.models.config import tiny_config
 from dlmkern.plan import PlannedRun, run_tracked
 from dlmkern.plan.command import parse_bytes
 from dlmkern.plan.fit import Budget, fit
-from dlmkern.plan.step import trainer_inputs, tracked
+from dlmkern.plan.step import tracked, trainer_inputs
 from dlmkern.sampling import BlockSampler, SamplingConfig
 from dlmkern.trainers import TraceRLConfig
 from dlmkern.trainers.rl import RLTrainer
