@@ -143,3 +143,43 @@ def test_plan_needs_a_config_json(tmp_path, capsys):
     run.write_text("algo: tracerl\nmodel: nowhere\ndataset: d.jsonl\n")
     assert main(["plan", str(run)]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_train_refuses_a_run_that_does_not_fit_before_any_weight_loads(tmp_path, monkeypatch,
+                                                                        capsys):
+    import dlmkern.plan.command as command
+    from dlmkern.models import io
+
+    model = _model_dir(tmp_path)
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n"
+                            for i in range(4)))
+    run = tmp_path / "run.yaml"
+    run.write_text(f"algo: tracerl\nmodel: {model}\ndataset: {data}\ntokenizer: char\n"
+                   f"trainer:\n  prompts_per_step: 2\n  group_size: 2\n  max_new_tokens: 8\n"
+                   f"  output_dir: {tmp_path / 'out'}\n")
+    monkeypatch.setattr(command, "visible_gpus", lambda: (1, 1, 2**20))  # one 1 MiB GPU
+    loads = []
+    monkeypatch.setattr(io, "load", lambda *a, **k: loads.append(a))
+    assert main(["train", str(run)]) == 2
+    err = capsys.readouterr()
+    assert "does not fit" in err.err and "DOES NOT FIT" in err.err and not loads
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_check_applies_the_plans_knobs(tmp_path):
+    from dlmkern.cli import read_run
+    from dlmkern.plan.command import train_check
+
+    run = tmp_path / "run.yaml"
+    run.write_text(f"algo: tracerl\nmodel: {_model_dir(tmp_path)}\ndataset: d.jsonl\n"
+                   "trainer:\n  prompts_per_step: 2\n  group_size: 2\n  max_new_tokens: 8\n"
+                   "  micro_batch_tokens: 64\n")
+    _, cfg, _ = read_run(str(run), [])
+    assert cfg.sampling.max_seqs == 0
+    cfg, p = train_check(str(run), [], cfg, gpus=1, nodes=1, gpu_memory=4 * 2**30)
+    assert p["fits"] and cfg.sampling.max_seqs == 4 and cfg.micro_batch_tokens == 64
+    # free: the run file's micro_batch_tokens may change too (the largest that fits)
+    _, cfg, _ = read_run(str(run), [])
+    cfg, p = train_check(str(run), [], cfg, gpus=1, nodes=1, gpu_memory=4 * 2**30, free=True)
+    assert cfg.micro_batch_tokens == 0 and not cfg.gradient_checkpointing

@@ -177,6 +177,7 @@ def cmd_train(args):
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
     data, reward = check_train_inputs(run, cfg, tok)
+    cfg = _plan_check(args, run, cfg)
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
     if run.algo == "sft":
         trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype)
@@ -184,6 +185,25 @@ def cmd_train(args):
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
                             dtype=run.dtype)
     trainer.train()
+
+
+def _plan_check(args, run, cfg):
+    """On GPUs, the memory plan before any weight loads (RL algorithms): a run that does not
+    fit is refused; the knobs the run file leaves unset (sampling.max_seqs, ...) are the plan's
+    (--fit: all of them)."""
+    from dlmkern.plan.command import train_check, visible_gpus
+
+    gpus = None if args.no_plan or run.algo == "sft" else visible_gpus()
+    if gpus is None:
+        return cfg
+    gpus, nodes, memory = gpus
+    print(f"[dlmkern train] planning memory on {nodes} x {gpus} GPU(s) of "
+          f"{memory / 2**30:.0f} GiB (dlmkern plan; --no-plan skips it)", flush=True)
+    cfg, p = train_check(args.config, args.overrides, cfg, gpus, nodes, memory, free=args.fit)
+    knobs = ", ".join(f"{k}={v}" for k, v in p["fitted_trainer"].items())
+    print(f"[dlmkern train] fits: peak {p['per_rank_peak_bytes'] / 2**30:.1f} GiB per GPU "
+          f"with {knobs}", flush=True)
+    return cfg
 
 
 def _load_for_inference(args):
@@ -382,6 +402,11 @@ def main(argv=None):
     t = sub.add_parser("train", help="train from a YAML run file")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value")
+    t.add_argument("--fit", action="store_true", help="on GPUs: let the memory plan set every "
+                   "memory knob (micro_batch_tokens, gradient_checkpointing, optimizer_offload, "
+                   "sampling.max_seqs), the run file's too")
+    t.add_argument("--no-plan", action="store_true", help="skip the memory plan that runs on "
+                   "GPUs before the weights load")
     t.set_defaults(fn=cmd_train)
     for name, fn in (("sample", cmd_sample), ("eval", cmd_eval)):
         s = sub.add_parser(name)

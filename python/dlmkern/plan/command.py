@@ -42,9 +42,9 @@ def model_config_of(run, run_path: str):
 
 def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes: int = 1,
          gpu_memory: int = 80 * GiB, prompt_tokens: int = 512, margin: float = MARGIN,
-         reserve: int = RESERVE) -> dict:
+         reserve: int = RESERVE, free: bool = False) -> dict:
     """The plan of a run file on `nodes` x `gpus` GPUs of `gpu_memory` bytes (the JSON object
-    `dlmkern plan --json` writes)."""
+    `dlmkern plan --json` writes). `free`: every memory knob may change, the run file's too."""
     import torch
 
     from dlmkern.cli import read_run
@@ -57,7 +57,7 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
                          "planned yet")
     mc = model_config_of(run, run_path)
     ranks = gpus * nodes
-    fixed = {k: _knob(cfg, key) for k, key in KNOB_KEYS.items() if key in given}
+    fixed = {} if free else {k: _knob(cfg, key) for k, key in KNOB_KEYS.items() if key in given}
     if fixed.get("max_seqs") == 0:
         fixed.pop("max_seqs")  # 0: the plan's choice
     local_seqs = -(-cfg.prompts_per_step // ranks) * cfg.group_size
@@ -140,3 +140,38 @@ def report(p: dict) -> str:
 
 def _params(params: dict) -> str:
     return ", ".join(f"{k} {v / 1e9:.2f}B" for k, v in params.items())
+
+
+def train_check(run_path: str, overrides: list[str], cfg, gpus: int, nodes: int,
+                gpu_memory: int, free: bool = False):
+    """`dlmkern train`'s check before any weight loads: the plan on the GPUs it runs on. Returns
+    `cfg` with the plan's knobs (those the run file leaves unset, or all of them with `free`);
+    a run that does not fit is refused with the plan's report."""
+    p = plan(run_path, overrides, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, free=free)
+    if not p["fits"]:
+        raise ValueError(f"the run does not fit these GPUs (dlmkern plan, before any weight "
+                         f"loads; --fit lets it change the run file's memory knobs too, "
+                         f"--no-plan skips the check):\n{report(p)}")
+    k = p["knobs"]
+    cfg.sampling = dataclasses.replace(cfg.sampling, max_seqs=k["max_seqs"])
+    cfg.micro_batch_tokens = k["micro_batch_tokens"]
+    cfg.gradient_checkpointing = k["gradient_checkpointing"]
+    if hasattr(cfg, "optimizer_offload"):
+        cfg.optimizer_offload = k["optimizer_offload"]
+    return cfg, p
+
+
+def visible_gpus():
+    """(GPUs per node, nodes, memory of one GPU) of this torchrun job, from its variables and
+    this rank's GPU; None without CUDA (the CPU has no fixed budget: no plan)."""
+    import torch
+
+    from dlmkern.distributed import local_device
+
+    if not torch.cuda.is_available():
+        return None
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    memory = torch.cuda.get_device_properties(local_device()).total_memory
+    return local, max(1, world // max(local, 1)), memory
