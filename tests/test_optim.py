@@ -3,7 +3,9 @@
 import pytest
 import torch
 from dlmkern import TraceRL
-from dlmkern.trainers.optim import MixedPrecisionAdamW
+from dlmkern.trainers.optim import MixedPrecisionAdamW, _pins
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from .test_trainers import DATA, TOK, _cfg, _model, exact
 
@@ -30,15 +32,16 @@ def test_fp32_parameters_get_torch_adamw_exactly():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_parameters_follow_the_fp32_trajectory(dtype):
+def test_low_precision_parameters_follow_the_fp32_trajectory(dtype, offload):
     """The master copy is exactly what fp32 AdamW computes from the same gradients; the parameter
-    is the master rounded to its dtype."""
+    is the master rounded to its dtype (offloaded or not)."""
     w0 = torch.randn(64).to(dtype)
     grads = [g.to(dtype).float() for g in _grads(64, 5)]  # representable in both runs
     kw = dict(lr=1e-3, weight_decay=0.01)
     p = w0.clone()
-    opt = _run(MixedPrecisionAdamW, p, grads, **kw)
+    opt = _run(MixedPrecisionAdamW, p, grads, offload=offload, **kw)
     ref = w0.float().clone()
     _run(torch.optim.AdamW, ref, grads, **kw)
     master = opt.state[p]["master"]
@@ -62,9 +65,10 @@ def test_small_updates_accumulate_instead_of_vanishing():
     assert (mixed < w0).all()
 
 
-def test_changes_made_outside_the_optimizer_are_adopted():
+@pytest.mark.parametrize("offload", [False, True])
+def test_changes_made_outside_the_optimizer_are_adopted(offload):
     p = torch.randn(10).to(torch.bfloat16)
-    opt = _run(MixedPrecisionAdamW, p, _grads(10, 2), lr=1e-3)
+    opt = _run(MixedPrecisionAdamW, p, _grads(10, 2), lr=1e-3, offload=offload)
     master = opt.state[p]["master"].clone()
     assert not torch.equal(master, p.float())  # it holds more than the bf16 values
     with torch.no_grad():
@@ -92,12 +96,17 @@ def test_hooks_run_once_per_step_and_amsgrad_is_refused():
         MixedPrecisionAdamW([p], amsgrad=True)
 
 
-def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
+@pytest.mark.parametrize("offload", [(False, False), (True, False), (False, True)],
+                         ids=["device", "offload_to_device", "device_to_offload"])
+def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path, offload):
     """A bf16 policy trained at lr 1e-6: the update lands in the fp32 masters, and a checkpoint
-    restores them (the next step after resume is the same as without the save)."""
+    restores them (the next step after resume is the same as without the save), whether the
+    run that wrote it and the one that resumes offload the optimizer state or not."""
     # micro-batches of ~1 trajectory: the bf16 gradients are summed in fp32 (stash / unstash)
     tr = TraceRL(_model().to(torch.bfloat16), TOK, DATA, exact,
-                 _cfg(tmp_path / "a", lr=1e-6, micro_batch_tokens=40))
+                 _cfg(tmp_path / "a", lr=1e-6, micro_batch_tokens=40,
+                      optimizer_offload=offload[0]))
+    assert tr.opt.offload is offload[0]
     before = {n: p.detach().float().clone() for n, p in tr.model.named_parameters()}
     batch = tr.rollout(DATA[:1])
     trajs, rewards = batch.trajs, batch.rewards
@@ -109,7 +118,8 @@ def test_bf16_trainer_keeps_fp32_masters_and_resumes_them(tmp_path):
     path = tmp_path / "ckpt"
     tr.save(str(path))
     again = TraceRL(_model(seed=5).to(torch.bfloat16), TOK, DATA, exact,
-                    _cfg(tmp_path / "b", lr=1e-6, micro_batch_tokens=40))
+                    _cfg(tmp_path / "b", lr=1e-6, micro_batch_tokens=40,
+                         optimizer_offload=offload[1]))
     again.resume(str(path))
     for (_, p), (_, q) in zip(tr.model.named_parameters(), again.model.named_parameters(),
                               strict=True):
@@ -146,3 +156,204 @@ def test_stashed_gradients_sum_in_fp32_and_round_once():
     (p * parts[1].to(torch.bfloat16)).sum().backward()
     opt.unstash_grads()
     assert torch.equal(p.grad, parts[1].to(torch.bfloat16))
+
+
+def _accumulated_steps(params, opt, steps=4, micro=3, seed=1):
+    """`steps` optimizer steps of `micro` stashed micro-batch gradients each (a weight edited
+    outside the optimizer halfway), as the trainers run them."""
+    g = torch.Generator().manual_seed(seed)
+    for s in range(steps):
+        for m in range(micro):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            if m < micro - 1:
+                opt.stash_grads()
+        opt.unstash_grads()
+        opt.step()
+        opt.zero_grad()
+        if s == 1:
+            with torch.no_grad():
+                params[0][2, 3] = 0.5  # adopted into the master at the next step
+
+
+def test_offloaded_update_equals_the_device_update():
+    """The same AdamW arithmetic on the host: parameters, masters, moments and step counters
+    after several accumulated steps with weight decay (one group maximising) are bit-identical
+    to the update kept on the parameters' device; fp32 parameters keep torch's AdamW."""
+    torch.manual_seed(0)
+    w0 = [torch.randn(33, 7).to(torch.bfloat16), torch.randn(5).to(torch.bfloat16),
+          torch.randn(6).to(torch.float16), torch.randn(4, 3)]
+    runs = []
+    for offload in (False, True):
+        ps = [w.clone().requires_grad_() for w in w0]
+        opt = MixedPrecisionAdamW([{"params": ps[:3]}, {"params": ps[3:], "maximize": True}],
+                                  lr=1e-2, weight_decay=0.1, offload=offload)
+        _accumulated_steps(ps, opt)
+        runs.append((ps, opt))
+    (dev, dev_opt), (host, host_opt) = runs
+    assert not torch.equal(dev[0], w0[0]) and float(dev[0].detach()[2, 3]) != 0.5  # moved on
+    for p, q in zip(dev, host, strict=True):
+        assert torch.equal(p, q)
+        assert dev_opt.state[p].keys() == host_opt.state[q].keys()
+        for k, v in dev_opt.state[p].items():
+            assert torch.equal(v, host_opt.state[q][k]), k
+    assert float(host_opt.state[host[0]]["step"]) == 4
+
+
+class _Outputs(TorchDispatchMode):
+    """Records (device type, dtype) of every tensor an op returns, and the pin_memory flag of
+    every empty host tensor made."""
+
+    def __init__(self):
+        super().__init__()
+        self.out, self.pinned = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.empty.memory_format:
+            self.pinned.append(bool((kwargs or {}).get("pin_memory")))
+        self.out += [(t.device.type, t.dtype) for t in tree_leaves(out) if torch.is_tensor(t)]
+        return out
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_keeps_fp32_state_off_the_parameters_device(offload):
+    """CUDA parameters as fake tensors (no GPU here): with offload no op makes an fp32 tensor on
+    the parameters' device through stash, unstash and two steps; the masters, moments and sums
+    are host tensors, host buffers are pinned for CUDA, and the gradients go back to CUDA. (The
+    device-kept run does make fp32 CUDA tensors: the check can fail.) Each kind's state dict
+    loads into the other kind, placed where that one keeps its state."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert _pins(torch.device("cuda", 1)) and not _pins(torch.device("cpu"))
+    assert not _pins(torch.device("meta"))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ps = [torch.nn.Parameter(torch.zeros(shape, device="cuda", dtype=torch.bfloat16))
+              for shape in ((8, 4), (5,))]
+        opt = MixedPrecisionAdamW(ps, lr=1e-3, weight_decay=0.1, offload=offload)
+        with _Outputs() as seen:
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.stash_grads()
+            sums = list(opt._grad_acc.values())
+            for p in ps:
+                p.grad = torch.ones_like(p)
+            opt.unstash_grads()
+            grads = [(p.grad.device.type, p.grad.dtype) for p in ps]
+            opt.step()
+            opt.step()
+        # a state dict of either kind loads into the other where that one keeps its state
+        other = MixedPrecisionAdamW(ps, lr=1e-3, offload=not offload)
+        with _Outputs() as loading:
+            other.load_state_dict(opt.state_dict())
+    fp32_on_cuda = ("cuda", torch.float32) in seen.out
+    state = [v for p in ps for k, v in opt.state[p].items() if k != "step"]
+    loaded = [v for p in ps for k, v in other.state[p].items() if k != "step"]
+    assert len(state) == len(loaded) == 6
+    assert all(v.dtype == torch.float32 for v in state + sums + loaded)
+    assert grads == [("cuda", torch.bfloat16)] * 2
+    assert all((p.device.type, p.dtype) == ("cuda", torch.bfloat16) for p in ps)
+    host, device = (state + sums, loaded) if offload else (loaded, state)
+    assert all(v.device.type == "cpu" for v in host)
+    assert all(v.device.type == "cuda" for v in device)
+    if offload:
+        assert not fp32_on_cuda
+        assert seen.pinned and all(seen.pinned)  # every host buffer exchanged with CUDA
+    else:
+        assert fp32_on_cuda
+        assert not any(d == "cuda" for d, _ in loading.out)  # no bf16 copy of the state there
+
+
+def _fsdp_model(offload: bool):
+    """A bf16 two-layer model sharded by FSDP2 over the 2 ranks as distributed.shard does
+    (fp32 gradient reduction; 5 and 3 rows: uneven shards), and its optimizer."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3)).to(torch.bfloat16)
+    mesh = init_device_mesh("cpu", (2,))
+    mp = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    fully_shard(model[0], mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model, MixedPrecisionAdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                                      offload=offload)
+
+
+def _fsdp_steps(model, opt, steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for m in range(2):  # two micro-batches, summed in fp32
+            x = torch.randn(4, 6, generator=g).to(torch.bfloat16)
+            model(x).float().pow(2).mean().backward()
+            if m == 0:
+                opt.stash_grads()
+        opt.unstash_grads()
+        opt.step()
+        opt.zero_grad()
+
+
+def _shard(t):
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _assert_same(a, b):
+    """Two (model, optimizer) pairs hold the same local parameters and optimizer state."""
+    for p, q in zip(a[0].parameters(), b[0].parameters(), strict=True):
+        assert torch.equal(p.to_local(), q.to_local())
+        for k in ("master", "exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(_shard(a[1].state[p][k]), _shard(b[1].state[q][k])), k
+
+
+def _fsdp_worker(rank, store, out):
+    """Rank `rank` of 2 (gloo): offloaded and device-kept optimizers of the same sharded model
+    agree; each writes a checkpoint (checkpoint.py's dcp state) that the other kind resumes."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from dlmkern.trainers.checkpoint import Checkpointing, _set_models
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.tensor import DTensor
+
+    class Holder(Checkpointing):
+        def __init__(self, model, opt):
+            self.model, self.opt = model, opt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        dev, host = _fsdp_model(False), _fsdp_model(True)
+        for m in (dev, host):
+            _fsdp_steps(*m, steps=3, seed=rank)
+        _assert_same(dev, host)
+        for p in host[0].parameters():
+            master = host[1].state[p]["master"]
+            assert isinstance(master, DTensor) and master.placements == p.placements
+            assert master.shape == p.shape and master.dtype == torch.float32
+            local = master.to_local()
+            assert local.device.type == "cpu" and local.shape == p.to_local().shape
+        resumed = []
+        for name, (model, opt), offload in (("dev", dev, True), ("host", host, False)):
+            dcp.save(Holder(model, opt)._state(), checkpoint_id=f"{out}/{name}")
+            fresh = Holder(*_fsdp_model(offload))
+            _fsdp_steps(fresh.model, fresh.opt, steps=1, seed=7)  # state to be replaced
+            state = fresh._state()
+            dcp.load(state, checkpoint_id=f"{out}/{name}",
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            _set_models(state, [("model", fresh.model, fresh.opt)])
+            _assert_same((model, opt), (fresh.model, fresh.opt))
+            resumed.append((fresh.model, fresh.opt))
+        for m in (dev, host, *resumed):
+            _fsdp_steps(*m, steps=1, seed=10 + rank)
+        for m in (host, *resumed):
+            _assert_same(dev, m)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_offload_under_fsdp2_on_two_ranks(tmp_path):
+    """FSDP2 on 2 gloo ranks: each rank offloads its own shard (the masters stay DTensors laid
+    out as the parameters, local shards on the host), the update equals the device-kept one, and
+    checkpoints resume across the two kinds (checkpoint.py's dcp state)."""
+    torch.multiprocessing.spawn(_fsdp_worker, args=(str(tmp_path / "store"), str(tmp_path)),
+                                nprocs=2)

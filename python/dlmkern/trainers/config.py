@@ -47,6 +47,8 @@ class SFTConfig(DataConfig):
     total_steps: int = opt(200, "SFT steps of a run")
     min_mask_ratio: float = opt(1e-3, "t ~ U(min_mask_ratio, 1) per row")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
+    optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
+                                  "(16 bytes per bf16 parameter off the GPU; slower step)")
     micro_batch_tokens: int = opt(0, "packed tokens per forward, gradients accumulated (0: all "
                                   "of this rank's rows in one forward)")
     seed: int = opt(0, "seeds data order and masks")

@@ -121,9 +121,11 @@ class RLTrainer(Checkpointing):
                 if m is not None:
                     distributed.shard(m)
         self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=cfg.lr,
-                                       weight_decay=cfg.weight_decay)
+                                       weight_decay=cfg.weight_decay,
+                                       offload=cfg.optimizer_offload)
         self.value_opt = None if self.value_model is None else MixedPrecisionAdamW(
-            self.value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay)
+            self.value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
+            offload=cfg.optimizer_offload)
 
     @property
     def reward_fns(self) -> list:

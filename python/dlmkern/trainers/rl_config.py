@@ -70,6 +70,8 @@ class RLConfig(DataConfig):
     micro_batch_tokens: int = opt(0, "packed row tokens per forward, gradients accumulated "
                                   "(0: a mini-batch in one forward)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
+    optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
+                                  "(16 bytes per bf16 parameter off the GPU; slower step)")
     # bookkeeping
     seed: int = opt(0, "seeds data order, sampling and masks")
     output_dir: str = opt("runs/rl", "where logs, plots and checkpoints go")
