@@ -67,7 +67,7 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
         result = fit(prun, budget, fixed, local_seqs)
         ckpt = checkpoint_bytes(prun.trainer.model, prun.trainer.value_model,
                                 prun.trainer.ref_model, save_optimizer=cfg.save_optimizer)
-        params = prun.params
+        params, host_opt = prun.params, prun.host_bytes
     peak = max(v["total"] for v in result.stages.values())
     knobs = dataclasses.asdict(result.knobs)
     return {
@@ -80,7 +80,8 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
         "knobs_from_run_file": sorted(fixed), "checkpoint_bytes": ckpt,
         "checkpoints_at_once": _at_once(cfg), "params": params,
         "prompt_tokens": prompt_tokens, "local_sequences": local_seqs,
-        "host": {"reward_workers_per_rank": _workers(gpus),
+        "host": {"optimizer_state_bytes": host_opt,
+                 "reward_workers_per_rank": _workers(gpus),
                  "reward_workers_bytes": _workers(gpus) * REWARD_WORKER_BYTES},
         "fitted_trainer": {KNOB_KEYS[k]: v for k, v in knobs.items()},
     }
@@ -125,8 +126,10 @@ def report(p: dict) -> str:
                  (f" (from the run file: {', '.join(p['knobs_from_run_file'])})"
                   if p["knobs_from_run_file"] else ""))
     lines.append(f"checkpoint: {p['checkpoint_bytes'] / GiB:.1f} GiB on disk each, "
-                 f"{p['checkpoints_at_once']} at once; reward workers: "
-                 f"{p['host']['reward_workers_per_rank']} per rank")
+                 f"{p['checkpoints_at_once']} at once; host memory per rank: optimizer "
+                 f"state {p['host']['optimizer_state_bytes'] / GiB:.1f} GiB, "
+                 f"{p['host']['reward_workers_per_rank']} reward worker(s) "
+                 f"{p['host']['reward_workers_bytes'] / GiB:.1f} GiB")
     if p["fits"]:
         lines.append("FITS. The fitted trainer keys (a run file's trainer: section):")
         lines += [f"  {k}: {json.dumps(v)}" for k, v in p["fitted_trainer"].items()]

@@ -62,9 +62,16 @@ def _probes(tracker: StageTracker):
         tracker.tag([*cache.k, *cache.v, *cache.seqlens], "kv_cache")
 
     def grads(_, opt, *__):
-        tracker.tag([*opt._grad_acc.values(), *(p.grad for g in opt.param_groups
-                                                for p in g["params"] if p.grad is not None)],
-                    "grads")
+        sums = list(opt._grad_acc.values())
+        if opt.offload:  # the fp32 sums live on the host
+            tracker.exclude(sums)
+            sums = []
+        tracker.tag([*sums, *(p.grad for g in opt.param_groups for p in g["params"]
+                              if p.grad is not None)], "grads")
+
+    def state(_, opt, *__):
+        if opt.offload:
+            tracker.exclude(host_state(opt))
 
     probes = [(DiffusionLM, "prefill", "rollout_prefill", False, None),
               (BlockSampler, "_block", "rollout_blocks", False, None),
@@ -74,7 +81,7 @@ def _probes(tracker: StageTracker):
               (RLTrainer, "rows", "rows", False, None),
               (Update, "prepare", "old_logp", False, None),
               (Update, "_pass", "update", True, None),
-              (MixedPrecisionAdamW, "step", "optimizer_step", False, None),
+              (MixedPrecisionAdamW, "step", "optimizer_step", False, state),
               (MixedPrecisionAdamW, "stash_grads", None, False, grads),
               (MixedPrecisionAdamW, "unstash_grads", None, False, grads),
               (KVCache, "empty", None, False, kv)]
@@ -114,10 +121,23 @@ def tracked(trainer, stages: dict | None = None) -> StageTracker:
     tracker = StageTracker("cpu")
     if stages is not None:
         tracker.stages = stages
+    opts = [o for o in (trainer.opt, trainer.value_opt) if o is not None]
     tracker.track_external(*[m for m in (trainer.model, trainer.value_model, trainer.ref_model)
-                             if m is not None],
-                           *[o for o in (trainer.opt, trainer.value_opt) if o is not None])
+                             if m is not None], *[o for o in opts if not o.offload])
+    for o in opts:
+        if o.offload:
+            tracker.exclude(host_state(o))
     return tracker
+
+
+def host_state(opt) -> list:
+    """An offloading optimizer's host tensors: fp32 masters and moments (the step counters are
+    host scalars either way)."""
+    from dlmkern.trainers.optim import _local
+
+    return [_local(v) for st in opt.state.values() for k, v in st.items()
+            if k in ("master", "exp_avg", "exp_avg_sq") and torch.is_tensor(v) and
+            _local(v).device.type == "cpu"]
 
 
 def run_tracked(trainer, fn, stages: dict | None = None) -> StageTracker:
@@ -147,6 +167,7 @@ class PlannedRun:
         self.cfg, self.prompt_tokens = cfg, prompt_tokens
         self._stack = contextlib.ExitStack()
         self.batch = None
+        self.host_bytes = 0
 
     def __enter__(self) -> PlannedRun:
         from dlmkern.models.transformer import DiffusionLM, ValueModel
@@ -194,7 +215,9 @@ class PlannedRun:
 
     def load(self) -> dict:
         """What is resident between steps: weights and optimizer state."""
-        return {"load": tracked(self.trainer).current()}
+        tracker = tracked(self.trainer)
+        self.host_bytes = tracker.host_bytes  # an offloaded optimizer state, on the host
+        return {"load": tracker.current()}
 
     def rollout(self, max_seqs: int) -> dict:
         """The rollout (prefill, blocks) with `max_seqs` sequences at a time."""

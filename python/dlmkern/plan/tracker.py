@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType, _UpdateType
 
 # torch's category -> the plan's name
 CATEGORIES = {
@@ -36,6 +36,7 @@ class StageTracker(MemTracker):
         self._stage: tuple[str, bool] | None = None
         self._inv_peak = 0
         self.transient: dict[str, int] = {}  # stage -> most it ever rose above its entry
+        self._host: dict[int, int] = {}  # excluded storages (host) -> bytes
         for attr in ("_peak_mem", "_peak_mem_snap", "_curr_mem_snap", "_mod_tracker"):
             if not hasattr(self, attr):  # torch internals this class relies on
                 raise RuntimeError(f"dlmkern.plan: this torch's MemTracker has no {attr} "
@@ -51,6 +52,23 @@ class StageTracker(MemTracker):
         ref = {v: k for k, v in CATEGORIES.items()}[category]
         for t in tensors:
             self._update_and_maybe_create_winfos(t, ref)
+
+    def exclude(self, tensors) -> None:
+        """These tensors live on the host (an offloaded optimizer state): not device memory, now
+        or after any op that writes them in place; their bytes are counted in `host_bytes`."""
+        from torch.distributed._tools.common_utils import get_untyped_storages
+
+        for t in tensors:
+            for winfo in self._update_and_maybe_create_winfos(t, _MemRefType.OTH):
+                if winfo.mem_consumed > 0:  # kept with 0 bytes: later ops find it, add nothing
+                    self._update_snap(_UpdateType.DEL, winfo)
+                    winfo.mem_consumed = 0
+            for st in get_untyped_storages(t):
+                self._host[id(st)] = st.nbytes()
+
+    @property
+    def host_bytes(self) -> int:
+        return sum(self._host.values())
 
     def current(self) -> dict[str, int]:
         return _named(self._curr_mem_snap.get(self.device))
