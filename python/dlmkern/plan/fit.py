@@ -98,4 +98,15 @@ def _rollout(run, usable: int, fixed: int | None, local_seqs: int) -> tuple[int,
             best, hi = (sizes[mid], stages), mid - 1
         else:
             lo, smallest = mid + 1, stages
-    return best if best is not None else (0, smallest)
+    if best is None:
+        return 0, smallest
+    # then between it and its double, in steps of 1/8 of it (CUDA graphs pad to S/8 anyway)
+    good, bad, step = best[0], min(2 * best[0], local_seqs + 1), max(1, best[0] // 8)
+    while bad - good > step:
+        mid = good + max(step, (bad - good) // (2 * step) * step)
+        stages = run.rollout(mid)
+        if _peak(stages)[1] <= usable:
+            good, best = mid, (mid, stages)
+        else:
+            bad = mid
+    return best
