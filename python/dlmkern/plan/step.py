@@ -23,7 +23,7 @@ from dlmkern.plan.tracker import StageTracker
 from dlmkern.plan.world import default_dtype, fake_world
 
 STAGES = ("load", "rollout_prefill", "rollout_blocks", "rows", "old_logp", "update_forward",
-          "update_backward", "optimizer_step")
+          "update_backward", "optimizer_step", "checkpoint")
 
 
 class PlanTokenizer:
@@ -184,10 +184,7 @@ class PlannedRun:
             value = ValueModel(self.model_config) if cfg.use_value_model else None
         self.trainer = RLTrainer(model, *trainer_inputs(cfg, self.prompt_tokens), cfg,
                                  value_model=value)
-        t = self.trainer
-        for opt, model in ((t.opt, t.model), (t.value_opt, t.value_model)):
-            if opt is not None:
-                _make_state(opt, model)
+        self._make_states()
         self.params = params_of(self.trainer)
         return self
 
@@ -197,21 +194,17 @@ class PlannedRun:
 
     def set_offload(self, offload: bool) -> None:
         """The optimizers with their state on the host (optimizer_offload) or on the GPU."""
-        from dlmkern.trainers.optim import MixedPrecisionAdamW
-
         t = self.trainer
-        if bool(getattr(t.cfg, "optimizer_offload", False)) == offload:
-            return
-        t.cfg.optimizer_offload = offload
-        for name, model in (("opt", t.model), ("value_opt", t.value_model)):
-            old = getattr(t, name)
-            if old is None:
-                continue
-            group = old.param_groups[0]
-            new = MixedPrecisionAdamW(model.parameters(), lr=group["lr"],
-                                      weight_decay=group["weight_decay"], offload=offload)
-            _make_state(new, model)
-            setattr(t, name, new)
+        if t.cfg.optimizer_offload != offload:
+            t.cfg.optimizer_offload = offload
+            t.make_optimizers()
+            self._make_states()
+
+    def _make_states(self) -> None:
+        t = self.trainer
+        for opt, model in ((t.opt, t.model), (t.value_opt, t.value_model)):
+            if opt is not None:
+                _make_state(opt, model)
 
     def load(self) -> dict:
         """What is resident between steps: weights and optimizer state."""

@@ -47,6 +47,11 @@ class StageTracker(MemTracker):
             self.memory_tracking.pop(module, None)
         super()._pre_fw_hook(module, inputs)
 
+    def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
+        # a frozen module (the KL reference policy) takes no gradient hooks: torch refuses them
+        trains = any(p.requires_grad for p in module.parameters())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+
     def tag(self, tensors, category: str = "kv_cache") -> None:
         """Counts these (already tracked or new) tensors under `category` from now on."""
         ref = {v: k for k, v in CATEGORIES.items()}[category]

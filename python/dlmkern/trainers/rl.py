@@ -120,6 +120,12 @@ class RLTrainer(Checkpointing):
             for m in (self.model, self.value_model, self.ref_model):
                 if m is not None:
                     distributed.shard(m)
+        self.make_optimizers()
+
+    def make_optimizers(self) -> None:
+        """The policy's (and value model's) optimizer, fresh, as the config sets them (also
+        dlmkern.plan's, when it tries optimizer_offload)."""
+        cfg = self.cfg
         self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=cfg.lr,
                                        weight_decay=cfg.weight_decay,
                                        offload=cfg.optimizer_offload)
