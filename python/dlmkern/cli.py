@@ -177,7 +177,7 @@ def cmd_train(args):
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
     data, reward = check_train_inputs(run, cfg, tok)
-    cfg = _plan_check(args, run, cfg)
+    cfg = _plan_check(args, run, cfg, data, tok)
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
     if run.algo == "sft":
         trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype)
@@ -187,19 +187,24 @@ def cmd_train(args):
     trainer.train()
 
 
-def _plan_check(args, run, cfg):
-    """On GPUs, the memory plan before any weight loads (RL algorithms): a run that does not
-    fit is refused; the knobs the run file leaves unset (sampling.max_seqs, ...) are the plan's
-    (--fit: all of them)."""
+def _plan_check(args, run, cfg, data, tok):
+    """On GPUs, the memory plan before any weight loads (RL algorithms), for the dataset's
+    longest prompt: a run that does not fit is refused; the knobs the run file leaves unset
+    (sampling.max_seqs, ...) are the plan's (--fit: all of them)."""
+    from dlmkern.data import PromptFormat
     from dlmkern.plan.command import train_check, visible_gpus
 
     gpus = None if args.no_plan or run.algo == "sft" else visible_gpus()
     if gpus is None:
         return cfg
     gpus, nodes, memory = gpus
+    fmt = PromptFormat.from_config(cfg)
+    longest = max((len(fmt.encode(r, tok)) for r in data), default=1)
     print(f"[dlmkern train] planning memory on {nodes} x {gpus} GPU(s) of "
-          f"{memory / 2**30:.0f} GiB (dlmkern plan; --no-plan skips it)", flush=True)
-    cfg, p = train_check(args.config, args.overrides, cfg, gpus, nodes, memory, free=args.fit)
+          f"{memory / 2**30:.0f} GiB for prompts of up to {longest} tokens (dlmkern plan; "
+          "--no-plan skips it)", flush=True)
+    cfg, p = train_check(args.config, args.overrides, cfg, gpus, nodes, memory, free=args.fit,
+                         prompt_tokens=longest)
     knobs = ", ".join(f"{k}={v}" for k, v in p["fitted_trainer"].items())
     print(f"[dlmkern train] fits: peak {p['per_rank_peak_bytes'] / 2**30:.1f} GiB per GPU "
           f"with {knobs}", flush=True)

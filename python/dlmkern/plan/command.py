@@ -160,11 +160,12 @@ def _params(params: dict) -> str:
 
 
 def train_check(run_path: str, overrides: list[str], cfg, gpus: int, nodes: int,
-                gpu_memory: int, free: bool = False):
+                gpu_memory: int, free: bool = False, prompt_tokens: int = 512):
     """`dlmkern train`'s check before any weight loads: the plan on the GPUs it runs on. Returns
     `cfg` with the plan's knobs (those the run file leaves unset, or all of them with `free`);
     a run that does not fit is refused with the plan's report."""
-    p = plan(run_path, overrides, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, free=free)
+    p = plan(run_path, overrides, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, free=free,
+             prompt_tokens=prompt_tokens)
     if not p["fits"]:
         raise ValueError(f"the run does not fit these GPUs (dlmkern plan, before any weight "
                          f"loads; --fit lets it change the run file's memory knobs too, "
