@@ -53,8 +53,11 @@ def _train(backend: str, tmp_path):
             prompts_per_step=4, group_size=4, max_new_tokens=4, steps_per_block=2,
             temperature=1.0, lr=5e-4, seed=0, output_dir=str(tmp_path / backend / "rl"),
             progress_bar=False, pass_rate_low=0.0, pass_rate_high=1.0, kl_coef=0.01))
+        seen = {}  # the update frees its gradients after the step: read them just before
+        hook = rl.opt.register_step_pre_hook(lambda *_: seen.update(grads=_grads(model)))
         steps = [rl.train_step() for _ in range(3)]
-        grads.append(_grads(model))  # of the last RL step
+        hook.remove()
+        grads.append(seen["grads"])  # of the last RL step
         trajs = rl.rollout(test[:4]).trajs
         with torch.no_grad():
             logp = selected_logp(model, Rows.cat(rl.rows(trajs)), rl.device)
