@@ -85,9 +85,10 @@ def main():
                 seconds = time.perf_counter() - t0
                 print(report(p), f"\n({seconds:.0f} s)\n", flush=True)
                 kv_all = _unchunked_kv(PlannedRun, run, model, gpus, cfg["prompt_tokens"])
-                rows += _rows(p, name, setup, seconds, kv_all)
-    if not args.no_save:
-        common.write_rows(rows)
+                new = _rows(p, name, setup, seconds, kv_all)
+                if not args.no_save:  # as it goes: a later plan that fails loses nothing
+                    common.write_rows(new)
+                rows += new
     print(json.dumps({"rows": len(rows)}))
 
 
@@ -99,7 +100,7 @@ def _unchunked_kv(PlannedRun, run_path: str, model: str, gpus: int, prompt_token
     run, cfg, _ = read_run(run_path, [f"model={model}"])
     seqs = -(-cfg.prompts_per_step // gpus) * cfg.group_size
     with PlannedRun(model_config_of(run, run_path), cfg, gpus, prompt_tokens) as prun:
-        return prun.rollout(seqs)["rollout_prefill"]["kv_cache"]
+        return prun.rollout(seqs).get("rollout_prefill", {}).get("kv_cache", 0)  # 0: no cache
 
 
 if __name__ == "__main__":
