@@ -8,11 +8,13 @@
 #              no emulator) + build_info.json
 #   3 doctor   python -m dlmkern.doctor --json OUTDIR/doctor.json      50 s
 #   4 tests    pytest -q -m cuda tests                                 60 s
-#   5 bench_*  each bench --quick --device cuda: block_attention 50,  215 s together
+#   5 bench_*  each bench --quick --device cuda: block_attention 50,  255 s together
 #              masked_logprobs 35, policy_value_loss 20, sampler 45, rl_step 35,
-#              decode_attention 15, logprobs_from_logits 15
+#              decode_attention 15, logprobs_from_logits 15,
+#              plan_gpu 40 (one real TraceRL step, TraDo-4B shape, beside
+#              dlmkern plan's expectation, bench/results/plan_expected_gpu.json)
 #   6 summary  summary.txt / summary.json (phases, key numbers)        10 s
-# Time boxes add up to 440 s; a phase's box is also cut to what is left of the 480 s.
+# Time boxes add up to 480 s; a phase's box is also cut to what is left of the 480 s.
 #
 # The build never installs into the image's Python environment: it makes a venv of its own
 # (GPU_CHECK_VENV, default build/gpu-check-venv) with --system-site-packages, plus a .pth that adds
@@ -60,12 +62,12 @@ if (( DRY )); then
   TOTAL=240 DOCTOR_ARGS="--device cpu" SIZE=--tiny
   BOX_DEVICE=10 BOX_BUILD=30 BOX_DOCTOR=100 BOX_TESTS=30 BOX_SUMMARY=10
   BENCHES=(block_attention:40 masked_logprobs:40 policy_value_loss:40 sampler:40 rl_step:40
-           decode_attention:40 logprobs_from_logits:40 rewards:40)  # ~5-15 s each; the 180 s bound it all
+           decode_attention:40 logprobs_from_logits:40 rewards:40 plan_gpu:40)  # ~5-15 s each; the 180 s bound it all
 else
   TOTAL=480 DOCTOR_ARGS="" SIZE=--quick
   BOX_DEVICE=15 BOX_BUILD=90 BOX_DOCTOR=50 BOX_TESTS=60 BOX_SUMMARY=10
   BENCHES=(block_attention:50 masked_logprobs:35 policy_value_loss:20 sampler:45 rl_step:35
-           decode_attention:15 logprobs_from_logits:15)
+           decode_attention:15 logprobs_from_logits:15 plan_gpu:40)
 fi
 START=$(date +%s)
 DEADLINE=$((START + TOTAL))
