@@ -84,17 +84,21 @@ def measure(cfg_sizes, device: str) -> dict:
             load = {"load": tracked(t).current()}
             return _groups({**load, **run_tracked(t, t.train_step).stages})
         torch.cuda.synchronize()
-        res = torch.cuda.memory_allocated()
+        out = {"resident": torch.cuda.memory_allocated(),
+               "resident_reserved": torch.cuda.memory_reserved()}
         torch.cuda.reset_peak_memory_stats()
         kept = collect(t)[0]
-        torch.cuda.synchronize()
-        roll = torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize()  # a graph pool's freed blocks count as reserved only
+        out.update(rollout=torch.cuda.max_memory_allocated(),
+                   rollout_reserved=torch.cuda.max_memory_reserved())
         torch.cuda.reset_peak_memory_stats()
         positions, n_global = kept.positions()
         t.update(kept.trajs, kept.advantages, kept.rewards, positions=positions,
                  n_global=n_global)
         torch.cuda.synchronize()
-        return {"resident": res, "rollout": roll, "update": torch.cuda.max_memory_allocated()}
+        out.update(update=torch.cuda.max_memory_allocated(),
+                   update_reserved=torch.cuda.max_memory_reserved())
+        return out
 
 
 def main():
@@ -115,11 +119,15 @@ def main():
     timing = common.Timing(secs, secs, secs)
     for group in ("resident", "rollout", "update"):
         ratio = got[group] / max(want[group], 1)
-        print(f"{group:<9} plan {want[group] / 2**30:8.2f} GiB   {args.device} "
-              f"{got[group] / 2**30:8.2f} GiB   measured / plan {ratio:.3f}")
+        reserved = got.get(f"{group}_reserved")
+        print(f"{group:<9} plan {want[group] / 2**30:8.2f} GiB   {args.device} allocated "
+              f"{got[group] / 2**30:8.2f} GiB (measured / plan {ratio:.3f})" +
+              ("" if reserved is None else f", reserved {reserved / 2**30:.2f} GiB"))
+        measured = [("plan", want[group]), (args.device, got[group])]
+        if reserved is not None:
+            measured.append((f"{args.device}_reserved", reserved))
         rows += [common.make_row("plan_vs_device", {**shape, "group": group}, prov, timing,
-                                 args.device, peak_bytes=int(v))
-                 for prov, v in (("plan", want[group]), (args.device, got[group]))]
+                                 args.device, peak_bytes=int(v)) for prov, v in measured]
     if not args.no_save:
         common.write_rows(rows)
 

@@ -158,3 +158,19 @@ def test_keep_last_and_save_optimizer_config(cls):
         build_config(cls, {"keep_last": -1})
     with pytest.raises(ValueError, match="save_optimizer must be a bool"):
         build_config(cls, {}, ["save_optimizer=maybe"])
+
+
+def test_checkpoint_bytes_of_a_tied_model_match_what_a_save_writes(tmp_path):
+    # dcp writes a tied embedding once per state-dict key (twice), the export once
+    torch.manual_seed(0)
+    model = DiffusionLM(tiny_config("sdar", vocab_size=4096, hidden_size=256,
+                                    intermediate_size=512, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=64, tie_word_embeddings=True,
+                                    mask_token_id=e2e.TOK.mask_token_id)).to(torch.bfloat16)
+    cfg = SFTConfig(batch_size=4, total_steps=1, output_dir=str(tmp_path / "run"),
+                    progress_bar=False, save_optimizer=False)
+    tr = SFT(model, e2e.TOK, e2e.DATA, cfg)
+    tr.save(str(tmp_path / "ckpt"))
+    written = _du(tmp_path / "ckpt" / "dcp") + _du(tmp_path / "ckpt" / "model")
+    est = ckpt.checkpoint_bytes(tr.model, save_optimizer=False)
+    assert est == pytest.approx(written, rel=0.03), (est, written)

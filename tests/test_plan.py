@@ -95,8 +95,9 @@ def test_fit_picks_the_largest_rollout_chunk_that_fits(tmp_path):
         got = fit(run, tight, fixed, local_seqs=512)
         assert got.fits and 1 <= got.knobs.max_seqs < 512
         assert peak(got.stages) <= tight.usable
-        # twice the chosen chunk does not fit: it is the largest power of two that does
-        assert peak(run.rollout(2 * got.knobs.max_seqs)) > tight.usable
+        # the next chunk the search could have taken (an eighth more) does not fit
+        n = got.knobs.max_seqs
+        assert peak(run.rollout(n + max(1, n // 8))) > tight.usable
         none = fit(run, Budget(small // 2, reserve=0, margin=0.0), fixed, local_seqs=512)
         assert not none.fits and none.failing
 
@@ -183,3 +184,31 @@ def test_train_check_applies_the_plans_knobs(tmp_path):
     _, cfg, _ = read_run(str(run), [])
     cfg, p = train_check(str(run), [], cfg, gpus=1, nodes=1, gpu_memory=4 * 2**30, free=True)
     assert cfg.micro_batch_tokens == 0 and not cfg.gradient_checkpointing
+
+
+def test_fit_keeps_searching_past_a_small_chunk_and_checks_the_host():
+    """A setting that fits only a small rollout chunk does not end the search when a costlier
+    one (optimizer offload) fits a larger chunk; an offloaded state must fit the host."""
+    from dlmkern.plan.fit import Budget, Fit, Knobs, fit
+
+    class Run:  # rollout peak = resident + 1 per sequence; offload frees 100 of resident
+        host_bytes = 0
+
+        def set_offload(self, offload):
+            self.offload, self.host_bytes = offload, 500 if offload else 0
+
+        def load(self):
+            return {"load": {"total": 1000 - 100 * self.offload}}
+
+        def update(self, mbt, ckpt):
+            return {"update_backward": {"total": 1010 - 100 * self.offload}}
+
+        def rollout(self, n):
+            return {"rollout_blocks": {"total": 1000 - 100 * self.offload + n}}
+
+    fixed = {"micro_batch_tokens": 0, "gradient_checkpointing": True}
+    got = fit(Run(), Budget(1020, reserve=0, margin=0.0), fixed, local_seqs=256)
+    assert isinstance(got, Fit) and got.knobs == Knobs(120, 0, True, True)
+    tight_host = Budget(1020, reserve=0, margin=0.0, host_memory=16 * 2**30 + 100)
+    got = fit(Run(), tight_host, fixed, local_seqs=256)
+    assert got.knobs.max_seqs == 20 and not got.knobs.optimizer_offload  # host refused offload

@@ -12,8 +12,9 @@ in ``READS`` (tests assert the count does not grow with sequences or layers). Wh
 tensor's shape, the planner's worst case: no EOS is seen, no block finishes early, every loss is
 finite; samplers run one chunk of sequences and stop after the planned number of blocks (every
 later block and chunk has the same shapes: the KV cache and the step buffers are allocated for
-the whole generation up front), and the update runs the planned number of micro-batches of its
-first mini-batch (every later one is cut to the same token budget).
+the whole generation up front; a full-attention prefix cache, which grows, runs every block),
+and the update runs the planned number of micro-batches of its first mini-batch (every later one
+is cut to the same token budget).
 """
 
 from __future__ import annotations
@@ -88,12 +89,12 @@ def read_floats(values: dict) -> dict:
     keys = [k for k, v in values.items() if isinstance(v, torch.Tensor)]
     out = {k: float(v) for k, v in values.items() if k not in keys}
     if keys:
-        stacked = torch.stack([_local(values[k]).detach().reshape(()).double() for k in keys])
+        stacked = torch.stack([_gathered(values[k]).detach().reshape(()).double() for k in keys])
         out.update(zip(keys, read(stacked)[0], strict=True))
     return {k: out[k] for k in values}
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
+def _gathered(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor of t's value: a DTensor (an FSDP gradient norm) is gathered (every rank
     reads at the same point, so the collective is matched)."""
     from torch.distributed.tensor import DTensor

@@ -342,7 +342,8 @@ def cmd_plan(args):
 
     p = plan(args.config, args.overrides, gpus=args.gpus, nodes=args.nodes,
              gpu_memory=parse_bytes(args.gpu_memory), prompt_tokens=args.prompt_tokens,
-             margin=args.margin, reserve=parse_bytes(args.reserve))
+             margin=args.margin, reserve=parse_bytes(args.reserve),
+             host_memory=parse_bytes(args.host_memory) if args.host_memory else None)
     print(report(p))
     if args.json:
         with open(args.json, "w") as f:
@@ -360,6 +361,8 @@ def _add_plan_args(s):
                    help="allocator overhead over the tracked peak (fragmentation)")
     s.add_argument("--reserve", default="1.5GiB",
                    help="per GPU, outside tensors: CUDA context, cuBLAS / NCCL workspaces")
+    s.add_argument("--host-memory", help="one node's host memory (e.g. 128GiB): an offloaded "
+                   "optimizer state must fit it (default: not checked)")
 
 
 def cmd_doctor(args):

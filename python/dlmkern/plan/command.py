@@ -44,7 +44,7 @@ def model_config_of(run, run_path: str):
 
 def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes: int = 1,
          gpu_memory: int = 80 * GiB, prompt_tokens: int = 512, margin: float = MARGIN,
-         reserve: int = RESERVE, free: bool = False) -> dict:
+         reserve: int = RESERVE, free: bool = False, host_memory: int | None = None) -> dict:
     """The plan of a run file on `nodes` x `gpus` GPUs of `gpu_memory` bytes (the JSON object
     `dlmkern plan --json` writes). `free`: every memory knob may change, the run file's too."""
     import torch
@@ -63,7 +63,7 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
     if fixed.get("max_seqs") == 0:
         fixed.pop("max_seqs")  # 0: the plan's choice
     local_seqs = -(-cfg.prompts_per_step // ranks) * cfg.group_size
-    budget = Budget(gpu_memory, reserve, margin)
+    budget = Budget(gpu_memory, reserve, margin, host_memory, gpus)
     dtype = getattr(torch, run.dtype or "bfloat16")
     with PlannedRun(mc, cfg, ranks, prompt_tokens, dtype) as prun:
         result = fit(prun, budget, fixed, local_seqs)
@@ -71,6 +71,8 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
                                 prun.trainer.ref_model, save_optimizer=cfg.save_optimizer)
         params, host_opt = prun.params, prun.host_bytes
     result.stages["checkpoint"] = _checkpoint_stage(result.stages["load"], mc, dtype)
+    if result.fits and result.stages["checkpoint"]["total"] > budget.usable:
+        result.fits, result.failing = False, "checkpoint"
     peak = max(v["total"] for v in result.stages.values())
     knobs = dataclasses.asdict(result.knobs)
     return {
@@ -83,6 +85,7 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
         "knobs_from_run_file": sorted(fixed), "checkpoint_bytes": ckpt,
         "checkpoints_at_once": _at_once(cfg), "params": params,
         "prompt_tokens": prompt_tokens, "local_sequences": local_seqs,
+        "host_memory_bytes": host_memory,
         "host": {"optimizer_state_bytes": host_opt,
                  "reward_workers_per_rank": _workers(gpus),
                  "reward_workers_bytes": _workers(gpus) * REWARD_WORKER_BYTES},
@@ -116,8 +119,19 @@ def _at_once(cfg) -> int:
 
 
 def _workers(gpus: int) -> int:
-    """Reward workers of one rank on a machine like this one (dlmkern.rewards.pool's rule)."""
-    return max(1, (os.cpu_count() or 1) // max(gpus, 1))
+    """Reward workers of one rank when this machine's CPUs serve `gpus` ranks (the pool's own
+    sizing with LOCAL_WORLD_SIZE = gpus)."""
+    from dlmkern.rewards.pool import reward_workers
+
+    old = os.environ.get("LOCAL_WORLD_SIZE")
+    os.environ["LOCAL_WORLD_SIZE"] = str(max(gpus, 1))
+    try:
+        return reward_workers()
+    finally:
+        if old is None:
+            os.environ.pop("LOCAL_WORLD_SIZE")
+        else:
+            os.environ["LOCAL_WORLD_SIZE"] = old
 
 
 def report(p: dict) -> str:
@@ -148,11 +162,21 @@ def report(p: dict) -> str:
         lines.append("FITS. The fitted trainer keys (a run file's trainer: section):")
         lines += [f"  {k}: {json.dumps(v)}" for k, v in p["fitted_trainer"].items()]
     else:
-        st = p["stages"][p["failing_stage"]]["total"]
-        lines.append(f"DOES NOT FIT: stage {p['failing_stage']} needs {st / GiB:.2f} GiB per rank"
-                     f" with the smallest knobs tried; the budget is {p['usable_bytes'] / GiB:.2f}"
-                     " GiB (more GPUs, optimizer_offload, or a shorter max_new_tokens)")
+        lines.append(_refusal(p))
     return "\n".join(lines)
+
+
+def _refusal(p: dict) -> str:
+    failing = p["failing_stage"]
+    if failing not in p["stages"]:  # the host: an offloaded optimizer state
+        host = p["host"]["optimizer_state_bytes"] * p["gpus"] // p["nodes"]
+        return (f"DOES NOT FIT: {failing} needs {host / GiB:.1f} GiB of host memory per node "
+                f"(state and fp32 gradient sums) of {p['host_memory_bytes'] / GiB:.0f} GiB "
+                "(more nodes, or more GPUs per node without optimizer_offload)")
+    st = p["stages"][failing]["total"]
+    return (f"DOES NOT FIT: stage {failing} needs {st / GiB:.2f} GiB per rank with the "
+            f"smallest knobs tried; the budget is {p['usable_bytes'] / GiB:.2f} GiB (more GPUs, "
+            "optimizer_offload, or a shorter max_new_tokens)")
 
 
 def _params(params: dict) -> str:
@@ -165,7 +189,7 @@ def train_check(run_path: str, overrides: list[str], cfg, gpus: int, nodes: int,
     `cfg` with the plan's knobs (those the run file leaves unset, or all of them with `free`);
     a run that does not fit is refused with the plan's report."""
     p = plan(run_path, overrides, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory, free=free,
-             prompt_tokens=prompt_tokens)
+             prompt_tokens=prompt_tokens, host_memory=host_memory())
     if not p["fits"]:
         raise ValueError(f"the run does not fit these GPUs (dlmkern plan, before any weight "
                          f"loads; --fit lets it change the run file's memory knobs too, "
@@ -193,3 +217,8 @@ def visible_gpus():
     local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
     memory = torch.cuda.get_device_properties(local_device()).total_memory
     return local, max(1, world // max(local, 1)), memory
+
+
+def host_memory() -> int:
+    """This machine's memory (bytes)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -16,7 +16,9 @@ import dataclasses
 GiB = 2**30
 RESERVE = int(1.5 * GiB)   # CUDA context + library workspaces per GPU (not tensors)
 MARGIN = 0.08              # allocator overhead on top of the tracked peak
+HOST_RESERVE = 16 * GiB    # a node's host memory kept from an offloaded optimizer state
 BUDGETS = (0, 131072, 65536, 32768, 16384, 8192, 4096, 2048)  # micro_batch_tokens candidates
+MIN_CHUNK = 64  # a rollout chunk this large (or all of a rank's sequences) ends the search
 
 
 @dataclasses.dataclass
@@ -24,11 +26,21 @@ class Budget:
     gpu_memory: int
     reserve: int = RESERVE
     margin: float = MARGIN
+    host_memory: int | None = None   # one node's, for an offloaded optimizer (None: unchecked)
+    gpus_per_node: int = 1
 
     @property
     def usable(self) -> int:
         """The largest tracked peak that fits."""
         return int((self.gpu_memory - self.reserve) / (1 + self.margin))
+
+    def host_fits(self, per_rank: int) -> bool:
+        """Whether a node's ranks' host-side optimizer state fits, with the same margin and
+        HOST_RESERVE left to everything else (the OS, the processes, reward workers, data)."""
+        if self.host_memory is None or not per_rank:
+            return True
+        return per_rank * self.gpus_per_node * (1 + self.margin) <= \
+            self.host_memory - HOST_RESERVE
 
 
 @dataclasses.dataclass
@@ -54,13 +66,16 @@ def _peak(stages: dict) -> tuple[str, int]:
 
 def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
     """Knobs for `run` (a PlannedRun inside its context) under `budget`. `fixed`: the knobs the
-    run file sets (name -> value); `local_seqs`: sequences one rank generates per rollout."""
+    run file sets (name -> value); `local_seqs`: sequences one rank generates per rollout. A
+    setting whose rollout chunk is small (under MIN_CHUNK, or all of a rank's sequences) does not
+    end the search: a costlier setting (offload, checkpointing) may allow a larger chunk, and
+    the largest wins."""
     usable = budget.usable
     offloads = [fixed["optimizer_offload"]] if "optimizer_offload" in fixed else [False, True]
     ckpts = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed \
         else [False, True]
     mbts = [fixed["micro_batch_tokens"]] if "micro_batch_tokens" in fixed else list(BUDGETS)
-    last = None
+    last, best = None, None
     for offload in offloads:
         run.set_offload(offload)
         for ckpt in ckpts:
@@ -70,13 +85,20 @@ def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
                 last = (Knobs(0, mbt, ckpt, offload), stages, name)
                 if peak > usable:
                     continue
+                if not budget.host_fits(run.host_bytes):
+                    last = (last[0], stages, "host (optimizer_offload)")
+                    break
                 seqs, rollout = _rollout(run, usable, fixed.get("max_seqs"), local_seqs)
                 stages.update(rollout)
                 knobs = Knobs(seqs, mbt, ckpt, offload)
-                if seqs:
-                    return Fit(True, knobs, stages)
+                if seqs and (best is None or seqs > best.knobs.max_seqs):
+                    best = Fit(True, knobs, stages)
+                if seqs >= min(local_seqs, MIN_CHUNK):
+                    return best
                 last = (knobs, stages, _peak(rollout)[0])
                 break  # smaller micro-batches do not shrink the rollout
+    if best is not None:
+        return best
     knobs, stages, failing = last
     return Fit(False, knobs, stages, failing)
 

@@ -246,9 +246,11 @@ class PlannedRun:
                 m.gradient_checkpointing = gradient_checkpointing
         kept = self.batch[0]
         positions, n_global = kept.positions()
-        return run_tracked(t, lambda: t.update(kept.trajs, kept.advantages, kept.rewards,
-                                               positions=positions, n_global=n_global),
-                           {}).stages
+        tracker = run_tracked(t, lambda: t.update(kept.trajs, kept.advantages, kept.rewards,
+                                                  positions=positions, n_global=n_global), {})
+        # host peak of an offloaded optimizer: its state and the fp32 gradient sums
+        self.host_bytes = max(self.host_bytes, tracker.host_bytes)
+        return tracker.stages
 
 
 def _make_state(opt, model) -> None:

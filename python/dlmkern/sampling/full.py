@@ -106,7 +106,8 @@ class FullSampler:
         done = [False] * len(prompts)
         plan = planning()  # dlmkern.plan: later blocks repeat these shapes (module doc of _host)
         for k, lo in enumerate(range(0, self.gen_length, self.block_length)):
-            if all(done) or (plan is not None and k >= plan.blocks):
+            # (a prefix cache grows with every block: then the planner runs all of them)
+            if all(done) or (plan is not None and not self.use_cache and k >= plan.blocks):
                 break
             hi = min(lo + self.block_length, self.gen_length)
             blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)

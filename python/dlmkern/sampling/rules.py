@@ -156,6 +156,8 @@ def sample_tokens(logits: torch.Tensor, cfg: SamplingConfig, mask_token_id: int,
                              f"tensor of {logits.shape[0]} draws (see SequenceDraws), got {got}")
         uniforms = uniforms.to(logits.device)
     n = logits.shape[0]
+    if n == 0:
+        return _sample_rows(logits, cfg, mask_token_id, uniforms)
     rows = max(1, -(-n * _RULE_BUFFERS // _PEAK_BUFFERS))
     parts = [_sample_rows(lg, cfg, mask_token_id, None if uniforms is None else uniforms[lo:])
              for lo, lg in zip(range(0, n, rows), logits.split(rows), strict=True)]

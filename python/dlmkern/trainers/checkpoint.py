@@ -148,7 +148,9 @@ class Checkpointing:
         saves = cfg.total_steps // se - self.step // se if se else 0
         existing = len(periodic_checkpoints(cfg.output_dir))
         copies = checkpoints_at_once(cfg.keep_last, max(saves, 0), existing)
-        need, free = copies * per, shutil.disk_usage(cfg.output_dir).free
+        need = copies * per
+        # rank 0 decides (it alone writes output_dir, and may not have made it yet elsewhere)
+        free = shutil.disk_usage(cfg.output_dir).free if distributed.rank() == 0 else 0
         short = distributed.all_sum(int(distributed.rank() == 0 and need > free))
         if short:
             lean = checkpoint_bytes(self.model, self.value_model,
@@ -195,12 +197,13 @@ def checkpoint_bytes(model, value_model=None, ref_model=None, *,
                      save_optimizer: bool = True) -> int:
     """Disk of one checkpoint, over all ranks: the dcp state of the models (and the optimizer
     state of the policy and value model, with save_optimizer) plus the Hugging Face export of
-    the policy in its dtype. Metadata, tokenizer and trainer state (kilobytes) not counted."""
+    the policy in its dtype. dcp writes tied weights once per state-dict key (measured: twice),
+    the export once. Metadata, tokenizer and trainer state (kilobytes) not counted."""
     models = [m for m in (model, value_model, ref_model) if m is not None]
     total = sum(tensor_bytes(m.state_dict().values()) for m in models)
     if save_optimizer:
         total += sum(optimizer_state_bytes(m) for m in (model, value_model) if m is not None)
-    return total + tensor_bytes(model.state_dict().values())
+    return total + tensor_bytes(model.parameters())  # parameters(): a tied one once
 
 
 def checkpoints_at_once(keep_last: int, saves: int, existing: int = 0) -> int:

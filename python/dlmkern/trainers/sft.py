@@ -10,11 +10,11 @@ import os
 import torch
 
 from dlmkern import distributed
-from dlmkern._host import HOST
+from dlmkern._host import HOST, read_floats
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.models import DiffusionLM
 from dlmkern.models.io import load_for_run, run_target
-from dlmkern.ops import layouts, masked_logprobs
+from dlmkern.ops import check_device_errors, layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require_column
 from dlmkern.trainers.config import SFTConfig, to_dict
@@ -176,7 +176,9 @@ class SFT(Checkpointing):
             gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             # to host before the optimizer step: a non-finite loss or gradient norm never reaches
             # the weights (both are global: every rank decides the same)
-            log.update(loss=distributed.all_sum(float(local)), grad_norm=float(gnorm))
+            host = read_floats({"loss": local, "grad_norm": gnorm})  # one read
+            check_device_errors(self.device)  # the kernels' flag (CUDA: bad targets, layouts)
+            log.update(loss=distributed.all_sum(host["loss"]), grad_norm=host["grad_norm"])
             if nonfinite_guard(self, self.opt, "SFT",
                                {"loss": log["loss"], "grad_norm": log["grad_norm"]}):
                 self.opt.step()
