@@ -177,7 +177,9 @@ def cmd_train(args):
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
     data, reward = check_train_inputs(run, cfg, tok)
-    cfg = _plan_check(args, run, cfg, data, tok)
+    from dlmkern.plan.cli import check_before_train
+
+    cfg = check_before_train(args, run, cfg, data, tok)  # on GPUs: memory plan
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
     if run.algo == "sft":
         trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype)
@@ -185,30 +187,6 @@ def cmd_train(args):
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
                             dtype=run.dtype)
     trainer.train()
-
-
-def _plan_check(args, run, cfg, data, tok):
-    """On GPUs, the memory plan before any weight loads (RL algorithms), for the dataset's
-    longest prompt: a run that does not fit is refused; the knobs the run file leaves unset
-    (sampling.max_seqs, ...) are the plan's (--fit: all of them)."""
-    from dlmkern.data import PromptFormat
-    from dlmkern.plan.command import train_check, visible_gpus
-
-    gpus = None if args.no_plan or run.algo == "sft" else visible_gpus()
-    if gpus is None:
-        return cfg
-    gpus, nodes, memory = gpus
-    fmt = PromptFormat.from_config(cfg)
-    longest = max((len(fmt.encode(r, tok)) for r in data), default=1)
-    print(f"[dlmkern train] planning memory on {nodes} x {gpus} GPU(s) of "
-          f"{memory / 2**30:.0f} GiB for prompts of up to {longest} tokens (dlmkern plan; "
-          "--no-plan skips it)", flush=True)
-    cfg, p = train_check(args.config, args.overrides, cfg, gpus, nodes, memory, free=args.fit,
-                         prompt_tokens=longest)
-    knobs = ", ".join(f"{k}={v}" for k, v in p["fitted_trainer"].items())
-    print(f"[dlmkern train] fits: peak {p['per_rank_peak_bytes'] / 2**30:.1f} GiB per GPU "
-          f"with {knobs}", flush=True)
-    return cfg
 
 
 def _load_for_inference(args):
@@ -336,35 +314,6 @@ def cmd_config(args):
         print(f"{key:<26} {default!r:<14} {text}")
 
 
-def cmd_plan(args):
-    """Memory per rank and stage of a run file at its real size (no GPU, no weights)."""
-    from dlmkern.plan.command import parse_bytes, plan, report
-
-    p = plan(args.config, args.overrides, gpus=args.gpus, nodes=args.nodes,
-             gpu_memory=parse_bytes(args.gpu_memory), prompt_tokens=args.prompt_tokens,
-             margin=args.margin, reserve=parse_bytes(args.reserve),
-             host_memory=parse_bytes(args.host_memory) if args.host_memory else None)
-    print(report(p))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(p, f, indent=2)
-    return 0 if p["fits"] else 1
-
-
-def _add_plan_args(s):
-    s.add_argument("--gpus", type=int, default=1, help="GPUs per node (torchrun ranks)")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU: 80GiB, 141GiB, ...")
-    s.add_argument("--prompt-tokens", type=int, default=512,
-                   help="prompt length planned for (the longest prompts of the dataset)")
-    s.add_argument("--margin", type=float, default=0.08,
-                   help="allocator overhead over the tracked peak (fragmentation)")
-    s.add_argument("--reserve", default="1.5GiB",
-                   help="per GPU, outside tensors: CUDA context, cuBLAS / NCCL workspaces")
-    s.add_argument("--host-memory", help="one node's host memory (e.g. 128GiB): an offloaded "
-                   "optimizer state must fit it (default: not checked)")
-
-
 def cmd_doctor(args):
     from dlmkern.doctor import run
 
@@ -404,9 +353,10 @@ def main(argv=None):
     pl.add_argument("config")
     pl.add_argument("overrides", nargs="*", help="key=value (model=DIR: a directory holding "
                     "config.json, e.g. configs/models/TraDo-4B-Instruct)")
-    _add_plan_args(pl)
-    pl.add_argument("--json", help="also write the plan to this JSON file")
-    pl.set_defaults(fn=cmd_plan)
+    from dlmkern.plan import cli as plan_cli
+
+    plan_cli.add_args(pl)
+    pl.set_defaults(fn=plan_cli.command)
     t = sub.add_parser("train", help="train from a YAML run file")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value")
