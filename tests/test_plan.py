@@ -212,3 +212,23 @@ def test_fit_keeps_searching_past_a_small_chunk_and_checks_the_host():
     tight_host = Budget(1020, reserve=0, margin=0.0, host_memory=16 * 2**30 + 100)
     got = fit(Run(), tight_host, fixed, local_seqs=256)
     assert got.knobs.max_seqs == 20 and not got.knobs.optimizer_offload  # host refused offload
+
+
+def test_train_goes_on_unplanned_when_this_torch_cannot_plan(tmp_path, monkeypatch, capsys):
+    import dlmkern.plan.command as command
+    from dlmkern.cli import read_run
+    from dlmkern.plan.cli import check_before_train
+
+    def unavailable():
+        raise command.PlannerUnavailable("no MemTracker internals")
+    monkeypatch.setattr(command, "_planner", unavailable)
+    monkeypatch.setattr(command, "visible_gpus", lambda: (1, 1, 80 * 2**30))
+    run_file = tmp_path / "run.yaml"
+    run_file.write_text(f"algo: tracerl\nmodel: {_model_dir(tmp_path)}\ndataset: d.jsonl\n")
+    run, cfg, _ = read_run(str(run_file), [])
+    args = type("A", (), dict(no_plan=False, fit=False, config=str(run_file), overrides=[]))
+    tok = trainer_inputs(cfg, 4)[0]
+    assert check_before_train(args, run, cfg, [{"prompt": "p"}], tok) is cfg
+    assert "no memory plan" in capsys.readouterr().out
+    assert main(["plan", str(run_file)]) == 2
+    assert "dlmkern plan: error: no MemTracker internals" in capsys.readouterr().err

@@ -24,12 +24,18 @@ def add_args(s) -> None:
 def command(args) -> int:
     """Memory per rank and stage of a run file at its real size (no GPU, no weights); exits 1
     when it does not fit."""
-    from dlmkern.plan.command import parse_bytes, plan, report
+    import sys
 
-    p = plan(args.config, args.overrides, gpus=args.gpus, nodes=args.nodes,
-             gpu_memory=parse_bytes(args.gpu_memory), prompt_tokens=args.prompt_tokens,
-             margin=args.margin, reserve=parse_bytes(args.reserve),
-             host_memory=parse_bytes(args.host_memory) if args.host_memory else None)
+    from dlmkern.plan.command import PlannerUnavailable, parse_bytes, plan, report
+
+    try:
+        p = plan(args.config, args.overrides, gpus=args.gpus, nodes=args.nodes,
+                 gpu_memory=parse_bytes(args.gpu_memory), prompt_tokens=args.prompt_tokens,
+                 margin=args.margin, reserve=parse_bytes(args.reserve),
+                 host_memory=parse_bytes(args.host_memory) if args.host_memory else None)
+    except PlannerUnavailable as e:
+        print(f"dlmkern plan: error: {e}", file=sys.stderr)
+        return 2
     print(report(p))
     if args.json:
         with open(args.json, "w") as f:
@@ -54,8 +60,12 @@ def check_before_train(args, run, cfg, data, tok):
     print(f"[dlmkern train] planning memory on {nodes} x {gpus} GPU(s) of "
           f"{memory / 2**30:.0f} GiB for prompts of up to {longest} tokens (dlmkern plan; "
           "--no-plan skips it)", flush=True)
-    cfg, p = plan_command.train_check(args.config, args.overrides, cfg, gpus, nodes, memory,
-                                      free=args.fit, prompt_tokens=longest)
+    try:
+        cfg, p = plan_command.train_check(args.config, args.overrides, cfg, gpus, nodes, memory,
+                                          free=args.fit, prompt_tokens=longest)
+    except plan_command.PlannerUnavailable as e:  # never block training on a torch version
+        print(f"[dlmkern train] WARNING: no memory plan ({e}); training unchecked", flush=True)
+        return cfg
     knobs = ", ".join(f"{k}={v}" for k, v in p["fitted_trainer"].items())
     print(f"[dlmkern train] fits: peak {p['per_rank_peak_bytes'] / 2**30:.1f} GiB per GPU "
           f"with {knobs}", flush=True)

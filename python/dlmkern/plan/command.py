@@ -19,6 +19,25 @@ KNOB_KEYS = {"max_seqs": "sampling.max_seqs", "micro_batch_tokens": "micro_batch
 REWARD_WORKER_BYTES = 64 * 2**20
 
 
+class PlannerUnavailable(RuntimeError):
+    """This torch lacks the memory-tracker internals the plan relies on (dlmkern.plan.tracker)."""
+
+
+def _planner():
+    """PlannedRun, once this torch is known to have what the plan needs."""
+    try:
+        from dlmkern.plan.step import PlannedRun
+        from dlmkern.plan.tracker import StageTracker
+
+        StageTracker()  # checks the internals it uses
+    except (ImportError, RuntimeError) as e:
+        import torch
+
+        raise PlannerUnavailable(f"dlmkern plan cannot run on torch {torch.__version__}: "
+                                 f"{e}") from e
+    return PlannedRun
+
+
 def parse_bytes(text: str) -> int:
     """'80GiB' or '80G' (binary), '141GB' (decimal), '1.5TiB', or a number of bytes."""
     m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?)(B?)\s*", str(text).upper())
@@ -50,8 +69,9 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
     import torch
 
     from dlmkern.cli import read_run
-    from dlmkern.plan.step import PlannedRun
     from dlmkern.trainers.checkpoint import checkpoint_bytes
+
+    PlannedRun = _planner()
 
     run, cfg, given = read_run(run_path, list(overrides or []))
     if run.algo == "sft":
