@@ -184,20 +184,23 @@ def test_offloaded_update_equals_the_device_update():
     w0 = [torch.randn(33, 7).to(torch.bfloat16), torch.randn(5).to(torch.bfloat16),
           torch.randn(6).to(torch.float16), torch.randn(4, 3)]
     runs = []
-    for offload in (False, True):
+    for offload, sums in ((False, True), (True, True), (True, False)):
         ps = [w.clone().requires_grad_() for w in w0]
         opt = MixedPrecisionAdamW([{"params": ps[:3]}, {"params": ps[3:], "maximize": True}],
-                                  lr=1e-2, weight_decay=0.1, offload=offload)
+                                  lr=1e-2, weight_decay=0.1, offload=offload,
+                                  offload_grad_sums=sums)
         _accumulated_steps(ps, opt)
         runs.append((ps, opt))
-    (dev, dev_opt), (host, host_opt) = runs
+    (dev, dev_opt), *offloaded = runs
     assert not torch.equal(dev[0], w0[0]) and float(dev[0].detach()[2, 3]) != 0.5  # moved on
-    for p, q in zip(dev, host, strict=True):
-        assert torch.equal(p, q)
-        assert dev_opt.state[p].keys() == host_opt.state[q].keys()
-        for k, v in dev_opt.state[p].items():
-            assert torch.equal(v, host_opt.state[q][k]), k
-    assert float(host_opt.state[host[0]]["step"]) == 4
+    for host, host_opt in offloaded:  # the sums on the host, or kept on the device
+        for p, q in zip(dev, host, strict=True):
+            assert torch.equal(p, q)
+            assert dev_opt.state[p].keys() == host_opt.state[q].keys()
+            for k, v in dev_opt.state[p].items():
+                assert torch.equal(v, host_opt.state[q][k]), k
+        assert float(host_opt.state[host[0]]["step"]) == 4
+    assert offloaded[0][1].sums_on_host and not offloaded[1][1].sums_on_host
 
 
 class _Outputs(TorchDispatchMode):
@@ -357,3 +360,21 @@ def test_offload_under_fsdp2_on_two_ranks(tmp_path):
     checkpoints resume across the two kinds (checkpoint.py's dcp state)."""
     torch.multiprocessing.spawn(_fsdp_worker, args=(str(tmp_path / "store"), str(tmp_path)),
                                 nprocs=2)
+
+
+def test_offload_can_keep_the_gradient_sums_on_the_device():
+    """offload_grad_sums=False: masters and moments on the host, the fp32 sums on the
+    parameters' (fake CUDA) device: 4 bytes per parameter there, none on the host."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        ps = [torch.nn.Parameter(torch.zeros(8, 4, device="cuda", dtype=torch.bfloat16))]
+        opt = MixedPrecisionAdamW(ps, lr=1e-3, offload=True, offload_grad_sums=False)
+        ps[0].grad = torch.ones_like(ps[0])
+        opt.stash_grads()
+        sums = list(opt._grad_acc.values())
+        ps[0].grad = torch.ones_like(ps[0])
+        opt.unstash_grads()
+        opt.step()
+    assert [(t.device.type, t.dtype) for t in sums] == [("cuda", torch.float32)]
+    assert all(v.device.type == "cpu" for k, v in opt.state[ps[0]].items() if k != "step")

@@ -188,30 +188,37 @@ def test_train_check_applies_the_plans_knobs(tmp_path):
 
 def test_fit_keeps_searching_past_a_small_chunk_and_checks_the_host():
     """A setting that fits only a small rollout chunk does not end the search when a costlier
-    one (optimizer offload) fits a larger chunk; an offloaded state must fit the host."""
+    one (optimizer offload) fits a larger chunk; an offloaded state must fit the host, and
+    keeping the fp32 gradient sums on the GPU needs less of it (and more GPU memory)."""
     from dlmkern.plan.fit import Budget, Fit, Knobs, fit
 
-    class Run:  # rollout peak = resident + 1 per sequence; offload frees 100 of resident
+    class Run:  # rollout peak = resident + 1 per sequence; offload moves 100 to the host
         host_bytes = 0
 
-        def set_offload(self, offload):
-            self.offload, self.host_bytes = offload, 500 if offload else 0
+        def set_offload(self, offload, sums=True):
+            self.offload, self.sums = offload, sums
+            self.host_bytes = (500 if sums else 300) if offload else 0
+
+        def resident(self):
+            return 1000 - 100 * self.offload + 50 * (self.offload and not self.sums)
 
         def load(self):
-            return {"load": {"total": 1000 - 100 * self.offload}}
+            return {"load": {"total": self.resident()}}
 
         def update(self, mbt, ckpt):
-            return {"update_backward": {"total": 1010 - 100 * self.offload}}
+            return {"update_backward": {"total": self.resident() + 10}}
 
         def rollout(self, n):
-            return {"rollout_blocks": {"total": 1000 - 100 * self.offload + n}}
+            return {"rollout_blocks": {"total": self.resident() + n}}
 
     fixed = {"micro_batch_tokens": 0, "gradient_checkpointing": True}
     got = fit(Run(), Budget(1020, reserve=0, margin=0.0), fixed, local_seqs=256)
-    assert isinstance(got, Fit) and got.knobs == Knobs(120, 0, True, True)
-    tight_host = Budget(1020, reserve=0, margin=0.0, host_memory=16 * 2**30 + 100)
-    got = fit(Run(), tight_host, fixed, local_seqs=256)
-    assert got.knobs.max_seqs == 20 and not got.knobs.optimizer_offload  # host refused offload
+    assert isinstance(got, Fit) and got.knobs == Knobs(120, 0, True, True, True)
+    host = 16 * 2**30  # fit keeps 16 GiB of a node's memory back
+    got = fit(Run(), Budget(1020, reserve=0, margin=0.0, host_memory=host + 400), fixed, 256)
+    assert got.knobs == Knobs(64, 0, True, True, False)  # the sums stay on the GPU
+    got = fit(Run(), Budget(1020, reserve=0, margin=0.0, host_memory=host + 100), fixed, 256)
+    assert got.knobs.max_seqs == 20 and not got.knobs.optimizer_offload  # no offload fits
 
 
 def test_train_goes_on_unplanned_when_this_torch_cannot_plan(tmp_path, monkeypatch, capsys):

@@ -13,7 +13,7 @@ from dlmkern.plan.fit import MARGIN, RESERVE, Budget, GiB, fit
 
 KNOB_KEYS = {"max_seqs": "sampling.max_seqs", "micro_batch_tokens": "micro_batch_tokens",
              "gradient_checkpointing": "gradient_checkpointing",
-             "optimizer_offload": "optimizer_offload"}
+             "optimizer_offload": "optimizer_offload", "offload_grad_sums": "offload_grad_sums"}
 # one math-reward worker's resident memory: 58 MiB RSS measured after 40 math-verify calls
 # (2026-12-07, this machine), rounded up
 REWARD_WORKER_BYTES = 64 * 2**20
@@ -218,8 +218,8 @@ def train_check(run_path: str, overrides: list[str], cfg, gpus: int, nodes: int,
     cfg.sampling = dataclasses.replace(cfg.sampling, max_seqs=k["max_seqs"])
     cfg.micro_batch_tokens = k["micro_batch_tokens"]
     cfg.gradient_checkpointing = k["gradient_checkpointing"]
-    if hasattr(cfg, "optimizer_offload"):
-        cfg.optimizer_offload = k["optimizer_offload"]
+    cfg.optimizer_offload = k["optimizer_offload"]
+    cfg.offload_grad_sums = k["offload_grad_sums"]
     return cfg, p
 
 

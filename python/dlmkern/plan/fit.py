@@ -49,6 +49,7 @@ class Knobs:
     micro_batch_tokens: int
     gradient_checkpointing: bool
     optimizer_offload: bool
+    offload_grad_sums: bool = True
 
 
 @dataclasses.dataclass
@@ -71,18 +72,18 @@ def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
     end the search: a costlier setting (offload, checkpointing) may allow a larger chunk, and
     the largest wins."""
     usable = budget.usable
-    offloads = [fixed["optimizer_offload"]] if "optimizer_offload" in fixed else [False, True]
+    offloads = _offloads(fixed)
     ckpts = [fixed["gradient_checkpointing"]] if "gradient_checkpointing" in fixed \
         else [False, True]
     mbts = [fixed["micro_batch_tokens"]] if "micro_batch_tokens" in fixed else list(BUDGETS)
     last, best = None, None
-    for offload in offloads:
-        run.set_offload(offload)
+    for offload, sums in offloads:
+        run.set_offload(offload, sums)
         for ckpt in ckpts:
             for mbt in mbts:
                 stages = {**run.load(), **run.update(mbt, ckpt)}
                 name, peak = _peak(stages)
-                last = (Knobs(0, mbt, ckpt, offload), stages, name)
+                last = (Knobs(0, mbt, ckpt, offload, sums), stages, name)
                 if peak > usable:
                     continue
                 if not budget.host_fits(run.host_bytes):
@@ -90,7 +91,7 @@ def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
                     break
                 seqs, rollout = _rollout(run, usable, fixed.get("max_seqs"), local_seqs)
                 stages.update(rollout)
-                knobs = Knobs(seqs, mbt, ckpt, offload)
+                knobs = Knobs(seqs, mbt, ckpt, offload, sums)
                 if seqs and (best is None or seqs > best.knobs.max_seqs):
                     best = Fit(True, knobs, stages)
                 if seqs >= min(local_seqs, MIN_CHUNK):
@@ -101,6 +102,17 @@ def fit(run, budget: Budget, fixed: dict, local_seqs: int) -> Fit:
         return best
     knobs, stages, failing = last
     return Fit(False, knobs, stages, failing)
+
+
+def _offloads(fixed: dict) -> list[tuple[bool, bool]]:
+    """(optimizer_offload, offload_grad_sums) settings to try, cheapest first: none; the state
+    and the fp32 gradient sums on the host; the state only (less host memory)."""
+    options = [(False, True), (True, True), (True, False)]
+    if "optimizer_offload" in fixed:
+        options = [o for o in options if o[0] == fixed["optimizer_offload"]]
+    if "offload_grad_sums" in fixed:
+        options = [o for o in options if not o[0] or o[1] == fixed["offload_grad_sums"]]
+    return options
 
 
 def _rollout(run, usable: int, fixed: int | None, local_seqs: int) -> tuple[int, dict]:

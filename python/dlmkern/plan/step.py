@@ -63,7 +63,7 @@ def _probes(tracker: StageTracker):
 
     def grads(_, opt, *__):
         sums = list(opt._grad_acc.values())
-        if opt.offload:  # the fp32 sums live on the host
+        if opt.sums_on_host:  # the fp32 sums live on the host
             tracker.exclude(sums)
             sums = []
         tracker.tag([*sums, *(p.grad for g in opt.param_groups for p in g["params"]
@@ -192,11 +192,12 @@ class PlannedRun:
         self.trainer.logger.close()
         return self._stack.__exit__(*exc)
 
-    def set_offload(self, offload: bool) -> None:
-        """The optimizers with their state on the host (optimizer_offload) or on the GPU."""
+    def set_offload(self, offload: bool, grad_sums: bool = True) -> None:
+        """The optimizers with their state on the host (optimizer_offload; the fp32 gradient
+        sums too with grad_sums) or on the GPU."""
         t = self.trainer
-        if t.cfg.optimizer_offload != offload:
-            t.cfg.optimizer_offload = offload
+        if (t.cfg.optimizer_offload, t.cfg.offload_grad_sums) != (offload, grad_sums):
+            t.cfg.optimizer_offload, t.cfg.offload_grad_sums = offload, grad_sums
             t.make_optimizers()
             self._make_states()
 

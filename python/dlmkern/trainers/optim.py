@@ -37,12 +37,16 @@ _FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
 class MixedPrecisionAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 1e-2, offload: bool = False, **kwargs):
+                 weight_decay: float = 1e-2, offload: bool = False,
+                 offload_grad_sums: bool = True, **kwargs):
         if kwargs.get("amsgrad"):
             raise ValueError("MixedPrecisionAdamW: amsgrad is not supported")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          **kwargs)
         self.offload = offload  # not a group setting: checkpoints must not depend on it
+        # with offload, the fp32 gradient sums too (False: on the parameters' device, 4 bytes
+        # per parameter there, none on the host)
+        self.sums_on_host = offload and offload_grad_sums
         self._grad_acc = {}  # parameter -> fp32 gradient sum (outside state: never saved)
 
     def zero_grad(self, set_to_none: bool = True):
@@ -82,7 +86,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         """Moves the gradients of low-precision parameters into fp32 accumulators (call after each
         backward of a gradient-accumulation loop but the last), so that summing many micro-batch
         gradients rounds once (unstash_grads) instead of once per backward in bf16."""
-        if self.offload:
+        if self.sums_on_host:
             return self._stash_on_host()
         for p in self._low_params():
             if p.grad is not None:
@@ -98,7 +102,7 @@ class MixedPrecisionAdamW(torch.optim.AdamW):
         """Puts the fp32 sums back as the parameters' gradients (plus any gradient accumulated
         since the last stash), rounded once to the parameter dtype (under FSDP2 each backward's
         reduced gradient is itself stored in the parameter dtype before it is stashed)."""
-        if self.offload:
+        if self.sums_on_host:
             return self._unstash_from_host()
         for p in self._low_params():
             acc = self._grad_acc.pop(p, None)

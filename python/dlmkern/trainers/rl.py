@@ -128,10 +128,11 @@ class RLTrainer(Checkpointing):
         cfg = self.cfg
         self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=cfg.lr,
                                        weight_decay=cfg.weight_decay,
-                                       offload=cfg.optimizer_offload)
+                                       offload=cfg.optimizer_offload,
+                                       offload_grad_sums=cfg.offload_grad_sums)
         self.value_opt = None if self.value_model is None else MixedPrecisionAdamW(
             self.value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
-            offload=cfg.optimizer_offload)
+            offload=cfg.optimizer_offload, offload_grad_sums=cfg.offload_grad_sums)
 
     @property
     def reward_fns(self) -> list:

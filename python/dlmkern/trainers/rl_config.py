@@ -72,6 +72,8 @@ class RLConfig(DataConfig):
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
                                   "(16 bytes per bf16 parameter off the GPU; slower step)")
+    offload_grad_sums: bool = opt(True, "with optimizer_offload: the fp32 gradient sums on the "
+                                  "host too (false: on the GPU, 4 bytes per parameter there)")
     # bookkeeping
     seed: int = opt(0, "seeds data order, sampling and masks")
     output_dir: str = opt("runs/rl", "where logs, plots and checkpoints go")

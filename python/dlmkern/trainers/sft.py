@@ -69,7 +69,8 @@ class SFT(Checkpointing):
             distributed.shard(self.model)
         self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=self.cfg.lr,
                                        weight_decay=self.cfg.weight_decay,
-                                       offload=self.cfg.optimizer_offload)
+                                       offload=self.cfg.optimizer_offload,
+                                       offload_grad_sums=self.cfg.offload_grad_sums)
         self.gen = torch.Generator().manual_seed(self.cfg.seed)  # which rows each step trains
         self.step = 0
         self.nonfinite_skipped = 0  # updates dropped for a non-finite value (on_nonfinite: skip)
