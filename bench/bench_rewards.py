@@ -82,6 +82,11 @@ def main():
     agree = sum(s == t for s, t in zip(scores["pool_1"], labels, strict=True))
     if any(s != scores["pool_1"] for s in scores.values()):
         raise SystemExit("bench_rewards: pool_1 and pool_N scored the batch differently")
+    if agree != n:  # a wrong score is a broken reward, not a slow one
+        bad = [k for k, (s, t) in enumerate(zip(scores["pool_1"], labels, strict=True)) if s != t]
+        raise SystemExit(f"bench_rewards: {n - agree} of {n} scores disagree with their labels "
+                         f"(first: completion {bad[0]}: {comps[bad[0]]!r} vs {golds[bad[0]]!r}, "
+                         f"scored {scores['pool_1'][bad[0]]}, label {labels[bad[0]]})")
     print(f"pool_N = {big} workers on {os.cpu_count()} CPUs; scores agree with the mix's labels on "
           f"{agree}/{n}")
     common.report(rows, args, unit=("compl/s", n))
