@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from dlmkern.ops import layouts, policy_value_loss
 
 
