@@ -1,6 +1,6 @@
 """decode_attention (one denoising step of every sequence's current block against its KV cache)
-vs SDPA (enable_gqa) over a preallocated padded cache with a length mask, in one run; GB/s counts the bytes the op
-must move (the live cache prefix and the block's q/k/v/out once).
+vs SDPA (enable_gqa) over a preallocated padded cache with a length mask, in one run; GB/s counts
+the bytes the op must move (the live cache prefix and the block's q/k/v/out once).
 
     python bench/bench_decode_attention.py                         # CPU: 16 sequences, prefix 1024
     python bench/bench_decode_attention.py --quick --device cuda   # 128 sequences, prefix 4096

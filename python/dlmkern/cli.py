@@ -186,7 +186,12 @@ def cmd_train(args):
     else:  # the config is the algorithm
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
                             dtype=run.dtype)
-    trainer.train()
+    from dlmkern.trainers.preemption import Preempted
+
+    try:
+        trainer.train()
+    except Preempted:  # SIGTERM / SIGUSR1: its checkpoint is written and named on stderr
+        return 0
 
 
 def _load_for_inference(args):

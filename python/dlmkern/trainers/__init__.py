@@ -2,6 +2,7 @@
 DiPO are RLTrainer with their preset), and SFT (SPEC 4.5)."""
 
 from dlmkern.trainers.config import SFTConfig, build_config, load_config
+from dlmkern.trainers.preemption import Preempted
 from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
 from dlmkern.trainers.rl_config import (
     PRESETS,
@@ -14,6 +15,6 @@ from dlmkern.trainers.rl_config import (
 )
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "RLConfig",
-           "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL", "TraceRLConfig",
-           "build_config", "load_config"]
+__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
+           "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
+           "TraceRLConfig", "build_config", "load_config"]

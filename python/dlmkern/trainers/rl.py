@@ -27,6 +27,7 @@ from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import plan_step, planned_trajectories
+from dlmkern.trainers.preemption import PreemptionWatch
 from dlmkern.trainers.rl_config import DiPOConfig, RLConfig, TraceRLConfig
 from dlmkern.trainers.rollout import Rollout, RolloutBatch, collect, reward_stats
 from dlmkern.trainers.update import Update
@@ -281,18 +282,24 @@ class RLTrainer(Checkpointing):
         return log
 
     def train(self):
-        """Runs until config.total_steps, saving every save_every steps and at the end."""
+        """Runs until config.total_steps, saving every save_every steps and at the end. On
+        SIGTERM / SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step>
+        and raises trainers.preemption.Preempted (a SystemExit with status 0)."""
         from dlmkern.trainers.logging import progress
 
         self.check_checkpoint_disk()  # before the first step, not at the first save
         bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
-        for _ in bar:
-            log = self.train_step()
-            if hasattr(bar, "set_postfix") and "reward_mean" in log:
-                bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save_periodic()  # and deletes those beyond keep_last
-        self.save(os.path.join(self.cfg.output_dir, "final"))
+        with PreemptionWatch() as watch:
+            for _ in bar:
+                log = self.train_step()
+                if hasattr(bar, "set_postfix") and "reward_mean" in log:
+                    bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
+                saved = None
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    saved = self.save_periodic()  # and deletes those beyond keep_last
+                if watch.requested():  # one collective per step: the ranks agree
+                    watch.stop(self, saved)
+            self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
         self.logger.plot(("reward_mean", "pass_rate", "eval_accuracy"), title=self.name,
                          marks=self.plot_marks)
         self.logger.close()

@@ -21,6 +21,7 @@ from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import micro_batches
+from dlmkern.trainers.preemption import PreemptionWatch
 
 
 class SFT(Checkpointing):
@@ -191,15 +192,22 @@ class SFT(Checkpointing):
 
     def train(self):
         """Runs until config.total_steps, saving every save_every steps and at the end
-        (output_dir/final: checkpoint, with the Hugging Face model in final/model)."""
+        (output_dir/final: checkpoint, with the Hugging Face model in final/model). On SIGTERM /
+        SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step> and raises
+        trainers.preemption.Preempted (a SystemExit with status 0)."""
         self.check_checkpoint_disk()  # before the first step, not at the first save
-        for _ in progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft"):
-            log = self.train_step()
-            if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log:
-                self.logger.log(log)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                self.save_periodic()  # and deletes those beyond keep_last
-        self.save(os.path.join(self.cfg.output_dir, "final"))
+        steps = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft")
+        with PreemptionWatch() as watch:
+            for _ in steps:
+                log = self.train_step()
+                if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log:
+                    self.logger.log(log)
+                saved = None
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    saved = self.save_periodic()  # and deletes those beyond keep_last
+                if watch.requested():  # one collective per step: the ranks agree
+                    watch.stop(self, saved)
+            self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
         self.logger.close()
         return self
 
