@@ -137,14 +137,19 @@ def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_di
 
 
 def continued_sft(tok, train, size: DemoSize, seed: int, sft_dir: str, out_dir: str,
-                  seconds: float) -> tuple[DiffusionLM, int]:
-    """The equal-time control: SFT resumed from its final checkpoint (weights, optimizer, data
-    order) for `seconds` of wall time on the same data."""
+                  seconds: float | None = None, steps: int | None = None
+                  ) -> tuple[DiffusionLM, int]:
+    """The control: SFT resumed from its final checkpoint (weights, optimizer, data order) on
+    the same data, for `seconds` of wall time (the demo's equal-time control) or `steps` more
+    steps (tests/test_demo.py's equal-steps control, independent of the machine's load)."""
+    if (seconds is None) == (steps is None):
+        raise ValueError("continued_sft: give seconds or steps")
     model = build_model(tok, size)
     trainer = SFT(model, tok, train, sft_config(size, seed, out_dir, False, 10 ** 9),
                   answer_key="teacher", resume_from=os.path.join(sft_dir, "final"))
     start, t0 = trainer.step, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while (time.perf_counter() - t0 < seconds) if steps is None else \
+            (trainer.step - start < steps):
         trainer.logger.log(trainer.train_step())
     trainer.logger.close()
     return model, trainer.step - start

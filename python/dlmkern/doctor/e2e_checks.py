@@ -1,9 +1,12 @@
-"""End-to-end smoke on one device: the CUDA-graph sampler against the eager one, two steps of
-each trainer on tiny models (SFT, TraceRL with a value model, DiPO with a reference KL, LLaDA
-TraceRL sampling at temperature 1.0) and a save + resume round trip."""
+"""End-to-end checks on one device: the CUDA-graph sampler against the eager one; each trainer on
+a tiny model (SFT, TraceRL with a value model, DiPO with a reference KL, LLaDA TraceRL sampling at
+temperature 1.0): two steps that move every trained model from its start, an update that follows
+the advantage (SFT: a step that lowers the loss) and one step's gradients against the reference
+backend's on the same device (the row's measured error); a save + resume round trip."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
@@ -11,12 +14,28 @@ import tempfile
 import torch
 
 from dlmkern.data import CharTokenizer
+from dlmkern.doctor.update_checks import (
+    GRAD_TOL,
+    advantages_order_as_rewards,
+    gradients_vs_reference,
+    sft_step_lowers_the_loss,
+    update_follows_the_advantage,
+)
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.sampling import BlockSampler, SamplingConfig
 from dlmkern.trainers import SFT, DiPO, DiPOConfig, RLConfig, SFTConfig, TraceRL, TraceRLConfig
 
 TOK = CharTokenizer("0123456789+=")
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+SIGNS = (1.0, -1.0, 1.0, -1.0)  # the advantages of one group (group_size 4) in the direction check
+# the direction check's learning rate: small enough for first order, large enough that a bf16
+# weight moves (a bf16 weight rounds away steps under ~1/256 of itself)
+DIRECTION_LR = {torch.float32: 1e-4, torch.bfloat16: 1e-3}
+
+
+def dtype(device: str) -> torch.dtype:
+    """The trainers' weights on `device` (CUDA attention kernels take bf16 / fp16)."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def digit_share(prompts, completions, **_):
@@ -30,8 +49,7 @@ def model(device: str, family: str = "sdar", seed: int = 0) -> DiffusionLM:
     m = DiffusionLM(tiny_config(family, vocab_size=TOK.vocab_size, hidden_size=64,
                                 intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                                 head_dim=64, mask_token_id=TOK.mask_token_id))
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return m.to(device=device, dtype=dtype)
+    return m.to(device=device, dtype=dtype(device))
 
 
 def graphs_vs_eager(device: str):
@@ -62,14 +80,14 @@ def _rl_cfg(out: str, preset=TraceRLConfig, **kw) -> RLConfig:
     return preset(**base)
 
 
-def _moved(before: dict, m: torch.nn.Module) -> bool:
-    return any(not torch.equal(before[k], p.detach()) for k, p in m.named_parameters())
+def _trained(trainer) -> list[torch.nn.Module]:
+    return [m for m in (trainer.model, getattr(trainer, "value_model", None)) if m is not None]
 
 
 def _run_steps(trainer, steps: int = 2) -> float:
     """Runs `steps` training steps; returns the largest |loss| seen; fails on a non-finite loss,
-    a skipped update or parameters that did not move."""
-    before = {k: p.detach().clone() for k, p in trainer.model.named_parameters()}
+    a skipped update or a trained model (policy, value model) left at its starting weights."""
+    start = [[p.detach().clone() for p in m.parameters()] for m in _trained(trainer)]
     worst = 0.0
     for _ in range(steps):
         log = trainer.train_step()
@@ -79,42 +97,69 @@ def _run_steps(trainer, steps: int = 2) -> float:
         if not math.isfinite(loss):
             raise AssertionError(f"step {trainer.step - 1}: loss {loss}")
         worst = max(worst, abs(loss))
-    if not _moved(before, trainer.model):
-        raise AssertionError("the parameters did not change")
+    for m, before in zip(_trained(trainer), start, strict=True):
+        if all(torch.equal(b, p.detach()) for b, p in zip(before, m.parameters(), strict=True)):
+            raise AssertionError(f"the {type(m).__name__}'s parameters did not change")
     return worst
 
 
+def _maker(build, device: str, root: str):
+    """make(**overrides) -> a fresh trainer of `build` (the same weights every call), each in its
+    own output directory under `root`."""
+    n = itertools.count()
+    return lambda **kw: build(device, os.path.join(root, str(next(n))), **kw)
+
+
+def _sft(device: str, out: str, **kw) -> SFT:
+    cfg = dict(batch_size=8, lr=1e-3, total_steps=2, output_dir=out, log_every=1)
+    return SFT(model(device), TOK, DATA, SFTConfig(**{**cfg, **kw}))
+
+
+def _tracerl_value(device: str, out: str, **kw) -> TraceRL:
+    return TraceRL(model(device), TOK, DATA, digit_share, _rl_cfg(out, use_value_model=True, **kw))
+
+
+def _dipo_ref_kl(device: str, out: str, **kw) -> DiPO:
+    # DiPO's preset, its reference KL on; without dynamic sampling, which could filter every
+    # group of a 2-prompt step (the check needs an update)
+    cfg = _rl_cfg(out, DiPOConfig, kl_coef=0.1, num_minibatches=2, dynamic_sampling=False, **kw)
+    tr = DiPO(model(device), TOK, DATA, digit_share, cfg)
+    if tr.ref_model is None:
+        raise AssertionError("no reference model was built for kl_to='ref'")
+    return tr
+
+
+def _llada_tracerl(device: str, out: str, **kw) -> TraceRL:
+    return TraceRL(model(device, "llada"), TOK, DATA, digit_share,
+                   _rl_cfg(out, gen_block_length=4, shrinkage=8, **kw))
+
+
 def sft(device: str):
-    with tempfile.TemporaryDirectory() as out:
-        cfg = SFTConfig(batch_size=8, lr=1e-3, total_steps=2, output_dir=out, log_every=1)
-        return _run_steps(SFT(model(device), TOK, DATA, cfg)), 0.0
+    """Two steps; a step lowers the loss of fixed rows and masks; one step's gradients against
+    the reference backend's."""
+    with tempfile.TemporaryDirectory() as root:
+        make = _maker(_sft, device, root)
+        _run_steps(make())
+        sft_step_lowers_the_loss(make(), DATA, list(range(len(DATA))))
+        err = gradients_vs_reference(lambda: make(max_grad_norm=1e9), lambda t: t.train_step())
+        return err, err / GRAD_TOL[dtype(device)]
 
 
-def tracerl_value(device: str):
-    with tempfile.TemporaryDirectory() as out:
-        tr = TraceRL(model(device), TOK, DATA, digit_share, _rl_cfg(out, use_value_model=True))
-        before = {k: p.detach().clone() for k, p in tr.value_model.named_parameters()}
-        worst = _run_steps(tr)
-        if not _moved(before, tr.value_model):
-            raise AssertionError("the value model did not change")
-        return worst, 0.0
-
-
-def dipo_ref_kl(device: str):
-    with tempfile.TemporaryDirectory() as out:
-        # DiPO's preset, its reference KL on; without dynamic sampling, which could filter
-        # every group of a 2-prompt step (the check needs an update)
-        cfg = _rl_cfg(out, DiPOConfig, kl_coef=0.1, num_minibatches=2, dynamic_sampling=False)
-        tr = DiPO(model(device), TOK, DATA, digit_share, cfg)
-        if tr.ref_model is None:
-            raise AssertionError("no reference model was built for kl_to='ref'")
-        return _run_steps(tr), 0.0
-
-
-def llada_tracerl(device: str):
-    with tempfile.TemporaryDirectory() as out:
-        cfg = _rl_cfg(out, gen_block_length=4, shrinkage=8)
-        return _run_steps(TraceRL(model(device, "llada"), TOK, DATA, digit_share, cfg)), 0.0
+def rl_row(build, device: str):
+    """Two steps; the rollout's advantages rank completions as their rewards; an update follows
+    the advantage; one update's gradients (policy and value model) against the reference
+    backend's, on trajectories sampled once."""
+    with tempfile.TemporaryDirectory() as root:
+        make = _maker(build, device, root)
+        _run_steps(make())
+        batch = make().rollout(DATA[:2])
+        advantages_order_as_rewards(batch)
+        trajs, signs = batch.trajs[:len(SIGNS)], torch.tensor(SIGNS)
+        update_follows_the_advantage(
+            lambda: make(lr=DIRECTION_LR[dtype(device)], max_grad_norm=100.0), trajs, SIGNS)
+        err = gradients_vs_reference(lambda: make(max_grad_norm=1e9),
+                                     lambda t: t.update(trajs, signs, signs.clone()))
+        return err, err / GRAD_TOL[dtype(device)]
 
 
 def save_resume(device: str):
@@ -139,8 +184,8 @@ def save_resume(device: str):
 def cases(device: str):
     return [("sampler: CUDA graphs == eager" if device == "cuda"
              else "sampler: graph-buffer path == eager", graphs_vs_eager),
-            ("SFT 2 steps (SDAR)", sft),
-            ("TraceRL + value model 2 steps (SDAR)", tracerl_value),
-            ("DiPO + reference KL 2 steps (SDAR)", dipo_ref_kl),
-            ("TraceRL 2 steps, temperature 1.0 (LLaDA)", llada_tracerl),
+            ("SFT (SDAR)", sft),
+            ("TraceRL + value model (SDAR)", lambda d: rl_row(_tracerl_value, d)),
+            ("DiPO + reference KL (SDAR)", lambda d: rl_row(_dipo_ref_kl, d)),
+            ("TraceRL, temperature 1.0 (LLaDA)", lambda d: rl_row(_llada_tracerl, d)),
             ("save + resume: next step identical", save_resume)]
