@@ -68,10 +68,11 @@ class PreemptionWatch:
 
     def stop(self, trainer, saved: str | None = None):
         """Writes the preemption checkpoint (`saved`: this step's periodic one, already written),
-        prints where it is (rank 0), closes the run's logger and raises Preempted. Collective."""
+        draws the curves and closes the logger (trainer.finish_logs), prints where the checkpoint
+        is (rank 0) and raises Preempted. Collective."""
         path = saved or trainer.save_periodic()
         got = [s for s in distributed.all_gather(self.received) if s is not None]
         err = Preempted(path, trainer.step, signal.Signals(got[0]).name)
+        trainer.finish_logs()  # the curves of the steps done, the logger closed
         trainer.logger.warn(str(err))
-        trainer.logger.close()
         raise err

@@ -300,10 +300,15 @@ class RLTrainer(Checkpointing):
                 if watch.requested():  # one collective per step: the ranks agree
                     watch.stop(self, saved)
             self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
+        self.finish_logs()
+        return self
+
+    def finish_logs(self) -> None:
+        """Draws the run's curves (output_dir/curves.png) and closes its logger: at the end of a
+        run and when a signal stops it (trainers.preemption)."""
         self.logger.plot(("reward_mean", "pass_rate", "eval_accuracy"), title=self.name,
                          marks=self.plot_marks)
         self.logger.close()
-        return self
 
     # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
 
