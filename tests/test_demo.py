@@ -23,7 +23,7 @@ def test_demo_runs_end_to_end(tmp_path, capsys, algo):
     assert [r["step"] for r in rows] == [0, 1]
     assert all(0.0 <= r["eval_accuracy"] <= 1.0 for r in rows)  # held-out curve, every step here
     assert (out / algo / "curves.png").stat().st_size > 0
-    assert (out / algo / "model" / "config.json").exists()
+    assert (out / algo / "final" / "model" / "config.json").exists()
     assert (out / "sft" / "final" / "model" / "model.safetensors").exists()
 
 

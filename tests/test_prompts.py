@@ -162,6 +162,7 @@ def test_eval_reads_parquet_with_a_column_mapping_and_the_chat_template(tmp_path
     pa = pytest.importorskip("pyarrow")
     import dlmkern.cli as cli
     import pyarrow.parquet as pq
+    from dlmkern.evaluate import Generation
     from dlmkern.sampling.block import Trajectory
 
     rows = [{"question": "1+1=", "reward_model": {"ground_truth": "2"}},
@@ -176,7 +177,7 @@ def test_eval_reads_parquet_with_a_column_mapping_and_the_chat_template(tmp_path
                                                                   add_special_tokens=False),
                                step_map=[0] * 9) for p in prompts]
 
-    monkeypatch.setattr(cli, "_sampler", lambda model, tok, args: Stub())
+    monkeypatch.setattr(Generation, "sampler", lambda self, model, eos: Stub())
     model_dir = tmp_path / "model"
     _model().save_pretrained(str(model_dir))
     TOK.save_pretrained(str(model_dir))
@@ -221,6 +222,6 @@ def test_recipes_reproduce_the_peers_prompts(recipe):
 
 
 def test_a_prompt_the_tokenizer_cannot_encode_is_refused_before_work():
-    with pytest.raises(ValueError, match=r"row 0: its prompt in this format cannot be encoded: "
-                                         r"character 'B'"):
+    with pytest.raises(ValueError, match=r"instruction: character 'B' of 'Box it.' is not in "
+                                         r"the character tokenizer's alphabet"):
         PromptFormat(instruction="Box it.").check([{"prompt": "1+1="}], CharTokenizer())

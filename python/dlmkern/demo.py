@@ -17,6 +17,7 @@ import torch
 
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
+from dlmkern.run_layout import final_model
 from dlmkern.sampling import BlockSampler, SamplingConfig
 from dlmkern.trainers import SFT, DiPO, DiPOConfig, SFTConfig, TraceRL, TraceRLConfig
 
@@ -182,8 +183,6 @@ def run_demo(algo: str = "tracerl", seed: int = 0, sft_steps: int | None = None,
     print(_report(f"after SFT ({len(test)} problems)", acc_sft))
     run = os.path.join(out_dir, algo)
     rl_time = run_rl(model, tok, train, test, algo, size, seed, run, progress_bar, acc_sft[0])
-    model.save_pretrained(os.path.join(run, "model"))
-    tok.save_pretrained(os.path.join(run, "model"))  # a self-contained directory
     acc_rl = accuracy(model, tok, test, split=True)
     print(_report(f"after {algo}", acc_rl) + f"; {100 * (acc_rl[0] - acc_sft[0]):+.1f} points, "
           f"RL took {rl_time:.0f} s")
@@ -194,10 +193,11 @@ def run_demo(algo: str = "tracerl", seed: int = 0, sft_steps: int | None = None,
               f"{100 * acc_rl[0]:.1f} %, or SFT continued as long "
               f"{100 * out['acc_sft_more']:.1f} %")
     out["seconds"] = time.time() - t0
+    model_dir = final_model(run)  # the trainer's export, with the tokenizer: train's layout
     print(f"[demo] done in {out['seconds']:.0f} s. Files: {run}/log.jsonl (one row per step), "
-          f"{run}/curves.png (reward, pass rate, held-out accuracy), {run}/model (the trained "
-          f"model + tokenizer)")
-    print(f"[demo] sample from it: dlmkern sample --model {run}/model --prompt "
+          f"{run}/curves.png (reward, pass rate, held-out accuracy), {model_dir} (the trained "
+          "model + tokenizer)")
+    print(f"[demo] sample from it: dlmkern sample --model {model_dir} --prompt "
           f"\"{test[0]['prompt']}\" --max-new-tokens {NEW_TOKENS}")
     return out
 

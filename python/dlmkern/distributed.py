@@ -62,6 +62,30 @@ def local_device() -> torch.device:
     return resolve_device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def parse_device(device, key: str = "device") -> torch.device:
+    """``device`` as a torch.device; a ValueError naming `key` when it is not one."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{key} {device!r} is not a device (cpu, cuda, cuda:N)") from None
+
+
+def check_device(device, key: str = "device") -> torch.device:
+    """``device`` as a torch.device, refused (a ValueError naming `key`) when it is not a device
+    or names a GPU this machine does not have: before any work, not as a CUDA error at the
+    first tensor. Only torch.cuda.is_available / device_count are called."""
+    dev = parse_device(device, key)
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise ValueError(f"{key} {device}: this machine has no CUDA GPU (torch.cuda.is_available() "
+                         f"is False); use {key} cpu or leave {key} out")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{key} {device}: this machine has {torch.cuda.device_count()} CUDA "
+                         f"GPU(s) (cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
 def resolve_device(device) -> torch.device:
     """``device`` (default: the CPU) as a torch.device; a bare "cuda" names this rank's GPU
     (cuda:LOCAL_RANK under torchrun: not cuda:0 on every rank), explicit indices are kept."""

@@ -18,10 +18,21 @@ class CharTokenizer:
         self.vocab_size = len(alphabet) + 3
 
     def encode(self, text: str) -> list[int]:
+        """One id per character; a ValueError naming the first character outside the alphabet
+        (never dropped: a prompt or answer would silently lose it)."""
         try:
             return [self.index[c] for c in text]
         except KeyError as e:
-            raise ValueError(f"character {e.args[0]!r} is not in the tokenizer's alphabet") from e
+            raise ValueError(self.refusal(e.args[0], text)) from None
+
+    def refusal(self, char: str, text: str) -> str:
+        """Why `text` cannot be encoded: `char` is outside the alphabet."""
+        return (f"character {char!r} of {_short(text)!r} is not in the character tokenizer's "
+                f"alphabet {self.alphabet!r}")
+
+    def unknown(self, text: str) -> str | None:
+        """The first character of `text` outside the alphabet (None: it encodes)."""
+        return next((c for c in text if c not in self.index), None)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         out = []
@@ -39,9 +50,11 @@ class CharTokenizer:
 
     def save_pretrained(self, path: str) -> None:
         """Writes this tokenizer as a Hugging Face fast tokenizer (tokenizer.json and
-        tokenizer_config.json): ``transformers.AutoTokenizer.from_pretrained(path)`` (and so
-        ``dlmkern.models.load_tokenizer`` / ``dlmkern sample --model DIR``) gives the same ids for
-        the same text, with <pad> / <eos> / <mask> as its special tokens."""
+        tokenizer_config.json): ``transformers.AutoTokenizer.from_pretrained(path)`` gives the
+        same ids for the same text, with <pad> / <eos> / <mask> as its special tokens, but drops
+        characters outside the alphabet; ``dlmkern.models.load_tokenizer`` (and so
+        ``dlmkern sample --model DIR``) reads it back as this class (``from_saved``), which
+        refuses them."""
         import json
         import os
 
@@ -61,3 +74,31 @@ class CharTokenizer:
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
             json.dump({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 4096,
                        "clean_up_tokenization_spaces": False, **specials}, f, indent=2)
+
+    @classmethod
+    def from_saved(cls, path: str) -> CharTokenizer | None:
+        """The character tokenizer save_pretrained wrote in directory `path` (single-character
+        tokens with ids 0..n-1, then <pad>, <eos>, <mask>, no merges), or None when `path`
+        holds another tokenizer (or none)."""
+        import json
+        import os
+
+        try:
+            with open(os.path.join(path, "tokenizer.json")) as f:
+                spec = json.load(f)
+        except (OSError, ValueError):
+            return None
+        model = spec.get("model") or {}
+        if model.get("type") != "BPE" or model.get("merges") or spec.get("pre_tokenizer"):
+            return None
+        tokens = [t for t, _ in sorted((model.get("vocab") or {}).items(), key=lambda kv: kv[1])]
+        ids = sorted((model.get("vocab") or {}).values())
+        n = len(tokens) - 3
+        if n < 1 or ids != list(range(n + 3)) or tokens[n:] != ["<pad>", "<eos>", "<mask>"] \
+                or any(len(t) != 1 for t in tokens[:n]):
+            return None
+        return cls("".join(tokens[:n]))
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

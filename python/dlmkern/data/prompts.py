@@ -78,12 +78,17 @@ class PromptFormat:
             raise ValueError("chat_template: true, but the tokenizer has no chat template")
         return has
 
-    def check(self, rows: list[dict], tok) -> None:
+    def check(self, rows: list[dict], tok, answer_key: str | None = None) -> None:
         """Every row can be rendered: conversations need the chat template (a raw or template
-        prompt holds one user turn), and the first row encodes. Before any model work."""
+        prompt holds one user turn); a tokenizer that can refuse characters (dlmkern's character
+        tokenizer) has every character of every prompt and answer (`answer_key`: SFT's), and
+        the first row encodes. Before any model work."""
+        from dlmkern.data.checks import check_characters
+
         if not self.uses_chat_template(tok):
             for i, r in enumerate(rows):
                 self._single_turn(r, i)
+        check_characters(rows, tok, self, answer_key)
         if rows:
             try:
                 self.encode(rows[0], tok)

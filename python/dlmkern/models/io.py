@@ -241,8 +241,9 @@ def run_target(model, device=None, dtype=None) -> RunTarget | None:
             raise ValueError("device / dtype apply to a model path; a model passed as a module "
                              "is used as it is (move it with .to())")
         return None
-    dev = torch.device(device) if device is not None else distributed.local_device()
+    dev = distributed.parse_device(device) if device is not None else distributed.local_device()
     dt = run_dtype(dev, dtype)  # before resolve_device: no CUDA call comes first
+    distributed.check_device(dev)  # a GPU this machine has
     return RunTarget(distributed.resolve_device(dev), dt)
 
 
@@ -286,11 +287,27 @@ def save_state(config: ModelConfig, state: dict, path: str, value_head: dict | N
     os.replace(os.path.join(path, "config.json.tmp"), os.path.join(path, "config.json"))
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+                   "spiece.model", "vocab.txt")
+
+
 def load_tokenizer(path: str):
-    """The tokenizer saved beside a checkpoint, through transformers, from the local path only."""
+    """The tokenizer saved beside a checkpoint, through transformers, from the local path only;
+    dlmkern's character tokenizer as a CharTokenizer (which refuses characters it lacks, where
+    transformers would drop them). A directory without tokenizer files is refused naming it."""
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from dlmkern.data.char_tokenizer import CharTokenizer
+
+    if os.path.isdir(path) and not any(os.path.exists(os.path.join(path, n))
+                                       for n in TOKENIZER_FILES):
+        raise ValueError(f"{path} holds no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                         "give a tokenizer directory (--tokenizer DIR; in a run file, tokenizer: "
+                         "DIR) or char, the built-in character tokenizer")
+    char = CharTokenizer.from_saved(path)
+    if char is not None:
+        return char
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # it reads config.json too and warns about model_type sdar
     try:

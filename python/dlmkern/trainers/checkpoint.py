@@ -33,6 +33,9 @@ class Checkpointing:
 
     value_model = None
     value_opt = None
+    # how to continue a run a signal stopped, named in its last line: f(checkpoint) -> text
+    # (dlmkern train sets its command line; None: the Python API's keys)
+    resume_command = None
 
     def _progress(self) -> dict:
         raise NotImplementedError

@@ -171,11 +171,15 @@ def _inside(path: str, out_dir: str) -> bool:
 
 
 def check_output_dir(out_dir: str, policy: str, resume_from: str | None = None) -> None:
-    """Refuses (policy "refuse") an output directory that holds a previous run; changes nothing.
-    A checkpoint to resume from inside out_dir continues that run: no policy applies."""
+    """Refuses (policy "refuse") an output directory that holds a previous run, or (policy
+    "resume") one whose run left a log but no checkpoint; changes nothing. A checkpoint to resume
+    from inside out_dir continues that run: no policy applies."""
     if policy not in OUTPUT_DIR_POLICIES:
         raise ValueError(f"config: existing_output_dir must be one of {OUTPUT_DIR_POLICIES}, "
                          f"got {policy!r}")
+    if resume_from is not None and not os.path.isfile(os.path.join(resume_from,
+                                                                   "trainer_state.pt")):
+        raise ValueError(f"resume_from {resume_from!r} is not a dlmkern checkpoint directory")
     if resume_from is not None and _inside(resume_from, out_dir):
         return
     if policy == "refuse" and holds_run(out_dir):
@@ -183,6 +187,13 @@ def check_output_dir(out_dir: str, policy: str, resume_from: str | None = None) 
                          "checkpoints); set existing_output_dir: resume to continue it from its "
                          "latest checkpoint, overwrite to start afresh, or choose another "
                          "output_dir")
+    if policy == "resume" and resume_from is None and holds_run(out_dir) and \
+            not _checkpoints(out_dir):  # a fresh start would log its steps again after these
+        raise ValueError(f"existing_output_dir: resume, but output_dir {out_dir!r} holds no "
+                         "checkpoint to resume from, only the log.jsonl of a run that stopped "
+                         "before saving one (save_every: 0 saves only at the end); set "
+                         "existing_output_dir: overwrite to start afresh (its log is deleted), "
+                         "or choose another output_dir")
 
 
 def prepare_output_dir(out_dir: str, policy: str, writer: bool = True,
@@ -190,15 +201,12 @@ def prepare_output_dir(out_dir: str, policy: str, writer: bool = True,
     """Applies the existing_output_dir policy before a trainer does any work: "refuse" raises on
     a previous run, "overwrite" deletes its log, curves, TensorBoard events and checkpoints (the
     writer rank only; nothing else in the directory), "resume" returns its latest checkpoint
-    (None when it has none). An explicit `resume_from` checkpoint wins over "resume"; inside
-    out_dir it continues that run (no policy applies, nothing is deleted). Returns the
-    checkpoint to resume from."""
+    (None when out_dir holds no run: a fresh start; a log without a checkpoint is refused). An
+    explicit `resume_from` checkpoint wins over "resume"; inside out_dir it continues that run
+    (no policy applies, nothing is deleted). Returns the checkpoint to resume from."""
     check_output_dir(out_dir, policy, resume_from)
-    if resume_from is not None:
-        if not os.path.isfile(os.path.join(resume_from, "trainer_state.pt")):
-            raise ValueError(f"resume_from {resume_from!r} is not a dlmkern checkpoint directory")
-        if _inside(resume_from, out_dir):
-            return resume_from
+    if resume_from is not None and _inside(resume_from, out_dir):
+        return resume_from
     if resume_from is None and policy == "resume":
         return latest_checkpoint(out_dir)
     if policy == "overwrite" and writer and os.path.isdir(out_dir):

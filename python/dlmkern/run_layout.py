@@ -1,0 +1,120 @@
+"""Where a run's files are: one layout for `dlmkern train`, the SFT and RL trainers and the demo.
+
+    output_dir/log.jsonl          one row per logged step
+    output_dir/curves.png         the logged curves
+    output_dir/checkpoint-N/      periodic checkpoints (and the one a signal asks for)
+    output_dir/final/             the last checkpoint
+    output_dir/final/model/       the trained model: a Hugging Face directory with its tokenizer
+
+A checkpoint directory holds its model in model/. `find_model` takes any of the three (model,
+checkpoint or run directory) where a command wants a model, or names the models below it."""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+FINAL, MODEL = "final", "model"
+
+
+def final_model(out_dir: str) -> str:
+    """The trained model of the run in out_dir."""
+    return os.path.join(out_dir, FINAL, MODEL)
+
+
+def _is_model(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "config.json"))
+
+
+def find_model(path: str, key: str = "--model") -> str:
+    """The model directory `path` means: itself (it holds config.json), a checkpoint's model/ or
+    a run's final/model. Otherwise a ValueError naming `key` and the models below `path` (a run
+    stopped before its end: its checkpoints' models, newest first)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{key} {path!r} does not exist")
+    for inner in (path, os.path.join(path, MODEL), final_model(path)):
+        if _is_model(inner):
+            return inner
+    from dlmkern.trainers.checkpoint import periodic_checkpoints
+
+    found = [os.path.join(path, f"checkpoint-{n}", MODEL)
+             for n in reversed(periodic_checkpoints(path))
+             if _is_model(os.path.join(path, f"checkpoint-{n}", MODEL))]
+    if found:
+        raise ValueError(f"{key} {path!r} holds no final model (the run did not finish); its "
+                         f"checkpoints' models: {', '.join(found)}")
+    below = _models_below(path)
+    hint = f"; models in it: {', '.join(below)}" if below else ""
+    raise ValueError(f"{key} {path!r} is not a model directory (no config.json), a checkpoint "
+                     f"({MODEL}/) or a run directory ({FINAL}/{MODEL}){hint}")
+
+
+def _models_below(path: str, depth: int = 4, limit: int = 8) -> list[str]:
+    """Model directories under `path` (at most `depth` levels down, `limit` of them)."""
+    found = []
+    for root, dirs, _ in os.walk(path):
+        if root[len(path):].count(os.sep) >= depth:
+            dirs.clear()
+            continue
+        dirs.sort()
+        for d in list(dirs):
+            if _is_model(os.path.join(root, d)):
+                found.append(os.path.join(root, d))
+                dirs.remove(d)  # nothing below a model is another one
+        if len(found) >= limit:
+            break
+    return found[:limit]
+
+
+def format_flags(cfg) -> list[str]:
+    """The `dlmkern sample` / `eval` flags that render prompts as the trainer config did."""
+    flags = []
+    for key, flag in (("system_prompt", "--system-prompt"), ("instruction", "--instruction"),
+                      ("prompt_template", "--prompt-template")):
+        if getattr(cfg, key):
+            flags += [flag, getattr(cfg, key)]
+    if cfg.chat_template is not None:
+        flags += ["--chat-template", str(cfg.chat_template).lower()]
+    return flags
+
+
+def finished_lines(out_dir: str, cfg, dataset: str, prompt: str, reward: str,
+                   tokenizer: str | None = None) -> list[str]:
+    """What `dlmkern train` prints at the end: where the model, log and curves are, and the
+    commands that sample from and evaluate the model with the run's prompt format (`prompt`:
+    an example from the dataset; `reward`: eval's; `tokenizer`: given when the model directory
+    holds none)."""
+    from dlmkern.models.io import TOKENIZER_FILES
+
+    model = final_model(out_dir)
+    has_tok = any(os.path.exists(os.path.join(model, n)) for n in TOKENIZER_FILES)
+    common = ["--model", model, *([] if has_tok or not tokenizer else ["--tokenizer", tokenizer]),
+              *format_flags(cfg)]
+    new_tokens = getattr(cfg, "max_new_tokens", None)  # RL's; SFT: the commands' default
+    if new_tokens:
+        common += ["--max-new-tokens", str(new_tokens)]
+    columns = [f for k, v in cfg.columns.items() for f in ("--column", f"{k}={v}")]
+    lines = [f"model:  {model}", f"log:    {os.path.join(out_dir, 'log.jsonl')}"]
+    curves = os.path.join(out_dir, "curves.png")
+    if os.path.exists(curves):
+        lines.append(f"curves: {curves}")
+    sample = ["dlmkern", "sample", *common, "--prompt", prompt]
+    evaluate = ["dlmkern", "eval", *common, "--data", dataset, *columns, "--reward", reward]
+    return [*lines, f"sample: {shlex.join(sample)}", f"eval:   {shlex.join(evaluate)}"]
+
+
+def resume_command(run_file: str, args: list[str], from_checkpoint: bool, launcher: bool):
+    """How to continue a run that a signal stopped: f(checkpoint) -> the `dlmkern train` command
+    line with the same run file and arguments, existing_output_dir=resume (or, for a run that
+    was itself started from a checkpoint, resume=that checkpoint: its own resume key would
+    start over from the old one). `launcher`: under torchrun, the same launch."""
+    kept = [a for a in args if not a.startswith(("existing_output_dir=", "resume="))]
+
+    def command(checkpoint: str) -> str:
+        last = f"resume={checkpoint}" if from_checkpoint else "existing_output_dir=resume"
+        tail = shlex.join(["train", run_file, *kept, last])
+        if launcher:
+            return f"the same torchrun launch of: -m dlmkern.cli {tail}"
+        return f"dlmkern {tail}"
+
+    return command
