@@ -148,6 +148,7 @@ def test_sample_and_eval_commands(tmp_path, capsys):
 def test_math_eval_scores_boxed_answers(tmp_path, monkeypatch, capsys):
     # a stand-in sampler that answers in \boxed{}: two right, one equivalent form, one wrong
     import dlmkern.cli as cli
+    from dlmkern.evaluate import Generation
     from dlmkern.sampling.block import Trajectory
 
     answers = ["\\boxed{4}", "so \\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{7}"]
@@ -157,7 +158,7 @@ def test_math_eval_scores_boxed_answers(tmp_path, monkeypatch, capsys):
             return [Trajectory(prompt_ids=p, token_ids=_EchoTok().encode(a), step_map=[0] * len(a))
                     for p, a in zip(prompts, answers, strict=True)]
 
-    monkeypatch.setattr(cli, "_sampler", lambda model, tok, args: Stub())
+    monkeypatch.setattr(Generation, "sampler", lambda self, model, eos: Stub())
     monkeypatch.setattr(cli, "make_tokenizer", lambda spec: _EchoTok())
     rows = tmp_path / "m.jsonl"
     rows.write_text("\n".join(json.dumps({"prompt": "q", "answer": a})

@@ -1,137 +1,19 @@
-"""The `dlmkern` command: demo, train, sample, eval, doctor."""
+"""dlmkern: RL post-training for diffusion language models. Start with `dlmkern demo`; train
+from a run file with `dlmkern train`, then `dlmkern eval` and `dlmkern sample` the model."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
-import os
 import sys
-import time
-from dataclasses import dataclass, field
 
-RUN_KEYS = {"algo", "model", "tokenizer", "dataset", "reward", "dtype", "trainer", "resume"}
-
-
-@dataclass
-class RunFile:
-    """A training run: `algo` (an RL preset of dlmkern.trainers.PRESETS: tracerl, dipo,
-    random_mask, coupled_grpo, diffu_grpo; or sft), `model` (HF directory), `tokenizer`
-    (directory, default: the model's), `dataset` (JSONL, JSON, CSV, parquet or a datasets
-    save_to_disk directory; columns and prompt format in `trainer`), `reward` (math | code |
-    module:function), `trainer` (the algorithm's config keys), `resume` (a checkpoint directory
-    written by the trainer: model, optimizer, RNG, step and data position continue from it)."""
-
-    algo: str
-    model: str
-    dataset: str
-    reward: str = "math"
-    tokenizer: str | None = None
-    dtype: str | None = None  # default: bfloat16 on GPU, float32 on CPU; float32 refused on GPU
-    trainer: dict = field(default_factory=dict)
-    resume: str | None = None
-
-
-def parse_run(path: str, overrides: list[str]):
-    """Reads and checks a run file before any work starts: unknown keys, wrong types and missing
-    paths fail with the key and the reason."""
-    run, cfg, _ = read_run(path, overrides)
-    for key in ("model", "dataset"):
-        p = getattr(run, key)
-        if not isinstance(p, str) or not os.path.exists(p):
-            raise ValueError(f"{path}: {key} path {p!r} does not exist")
-    if run.resume is not None and not os.path.isfile(
-            os.path.join(str(run.resume), "trainer_state.pt")):
-        raise ValueError(f"{path}: resume {run.resume!r} is not a dlmkern checkpoint directory")
-    if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
-        raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
-    if run.algo != "sft":
-        try:
-            resolve_reward(run.reward)
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    return run, cfg
-
-
-def read_run(path: str, overrides: list[str]):
-    """The run file's keys and its algorithm's config (key and type checks, no file system
-    checks: `dlmkern plan` needs only the model's config.json). Returns (run, config, the
-    trainer keys the file or the overrides set, nested ones as `section.key`)."""
-    import yaml
-
-    from dlmkern.trainers import PRESETS, SFTConfig, build_config
-
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of keys")
-    unknown = set(raw) - RUN_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown key {sorted(unknown)[0]!r} (known: {sorted(RUN_KEYS)})")
-    for key in ("algo", "model", "dataset"):
-        if key not in raw:
-            raise ValueError(f"{path}: missing required key {key!r}")
-    trainer_over = []
-    for ov in overrides:  # top-level keys override the run file, the rest the trainer section
-        k, _, v = ov.partition("=")
-        if k in RUN_KEYS - {"trainer"}:
-            raw[k] = v
-        else:
-            trainer_over.append(ov)
-    run = RunFile(**raw)
-    _check_dtype(path, run.dtype)
-    if run.algo != "sft" and run.algo not in PRESETS:
-        raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, 'sft'])}, got "
-                         f"{run.algo!r}")
-    if not isinstance(run.trainer, dict):
-        raise ValueError(f"{path}: trainer must be a mapping of config keys")
-    # the preset of `algo`, overridden field by field by the `trainer:` section
-    cls = SFTConfig if run.algo == "sft" else PRESETS[run.algo]
-    cfg = build_config(cls, run.trainer, trainer_over)
-    given = {f"{k}.{sub}" if isinstance(v, dict) else k
-             for k, v in run.trainer.items() for sub in (v if isinstance(v, dict) else [None])}
-    given |= {ov.partition("=")[0].strip() for ov in trainer_over}
-    return run, cfg, given
-
-
-def _check_dtype(path: str, dtype) -> None:
-    """The run's dtype on the device the run will use (this rank's GPU when there is CUDA):
-    float32 with the CUDA kernels is refused here, naming the key, not at the first forward."""
-    import torch
-
-    from dlmkern.models.io import run_dtype
-
-    if dtype is None:
-        return
-    try:  # only is_available(): no CUDA call before the refusal
-        run_dtype("cuda" if torch.cuda.is_available() else "cpu", dtype)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def resolve_reward(spec: str):
-    from dlmkern import rewards
-
-    if spec == "math":
-        return rewards.math_reward
-    if spec == "code":
-        from dlmkern.rewards.sandbox import SandboxUnavailable, require_sandbox
-
-        try:  # found now, not after the first rollout
-            require_sandbox()
-        except SandboxUnavailable as e:
-            raise ValueError(f"reward 'code': {e}") from None
-        return rewards.code_reward
-    if ":" in spec:
-        mod, _, fn = spec.partition(":")
-        try:
-            f = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"reward {spec!r} cannot be loaded: {e}") from None
-        if not callable(f):
-            raise ValueError(f"reward {spec!r} is not callable")
-        return f
-    raise ValueError(f"reward must be math, code or module:function, got {spec!r}")
+from dlmkern.runfile import (  # noqa: F401 - the run file's API, long imported from here
+    RunFile,
+    check_train_inputs,
+    keys_help,
+    parse_run,
+    read_run,
+)
 
 
 def make_tokenizer(spec: str):
@@ -143,31 +25,6 @@ def make_tokenizer(spec: str):
     from dlmkern.models import load_tokenizer
 
     return load_tokenizer(spec)
-
-
-def check_train_inputs(run, cfg, tok=None):
-    """The dataset (loaded once, with the config's column mapping: its rows go to the trainer),
-    the columns the trainer or the reward needs, that the prompt format can render every row,
-    and the existing_output_dir policy, all before the weights load."""
-    from dlmkern.data import PromptFormat, load_dataset
-    from dlmkern.trainers.checks import (
-        RewardSpec,
-        check_output_dir,
-        check_reward_columns,
-        require_column,
-    )
-
-    data = load_dataset(run.dataset, cfg.columns)
-    reward = None
-    if run.algo == "sft":
-        require_column(data, "answer", "SFT")
-    else:
-        reward = resolve_reward(run.reward)
-        check_reward_columns(data, [RewardSpec(reward)])
-    if tok is not None:
-        PromptFormat.from_config(cfg).check(data, tok)
-    check_output_dir(cfg.output_dir, cfg.existing_output_dir, run.resume)
-    return data, reward
 
 
 def cmd_train(args):
@@ -182,10 +39,11 @@ def cmd_train(args):
     cfg = check_before_train(args, run, cfg, data, tok)  # on GPUs: memory plan
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
     if run.algo == "sft":
-        trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype)
+        trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype,
+                      eval_dataset=run.eval_dataset, eval_reward=run.reward_spec)
     else:  # the config is the algorithm
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
-                            dtype=run.dtype)
+                            dtype=run.dtype, eval_dataset=run.eval_dataset)
     from dlmkern.trainers.preemption import Preempted
 
     try:
@@ -210,19 +68,20 @@ def _load_for_inference(args):
     return load(args.model, dtype=dtype, device=device).eval(), tok
 
 
-def _sampler(model, tok, args):
-    from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+def _generation(args):
+    from dlmkern.evaluate import Generation
+    from dlmkern.sampling import SamplingConfig
 
     cfg = SamplingConfig(rule=args.rule, steps=args.steps, threshold=args.threshold,
                          entropy_bound=args.entropy_bound, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, confidence=args.confidence,
                          schedule=args.schedule, cfg_scale=args.cfg_scale,
                          steps_total=args.steps_total)
-    eos = getattr(tok, "eos_token_id", None)
-    if model.config.block_causal:
-        return BlockSampler(model, cfg, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
-    return FullSampler(model, cfg, gen_length=args.max_new_tokens,
-                       block_length=min(args.block_length, args.max_new_tokens), eos_token_id=eos)
+    return Generation(cfg, args.max_new_tokens, args.block_length)
+
+
+def _sampler(model, tok, args):
+    return _generation(args).sampler(model, getattr(tok, "eos_token_id", None))
 
 
 def cmd_sample(args):
@@ -236,31 +95,23 @@ def cmd_sample(args):
 
 
 def cmd_eval(args):
-    """Math accuracy on a local dataset (prompt or messages, answer; the formats and column
-    mapping of training), tokens/s and mean tokens per step."""
+    """Accuracy (the mean score of --reward) on a local dataset (prompt or messages, answer; the
+    formats and column mapping of training), tokens/s and mean tokens per step: JSON on stdout;
+    the reward used and the first completions beside their answers on stderr."""
     from dlmkern.data import load_dataset
-    from dlmkern.rewards import math_reward
-    from dlmkern.trainers.checks import require_column
+    from dlmkern.evaluate import evaluate, report
+    from dlmkern.rewards import get_reward
+    from dlmkern.trainers.checks import RewardSpec, check_reward_columns
 
     fmt = _prompt_format(args)
     rows = load_dataset(args.data, _columns(args.column), split=args.split)
-    require_column(rows, "answer", "dlmkern eval")
+    check_reward_columns(rows, [RewardSpec(get_reward(args.reward))])  # before the weights
     model, tok = _load_for_inference(args)
     fmt.check(rows, tok)
-    t0 = time.perf_counter()
-    trajs = _sampler(model, tok, args).generate([fmt.encode(r, tok) for r in rows],
-                                                seed=args.seed)
-    dt = time.perf_counter() - t0
-    comps = [t.text(tok) for t in trajs]
-    if args.reward == "exact":
-        scores = [float(c.strip() == str(r["answer"])) for c, r in zip(comps, rows, strict=True)]
-    else:
-        scores = math_reward(None, comps, [str(r["answer"]) for r in rows])
-    acc = sum(scores) / len(rows)
-    n_tok = sum(len(t.token_ids) for t in trajs)
-    n_steps = sum(len(set(t.step_map)) for t in trajs)
-    print(json.dumps({"accuracy": acc, "tokens_per_s": n_tok / dt,
-                      "tokens_per_step": n_tok / max(n_steps, 1), "samples": len(rows)}))
+    result = evaluate(model, tok, rows, args.reward, _generation(args), fmt, seed=args.seed)
+    for line in report(result, rows):
+        print(f"[eval] {line}", file=sys.stderr)
+    print(json.dumps(result.summary()))
 
 
 def _columns(specs) -> dict:
@@ -362,18 +213,24 @@ def main(argv=None):
 
     plan_cli.add_args(pl)
     pl.set_defaults(fn=plan_cli.command)
-    t = sub.add_parser("train", help="train from a YAML run file")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", help="key=value")
+    t = sub.add_parser("train", help="train from a YAML run file (RL or SFT)",
+                       description="Train from a YAML run file (RL or SFT).", epilog=keys_help(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("config", help="the run file (YAML; its keys are listed below)")
+    t.add_argument("overrides", nargs="*", help="key=value: a run file key (model=DIR) or a "
+                   "trainer key (lr=1e-6, sampling.steps=4)")
     t.add_argument("--fit", action="store_true", help="on GPUs: let the memory plan set every "
                    "memory knob (micro_batch_tokens, gradient_checkpointing, optimizer_offload, "
                    "sampling.max_seqs), the run file's too")
     t.add_argument("--no-plan", action="store_true", help="skip the memory plan that runs on "
                    "GPUs before the weights load")
     t.set_defaults(fn=cmd_train)
+    summaries = {"sample": "complete prompts with a trained model",
+                 "eval": "score a model on a dataset (accuracy by a reward, tokens/s); shows "
+                 "the first completions beside their answers"}
     for name, fn in (("sample", cmd_sample), ("eval", cmd_eval)):
-        s = sub.add_parser(name)
-        s.add_argument("--model", required=True)
+        s = sub.add_parser(name, help=summaries[name], description=summaries[name])
+        s.add_argument("--model", required=True, help="a Hugging Face model directory")
         s.add_argument("--tokenizer", help="a tokenizer directory, or 'char' (built in)")
         s.add_argument("--max-new-tokens", type=int, default=256)
         s.add_argument("--steps", type=int, default=4, help="denoising steps per block")
@@ -400,12 +257,15 @@ def main(argv=None):
         s.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                        help="default: bfloat16 on cuda, float32 on cpu")
         if name == "sample":
-            s.add_argument("--prompt", action="append", required=True)
+            s.add_argument("--prompt", action="append", required=True,
+                           help="a prompt to complete; repeatable")
         else:
             s.add_argument("--data", required=True,
                            help="JSONL, JSON, CSV, parquet or a datasets save_to_disk directory")
-            s.add_argument("--reward", choices=["math", "exact"], default="math",
-                           help="math: \\boxed{} + math-verify; exact: the whole completion")
+            s.add_argument("--reward", default="math",
+                           help="math (the last \\boxed{} checked with math-verify), exact (the "
+                           "whole completion equals the answer), code, path/to/file.py:function "
+                           "or module:function (default: math)")
         _add_prompt_args(s, with_data=name == "eval")
         s.set_defaults(fn=fn)
     args = p.parse_args(argv)

@@ -36,8 +36,8 @@ class DataConfig:
 
 @dataclass
 class SFTConfig(DataConfig):
-    """SFT (SPEC 4.5): block SFT on [noisy | clean] with t ~ U(eps, 1) masking, loss weighted
-    1 / t; MDLM SFT for full-attention models."""
+    """SFT: block SFT on [noisy | clean] with t ~ U(eps, 1) masking, loss weighted 1 / t; MDLM
+    SFT for full-attention models."""
 
     algo: ClassVar[str] = "sft"
     batch_size: int = opt(16, "rows per step (over all ranks)")
@@ -60,7 +60,9 @@ class SFTConfig(DataConfig):
                          "0: all)")
     save_optimizer: bool = opt(True, "checkpoints hold the optimizer state (fp32 masters and "
                                "moments: ~6x a bf16 model); false: resume starts it fresh")
-    log_every: int = opt(10, "JSONL / TensorBoard / W&B row every N steps")
+    log_every: int = opt(10, "JSONL / TensorBoard / W&B row every N steps (and the last step)")
+    eval_every: int = opt(0, "held-out accuracy on the run file's eval_dataset every N steps "
+                          "and at the last step (0: never)")
     progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
     existing_output_dir: str = opt("refuse", "output_dir already holding a run: refuse | "
                                    "overwrite | resume")
@@ -73,8 +75,8 @@ class SFTConfig(DataConfig):
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
-            (self.save_every >= 0 and self.keep_last >= 0,
-             "save_every and keep_last must be >= 0"),
+            (self.save_every >= 0 and self.keep_last >= 0 and self.eval_every >= 0,
+             "save_every, keep_last and eval_every must be >= 0"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
             *policy_checks(self),
         ])
@@ -105,9 +107,20 @@ def policy_checks(cfg) -> list:
              "prompt_template is the whole prompt: drop system_prompt and chat_template: true")]
 
 
+def did_you_mean(key: str, known, prefix: str = "", what: str = "") -> str:
+    """' (did you mean 'x'?)' naming the known key closest to a mistyped one (difflib), '' when
+    none is close. `prefix`: the section both live in (sampling.); `what`: said of the match."""
+    import difflib
+
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    if not close:
+        return ""
+    return f" (did you mean {prefix + close[0]!r}{f' ({what})' if what else ''}?)"
+
+
 def _unknown(cls, key: str, prefix: str = "") -> ValueError:
     known = [f.name for f in fields(cls)]
-    hint = ""
+    hint = did_you_mean(key, known, prefix)
     for name, t in typing.get_type_hints(cls).items():  # a key of a nested section
         if dataclasses.is_dataclass(t) and key in {g.name for g in fields(t)}:
             hint = f" (it lives under {name}: write {name}.{key})"

@@ -11,7 +11,8 @@ import sys
 
 def progress(it, enabled: bool, desc: str):
     """tqdm bars on a terminal; elsewhere (a log file, CI) a plain line every ~5 % of the run,
-    instead of thousands of carriage-return updates."""
+    instead of thousands of carriage-return updates. A range of steps counts from its start: a
+    resumed run's range(step, total_steps) shows step / total_steps."""
     if not enabled:
         return it
     if not sys.stderr.isatty():
@@ -20,7 +21,19 @@ def progress(it, enabled: bool, desc: str):
         from tqdm.auto import tqdm
     except ImportError:
         return _Lines(it, desc)
+    if isinstance(it, range) and it.step == 1:
+        return tqdm(it, desc=desc, dynamic_ncols=True, initial=it.start, total=it.stop)
     return tqdm(it, desc=desc, dynamic_ncols=True)
+
+
+def show_step(bar, log: dict) -> None:
+    """A training step's numbers on its progress bar: reward and loss."""
+    if not hasattr(bar, "set_postfix"):
+        return
+    shown = {name: f"{log[key]:.4g}" for key, name in (("reward_mean", "reward"), ("loss", "loss"))
+             if isinstance(log.get(key), (int, float))}
+    if shown:
+        bar.set_postfix(**shown)
 
 
 class _Lines:
@@ -29,7 +42,8 @@ class _Lines:
 
     def __init__(self, it, desc: str, every: float = 0.05):
         self.it, self.desc, self.postfix = it, desc, ""
-        self.total = len(it) if hasattr(it, "__len__") else None
+        self.start = it.start if isinstance(it, range) and it.step == 1 else 0
+        self.total = (self.start + len(it)) if hasattr(it, "__len__") else None
         self.every = max(1, round((self.total or 20) * every))
 
     def set_postfix(self, **kw):
@@ -40,7 +54,7 @@ class _Lines:
 
         t0 = time.perf_counter()
         n = 0
-        for n, x in enumerate(self.it, 1):  # noqa: B007 - n is read after the loop
+        for n, x in enumerate(self.it, self.start + 1):  # noqa: B007 - read after the loop
             yield x
             if n % self.every == 0 or n == self.total:
                 of = f"/{self.total}" if self.total else ""
@@ -50,6 +64,21 @@ class _Lines:
 
 LABELS = {"reward_mean": "mean reward", "pass_rate": "training pass rate",
           "eval_accuracy": "held-out accuracy", "loss": "loss"}
+
+
+def _series(rows: list[dict], keys) -> dict:
+    """{label: [(step, value)]} of the keys with values; a curve equal to an earlier one (the
+    pass rate of a 0 / 1 reward is its mean) shares that one's panel and label."""
+    out: dict = {}
+    for k in keys:
+        pts = [(r["step"], r[k]) for r in rows
+               if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
+        same = next((key for key, v in out.items() if v[1] == pts), None)
+        if same is not None:
+            out[same] = (f"{out[same][0]} = {LABELS.get(k, k)}", pts)
+        elif pts:
+            out[k] = (LABELS.get(k, k), pts)
+    return out
 
 
 class RunLogger:
@@ -124,22 +153,18 @@ class RunLogger:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        series = {k: [(r["step"], r[k]) for r in self.rows
-                      if isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool)]
-                  for k in keys}
-        series = {k: pts for k, pts in series.items() if pts}
+        series = _series(self.rows, keys)
         if not series:
             return None
         path = path or os.path.join(self.out_dir, "curves.png")
         fig, axes = plt.subplots(len(series), 1, figsize=(7, 2.4 * len(series) + 0.6),
                                  sharex=True, squeeze=False)
-        for ax, (k, pts) in zip(axes[:, 0], series.items(), strict=True):
-            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 40 else None,
-                    label=LABELS.get(k, k))
+        for ax, (k, (name, pts)) in zip(axes[:, 0], series.items(), strict=True):
+            ax.plot(*zip(*pts, strict=True), marker="." if len(pts) < 40 else None, label=name)
             if marks and k in marks:
                 value, label = marks[k]
                 ax.axhline(value, linestyle="--", color="gray", label=label)
-            ax.set_ylabel(LABELS.get(k, k))
+            ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             ax.legend(loc="best", fontsize="small")
         axes[-1, 0].set_xlabel("training step")

@@ -17,8 +17,10 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host, planning, read
 from dlmkern.data import PromptFormat, load_dataset
+from dlmkern.evaluate import HeldOut, eval_due, require_held_out
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
+from dlmkern.rewards.registry import get_rewards
 from dlmkern.rl import RowSpec, get_estimator
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
@@ -40,17 +42,21 @@ class RLTrainer(Checkpointing):
     dataset file / directory (dlmkern.data.load_dataset, with config.columns), rendered by the
     config's prompt format; ``reward_fns``: callables ``f(prompts, completions, **columns) ->
     list[float]`` (summed), each receiving the dataset columns its signature names (checked when
-    the trainer is built); ``config``: an instance of ``config_class`` (or a subclass), a dict of
-    overrides of it, or None for its defaults. Before any model work the trainer applies the
-    ``existing_output_dir`` policy. ``resume_from``: a checkpoint directory to start from. A
-    ``model`` path loads onto ``device`` in ``dtype`` (defaults: this rank's device, bfloat16 on
-    CUDA, float32 on CPU; models.io.run_target); a module is used as it is."""
+    the trainer is built), or their names (``"math"``, ``"exact"``, ``"file.py:function"``: the
+    names of dlmkern.rewards.get_reward); ``config``: an instance of ``config_class`` (or a
+    subclass), a dict of overrides of it, or None for its defaults. Before any model work the
+    trainer applies the ``existing_output_dir`` policy. ``resume_from``: a checkpoint directory
+    to start from. ``eval_dataset``: held-out rows (or a file, as ``dataset``) scored with the
+    rewards every ``eval_every`` steps (dlmkern.evaluate: the code of `dlmkern eval`), logged as
+    eval_accuracy. A ``model`` path loads onto ``device`` in ``dtype`` (defaults: this rank's
+    device, bfloat16 on CUDA, float32 on CPU; models.io.run_target); a module is used as it
+    is."""
 
     config_class: ClassVar[type[RLConfig]] = RLConfig
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config=None,
                  value_model: ValueModel | None = None, resume_from: str | None = None,
-                 device=None, dtype=None):
+                 device=None, dtype=None, eval_dataset=None):
         self.cfg = self._config(config).validate(value_model=value_model is not None)
         target = run_target(model, device, dtype)  # refused before any work
         self.name = self.cfg.algo
@@ -61,8 +67,13 @@ class RLTrainer(Checkpointing):
         self.data = load_dataset(dataset, self.cfg.columns)
         self.prompt_format = PromptFormat.from_config(self.cfg)
         self.prompt_format.check(self.data, tokenizer)
-        self.rollout_stage = Rollout(self.cfg, tokenizer, self.prompt_format, reward_fns)
+        self.rollout_stage = Rollout(self.cfg, tokenizer, self.prompt_format,
+                                     get_rewards(reward_fns))
         check_reward_columns(self.data, [self.rollout_stage.spec(f) for f in self.reward_fns])
+        # eval_fn(model) -> float every eval_every steps (all ranks); set it to evaluate your way
+        self.eval_fn = None if eval_dataset is None else HeldOut.for_rl(
+            load_dataset(eval_dataset, self.cfg.columns), tokenizer, self.reward_fns, self.cfg,
+            self.prompt_format)
         # a previous run refused, then the model kind read from its config.json, before
         # output_dir is touched (overwrite) and the weights load
         check_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir, resume_from)
@@ -77,7 +88,6 @@ class RLTrainer(Checkpointing):
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
                                 self.cfg.resolved_shrinkage(c.block_causal))
         self.updater = Update(self)
-        self.eval_fn = None  # optional eval_fn(model) -> float every eval_every steps (all ranks)
         self.plot_marks: dict = {}  # {log key: (value, label)}: reference lines in curves.png
         self.step, self.data_pos, self.nonfinite_skipped = 0, 0, 0
         self.data_order = self._permutation(0)
@@ -253,11 +263,12 @@ class RLTrainer(Checkpointing):
         log.update(time_sample=sampled.time_sample, time_reward=sampled.time_reward,
                    time_train=time.perf_counter() - ttrain, time_step=time.perf_counter() - t0,
                    nonfinite_skipped=self.nonfinite_skipped)
-        if self.eval_fn is not None and self.cfg.eval_every and \
-                (self.step + 1) % self.cfg.eval_every == 0:
+        if self.eval_fn is not None and eval_due(self.step, self.cfg.eval_every,
+                                                 self.cfg.total_steps):
             with distributed.gathered(self.model):  # full weights, as for sampling
                 log["eval_accuracy"] = float(self.eval_fn(self.model))
-        if self.step % self.cfg.log_every == 0 or "eval_accuracy" in log:
+        if self.step % self.cfg.log_every == 0 or self.step + 1 == self.cfg.total_steps or \
+                "eval_accuracy" in log:
             self.logger.log(log)
         self.step += 1
         return log
@@ -285,15 +296,15 @@ class RLTrainer(Checkpointing):
         """Runs until config.total_steps, saving every save_every steps and at the end. On
         SIGTERM / SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step>
         and raises trainers.preemption.Preempted (a SystemExit with status 0)."""
-        from dlmkern.trainers.logging import progress
+        from dlmkern.trainers.logging import progress, show_step
 
         self.check_checkpoint_disk()  # before the first step, not at the first save
+        require_held_out(self.cfg.eval_every, self.eval_fn)
         bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
         with PreemptionWatch() as watch:
             for _ in bar:
                 log = self.train_step()
-                if hasattr(bar, "set_postfix") and "reward_mean" in log:
-                    bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
+                show_step(bar, log)
                 saved = None
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
                     saved = self.save_periodic()  # and deletes those beyond keep_last
@@ -323,19 +334,19 @@ class RLTrainer(Checkpointing):
 
 
 class TraceRL(RLTrainer):
-    """TraceRL (SPEC 4.3) with its preset, TraceRLConfig: trajectory-aware rows, shrinkage,
+    """TraceRL with its preset, TraceRLConfig: trajectory-aware rows, shrinkage,
     optional value model with GAE over trace steps, clipped surrogate, pass-rate filter."""
 
     config_class = TraceRLConfig
 
 
 class DiPO(RLTrainer):
-    """DiPO (SPEC 4.4) with its preset, DiPOConfig: group z-scores, clip-higher, k3 KL to a
+    """DiPO with its preset, DiPOConfig: group z-scores, clip-higher, k3 KL to a
     frozen reference (loaded only when kl_coef > 0), DAPO dynamic sampling."""
 
     config_class = DiPOConfig
 
     def __init__(self, model, tokenizer, dataset, reward_fns, config=None,
-                 resume_from: str | None = None, device=None, dtype=None):
+                 resume_from: str | None = None, device=None, dtype=None, eval_dataset=None):
         super().__init__(model, tokenizer, dataset, reward_fns, config, resume_from=resume_from,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, eval_dataset=eval_dataset)

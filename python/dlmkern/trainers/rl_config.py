@@ -82,8 +82,9 @@ class RLConfig(DataConfig):
                          "0: all)")
     save_optimizer: bool = opt(True, "checkpoints hold the optimizer state (fp32 masters and "
                                "moments: ~6x a bf16 model); false: resume starts it fresh")
-    log_every: int = opt(1, "JSONL / TensorBoard / W&B row every N steps")
-    eval_every: int = opt(0, "run trainer.eval_fn every N steps (0: never)")
+    log_every: int = opt(1, "JSONL / TensorBoard / W&B row every N steps (and the last step)")
+    eval_every: int = opt(0, "held-out accuracy on the run file's eval_dataset (greedy, the "
+                          "run's sampling) every N steps and at the last step (0: never)")
     progress_bar: bool = opt(True, "tqdm progress bar (progress lines when not a terminal)")
     existing_output_dir: str = opt("refuse", "output_dir already holding a run: refuse | "
                                    "overwrite | resume")
@@ -170,7 +171,7 @@ def _same(name: str, default):
 
 @dataclass
 class TraceRLConfig(RLConfig):
-    """TraceRL (SPEC 4.3): trace rows with shrinkage, groups with pass rate in [0.2, 0.8] (the
+    """TraceRL: trace rows with shrinkage, groups with pass rate in [0.2, 0.8] (the
     paper's code), clipped surrogate eps 0.2, optional value model (GAE over trace steps)."""
 
     algo: ClassVar[str] = "tracerl"
@@ -180,7 +181,7 @@ class TraceRLConfig(RLConfig):
 
 @dataclass
 class DiPOConfig(RLConfig):
-    """DiPO (SPEC 4.4): group z-score, clip-higher [0.8, 1.28], KL to a frozen reference (loaded
+    """DiPO: group z-score, clip-higher [0.8, 1.28], KL to a frozen reference (loaded
     only when kl_coef > 0), DAPO dynamic sampling with oversampling, token-mean loss."""
 
     algo: ClassVar[str] = "dipo"

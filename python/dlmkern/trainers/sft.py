@@ -12,13 +12,14 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, read_floats
 from dlmkern.data import PromptFormat, load_dataset
+from dlmkern.evaluate import HeldOut, eval_due, require_held_out
 from dlmkern.models import DiffusionLM
 from dlmkern.models.io import load_for_run, run_target
 from dlmkern.ops import check_device_errors, layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require_column
 from dlmkern.trainers.config import SFTConfig, to_dict
-from dlmkern.trainers.logging import RunLogger, progress
+from dlmkern.trainers.logging import RunLogger, progress, show_step
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import micro_batches
 from dlmkern.trainers.preemption import PreemptionWatch
@@ -40,12 +41,16 @@ class SFT(Checkpointing):
     ``output_dir`` and checks that every row has the answer column; a non-finite loss or
     gradient norm stops training (or skips the update: ``on_nonfinite``). ``resume_from``: a
     checkpoint directory to start from (inside output_dir it continues that run whatever the
-    policy). A ``model`` path loads onto ``device`` in ``dtype`` (defaults: this rank's device,
-    bfloat16 on CUDA, float32 on CPU; models.io.run_target); a module is used as it is."""
+    policy). ``eval_dataset``: held-out rows (or a file, as ``dataset``) scored with
+    ``eval_reward`` (a name of dlmkern.rewards.get_reward or a function; default exact) every
+    ``eval_every`` steps on greedy completions as long as the longest answer (dlmkern.evaluate:
+    the code of `dlmkern eval`), logged as eval_accuracy. A ``model`` path loads onto
+    ``device`` in ``dtype`` (defaults: this rank's device, bfloat16 on CUDA, float32 on CPU;
+    models.io.run_target); a module is used as it is."""
 
     def __init__(self, model, tokenizer, dataset, config: SFTConfig | None = None,
                  answer_key: str = "answer", resume_from: str | None = None, device=None,
-                 dtype=None):
+                 dtype=None, eval_dataset=None, eval_reward="exact"):
         self.cfg = (config or SFTConfig()).validate()
         target = run_target(model, device, dtype)  # refused before any work
         torch.manual_seed(self.cfg.seed)
@@ -60,6 +65,8 @@ class SFT(Checkpointing):
         require_column(self.data, answer_key, "SFT")
         self.prompt_format = PromptFormat.from_config(self.cfg)
         self.prompt_format.check(self.data, tokenizer)
+        self.eval_fn = None if eval_dataset is None else self._held_out(
+            eval_dataset, tokenizer, eval_reward)  # eval_fn(model) -> float (all ranks)
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(load_for_run(model, target))
@@ -80,6 +87,11 @@ class SFT(Checkpointing):
         if start_from is not None:  # resume_from, or existing_output_dir: resume
             self.resume(start_from)
             self.logger.warn(f"resumed from {start_from} (step {self.step})")
+
+    def _held_out(self, eval_dataset, tok, reward) -> HeldOut:
+        rows = load_dataset(eval_dataset, self.cfg.columns)
+        require_column(rows, self.answer_key, "SFT's held-out evaluation")
+        return HeldOut.for_sft(rows, tok, reward, self.prompt_format, self.answer_key)
 
     def row_seeds(self, positions) -> list[int]:
         """Noise seeds of this step's rows at these positions of the global batch."""
@@ -187,6 +199,10 @@ class SFT(Checkpointing):
             else:
                 log["skipped"] = "non-finite loss or grad_norm; no update"
         log["nonfinite_skipped"] = self.nonfinite_skipped
+        if self.eval_fn is not None and eval_due(self.step, self.cfg.eval_every,
+                                                 self.cfg.total_steps):
+            with distributed.gathered(self.model):  # full weights, as for sampling
+                log["eval_accuracy"] = float(self.eval_fn(self.model))
         self.step += 1
         return log
 
@@ -196,11 +212,14 @@ class SFT(Checkpointing):
         SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step> and raises
         trainers.preemption.Preempted (a SystemExit with status 0)."""
         self.check_checkpoint_disk()  # before the first step, not at the first save
+        require_held_out(self.cfg.eval_every, self.eval_fn)
         steps = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft")
         with PreemptionWatch() as watch:
             for _ in steps:
                 log = self.train_step()
-                if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log:
+                show_step(steps, log)
+                if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log or \
+                        "eval_accuracy" in log or self.step == self.cfg.total_steps:
                     self.logger.log(log)
                 saved = None
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0:
@@ -214,7 +233,7 @@ class SFT(Checkpointing):
     def finish_logs(self) -> None:
         """Draws the run's curves (output_dir/curves.png) and closes its logger: at the end of a
         run and when a signal stops it (trainers.preemption)."""
-        self.logger.plot(("loss",), title="sft")
+        self.logger.plot(("loss", "eval_accuracy"), title="sft")
         self.logger.close()
 
     # ---- checkpoints (save / resume: trainers.checkpoint) -------------------------------------
