@@ -17,6 +17,8 @@ from dlmkern.rewards import (
 from dlmkern.rewards.code import network_isolation_available
 from dlmkern.rewards.sandbox import SandboxUnavailable, sandbox_available
 
+from .sandbox_helpers import REQUIRE_SANDBOX
+
 pytest.importorskip("math_verify")
 
 EQUIVALENT = [("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{8}"), ("3", "x = 3"),
@@ -63,7 +65,7 @@ def test_math_reward_from_a_thread_and_timeout():
 
 # ---- code sandbox (the hostile-program suite is tests/test_sandbox.py) ---------------------------
 
-needs_sandbox = pytest.mark.skipif(not sandbox_available(),
+needs_sandbox = pytest.mark.skipif(not REQUIRE_SANDBOX and not sandbox_available(),
                                    reason="no sandbox here (test_no_sandbox_fails_closed)")
 FAST = SandboxLimits(wall_seconds=5, cpu_seconds=2, memory_mb=256)
 
@@ -96,7 +98,8 @@ def test_bad_programs_score_zero_and_do_not_escape(source):
                                                         memory_mb=256, file_mb=8))
     assert code != 0
     assert time.time() - t0 < 15
-    assert code_reward([None], [source], [["pass"]], limits=FAST) == [0.0]
+    assert code_reward([None], [source + "\ndef f():\n    return 1\n"], [["assert f() == 1"]],
+                       limits=FAST) == [0.0]
 
 
 @needs_sandbox
@@ -139,7 +142,8 @@ def test_no_sandbox_fails_closed(monkeypatch):
         with pytest.raises(SandboxUnavailable, match=r"cannot isolate.*Operation not permitted"):
             run_program("print(1)", limits=SandboxLimits(network=network))
         with pytest.raises(SandboxUnavailable):
-            code_reward([None], ["x = 1"], [["pass"]], limits=SandboxLimits(network=network))
+            code_reward([None], ["x = 1"], [["assert x == 1"]],
+                        limits=SandboxLimits(network=network))
     assert not network_isolation_available()
     with pytest.raises(ValueError, match="network must be 'require' or 'try'"):
         SandboxLimits(network="off")

@@ -6,8 +6,6 @@ The unprivileged half runs the trainer-side call in a forked child that drops to
 and sends its results back as JSON on a pipe (a killed trainer sends nothing: the test fails).
 """
 
-import ctypes
-import json
 import os
 import shutil
 import socket
@@ -17,62 +15,19 @@ import tempfile
 import time
 import uuid
 
-import dlmkern.rewards.sandbox as sandbox
 import pytest
 from dlmkern.rewards import SandboxLimits, code_reward
 from dlmkern.rewards.sandbox import run_sandboxed
 
-pytestmark = pytest.mark.skipif(not sandbox.sandbox_available(),
-                                reason="no sandbox here (tests/test_rewards.py checks the error)")
+from .sandbox_helpers import NOBODY, USERS, needs_sandbox
+from .sandbox_helpers import as_user as _as
+from .sandbox_helpers import proc_with as _proc_with
+
+pytestmark = needs_sandbox
 LIMITS = SandboxLimits(wall_seconds=3, cpu_seconds=2, memory_mb=256, file_mb=8, processes=16,
                        disk_mb=16, output_kb=64)
-NOBODY = 65534
-USERS = ["root", "nobody"]
 GOOD = "def f():\n    return 1\n"
 TESTS = ["assert f() == 1", "assert f() + 1 == 2"]
-
-
-def _proc_with(token: str) -> list[int]:
-    """PIDs of live (non-zombie) processes whose argv contains `token`."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                argv = f.read()
-            with open(f"/proc/{pid}/stat") as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if token.encode() in argv and state != "Z":
-            found.append(int(pid))
-    return found
-
-
-def _as(user: str, fn, *args, **kwargs):
-    """fn(*args, **kwargs) called as the trainer running as `user`; returns its JSON-able result."""
-    if user == "root" and os.geteuid() != 0:
-        pytest.skip("needs root")
-    if user == "root" or os.geteuid() != 0:
-        return fn(*args, **kwargs)
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the unprivileged trainer
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(NOBODY)
-            os.setuid(NOBODY)
-            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # dumpable again: /proc/self is ours
-            sandbox._availability = None             # probe again, as this user
-            os.write(w, json.dumps({"result": fn(*args, **kwargs)}).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as f:
-        data = f.read()
-    _, status = os.waitpid(pid, 0)
-    assert status == 0 and data, f"the unprivileged trainer died (status {status})"
-    return json.loads(data)["result"]
 
 
 def _evidence_and_score(source: str, limits=LIMITS):
@@ -120,8 +75,9 @@ EARLY_EXITS = {
     "sys.exit(0)": "import sys\nsys.exit(0)\n",
     "failed test, atexit exit 0": "import atexit, os\natexit.register(os._exit, 0)\n",
     "fake key": ("import os, secrets\nk = secrets.token_hex(32)\nprint(k, flush=True)\n"
-                 "os.write(3, k.encode())\nos._exit(0)\n"),
-    "reads fd 4": "import os\nk = os.read(4, 99)\nos.write(3, k)\nos._exit(0)\n",
+                 "try:\n    os.write(3, k.encode())\nexcept OSError:\n    pass\nos._exit(0)\n"),
+    "reads fd 4": ("import os\ntry:\n    os.write(3, os.read(4, 99))\nexcept OSError:\n"
+                   "    pass\nos._exit(0)\n"),
 }
 
 
@@ -132,7 +88,7 @@ def test_exit_zero_before_the_tests_scores_zero(user, name):
     out = _as(user, _evidence_and_score, good + EARLY_EXITS[name])
     assert out["code"] == 0  # exit status 0 ...
     assert out["score"] == 0.0  # ... never counts
-    if name == "fake key":  # something shaped like the key reached stdout (and fd 3)
+    if name == "fake key":  # something shaped like a key reached stdout
         assert len(out["stdout"].strip()) == 64
 
 

@@ -10,6 +10,8 @@ beyond Python; a mistake names the file and the line.
 ``columns`` maps the names the trainers and rewards read (``prompt``, ``messages``, ``answer``,
 ``tests``, ...) to where a row holds them: a column name, or a dot path into nested values
 (verl's ``reward_model.ground_truth``; a number indexes a list: ``messages.0.content``).
+``tests`` is the code reward's: a row whose tests it cannot decide soundly is refused, naming the
+row (``dlmkern.rewards.code_tests``).
 
 Every row ends up with ``prompt`` as text, the text the rewards receive: a ``prompt`` holding a
 chat list (verl) becomes ``messages``, and ``prompt`` is then the last user message. A
@@ -211,6 +213,10 @@ def _normalise(r: dict, i: int, where: str) -> dict:
     elif not isinstance(prompt, str):
         raise ValueError(f"{where}: row {i}: 'prompt' must be text or a chat list, got "
                          f"{type(prompt).__name__} {prompt!r:.60}")
+    if "tests" in r:  # the code reward's column: a test it cannot decide soundly is refused now
+        from dlmkern.rewards.code_tests import check_code_tests
+
+        check_code_tests(r["tests"], f"{where}: row {i}")
     return r
 
 

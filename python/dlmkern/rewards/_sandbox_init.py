@@ -1,6 +1,8 @@
 """Sandbox launcher: `dlmkern.rewards.sandbox` runs this file's text as `python -I -S -c TEXT`,
-with a JSON config on stdin. It imports nothing from dlmkern (it may run under another interpreter,
-as another user) and everything it needs before the host file system goes away.
+with its config on stdin (marshal, format 4: built in, so nothing to import; written by the
+trainer). It imports nothing from dlmkern (it may run under another Python 3, as another user),
+and only what it needs, each import costing every run its start-up time, before the host file
+system goes away.
 
 Process tree, every process single-threaded:
   L (this script, the trainer's user): unshares mount, PID, network, IPC and UTS namespaces (and a
@@ -10,19 +12,18 @@ Process tree, every process single-threaded:
     a size-limited tmpfs on /tmp, a new /proc), drops to the run's uid, becomes undumpable (the
     candidate cannot ptrace it) and forks R. When R exits, C exits; the kernel then kills every
     process left in the namespace, however it detached.
-  R: rlimits, fds 0-4, exec of the program. Only R's exec'd program is untrusted.
+  R: rlimits; fds 0 stdin, 1 stdout (or /dev/null), 2 /dev/null, 3... the extra pipes; exec of
+    the program. Only R's exec'd program is untrusted.
 Setup errors go to the status fd as one line "error: ..."; R writes "ok" just before exec.
 """
 
 import ctypes
-import json
+import marshal
 import os
-import platform
 import resource
 import select
 import signal
 import sys
-import traceback
 
 CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
@@ -50,6 +51,8 @@ def _check(ret, what):
 
 
 def _error(stage):
+    import traceback  # only on the way out: each import costs every run its start-up time
+
     return f"error: {stage}: {traceback.format_exc(limit=2)}\n".encode()
 
 
@@ -122,7 +125,7 @@ def build_root(cfg):
             f.write(text)
         os.chown(STAGE + "/tmp/" + name, uid, gid)
     os.chdir(STAGE)
-    _check(libc.syscall(SYS_PIVOT_ROOT[platform.machine()], b".", b"."), "pivot_root")
+    _check(libc.syscall(SYS_PIVOT_ROOT[os.uname().machine], b".", b"."), "pivot_root")
     _check(libc.umount2(b".", MNT_DETACH), "umount old root")
     os.chdir("/")
     mount(None, "/", None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
@@ -146,8 +149,12 @@ def drop_privileges(cfg):
     _check(libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "pdeathsig")  # reset by setuid
 
 
+def _fds(fds):
+    return [fd for fd in [fds["status"], fds["stdout"], *fds["extra"]] if fd is not None]
+
+
 def exec_program(cfg, fds, status):
-    """R: limits, fds 0 stdin, 1 stdout, 2 /dev/null, 3 proof (write), 4 secret (read); exec."""
+    """R: limits, fds 0 stdin, 1 stdout, 2 /dev/null, 3... the extra pipes in order; exec."""
     for sig in (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
     mb = 1024 * 1024
@@ -159,14 +166,20 @@ def exec_program(cfg, fds, status):
     os.chdir("/tmp")
     stdin = os.open("/tmp/.stdin", os.O_RDONLY)
     os.unlink("/tmp/.stdin")
-    src = [stdin, fds["stdout"], os.open("/dev/null", os.O_WRONLY), fds["proof"], fds["secret"],
-           status]
+    null = os.open("/dev/null", os.O_WRONLY)
+    stdout = null if fds["stdout"] is None else fds["stdout"]
+    src = [stdin, stdout, null, *fds["extra"], status]
     high = [os.dup(fd) for fd in src]   # first out of the way, then into place
+    last = len(src) - 1  # the status fd: closed by the exec
     for target, fd in enumerate(high):
-        os.dup2(fd, target, inheritable=target < 5)
-    os.closerange(6, 1 << 16)
-    os.write(5, b"ok\n")
-    os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
+        os.dup2(fd, target, inheritable=target < last)
+    os.closerange(last + 1, 1 << 16)
+    os.write(last, b"ok\n")
+    try:
+        os.execve(cfg["argv"][0], cfg["argv"], cfg["env"])
+    except BaseException:
+        os.write(last, _error("exec"))
+        os._exit(127)
 
 
 def init(cfg, fds, lifeline):
@@ -183,9 +196,12 @@ def init(cfg, fds, lifeline):
         try:
             exec_program(cfg, fds, fds["status"])
         except BaseException:
-            os.write(5, _error("exec"))
+            try:  # failed before the fds moved: the status pipe is still where it was
+                os.write(fds["status"], _error("exec"))
+            except OSError:
+                pass
         os._exit(127)
-    for fd in fds.values():
+    for fd in _fds(fds):
         os.close(fd)
     while True:
         child, st = os.wait()  # also reaps orphans re-parented to us
@@ -194,7 +210,7 @@ def init(cfg, fds, lifeline):
 
 
 def main():
-    cfg = json.loads(sys.stdin.buffer.read())
+    cfg = marshal.loads(sys.stdin.buffer.read())
     cfg["argv"] = [os.path.realpath(sys.executable)] + cfg["args"]
     cfg["nproc"] = cfg["processes"] + (2 if cfg["userns"] else 1)  # L (in the userns) and C count
     fds = cfg["fds"]
@@ -224,7 +240,7 @@ def main():
             os.write(fds["status"], _error("setup"))
         os._exit(1)
     os.write(fds["status"], f"pid {pid}\n".encode())  # the trainer kills C itself at the time limit
-    for fd in list(fds.values()) + [lifeline]:
+    for fd in _fds(fds) + [lifeline]:
         os.close(fd)
     os.dup2(os.open("/dev/null", os.O_WRONLY), 1)
     st = os.waitpid(pid, 0)[1]

@@ -1,17 +1,24 @@
-"""Code reward (SPEC 5): run a candidate program against tests in the sandbox (`sandbox.py`).
+"""Code reward (SPEC 5): a candidate program against its tests, decided outside its process.
 
-A test passes only when the harness reaches the end of it: the trainer hands each run a fresh
-random key on fd 4, the harness reads (and closes) it before the candidate's code runs and writes
-it to fd 3 only after the test's last statement finished. An exit status of 0, a SystemExit(0),
-an os._exit(0) or anything printed never counts. Each test runs in its own sandbox with its own
-key, so partial credit (the fraction of tests passed) carries the same proof.
+stdin/stdout tests: the program runs in the sandbox (`sandbox.py`) and the trainer compares what
+it printed with the expected output. Assert-style tests: a trusted driver sandbox executes the
+test statements and calls the program's functions in the program's own sandbox through the
+trainer, literals crossing both ways (`verdict.py`); the program's process holds nothing that
+decides its reward. Exit statuses, printed text and anything written to an fd never count. The
+reward is the fraction of a completion's tests passed.
 """
 
 from __future__ import annotations
 
 import re
-import secrets
 
+from dlmkern.rewards.code_tests import (
+    VACUOUS,
+    IOTest,
+    assert_test_problem,
+    parse_tests,
+    same_output,
+)
 from dlmkern.rewards.pool import run_bounded
 from dlmkern.rewards.sandbox import (
     SandboxLimits,
@@ -21,40 +28,10 @@ from dlmkern.rewards.sandbox import (
     sandbox_available,
     warn_once,
 )
+from dlmkern.rewards.verdict import run_assert_tests
 
 __all__ = ["SandboxLimits", "SandboxUnavailable", "code_reward", "extract_code",
            "network_isolation_available", "run_program", "run_test"]
-
-# Runs in the sandbox as `python -I -S -c HARNESS`. Everything it uses after the candidate's code
-# is bound before that code runs (the candidate may replace builtins or module attributes), and
-# tracing hooks the candidate installed are removed before the test runs.
-HARNESS = r"""
-def _harness():
-    import os, sys, threading
-    read, write, close, settrace, setprofile = os.read, os.write, os.close, sys.settrace, \
-        sys.setprofile
-    key = b""
-    while True:
-        chunk = read(4, 4096)
-        if not chunk:
-            break
-        key += chunk
-    close(4)
-    codes = []
-    for name in ("main.py", "test.py"):
-        with open(name) as f:
-            codes.append(compile(f.read(), name, "exec"))
-    ns = {"__name__": "__main__", "__builtins__": __builtins__}
-    run = exec
-    run(codes[0], ns)
-    settrace(None)
-    setprofile(None)
-    threading.settrace(None)
-    threading.setprofile(None)
-    run(codes[1], ns)
-    write(3, key)
-_harness()
-"""
 
 
 def network_isolation_available() -> bool:
@@ -72,14 +49,40 @@ def run_program(source: str, stdin: str = "", limits: SandboxLimits | None = Non
     return res.exit_code, res.stdout.decode(errors="replace")
 
 
-def run_test(code: str, test: str, limits: SandboxLimits | None = None) -> bool:
-    """Whether `test` (statements, e.g. asserts) ran to its end after `code`, proven by the run's
-    key, with exit status 0 and within the limits."""
-    key = secrets.token_hex(32).encode()
-    res = run_sandboxed(["-c", HARNESS], {"main.py": code, "test.py": test}, "", limits, key)
-    if res.setup_error:
-        warn_once(f"dlmkern code sandbox: a run could not start: {res.setup_error}")
-    return res.exit_code == 0 and secrets.compare_digest(res.proof, key)
+def _io_passed(code: str, test: IOTest, limits: SandboxLimits | None) -> bool:
+    exit_code, printed = run_program(code, test.stdin, limits)
+    return exit_code == 0 and same_output(printed, test.stdout)
+
+
+def _asserts_passed(code: str, tests: list[str], limits: SandboxLimits | None) -> list[bool]:
+    verdict = run_assert_tests(code, tests, limits or SandboxLimits())
+    for why in verdict.setup_errors:
+        warn_once(f"dlmkern code sandbox: a run could not start: {why}")
+    if verdict.error:
+        warn_once(f"dlmkern code reward: no verdict for a program's tests: {verdict.error}")
+    for test, why in zip(tests, verdict.unsupported, strict=True):
+        if why:
+            warn_once(f"dlmkern code reward: a test fails for every program (it {why}): "
+                      f"{test!r:.120}")
+    return verdict.passed
+
+
+def _warn_vacuous(cases: list) -> None:
+    for own in cases:
+        for t in own:
+            if isinstance(t, str) and assert_test_problem(t) == VACUOUS:
+                warn_once(f"dlmkern code reward: a test {VACUOUS} (dataset loading refuses it): "
+                          f"{t!r:.120}")
+
+
+def run_test(code: str, test: str | dict, limits: SandboxLimits | None = None) -> bool:
+    """Whether one test (assert statements, or {"input", "output"}) passes against `code`."""
+    (case,) = parse_tests([test], "test", vacuous=True)
+    _warn_vacuous([[case]])
+    require_sandbox()
+    if isinstance(case, IOTest):
+        return _io_passed(code, case, limits)
+    return _asserts_passed(code, [case], limits)[0]
 
 
 def extract_code(completion: str) -> str:
@@ -88,16 +91,34 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
+def _job(code: str, tests: list, limits) -> int:
+    """How many of one completion's tests (all assert-style, or one stdin/stdout) pass."""
+    if isinstance(tests, IOTest):
+        return int(_io_passed(code, tests, limits))
+    return sum(_asserts_passed(code, tests, limits))
+
+
 def code_reward(prompts: list, completions: list[str], tests: list, *,
                 limits: SandboxLimits | None = None, workers: int | None = None,
                 **_columns) -> list[float]:
-    """Fraction of a sample's tests passed. `tests[i]` is a list of test snippets (asserts) run
-    after the candidate program, each in its own sandbox with its own proof key; up to `workers`
-    sandbox runs at a time (default: one per CPU, or $DLMKERN_REWARD_WORKERS)."""
-    cases = [[c] if isinstance(c, str) else list(c) for c in tests]
-    jobs = [(extract_code(completion), case, limits)
-            for completion, own in zip(completions, cases, strict=True) for case in own]
+    """Fraction of a sample's tests passed. `tests[i]`: a test or a list of tests (assert
+    statements as text, or {"input": stdin, "output": expected stdout}); a test the reward
+    cannot decide soundly is a ValueError (see code_tests.py). A completion's assert tests share
+    one program sandbox and one driver sandbox; each stdin/stdout test is one run. Up to
+    `workers` completions (or stdin/stdout runs) at a time (default: one per CPU, or
+    $DLMKERN_REWARD_WORKERS)."""
+    cases = [parse_tests(t, f"tests[{i}]", vacuous=True) for i, t in enumerate(tests)]
+    _warn_vacuous(cases)
+    jobs, owner = [], []
+    for i, (completion, own) in enumerate(zip(completions, cases, strict=True)):
+        code = extract_code(completion)
+        asserts = [t for t in own if isinstance(t, str)]
+        for part in ([asserts] if asserts else []) + [t for t in own if isinstance(t, IOTest)]:
+            jobs.append((code, part, limits))
+            owner.append(i)
     if jobs:
         require_sandbox()  # raises here, before any thread starts
-    passed = iter(run_bounded(run_test, jobs, workers))
-    return [sum(next(passed) for _ in own) / len(own) if own else 0.0 for own in cases]
+    passed = [0] * len(cases)
+    for i, n in zip(owner, run_bounded(_job, jobs, workers), strict=True):
+        passed[i] += n
+    return [passed[i] / len(own) if own else 0.0 for i, own in enumerate(cases)]

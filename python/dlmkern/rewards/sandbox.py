@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
+import marshal
 import os
 import select
 import signal
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 # count against the next run's process limit and no two runs share a uid.
 _UID_BASE, _UID_SPAN = 200000, 100000
 _counter = itertools.count()
-_PROOF_CAP = 4096
 
 
 class SandboxUnavailable(RuntimeError):
@@ -62,7 +61,6 @@ class RunResult:
     exit_code: int | None     # None: the wall clock ran out (or the launch failed)
     stdout: bytes             # at most output_kb KiB
     stdout_bytes: int         # everything the program wrote to stdout
-    proof: bytes              # what reached the proof fd (fd 3), at most 4 KiB
     setup_error: str | None = None
 
     @property
@@ -94,14 +92,14 @@ def sandbox_python() -> str:
 def _config(args, files, stdin, limits, fds) -> bytes:
     userns = os.geteuid() != 0
     uid = None if userns else _UID_BASE + (os.getpid() * 7919 + next(_counter)) % _UID_SPAN
-    return json.dumps({
+    return marshal.dumps({
         "args": args, "files": {**files, ".stdin": stdin}, "userns": userns,
         "ids": [uid, uid], "fds": fds, "processes": limits.processes,
         "cpu_seconds": limits.cpu_seconds, "memory_mb": limits.memory_mb,
         "file_mb": limits.file_mb, "disk_mb": limits.disk_mb, "inodes": 4096,
         "env": {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "TMPDIR": "/tmp",
                 "PYTHONDONTWRITEBYTECODE": "1"},
-    }).encode()
+    }, 4)
 
 
 class _Reader:
@@ -132,102 +130,128 @@ class _Reader:
             self.fd = -1
 
 
-def _pump(proc, readers: dict, deadline: float) -> bool:
-    """Reads all pipes until the launcher exited and every pipe hit EOF, or the deadline.
-    Returns False when the deadline passed first."""
+class Sandbox:
+    """One started run of `python *args` (see run_sandboxed). `channels` adds pipes: the
+    program's fd 3 + i reads (channels[i] == "r") or writes ("w"); `ends[i]` is our end of it.
+    Without `keep_stdout` the program's stdout is /dev/null."""
+
+    def __init__(self, args: list[str], files: dict[str, str], limits: SandboxLimits,
+                 stdin: str = "", channels: str = "", keep_stdout: bool = True):
+        self.started = time.monotonic()
+        status_r, status_w = os.pipe()
+        pairs = [os.pipe() for _ in channels]
+        theirs = [r if mode == "r" else w for mode, (r, w) in zip(channels, pairs, strict=True)]
+        self.ends = [w if mode == "r" else r for mode, (r, w) in zip(channels, pairs, strict=True)]
+        out_r, out_w = os.pipe() if keep_stdout else (-1, -1)
+        fds = {"status": status_w, "stdout": 1 if keep_stdout else None, "extra": theirs}
+        try:
+            self.proc = subprocess.Popen(
+                [sandbox_python(), "-I", "-S", "-c", _launcher_source()], stdin=subprocess.PIPE,
+                stdout=out_w if keep_stdout else subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                close_fds=True, pass_fds=(status_w, *theirs), start_new_session=True)
+        except BaseException:
+            for fd in [status_r, out_r, *self.ends]:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in [status_w, out_w, *theirs]:
+                if fd >= 0:
+                    os.close(fd)
+        self.status = _Reader(status_r, 1 << 16)
+        self.stdout = _Reader(out_r, limits.output_kb * 1024) if keep_stdout else None
+        try:
+            self.proc.stdin.write(_config(args, files, stdin, limits, fds))
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the launcher died first; its status says why
+
+    def setup_error(self, finished: bool = True) -> str | None:
+        """What went wrong before the program started, if anything (read the status pipe
+        first). A run that was stopped while still setting up reports nothing."""
+        status = bytes(self.status.kept).decode(errors="replace")
+        lines = [ln for ln in status.splitlines() if not ln.startswith("pid ")]
+        if lines == ["ok"] or (not finished and not lines):
+            return None
+        return status.strip() or "the sandbox launcher exited without a status"
+
+    def kill(self) -> None:
+        """Ends the run: kill C (the run's PID 1; the kernel then kills the whole namespace and
+        L exits once it is gone), and L itself if it does not exit."""
+        if self.proc.poll() is None:
+            if self.status.fd >= 0:
+                self.status.read()
+            killed = False
+            for line in bytes(self.status.kept).decode(errors="replace").splitlines():
+                if line.startswith("pid "):  # C is not reaped while L lives: the pid is C's
+                    try:
+                        os.kill(int(line[4:]), signal.SIGKILL)
+                        killed = True
+                    except (ProcessLookupError, PermissionError, ValueError):
+                        pass
+            if not killed:  # still setting up: C dies of its parent-death signal
+                self.proc.kill()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        """Closes our ends (the run is over or killed)."""
+        for r in (self.status, self.stdout):
+            if r is not None:
+                r.close()
+        for i, fd in enumerate(self.ends):
+            if fd >= 0:
+                os.close(fd)
+                self.ends[i] = -1
+
+
+def _pump(box: Sandbox, deadline: float) -> bool:
+    """Reads the status and stdout pipes until the launcher exited and both hit EOF, or the
+    deadline. Returns False when the deadline passed first."""
     poller = select.poll()
-    by_fd = {r.fd: r for r in readers.values()}
+    by_fd = {r.fd: r for r in (box.status, box.stdout) if r is not None}
     for fd in by_fd:
         poller.register(fd, select.POLLIN)
-    while by_fd or proc.poll() is None:
+    while by_fd:
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        for fd, _ in poller.poll(min(left, 0.05) * 1000):
+        for fd, _ in poller.poll(left * 1000):
             if fd in by_fd and not by_fd[fd].read():
                 poller.unregister(fd)
                 del by_fd[fd]
+    try:  # both pipes closed: the run is over and the launcher about to exit
+        box.proc.wait(timeout=max(deadline - time.monotonic(), 0.0))
+    except subprocess.TimeoutExpired:
+        return False
     return True
 
 
-def _stop(proc, status: _Reader) -> None:
-    """Ends a run at its time limit: kill C (the run's PID 1; the kernel then kills the whole
-    namespace and L exits once it is gone), and L itself if it does not exit."""
-    killed = False
-    for line in bytes(status.kept).decode(errors="replace").splitlines():
-        if line.startswith("pid ") and proc.poll() is None:  # C is not reaped while L lives
-            try:
-                os.kill(int(line[4:]), signal.SIGKILL)
-                killed = True
-            except (ProcessLookupError, PermissionError, ValueError):
-                pass
-    if not killed:  # still setting up: C dies of its parent-death signal
-        proc.kill()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _launch(args, files, stdin, limits, secret):
-    """Starts the launcher; returns (process, readers)."""
-    (status_r, status_w), (proof_r, proof_w) = os.pipe(), os.pipe()
-    (secret_r, secret_w), (out_r, out_w) = os.pipe(), os.pipe()
-    fds = {"status": status_w, "stdout": 1, "proof": proof_w, "secret": secret_r}
-    try:
-        proc = subprocess.Popen(
-            [sandbox_python(), "-I", "-S", "-c", _launcher_source()], stdin=subprocess.PIPE,
-            stdout=out_w, stderr=subprocess.DEVNULL, close_fds=True,
-            pass_fds=(status_w, proof_w, secret_r), start_new_session=True)
-    except BaseException:
-        for fd in (status_r, proof_r, secret_w, out_r):
-            os.close(fd)
-        raise
-    finally:
-        for fd in (status_w, proof_w, secret_r, out_w):
-            os.close(fd)
-    os.write(secret_w, secret)  # far below a pipe's buffer: never blocks
-    os.close(secret_w)
-    readers = {"status": _Reader(status_r, 1 << 16), "proof": _Reader(proof_r, _PROOF_CAP),
-               "stdout": _Reader(out_r, limits.output_kb * 1024)}
-    try:
-        proc.stdin.write(_config(args, files, stdin, limits, fds))
-        proc.stdin.close()
-    except BrokenPipeError:
-        pass  # the launcher died first; its status says why
-    return proc, readers
-
-
 def run_sandboxed(args: list[str], files: dict[str, str], stdin: str = "",
-                  limits: SandboxLimits | None = None, secret: bytes = b"") -> RunResult:
-    """Runs `python -I -S *args` in a fresh sandbox with `files` in its working dir /tmp. The
-    program gets stdin, stdout (kept up to limits.output_kb), fd 3 (proof, write) and fd 4 (from
-    which `secret` can be read once). Raises SandboxUnavailable where no sandbox can be made."""
+                  limits: SandboxLimits | None = None) -> RunResult:
+    """Runs `python *args` in a fresh sandbox with `files` in its working dir /tmp (the
+    interpreter is sandbox_python(); with its site-packages unless args say -S). The
+    program gets stdin and stdout (kept up to limits.output_kb) and no other fd. Raises
+    SandboxUnavailable where no sandbox can be made."""
     limits = limits or SandboxLimits()
     require_sandbox()
-    return _run(args, files, stdin, limits, secret)
+    return _run(args, files, stdin, limits)
 
 
-def _run(args, files, stdin, limits, secret) -> RunResult:
-    start = time.monotonic()
-    proc, readers = _launch(args, files, stdin, limits, secret)
+def _run(args, files, stdin, limits) -> RunResult:
+    box = Sandbox(args, files, limits, stdin)
     try:
-        finished = _pump(proc, readers, start + limits.wall_seconds)
+        finished = _pump(box, box.started + limits.wall_seconds)
         if not finished:
-            _stop(proc, readers["status"])
-        else:
-            proc.wait()
+            box.kill()
     finally:
-        for r in readers.values():
-            r.close()
-    status = bytes(readers["status"].kept).decode(errors="replace")
-    lines = [ln for ln in status.splitlines() if not ln.startswith("pid ")]
-    error = None if lines == ["ok"] or (not finished and not lines) else (
-        status.strip() or "the sandbox launcher exited without a status")
-    out = readers["stdout"]
-    code = proc.returncode if finished and error is None else None
-    return RunResult(code, bytes(out.kept), out.total, bytes(readers["proof"].kept), error)
+        box.close()
+    error = box.setup_error(finished)
+    code = box.proc.returncode if finished and error is None else None
+    return RunResult(code, bytes(box.stdout.kept), box.stdout.total, error)
 
 
 _availability: tuple[bool, str] | None = None
@@ -238,7 +262,7 @@ def sandbox_available() -> bool:
     global _availability
     if _availability is None:
         try:
-            res = _run(["-c", "print('ok')"], {}, "", SandboxLimits(wall_seconds=30), b"")
+            res = _run(["-c", "print('ok')"], {}, "", SandboxLimits(wall_seconds=30))
             ok = res.setup_error is None and res.exit_code == 0 and res.stdout == b"ok\n"
             _availability = (ok, res.setup_error or f"probe gave {res.exit_code}, {res.stdout}")
         except OSError as e:
