@@ -21,7 +21,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import common  # noqa: E402
 
-PROVIDER = "key_in_candidate"
+PROVIDER = "trusted_driver"
 SIZES = {
     "default": dict(n_problems=64, tests=3, workers=0),  # workers 0: one per CPU
     "quick": dict(n_problems=64, tests=3, workers=0),
