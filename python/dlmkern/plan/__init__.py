@@ -1,4 +1,4 @@
-"""Memory planning at real size without a GPU (SPEC 9): dlmkern's real RL step on fake tensors
+"""Memory planning at real size without a GPU: dlmkern's real RL step on fake tensors
 under torch's memory tracker, per rank and stage (`dlmkern plan`; in Python
 ``dlmkern.plan.plan("configs/x.yaml", ["model=DIR"], gpus=8, gpu_memory=80 * 2**30)``, the
 object `dlmkern plan --json` writes)."""

@@ -1,5 +1,5 @@
-"""Trainers: the RL algorithms as presets of one config (SPEC 4.7) run by RLTrainer (TraceRL and
-DiPO are RLTrainer with their preset), and SFT (SPEC 4.5)."""
+"""Trainers: the RL algorithms as presets of one config run by RLTrainer (TraceRL and DiPO are
+RLTrainer with their preset), and SFT."""
 
 from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.preemption import Preempted
