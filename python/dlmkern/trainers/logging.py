@@ -30,7 +30,8 @@ def show_step(bar, log: dict) -> None:
     """A training step's numbers on its progress bar: reward and loss."""
     if not hasattr(bar, "set_postfix"):
         return
-    shown = {name: f"{log[key]:.4g}" for key, name in (("reward_mean", "reward"), ("loss", "loss"))
+    shown = {name: format(log[key], fmt) for key, name, fmt in (("reward_mean", "reward", ".3f"),
+                                                                ("loss", "loss", ".4g"))
              if isinstance(log.get(key), (int, float))}
     if shown:
         bar.set_postfix(**shown)
