@@ -29,11 +29,17 @@ def make_tokenizer(spec: str):
 
 def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
+    from dlmkern import distributed
+    from dlmkern.run_layout import find_model, finished_lines, resume_command
     from dlmkern.trainers import SFT, RLTrainer
 
+    if run.tokenizer is None:  # the model's own: found first
+        run.model = find_model(run.model, "model")  # a run or checkpoint directory: its model
     tok = make_tokenizer(run.tokenizer or run.model)  # before the weights: fails fast
     # the dataset's columns and output_dir as well (the trainers check them again, cheaply)
     data, reward = check_train_inputs(run, cfg, tok)
+    run.model = find_model(run.model, "model")
+    _check_vocabulary(tok, run.tokenizer or run.model, run.model)
     from dlmkern.plan.cli import check_before_train
 
     cfg = check_before_train(args, run, cfg, data, tok)  # on GPUs: memory plan
@@ -46,26 +52,45 @@ def cmd_train(args):
                             dtype=run.dtype, eval_dataset=run.eval_dataset)
     from dlmkern.trainers.preemption import Preempted
 
+    flags = ["--fit"] * args.fit + ["--no-plan"] * args.no_plan
+    trainer.resume_command = resume_command(args.config, [*args.overrides, *flags],
+                                            run.resume is not None, distributed.enabled())
     try:
         trainer.train()
-    except Preempted:  # SIGTERM / SIGUSR1: its checkpoint is written and named on stderr
-        return 0
+    except Preempted as stop:  # a signal: its checkpoint and the resume command on stderr
+        return stop.code
+    if distributed.rank() == 0:
+        print("\n".join(finished_lines(cfg.output_dir, cfg, run.dataset, data[0]["prompt"],
+                                       run.reward_spec, run.tokenizer)))
+
+
+def _check_vocabulary(tok, tok_name: str, model: str) -> None:
+    """The tokenizer's ids fit the model directory's vocabulary (its config.json)."""
+    import os
+
+    from dlmkern.data.checks import check_vocabulary
+    from dlmkern.models.io import load_config
+
+    check_vocabulary(tok, load_config(model), f"tokenizer {tok_name}",
+                     os.path.join(model, "config.json"))
 
 
 def _load_for_inference(args):
     """The model on --device in --dtype (defaults: this process's GPU in bfloat16 when there is
     one, else the CPU in float32; float32 on CUDA refused before anything loads) and its
     tokenizer (loaded first: a bad path fails before the weights)."""
-    import torch
-
-    from dlmkern.distributed import local_device
+    from dlmkern.distributed import check_device, local_device, parse_device
     from dlmkern.models import load
     from dlmkern.models.io import run_dtype
+    from dlmkern.run_layout import find_model
 
-    device = torch.device(args.device) if args.device else local_device()
+    device = parse_device(args.device, "--device") if args.device else local_device()
     dtype = run_dtype(device, args.dtype, key="--dtype")
-    tok = make_tokenizer(args.tokenizer or args.model)
-    return load(args.model, dtype=dtype, device=device).eval(), tok
+    check_device(device, "--device")  # a GPU this machine has
+    path = find_model(args.model)  # a run or checkpoint directory: the model inside it
+    tok = make_tokenizer(args.tokenizer or path)
+    _check_vocabulary(tok, args.tokenizer or path, path)
+    return load(path, dtype=dtype, device=device).eval(), tok
 
 
 def _generation(args):
@@ -274,6 +299,10 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as e:
         print(f"dlmkern {args.cmd}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # train: a second Ctrl-C (the first one saves a checkpoint)
+        saved = ": nothing saved since the last checkpoint" if args.cmd == "train" else ""
+        print(f"dlmkern {args.cmd}: stopped at once by Ctrl-C{saved}", file=sys.stderr)
+        return 130
     return rc if isinstance(rc, int) else 0
 
 

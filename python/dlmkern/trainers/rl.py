@@ -17,6 +17,7 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host, planning, read
 from dlmkern.data import PromptFormat, load_dataset
+from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import HeldOut, eval_due, require_held_out
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
@@ -77,8 +78,9 @@ class RLTrainer(Checkpointing):
         # a previous run refused, then the model kind read from its config.json, before
         # output_dir is touched (overwrite) and the weights load
         check_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir, resume_from)
-        self.cfg.check_model(model.config if isinstance(model, DiffusionLM) else
-                             load_config(model))
+        model_config = model.config if isinstance(model, DiffusionLM) else load_config(model)
+        self.cfg.check_model(model_config)
+        check_vocabulary(tokenizer, model_config)  # ids beyond it: an IndexError in step 0
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
@@ -293,9 +295,10 @@ class RLTrainer(Checkpointing):
         return log
 
     def train(self):
-        """Runs until config.total_steps, saving every save_every steps and at the end. On
-        SIGTERM / SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step>
-        and raises trainers.preemption.Preempted (a SystemExit with status 0)."""
+        """Runs until config.total_steps, saving every save_every steps and at the end
+        (output_dir/final, the model in final/model). On Ctrl-C (SIGINT), SIGTERM or SIGUSR1
+        (any rank) it finishes the step, writes output_dir/checkpoint-<step> and the curves and
+        raises trainers.preemption.Preempted (a SystemExit: status 0, 130 after Ctrl-C)."""
         from dlmkern.trainers.logging import progress, show_step
 
         self.check_checkpoint_disk()  # before the first step, not at the first save

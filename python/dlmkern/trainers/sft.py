@@ -12,12 +12,18 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, read_floats
 from dlmkern.data import PromptFormat, load_dataset
+from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import HeldOut, eval_due, require_held_out
 from dlmkern.models import DiffusionLM
-from dlmkern.models.io import load_for_run, run_target
+from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.ops import check_device_errors, layouts, masked_logprobs
 from dlmkern.trainers.checkpoint import Checkpointing
-from dlmkern.trainers.checks import nonfinite_guard, prepare_output_dir, require_column
+from dlmkern.trainers.checks import (
+    check_output_dir,
+    nonfinite_guard,
+    prepare_output_dir,
+    require_column,
+)
 from dlmkern.trainers.config import SFTConfig, to_dict
 from dlmkern.trainers.logging import RunLogger, progress, show_step
 from dlmkern.trainers.optim import MixedPrecisionAdamW
@@ -64,9 +70,12 @@ class SFT(Checkpointing):
         self.answer_key = answer_key
         require_column(self.data, answer_key, "SFT")
         self.prompt_format = PromptFormat.from_config(self.cfg)
-        self.prompt_format.check(self.data, tokenizer)
+        self.prompt_format.check(self.data, tokenizer, answer_key)
         self.eval_fn = None if eval_dataset is None else self._held_out(
             eval_dataset, tokenizer, eval_reward)  # eval_fn(model) -> float (all ranks)
+        check_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir, resume_from)
+        check_vocabulary(tokenizer, model.config if isinstance(model, DiffusionLM) else
+                         load_config(model))  # ids beyond it: an IndexError in step 0
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(load_for_run(model, target))
@@ -208,9 +217,10 @@ class SFT(Checkpointing):
 
     def train(self):
         """Runs until config.total_steps, saving every save_every steps and at the end
-        (output_dir/final: checkpoint, with the Hugging Face model in final/model). On SIGTERM /
-        SIGUSR1 (any rank) it finishes the step, writes output_dir/checkpoint-<step> and raises
-        trainers.preemption.Preempted (a SystemExit with status 0)."""
+        (output_dir/final: checkpoint, with the Hugging Face model in final/model). On Ctrl-C
+        (SIGINT), SIGTERM or SIGUSR1 (any rank) it finishes the step, writes
+        output_dir/checkpoint-<step> and the curves and raises trainers.preemption.Preempted (a
+        SystemExit: status 0, 130 after Ctrl-C)."""
         self.check_checkpoint_disk()  # before the first step, not at the first save
         require_held_out(self.cfg.eval_every, self.eval_fn)
         steps = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft")
