@@ -75,8 +75,9 @@ class SFTConfig(DataConfig):
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
-            (self.save_every >= 0 and self.keep_last >= 0 and self.eval_every >= 0,
-             "save_every, keep_last and eval_every must be >= 0"),
+            (self.save_every >= 0 and self.eval_every >= 0,
+             "save_every and eval_every must be >= 0"),
+            (self.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
             *policy_checks(self),
         ])
