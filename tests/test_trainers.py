@@ -8,8 +8,11 @@ import pytest
 import torch
 from dlmkern import SFT, DiPO, TraceRL
 from dlmkern.data import CharTokenizer
+from dlmkern.doctor.update_checks import (
+    update_follows_the_advantage,
+    value_moves_toward_the_returns,
+)
 from dlmkern.models import DiffusionLM, load, tiny_config
-from dlmkern.rl import Rows
 from dlmkern.trainers import (
     DiPOConfig,
     RLConfig,
@@ -19,12 +22,12 @@ from dlmkern.trainers import (
     load_config,
 )
 from dlmkern.trainers.plan import micro_batches
-from dlmkern.trainers.update import selected_logp
 
 from .rl_helpers import rl_config
 
 TOK = CharTokenizer()
 DATA = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)]
+VALUE_FALL = 0.9  # the values' RMS error after 5 updates on fixed trajectories: at most this share
 
 
 def exact(prompts, completions, answer, **_):
@@ -66,37 +69,17 @@ def test_config_types_unknown_keys_and_yaml(tmp_path):
         build_config(SFTConfig, {"min_mask_ratio": 0.0})
 
 
-def _traj_logp(trainer, trajs):
-    rows = Rows.cat(trainer.rows(trajs))
-    with torch.no_grad():
-        lp = selected_logp(trainer.model, rows, trainer.device)
-    return torch.zeros(len(trajs)).index_add(0, rows.traj, lp)
-
-
-def _assert_update_follows_the_advantage(cfg, family) -> dict:
-    """First order, a step on -sum(A_i logp_i) raises sum(A_i logp_i); alone, a positive-
-    advantage trajectory gains log-probability and a negative one loses it (log-probs read on
-    the trainer's own rows: same step, same masks)."""
-    tr = TraceRL(_model(family), TOK, DATA, exact, cfg)
-    batch = tr.rollout(DATA[:1])
-    trajs, rewards = batch.trajs, batch.rewards
-    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
-    before = _traj_logp(tr, trajs)
-    stats = tr.update(trajs, adv, rewards)
-    assert math.isfinite(stats["loss"])
-    assert float((adv * (_traj_logp(tr, trajs) - before)).sum()) > 0
-    for i, a in ((0, 1.0), (1, -1.0)):
-        single = TraceRL(_model(family), TOK, DATA, exact, cfg)
-        b = _traj_logp(single, trajs[i:i + 1])
-        single.update(trajs[i:i + 1], torch.tensor([a]), rewards[i:i + 1])
-        delta = float(_traj_logp(single, trajs[i:i + 1]) - b)
-        assert delta * a > 0, (i, delta)
-    return stats
+def _update_follows_the_advantage(cfg, family) -> dict:
+    """The doctor's direction check (dlmkern.doctor.update_checks, its one owner) on one group
+    of a rollout, advantages +1 / -1."""
+    make = lambda: TraceRL(_model(family), TOK, DATA, exact, cfg)  # noqa: E731
+    trajs = make().rollout(DATA[:1]).trajs
+    return update_follows_the_advantage(make, trajs, [1.0, -1.0, 1.0, -1.0])
 
 
 @pytest.mark.parametrize("family", ["sdar", "llada"])
 def test_one_rl_step_follows_the_advantage(tmp_path, family):
-    _assert_update_follows_the_advantage(
+    _update_follows_the_advantage(
         _cfg(tmp_path, lr=1e-4, max_grad_norm=100.0, shrinkage=1), family)
 
 
@@ -307,14 +290,18 @@ def test_dipo_defaults_dynamic_sampling_and_reference(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["sdar", "llada"])
-def test_value_model_trains(tmp_path, family):
+def test_value_model_learns_the_returns(tmp_path, family):
+    # updates on the same trajectories (rewards 0 / 1) lower the value loss and bring V toward
+    # the returns: the doctor's value check, with a required fall (measured: RMS error 0.74 ->
+    # 0.54 sdar, 0.67 -> 0.52 llada; with the value loss's sign flipped, it fails)
     tr = TraceRL(_model(family), TOK, DATA, lambda p, c, **k: [float(i % 2) for i in range(len(c))],
-                 _cfg(tmp_path, use_value_model=True, pass_rate_low=0.0, value_lr=1e-2))
-    before = [p.clone() for p in tr.value_model.parameters()]
+                 _cfg(tmp_path, use_value_model=True, pass_rate_low=0.0, value_lr=1e-3))
     log = tr.train_step()
     assert math.isfinite(log["value_loss"])
-    assert any(not torch.equal(a, b)
-               for a, b in zip(before, tr.value_model.parameters(), strict=True))
+    batch = tr.rollout(DATA[:1])
+    before, after = value_moves_toward_the_returns(tr, batch.trajs, batch.rewards, updates=5)
+    print(f"RMS |V - R|: {before:.3f} -> {after:.3f}")
+    assert after < VALUE_FALL * before
 
 
 @pytest.mark.parametrize("family", ["sdar", "dream"])
@@ -380,7 +367,7 @@ def test_sft_resume_reproduces_the_next_step_exactly(tmp_path):
 def test_baseline_estimators_follow_the_advantage(tmp_path, estimator, family):
     # the direction of the update, as for trace rows (before, only a finite loss was checked)
     cfg = _cfg(tmp_path, lr=1e-4, max_grad_norm=100.0, estimator=estimator)
-    assert _assert_update_follows_the_advantage(cfg, family)["train_tokens"] > 0
+    assert _update_follows_the_advantage(cfg, family)["train_tokens"] > 0
 
 
 def _record_grads(*opts) -> list:

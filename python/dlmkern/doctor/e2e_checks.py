@@ -1,8 +1,9 @@
 """End-to-end checks on one device: the CUDA-graph sampler against the eager one; each trainer on
 a tiny model (SFT, TraceRL with a value model, DiPO with a reference KL, LLaDA TraceRL sampling at
 temperature 1.0): two steps that move every trained model from its start, an update that follows
-the advantage (SFT: a step that lowers the loss) and one step's gradients against the reference
-backend's on the same device (the row's measured error); a save + resume round trip."""
+the advantage, updates that move a value model's values toward the returns (SFT: a step that
+lowers the loss) and one step's gradients against the reference backend's on the same device (the
+row's measured error); a save + resume round trip."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from dlmkern.doctor.update_checks import (
     gradients_vs_reference,
     sft_step_lowers_the_loss,
     update_follows_the_advantage,
+    value_moves_toward_the_returns,
 )
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.sampling import BlockSampler, SamplingConfig
@@ -31,6 +33,7 @@ SIGNS = (1.0, -1.0, 1.0, -1.0)  # the advantages of one group (group_size 4) in 
 # the direction check's learning rate: small enough for first order, large enough that a bf16
 # weight moves (a bf16 weight rounds away steps under ~1/256 of itself)
 DIRECTION_LR = {torch.float32: 1e-4, torch.bfloat16: 1e-3}
+VALUE_UPDATES = 3  # updates on fixed trajectories in the value check
 
 
 def dtype(device: str) -> torch.dtype:
@@ -146,15 +149,19 @@ def sft(device: str):
 
 
 def rl_row(build, device: str):
-    """Two steps; the rollout's advantages rank completions as their rewards; an update follows
-    the advantage; one update's gradients (policy and value model) against the reference
+    """Two steps; the rollout's advantages rank completions as their rewards; updates on fixed
+    trajectories move a value model's values toward the returns; an update follows the
+    advantage; one update's gradients (policy and value model) against the reference
     backend's, on trajectories sampled once."""
     with tempfile.TemporaryDirectory() as root:
         make = _maker(build, device, root)
         _run_steps(make())
-        batch = make().rollout(DATA[:2])
+        tr = make()
+        batch = tr.rollout(DATA[:2])
         advantages_order_as_rewards(batch)
         trajs, signs = batch.trajs[:len(SIGNS)], torch.tensor(SIGNS)
+        if tr.value_model is not None:
+            value_moves_toward_the_returns(tr, trajs, batch.rewards[:len(SIGNS)], VALUE_UPDATES)
         update_follows_the_advantage(
             lambda: make(lr=DIRECTION_LR[dtype(device)], max_grad_norm=100.0), trajs, SIGNS)
         err = gradients_vs_reference(lambda: make(max_grad_norm=1e9),

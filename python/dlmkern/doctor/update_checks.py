@@ -1,8 +1,9 @@
 """What one training update must do, checked on any device: an RL update moves log-probabilities
 the way the advantages say (and the rollout's advantages rank completions as their rewards do),
-an SFT step lowers the loss, and one step's gradients equal those of the pure-torch reference
-backend (``use_backend("reference")``) on the same device, from the same weights and data. The
-doctor's trainer rows run these; the trainer tests import them from here (one owner)."""
+updates move a value model's values toward the returns, an SFT step lowers the loss, and one
+step's gradients equal those of the pure-torch reference backend (``use_backend("reference")``)
+on the same device, from the same weights and data. The doctor's trainer rows run these; the
+trainer tests import them from here (one owner)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from dlmkern.ops import use_backend
 from dlmkern.rl import Rows
-from dlmkern.trainers.update import selected_logp
+from dlmkern.rl.advantages import trace_gae_batch
+from dlmkern.trainers.update import selected_logp, selected_values
 
 # One step's gradients against the reference backend's: the largest relative L2 error over the
 # models a step trains (policy, value model), ||g - g_ref|| / ||g_ref||. Measured on the doctor's
@@ -84,6 +86,45 @@ def update_follows_the_advantage(make: Callable[[], object], trajs, advantages: 
             raise AssertionError(f"alone, a trajectory of advantage {float(adv[i]):+g} changed "
                                  f"its log-probability by {delta:+.2e}")
     return stats
+
+
+def value_moves_toward_the_returns(trainer, trajs, rewards: torch.Tensor, updates: int = 4
+                                  ) -> tuple[float, float]:
+    """``updates`` updates of ``trainer`` (with a value model) on the same trajectories train
+    its values toward the returns R (GAE's, on the trainer's own rows: they do not depend on the
+    values): the update's value loss falls from the first update to the last, and the RMS of
+    V - R over the trained tokens falls (the square error, as the value loss minimizes: a mean
+    |V - R| stays 0.5 from V = 0 to V = 0.5 on returns 0 / 1). Returns the RMS before and after;
+    raises AssertionError when either did not fall."""
+    if trainer.value_model is None:
+        raise ValueError("value_moves_toward_the_returns: the trainer has no value model")
+    rows = Rows.cat(trainer.rows(trajs))
+
+    def values() -> torch.Tensor:
+        trainer.value_model.eval()
+        with torch.no_grad():
+            return selected_values(trainer.value_model, rows, trainer.device).float()
+
+    v = values()
+    _, returns = trace_gae_batch(rows.traj, rows.step, v, rewards.float().to(v.device),
+                                 trainer.cfg.gamma, trainer.cfg.lam)
+    before = float((v - returns).square().mean().sqrt())
+    if not before > 0:
+        raise ValueError("value_moves_toward_the_returns: the values already equal the returns")
+    losses = []
+    for _ in range(updates):
+        stats = trainer.update(trajs, rewards.clone(), rewards.clone())
+        if "skipped" in stats:
+            raise AssertionError(f"the update was skipped: {stats['skipped']}")
+        losses.append(stats["value_loss"])
+    after = float((values() - returns).square().mean().sqrt())
+    if not losses[-1] < losses[0]:
+        raise AssertionError(f"{updates} updates moved the value loss from {losses[0]:.4f} to "
+                             f"{losses[-1]:.4f}")
+    if not after < before:
+        raise AssertionError(f"{updates} updates moved the values' RMS error from {before:.4f} "
+                             f"to {after:.4f}: away from the returns")
+    return before, after
 
 
 def sft_step_lowers_the_loss(trainer, rows, seeds) -> float:
