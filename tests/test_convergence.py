@@ -61,7 +61,8 @@ def _train(backend: str, tmp_path):
         grads.append(seen["grads"])  # of the last RL step
         trajs = rl.rollout(test[:4]).trajs
         with torch.no_grad():
-            logp = selected_logp(model, Rows.cat(rl.rows(trajs)), rl.device)
+            logp = selected_logp(model, Rows.cat(rl.rows(trajs)), rl.device,
+                                 temperature=rl.cfg.sampling.temperature)
     assert not any("skipped" in s for s in steps), steps
     losses += [s["loss"] for s in steps]
     return (losses, [s["reward_mean"] for s in steps], [t.token_ids for t in trajs], logp,

@@ -226,7 +226,7 @@ def _two_call_grads(tr, prep, cfg, policy_scale, value_scale):
     r = prep.rows
     tr.model.train()
     tr.value_model.train()
-    logp = selected_logp(tr.model, r, tr.device)
+    logp = selected_logp(tr.model, r, tr.device, temperature=cfg.sampling.temperature)
     mask = torch.ones_like(logp, dtype=torch.bool)
     loss, _ = reference.policy_value_loss(
         logp, prep.old_logp, prep.adv, mask, ref_logp=prep.ref_logp, eps_low=cfg.eps_low,
@@ -313,10 +313,11 @@ def test_sampler_logp_gap_is_zero_when_sampler_and_rows_agree(tmp_path, family):
     tr = TraceRL(_model(family), TOK, DATA, parity, _cfg(tmp_path / "t1", **kw))
     log = tr.train_step()
     assert "sampler_logp_gap" in log and log["sampler_logp_gap"] < 1e-4, log
-    # a sampler at another temperature is another policy: the gap sees it
+    # a sampler at another temperature samples another policy, and the trainer scores that one
+    # (before issue #28 item 4 it scored T = 1: a gap of 0.1 here; tests/test_rl_temperature)
     hot = TraceRL(_model(family), TOK, DATA, parity,
                   _cfg(tmp_path / "t2", temperature=0.5, **kw))
-    assert hot.train_step()["sampler_logp_gap"] > 1e-2
+    assert hot.train_step()["sampler_logp_gap"] < 1e-4
 
 
 def test_a_pass_packs_each_trajectorys_rows_without_changing_their_log_probs(tmp_path):
@@ -329,6 +330,7 @@ def test_a_pass_packs_each_trajectorys_rows_without_changing_their_log_probs(tmp
     assert rows.num_trajectories == 4 and rows.traj.tolist() == [
         k for k, p in enumerate(parts) for _ in range(p.targets.numel())]
     with torch.no_grad():
-        packed = selected_logp(tr.model, rows, tr.device)
-        alone = torch.cat([selected_logp(tr.model, p, tr.device) for p in parts])
+        T = tr.cfg.sampling.temperature
+        packed = selected_logp(tr.model, rows, tr.device, temperature=T)
+        alone = torch.cat([selected_logp(tr.model, p, tr.device, temperature=T) for p in parts])
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)

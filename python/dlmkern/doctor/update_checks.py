@@ -30,7 +30,8 @@ def trajectory_logp(trainer, trajs) -> torch.Tensor:
     in fp32 on the host."""
     rows = Rows.cat(trainer.rows(trajs))
     with torch.no_grad():
-        lp = selected_logp(trainer.model, rows, trainer.device).float().cpu()
+        lp = selected_logp(trainer.model, rows, trainer.device,
+                           temperature=trainer.cfg.sampling.temperature).float().cpu()
     return torch.zeros(len(trajs)).index_add(0, rows.traj.cpu(), lp)
 
 

@@ -182,17 +182,19 @@ class DiffusionLM(nn.Module):
                       layout.max_seqlen, full=True)
 
     def forward(self, input_ids: torch.Tensor, layout: Layout, rows: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
         """Training / prefill forward: input_ids [T] on a layout -> final hidden states [T, H];
         with ``rows`` / ``targets`` ([n] each), the log-probabilities [n] of ``targets`` at those
-        rows instead (computed inside forward, so sharded (FSDP) weights are gathered)."""
+        rows under softmax(logits / ``temperature``) instead (the fused masked_logprobs: no
+        [n, V] logits; computed inside forward, so sharded (FSDP) weights are gathered)."""
         if rows is not None:
             from dlmkern.ops import masked_logprobs
 
             hidden = self.prediction_hidden(self(input_ids, layout), layout.cu_seqlens)
             full_targets = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
             full_targets[rows] = targets
-            return masked_logprobs(hidden, self.lm_head.weight, full_targets, rows=rows)
+            return masked_logprobs(hidden, self.lm_head.weight, full_targets, rows=rows,
+                                   temperature=temperature)
         layout = self._layout(layout)
         x = self.embed(input_ids)
         for layer in self.layers:

@@ -35,7 +35,9 @@ class RLConfig(DataConfig):
     gen_block_length: int = opt(32, "full-attention models: semi-autoregressive block length")
     sampling: SamplingConfig = dataclasses.field(
         default_factory=SamplingConfig,
-        metadata={"help": "the rollout sampler (sampling.rule, sampling.steps, ...)"})
+        metadata={"help": "the rollout sampler (sampling.rule, sampling.steps, ...); the loss "
+                          "scores its policy, softmax(logits / sampling.temperature): RL takes "
+                          "temperature > 0 and no top_k / top_p"})
     # rows and advantages
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
@@ -118,6 +120,7 @@ class RLConfig(DataConfig):
              f"pass_rate_low: 0 and pass_rate_high: 1 (they are {self.pass_rate_low} / "
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
+            *_scored_sampling(self.sampling),
             *policy_checks(self),
         ])
         return self
@@ -128,6 +131,23 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+
+
+def _scored_sampling(s: SamplingConfig) -> list:
+    """The loss scores softmax(logits / temperature) over the whole vocabulary (old, new and
+    reference log-probs, as the sampler records its own): sampling that draws from anything
+    else would make every ratio off-policy, and the recorded log-probs would not show it."""
+    truncated = ("draws from a truncated distribution the loss does not score (it scores "
+                 "softmax(logits / temperature) over the whole vocabulary, and so do the "
+                 "sampler's recorded log-probs: sampler_logp_gap would not show the mismatch)")
+    return [
+        (s.temperature > 0,
+         f"sampling.temperature={s.temperature:g} is greedy: every completion of a prompt comes "
+         f"out the same and no distribution was sampled for the loss to score; RL samples at "
+         f"temperature > 0 (the presets use 1.0)"),
+        (s.top_k == 0, f"sampling.top_k={s.top_k} {truncated}; set sampling.top_k: 0"),
+        (s.top_p == 1.0, f"sampling.top_p={s.top_p:g} {truncated}; set sampling.top_p: 1"),
+    ]
 
 
 def _range_checks(c: RLConfig) -> list:

@@ -17,11 +17,14 @@ from dlmkern.trainers.checks import nonfinite_guard
 from dlmkern.trainers.plan import MiniBatch, Pass
 
 
-def selected_logp(model, rows: Rows, device) -> torch.Tensor:
-    """Log-probs of the rows' targets at their trained positions (the one place that builds
-    this call)."""
+def selected_logp(model, rows: Rows, device, *, temperature: float) -> torch.Tensor:
+    """Log-probs of the rows' targets at their trained positions under softmax(logits /
+    temperature) (the one place that builds this call). The trainer passes the sampler's
+    temperature (RLConfig.sampling.temperature): old, new and reference log-probs then score
+    the policy the rollout drew from, as the sampler's own log-probs do."""
     return model(rows.input_ids.to(device), rows.layout.to(device),
-                 rows=rows.train_rows.to(device), targets=rows.targets.to(device))
+                 rows=rows.train_rows.to(device), targets=rows.targets.to(device),
+                 temperature=temperature)
 
 
 def selected_values(value_model, rows: Rows, device) -> torch.Tensor:
@@ -51,6 +54,11 @@ class Update:
     def __init__(self, trainer):
         self.t = trainer
 
+    def _logp(self, model, rows: Rows) -> torch.Tensor:
+        """selected_logp at the sampler's temperature (validate refuses what it cannot score)."""
+        return selected_logp(model, rows, self.t.device,
+                             temperature=self.t.cfg.sampling.temperature)
+
     def prepare(self, mb: MiniBatch, rows: list[Rows], trajs, sample_adv, rewards,
                 trace_steps: bool) -> list[Prepared]:
         t, dev = self.t, self.t.device
@@ -60,10 +68,10 @@ class Update:
             r = host.to(dev)  # once: every epoch reuses it
             with torch.no_grad():
                 t.model.eval()
-                old = selected_logp(t.model, r, dev)
+                old = self._logp(t.model, r)
                 ref = None
                 if t.cfg.kl_coef > 0:
-                    ref = selected_logp(t.ref_model, r, dev) if t.ref_model else old
+                    ref = self._logp(t.ref_model, r) if t.ref_model else old
                 prep = Prepared(p, r, old, ref, None)
                 if t.value_model is not None:  # GAE over trace steps: the advantages
                     self._value_targets(prep, host, rewards[p.traj])
@@ -92,7 +100,7 @@ class Update:
         term keeps its own call (its gradient stays that of the token-mean value loss)."""
         t, cfg, vm = self.t, self.t.cfg, self.t.value_model
         p, r = prep.plan, prep.rows
-        logp = selected_logp(t.model, r, t.device)
+        logp = self._logp(t.model, r)
         values = selected_values(vm, r, t.device) if vm is not None else None
         fused = vm is not None and cfg.reduction != "seq_mean"
         mask = torch.ones_like(logp, dtype=torch.bool)
