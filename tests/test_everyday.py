@@ -15,7 +15,7 @@ import yaml
 from dlmkern.cli import main, parse_run
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
-from dlmkern.trainers.logging import RunLogger
+from dlmkern.trainers.logging import RunLogger, progress, show_step
 
 TOK = CharTokenizer()
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -219,6 +219,18 @@ def test_sft_logs_held_out_accuracy_draws_curves_and_shows_the_loss(tmp_path, ca
     lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("[sft] ")]
     assert lines[-1].startswith("[sft] 5/5 ")
     assert not any(x.startswith("[sft] 2/2 ") for x in lines)
+
+
+def test_progress_lines_show_the_latest_held_out_accuracy(capsys):
+    bar = progress(range(40), True, "rl")  # a line every 2 steps (pytest's stderr: no TTY)
+    for i in bar:
+        show_step(bar, {"reward_mean": 0.5, **({"eval_accuracy": i / 100} if i % 10 == 9
+                                               else {})})
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith(" reward=0.500")  # before the first held-out score: none shown
+    assert lines[4].endswith(" reward=0.500 held_out=0.090")  # step 10, scored
+    assert lines[5].endswith(" reward=0.500 held_out=0.090")  # step 12: still the latest
+    assert lines[-1].endswith(" reward=0.500 held_out=0.390")
 
 
 def test_a_zero_one_reward_draws_one_panel_not_two(tmp_path):

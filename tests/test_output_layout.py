@@ -108,3 +108,36 @@ def test_the_demo_leaves_its_model_where_train_does(tmp_path, capsys):
     assert (run / "final" / "model" / "tokenizer.json").exists()
     assert not (run / "model").exists()
     assert f"dlmkern sample --model {run / 'final' / 'model'} --prompt" in printed
+
+
+def test_the_printed_eval_command_scores_the_held_out_rows_as_the_run_did(tmp_path, capsys):
+    """With eval_dataset, train's eval command scores those rows (not the training ones) and
+    decodes as the run's held-out evaluation (its sampling steps): it prints the accuracy the
+    run logged last. A reward with fractional scores that depend on the completion (and the
+    held-out rows on other prompts) makes an equal number mean the same completions."""
+    torch.manual_seed(0)
+    model = tmp_path / "base"
+    DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
+                            mask_token_id=TOK.mask_token_id)).save_pretrained(str(model))
+    TOK.save_pretrained(str(model))
+    train, test = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text("\n".join(json.dumps({"prompt": f"{a}+1="}) for a in range(4)))
+    test.write_text("\n".join(json.dumps({"prompt": f"{a}*{a}="}) for a in range(6)))
+    (tmp_path / "myreward.py").write_text(
+        "def odd(prompts, completions, **_):\n"
+        "    return [sum(ch in '13579' for ch in c) / (1 + len(c)) for c in completions]\n")
+    out = tmp_path / "runs" / "rl"
+    run_file = tmp_path / "rl.yaml"
+    run_file.write_text(f"algo: tracerl\nmodel: {model}\ndataset: {train}\n"
+                        f"eval_dataset: {test}\nreward: {tmp_path / 'myreward.py'}:odd\n")
+    assert main(["train", str(run_file), f"output_dir={out}", "prompts_per_step=2",
+                 "group_size=2", "max_new_tokens=8", "sampling.steps=2", "total_steps=1",
+                 "eval_every=1", "progress_bar=false", "pass_rate_low=0",
+                 "pass_rate_high=1"]) == 0
+    printed = capsys.readouterr().out
+    command = re.search(r"^eval: +(dlmkern .*)$", printed, re.M).group(1)
+    assert f"--data {test} " in command and "--steps 2" in command
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert main(shlex.split(command)[1:]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["accuracy"] == pytest.approx(logged[-1]["eval_accuracy"])

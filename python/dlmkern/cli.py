@@ -61,7 +61,7 @@ def cmd_train(args):
         return stop.code
     if distributed.rank() == 0:
         print("\n".join(finished_lines(cfg.output_dir, cfg, run.dataset, data[0]["prompt"],
-                                       run.reward_spec, run.tokenizer)))
+                                       run.reward_spec, run.tokenizer, run.eval_dataset)))
 
 
 def _check_vocabulary(tok, tok_name: str, model: str) -> None:

@@ -78,18 +78,45 @@ def format_flags(cfg) -> list[str]:
     return flags
 
 
+# the sampling keys `dlmkern sample` / `eval` take as flags (temperature is not one of them: the
+# run's held-out evaluation decodes greedily, as those commands do by default)
+_SAMPLING_FLAGS = {"rule": "--rule", "steps": "--steps", "threshold": "--threshold",
+                   "entropy_bound": "--entropy-bound", "confidence": "--confidence",
+                   "schedule": "--schedule", "cfg_scale": "--cfg-scale",
+                   "steps_total": "--steps-total"}
+
+
+def sampling_flags(cfg) -> list[str]:
+    """The `dlmkern sample` / `eval` flags that decode as the run's held-out evaluation did: an
+    RL config's sampling keys (and gen_block_length) that differ from the commands' defaults,
+    which are SamplingConfig's; SFT's evaluation uses the defaults (no flags)."""
+    from dlmkern.sampling import SamplingConfig
+
+    sampling = getattr(cfg, "sampling", None)
+    if sampling is None:
+        return []
+    default = SamplingConfig()
+    flags = [f for key, flag in _SAMPLING_FLAGS.items()
+             if getattr(sampling, key) != getattr(default, key)
+             for f in (flag, str(getattr(sampling, key)))]
+    if cfg.gen_block_length != 32:  # the commands' --block-length default
+        flags += ["--block-length", str(cfg.gen_block_length)]
+    return flags
+
+
 def finished_lines(out_dir: str, cfg, dataset: str, prompt: str, reward: str,
-                   tokenizer: str | None = None) -> list[str]:
+                   tokenizer: str | None = None, eval_dataset: str | None = None) -> list[str]:
     """What `dlmkern train` prints at the end: where the model, log and curves are, and the
-    commands that sample from and evaluate the model with the run's prompt format (`prompt`:
-    an example from the dataset; `reward`: eval's; `tokenizer`: given when the model directory
-    holds none)."""
+    commands that sample from and evaluate the model with the run's prompt format and decoding
+    (`prompt`: an example from the dataset; `reward`: eval's; `tokenizer`: given when the model
+    directory holds none). The eval command scores the held-out `eval_dataset` when the run had
+    one (an RL run's command then reproduces its last eval_accuracy), else `dataset`."""
     from dlmkern.models.io import TOKENIZER_FILES
 
     model = final_model(out_dir)
     has_tok = any(os.path.exists(os.path.join(model, n)) for n in TOKENIZER_FILES)
     common = ["--model", model, *([] if has_tok or not tokenizer else ["--tokenizer", tokenizer]),
-              *format_flags(cfg)]
+              *format_flags(cfg), *sampling_flags(cfg)]
     new_tokens = getattr(cfg, "max_new_tokens", None)  # RL's; SFT: the commands' default
     if new_tokens:
         common += ["--max-new-tokens", str(new_tokens)]
@@ -99,7 +126,8 @@ def finished_lines(out_dir: str, cfg, dataset: str, prompt: str, reward: str,
     if os.path.exists(curves):
         lines.append(f"curves: {curves}")
     sample = ["dlmkern", "sample", *common, "--prompt", prompt]
-    evaluate = ["dlmkern", "eval", *common, "--data", dataset, *columns, "--reward", reward]
+    evaluate = ["dlmkern", "eval", *common, "--data", eval_dataset or dataset, *columns,
+                "--reward", reward]
     return [*lines, f"sample: {shlex.join(sample)}", f"eval:   {shlex.join(evaluate)}"]
 
 

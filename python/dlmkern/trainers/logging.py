@@ -27,12 +27,17 @@ def progress(it, enabled: bool, desc: str):
 
 
 def show_step(bar, log: dict) -> None:
-    """A training step's numbers on its progress bar: reward and loss."""
+    """A training step's numbers on its progress bar: reward, loss and the latest held-out
+    accuracy (logged every eval_every steps; shown until the next one)."""
     if not hasattr(bar, "set_postfix"):
         return
+    if isinstance(log.get("eval_accuracy"), (int, float)):
+        bar.held_out = format(log["eval_accuracy"], ".3f")
     shown = {name: format(log[key], fmt) for key, name, fmt in (("reward_mean", "reward", ".3f"),
                                                                 ("loss", "loss", ".4g"))
              if isinstance(log.get(key), (int, float))}
+    if getattr(bar, "held_out", None) is not None:
+        shown["held_out"] = bar.held_out
     if shown:
         bar.set_postfix(**shown)
 
