@@ -184,6 +184,33 @@ def cmd_demo(args):
              out_dir=args.out, progress_bar=not args.quiet, compare=args.compare)
 
 
+def cmd_compare(args):
+    """The run file's task under each of --algos with equal rollout budgets (dlmkern.compare)."""
+    from dlmkern.compare import compare, parse_algos
+    from dlmkern.trainers.rl_config import PRESETS
+
+    algos = parse_algos(args.algos or ",".join(PRESETS))  # refused before any work
+    overrides = list(args.overrides)
+    if args.demo:  # no run file: the demo's, written (and its SFT trained) when needed
+        from dlmkern.demo import compare_task
+
+        if args.config and "=" not in args.config:
+            raise ValueError(f"--demo writes its own run file: drop {args.config!r} or --demo")
+        overrides = [args.config, *overrides] if args.config else overrides
+        args.config = compare_task(args.demo_out, progress_bar=not args.quiet)
+    elif not args.config:
+        raise ValueError("give a run file (RUN_FILE) or --demo")
+    out = args.out or (f"{args.demo_out}/compare" if args.demo else
+                       f"runs/compare/{_stem(args.config)}")
+    compare(args.config, overrides, algos, args.seeds, out, progress_bar=not args.quiet)
+
+
+def _stem(path: str) -> str:
+    import os
+
+    return os.path.splitext(os.path.basename(path))[0]
+
+
 def cmd_config(args):
     """Every key of an algorithm's config with its default (the preset's) and help."""
     from dlmkern.trainers import PRESETS, SFTConfig
@@ -225,6 +252,28 @@ def main(argv=None):
     d.set_defaults(fn=cmd_demo)
     from dlmkern.trainers.rl_config import PRESETS
 
+    cmp_ = sub.add_parser(
+        "compare", help="train one task under several algorithms with equal rollout budgets: "
+        "a table (held-out accuracy, reward, wall time, tokens) and a plot",
+        description="Runs the run file's task under each algorithm (preset) from the same "
+        "model, with the same steps, prompts per step, completions per prompt, completion "
+        "length and sampling; each algorithm keeps its preset's own keys. Writes table.md, "
+        "table.json and compare.png (held-out accuracy against wall time) in --out.")
+    cmp_.add_argument("config", nargs="?", help="the run file (as dlmkern train's; its "
+                      "eval_dataset is required, its algo is replaced by each of --algos)")
+    cmp_.add_argument("overrides", nargs="*", help="key=value, as for dlmkern train, applied "
+                      "to every algorithm")
+    cmp_.add_argument("--algos", help=f"comma-separated presets (default: all: "
+                      f"{','.join(PRESETS)})")
+    cmp_.add_argument("--seeds", type=int, default=1, help="runs per algorithm: the run "
+                      "file's seed, seed + 1, ... (default 1)")
+    cmp_.add_argument("--out", help="default: runs/compare/<run file name>; --demo: "
+                      "<--demo-out>/compare")
+    cmp_.add_argument("--demo", action="store_true", help="the embedded demo's task from its "
+                      "SFT checkpoint (runs/demo/sft, trained first when missing)")
+    cmp_.add_argument("--demo-out", default="runs/demo", help="--demo: the demo's directory")
+    cmp_.add_argument("--quiet", action="store_true")
+    cmp_.set_defaults(fn=cmd_compare)
     c = sub.add_parser("config", help="the config keys of an algorithm, its defaults and help "
                        "(a run file's trainer: section overrides them)")
     c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft"])

@@ -4,10 +4,13 @@ who forgets the carry on half the problems that need one. SFT imitates the teach
 included, and more SFT on the same data only imitates it better; TraceRL (or DiPO) with a reward
 that checks the sum learns to carry. Held-out accuracy is printed after each phase, with a plot of
 reward / accuracy per RL step; ``compare=True`` also continues SFT from the same checkpoint for
-the wall time RL took (the equal-time control)."""
+the wall time RL took (the equal-time control). ``compare_task`` writes the task as a run file
+for `dlmkern compare --demo` (every algorithm from the demo's SFT checkpoint)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import random
 import time
@@ -19,8 +22,18 @@ from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.run_layout import final_model
 from dlmkern.sampling import BlockSampler, SamplingConfig
-from dlmkern.trainers import SFT, DiPO, DiPOConfig, SFTConfig, TraceRL, TraceRLConfig
+from dlmkern.trainers import (
+    SFT,
+    DiPO,
+    DiPOConfig,
+    SFTConfig,
+    TraceRL,
+    TraceRLConfig,
+    build_config,
+)
 
+ALPHABET = "0123456789+="  # the character tokenizer's
+SFT_TASK = "demo_task.json"  # beside the SFT run: the seed and sizes it was trained for
 DIGITS = 2     # of the first number
 B_DIGITS = 1   # of the second
 NEW_TOKENS = DIGITS + 2  # the sum, zero-padded to DIGITS + 1 digits, then EOS
@@ -108,19 +121,80 @@ def sft_config(size: DemoSize, seed: int, out_dir: str, progress_bar: bool, step
                      progress_bar=progress_bar, log_every=max(1, steps // 20))
 
 
+def rl_keys(size: DemoSize) -> dict:
+    """The demo's RL settings over any preset (run_rl's, and the trainer: section of the run file
+    `dlmkern compare --demo` writes). pass_rate_low / high 0 / 1: every group trains (one or
+    seven right of eight carry signal too); TraceRL's preset filters [0.2, 0.8], the others'
+    are already 0 / 1."""
+    return {"prompts_per_step": size.prompts_per_step, "group_size": size.group_size,
+            "max_new_tokens": NEW_TOKENS, "sampling": {"steps": 2, "temperature": 1.0},
+            "lr": size.rl_lr, "total_steps": size.rl_steps,
+            "eval_every": max(1, size.rl_steps // 5), "pass_rate_low": 0.0,
+            "pass_rate_high": 1.0}
+
+
+def train_sft(tok, train, size: DemoSize, seed: int, sft_dir: str, progress_bar: bool):
+    """The SFT phase: a fresh model imitates the teacher; sft_dir/demo_task.json records the
+    seed and sizes, so `dlmkern compare --demo` reuses the checkpoint only for the same task."""
+    torch.manual_seed(seed)
+    model = build_model(tok, size)
+    SFT(model, tok, train, sft_config(size, seed, sft_dir, progress_bar, size.sft_steps),
+        answer_key="teacher").train()
+    with open(os.path.join(sft_dir, SFT_TASK), "w") as f:
+        json.dump({"seed": seed, "size": dataclasses.asdict(size)}, f)
+    return model
+
+
+def compare_task(out_dir: str = "runs/demo", seed: int = 0, progress_bar: bool = True,
+                 size: DemoSize | None = None) -> str:
+    """The demo's task as a run file for `dlmkern compare --demo`: the training and held-out
+    rows written to out_dir/task/, the demo's SFT model (out_dir/sft, trained here unless a
+    demo of this seed and these sizes left it) as every algorithm's start, and the demo's RL
+    settings (rl_keys) as the trainer: section. Returns the run file's path."""
+    import yaml
+
+    torch.set_num_threads(1)  # as the demo (run_demo)
+    size, tok = size or DemoSize(), CharTokenizer(ALPHABET)
+    train, test = addition_task(size.n_train, size.n_test, seed, size.drop_carry)
+    task = os.path.abspath(os.path.join(out_dir, "task"))
+    os.makedirs(task, exist_ok=True)
+    for name, rows in (("train.jsonl", train), ("test.jsonl", test)):
+        with open(os.path.join(task, name), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    sft_dir = os.path.abspath(os.path.join(out_dir, "sft"))
+    if not _sft_done(sft_dir, seed, size):
+        print(f"[demo] SFT for {size.sft_steps} steps on the teacher's answers: the start every "
+              f"algorithm is compared from ({sft_dir})", flush=True)
+        t0 = time.perf_counter()
+        train_sft(tok, train, size, seed, sft_dir, progress_bar)
+        print(f"[demo] SFT took {time.perf_counter() - t0:.0f} s", flush=True)
+    run_file = os.path.join(os.path.abspath(out_dir), "compare.yaml")
+    with open(run_file, "w") as f:
+        yaml.safe_dump({"algo": "tracerl", "model": final_model(sft_dir),
+                        "dataset": os.path.join(task, "train.jsonl"),
+                        "eval_dataset": os.path.join(task, "test.jsonl"), "reward": "exact",
+                        "trainer": {**rl_keys(size), "existing_output_dir": "overwrite"}},
+                       f, sort_keys=False)
+    return run_file
+
+
+def _sft_done(sft_dir: str, seed: int, size: DemoSize) -> bool:
+    """Whether sft_dir holds the final model of train_sft for this seed and these sizes."""
+    marker = os.path.join(sft_dir, SFT_TASK)
+    if not (os.path.isfile(marker) and os.path.isdir(final_model(sft_dir))):
+        return False
+    with open(marker) as f:
+        return json.load(f) == {"seed": seed, "size": dataclasses.asdict(size)}
+
+
 def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_dir: str,
            progress_bar: bool, acc_sft: float) -> float:
     """RL from the SFT model (in place); returns its wall time without the held-out evaluations
     that draw the curve."""
     preset, trainer_cls = (DiPOConfig, DiPO) if algo == "dipo" else (TraceRLConfig, TraceRL)
-    over = {}
-    if algo == "tracerl":  # every group trains (one or seven right of eight carry signal too)
-        over = dict(pass_rate_low=0.0, pass_rate_high=1.0)
-    rl_cfg = preset(prompts_per_step=size.prompts_per_step, group_size=size.group_size,
-                    max_new_tokens=NEW_TOKENS, sampling=SamplingConfig(steps=2, temperature=1.0),
-                    lr=size.rl_lr, total_steps=size.rl_steps, seed=seed, output_dir=out_dir,
-                    progress_bar=progress_bar, eval_every=max(1, size.rl_steps // 5),
-                    existing_output_dir="overwrite", **over)
+    rl_cfg = build_config(preset, {**rl_keys(size), "seed": seed, "output_dir": out_dir,
+                                   "progress_bar": progress_bar,
+                                   "existing_output_dir": "overwrite"})
     trainer = trainer_cls(model, tok, train, exact_match, rl_cfg)
     eval_time = [0.0]
 
@@ -165,20 +239,17 @@ def run_demo(algo: str = "tracerl", seed: int = 0, sft_steps: int | None = None,
     size = size or DemoSize()
     size.sft_steps = size.sft_steps if sft_steps is None else sft_steps
     size.rl_steps = size.rl_steps if rl_steps is None else rl_steps
-    torch.manual_seed(seed)
     # one thread: on this tiny model a second one gains little, and on cores shared with other
     # work two threads ran an SFT step 6x slower than one (measured on 2 cores)
     torch.set_num_threads(1)
-    tok = CharTokenizer("0123456789+=")
+    tok = CharTokenizer(ALPHABET)
     train, test = addition_task(size.n_train, size.n_test, seed, size.drop_carry)
     wrong = sum(r["teacher"] != r["answer"] for r in train)
     print(f"[demo] {len(train)} training problems a+b (a: 2 digits, b: 1) answered by a teacher "
           f"who forgets the carry half the time ({wrong} wrong answers); SFT imitates the teacher "
           f"for {size.sft_steps} steps, then {algo} learns from a reward that checks the sum")
-    model = build_model(tok, size)
     sft_dir = os.path.join(out_dir, "sft")
-    SFT(model, tok, train, sft_config(size, seed, sft_dir, progress_bar, size.sft_steps),
-        answer_key="teacher").train()
+    model = train_sft(tok, train, size, seed, sft_dir, progress_bar)
     acc_sft = accuracy(model, tok, test, split=True)
     print(_report(f"after SFT ({len(test)} problems)", acc_sft))
     run = os.path.join(out_dir, algo)

@@ -175,11 +175,14 @@ def collect(trainer):
 
 @on_host
 def reward_stats(sampled: RolloutBatch, cfg: RLConfig) -> dict:
-    """Reward mean / std and pass rate over every sampled completion on every rank."""
+    """Reward mean / std and pass rate over every sampled completion on every rank, and the
+    groups and tokens sampled (dynamic sampling: every round's)."""
     r = sampled.rewards
     n = distributed.all_sum(r.numel())
     mean = distributed.all_sum(float(r.sum())) / n
     sq = distributed.all_sum(float((r - mean).pow(2).sum()))
     passed = distributed.all_sum(float((r >= cfg.pass_threshold).sum()))
     return {"reward_mean": mean, "reward_std": math.sqrt(sq / (n - 1)) if n > 1 else 0.0,
-            "pass_rate": passed / n, "sampled_groups": int(n) // cfg.group_size}
+            "pass_rate": passed / n, "sampled_groups": int(n) // cfg.group_size,
+            "sampled_tokens": int(distributed.all_sum(sum(len(t.token_ids)
+                                                          for t in sampled.trajs)))}
