@@ -29,7 +29,8 @@ TRAINER = dict(prompts_per_step=4, group_size=2, max_new_tokens=64, micro_batch_
                gradient_checkpointing=True, progress_bar=False)
 SIZES = {"default": {"model": "TraDo-4B-Instruct", "prompt_tokens": 256},
          "quick": {"model": "TraDo-4B-Instruct", "prompt_tokens": 256},
-         "tiny": {"model": "tiny", "prompt_tokens": 16}}
+         # the CPU dry run's plumbing: 16 new tokens keep it inside gpu_check's 40 s box
+         "tiny": {"model": "tiny", "prompt_tokens": 16, "max_new_tokens": 16}}
 
 
 def _config(cfg_sizes):
@@ -41,7 +42,9 @@ def _config(cfg_sizes):
     mc = tiny_config("sdar", vocab_size=512) if cfg_sizes["model"] == "tiny" else \
         load_config(os.path.join(ROOT, "configs", "models", cfg_sizes["model"]))
     sampling = SamplingConfig(rule="sequential", steps=4, temperature=1.0, max_seqs=8)
-    return mc, TraceRLConfig(**TRAINER, sampling=sampling, pass_rate_low=0.0, pass_rate_high=1.0)
+    trainer = {**TRAINER, "max_new_tokens": cfg_sizes.get("max_new_tokens",
+                                                        TRAINER["max_new_tokens"])}
+    return mc, TraceRLConfig(**trainer, sampling=sampling, pass_rate_low=0.0, pass_rate_high=1.0)
 
 
 def _groups(stages: dict) -> dict:
@@ -114,7 +117,8 @@ def main():
     want = expect(cfg_sizes) if cfg_sizes["model"] == "tiny" else json.load(open(EXPECTED))
     got = measure(cfg_sizes, args.device)
     secs = time.perf_counter() - t0
-    rows, shape = [], {"model": cfg_sizes["model"], **TRAINER, "dtype": "bfloat16"}
+    rows, shape = [], {"model": cfg_sizes["model"], **TRAINER, "dtype": "bfloat16",
+                       "max_new_tokens": cfg_sizes.get("max_new_tokens", TRAINER["max_new_tokens"])}
     shape = {k: v for k, v in shape.items() if k != "progress_bar"}
     timing = common.Timing(secs, secs, secs)
     for group in ("resident", "rollout", "update"):
