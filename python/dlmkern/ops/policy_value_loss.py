@@ -138,7 +138,7 @@ def policy_value_loss(
                          mask=mask, ref_logp=ref_logp, values=values, old_values=old_values,
                          returns=returns, seq_ids=seq_ids, vf_coef=vf_coef, vf_clip=vf_clip,
                          num_seqs=num_seqs)
-    loss, stats, _, _, _ = backend.ops().policy_value_loss(**args)
+    loss, stats, _, _, _ = backend.ops().policy_value_loss(*_ARGS.in_order(args))
     return loss, dict(zip(STAT_NAMES, stats.unbind(0), strict=True))
 
 
@@ -166,7 +166,7 @@ def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int
     """The fused kernel's arguments, by name: the objective's fields (a fused one: token ratio,
     k3 KL, no weights) and the tensors. The one place that knows how the objective reaches the
     kernel's PvParams."""
-    args = dict(
+    return dict(
         tensors,
         eps_low=float(o.eps_low), eps_high=float(o.eps_high),
         dual_clip=float(o.dual_clip) if o.dual_clip > 0 else None,
@@ -174,19 +174,22 @@ def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int
         reduction=REDUCTIONS[o.reduction], num_seqs=int(num_seqs),
         normalizer=float(o.loss_normalizer),
     )
-    if set(args) != set(_ARGS.names):  # the kernel's schema changed: map the new argument here
-        raise TypeError(f"dlmkern.policy_value_loss: the kernel takes {sorted(_ARGS.names)}, "
-                        f"the objective maps to {sorted(args)}")
-    return args
 
 
 class _OpArgs:
     """The op's arguments by the names of its registered schema (the one source of their order):
-    ``bind`` names the positional inputs the fake and setup_context receive, ``grads`` places
-    named gradients where backward must return them."""
+    ``in_order`` lays named arguments out for the call, ``bind`` names the positional inputs the
+    fake and setup_context receive, ``grads`` places named gradients where backward must return
+    them."""
 
     def __init__(self, names: tuple[str, ...]):
         self.names = names
+
+    def in_order(self, named: dict) -> tuple:
+        if set(named) != set(self.names):  # the kernel's schema changed: map it by name
+            raise TypeError(f"dlmkern.policy_value_loss: the kernel takes {list(self.names)}, "
+                            f"got {sorted(named)}")
+        return tuple(named[n] for n in self.names)
 
     def bind(self, args, kwargs=None) -> dict:
         out = dict(zip(self.names, args, strict=False))
@@ -242,9 +245,9 @@ def _pv_setup(ctx, inputs, output):
 
 def _pv_backward(ctx, g_loss, *_unused):
     u_logp, u_values, seq_ids, seq_scale = ctx.saved_tensors
-    g_logp, g_values = ctx.ops.policy_value_loss_backward(
+    g_logp, g_values = ctx.ops.policy_value_loss_backward(*_BACKWARD_ARGS.in_order(dict(
         grad_loss=g_loss, u_logp=u_logp, u_values=u_values, seq_ids=seq_ids,
-        seq_scale=seq_scale, reduction=ctx.reduction)
+        seq_scale=seq_scale, reduction=ctx.reduction)))
     g_logp = g_logp.to(ctx.logp_dtype) if _ARGS.needs_grad(ctx, "logp") else None
     if ctx.values_dtype is not None and _ARGS.needs_grad(ctx, "values"):
         g_values = g_values.to(ctx.values_dtype)
