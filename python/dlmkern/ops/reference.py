@@ -182,57 +182,20 @@ def objective_loss(
     GSPO-token's (sg(r) * exp(logp - sg(logp)))."""
     o = objective
     f = torch.float32
-    lp, olp, adv = logp.to(f), old_logp.to(f), advantages.to(f)
-    m = mask
+    lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
-    diff = lp - olp
-    token_ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-    if o.ratio_level in ("sequence", "block"):
-        gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
-        g = _group_mean(diff.detach(), m, gid, n_groups)
-        inside = (g > -20.0) & (g < 20.0)
-        ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
-                                                                      zero))
-    else:
-        ratio = token_ratio
-    if o.has_ratio:
-        s1 = ratio * adv
-        s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
-        pg = -torch.minimum(s1, s2)
-        clipped = s2 < s1
-    else:  # a weighted likelihood: no ratio, nothing clipped
-        pg = -adv * lp
-        clipped = torch.zeros_like(m)
-    dual = torch.zeros_like(clipped)
-    if o.dual_clip > 0:
-        bound = -o.dual_clip * adv
-        dual = (adv < 0) & (bound < pg)
-        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    kl = torch.zeros_like(pg)
-    if ref_logp is not None:
-        kl = _kl(o.kl_kind, ref_logp.to(f) - lp)
+    diff = lp - old_logp.to(f)
+    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids)
+    kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
     if o.weighted:
         if weights is None:
             raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
                              f"(token_weights={o.token_weights}): pass `weights`")
-        w = weights.to(f)
-        pg, kl = w * pg, w * kl
+        pg, kl = weights.to(f) * pg, weights.to(f) * kl
     elif weights is not None:
         raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
                          "token_weights=none")
-    vf = torch.zeros_like(pg)
-    vf_clipped = torch.zeros_like(clipped)
-    if values is not None:
-        v, r = values.to(f), returns.to(f)
-        vf1 = (v - r) ** 2
-        if old_values is not None:
-            ov = old_values.to(f)
-            vclip = ov + torch.clamp(v - ov, -vf_clip, vf_clip)
-            vf2 = (vclip - r) ** 2
-            vf_clipped = vf2 > vf1
-            vf = 0.5 * torch.maximum(vf1, vf2)
-        else:
-            vf = 0.5 * vf1
+    vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
     denom = count.clamp(min=1)
@@ -241,25 +204,7 @@ def objective_loss(
         return torch.where(m, x, zero)
 
     def reduce(x):
-        x = masked(x)
-        if o.reduction == "token_mean":
-            return x.sum() / denom
-        if o.reduction == "sum":
-            return x.sum() / o.loss_normalizer
-        if o.reduction == "seq_mean":
-            sid = seq_ids if seq_ids is not None else (
-                torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
-            # Masked tokens belong to no sequence: their ids (padding, often -1) are not used.
-            sid = torch.where(m.reshape(-1), sid.reshape(-1), 0)
-            n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
-            per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
-            per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
-                0, sid, m.reshape(-1).to(f))
-            nonempty = per_cnt > 0
-            if not bool(nonempty.any()):
-                return x.sum() * 0
-            return (per_sum[nonempty] / per_cnt[nonempty]).mean()
-        raise ValueError(o.reduction)
+        return _reduce(o, masked(x), m, denom, seq_ids, num_seqs)
 
     pg_loss, kl_loss, vf_loss = reduce(pg), reduce(kl), reduce(vf)
     loss = pg_loss
@@ -290,6 +235,73 @@ def objective_loss(
             "num_tokens": count,
         }
     return loss, stats
+
+
+def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
+    """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
+    and the dual clip are active."""
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    if o.ratio_level in ("sequence", "block"):
+        gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
+        g = _group_mean(diff.detach(), m, gid, n_groups)
+        inside = (g > -20.0) & (g < 20.0)
+        ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
+                                                                      zero))
+    else:
+        ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
+    if o.has_ratio:
+        s1 = ratio * adv
+        s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
+        pg = -torch.minimum(s1, s2)
+        clipped = s2 < s1
+    else:  # a weighted likelihood: no ratio, nothing clipped
+        pg = -adv * lp
+        clipped = torch.zeros_like(m)
+    dual = torch.zeros_like(clipped)
+    if o.dual_clip > 0:
+        bound = -o.dual_clip * adv
+        dual = (adv < 0) & (bound < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+    return pg, ratio, clipped, dual
+
+
+def _value_term(values, old_values, returns, vf_clip, like, clipped_like):
+    """Per token: 0.5 * max((V-R)^2, (V_old + clip(V-V_old, ±vf_clip) - R)^2) and whether the
+    clipped error is the larger (zeros without values)."""
+    if values is None:
+        return torch.zeros_like(like), torch.zeros_like(clipped_like)
+    f = torch.float32
+    v, r = values.to(f), returns.to(f)
+    vf1 = (v - r) ** 2
+    if old_values is None:
+        return 0.5 * vf1, torch.zeros_like(clipped_like)
+    ov = old_values.to(f)
+    vclip = ov + torch.clamp(v - ov, -vf_clip, vf_clip)
+    vf2 = (vclip - r) ** 2
+    return 0.5 * torch.maximum(vf1, vf2), vf2 > vf1
+
+
+def _reduce(o, x, m, denom, seq_ids, num_seqs):
+    """The objective's reduction of x (already 0 at masked-out tokens)."""
+    f = x.dtype
+    if o.reduction == "token_mean":
+        return x.sum() / denom
+    if o.reduction == "sum":
+        return x.sum() / o.loss_normalizer
+    if o.reduction == "seq_mean":
+        sid = seq_ids if seq_ids is not None else (
+            torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
+        # Masked tokens belong to no sequence: their ids (padding, often -1) are not used.
+        sid = torch.where(m.reshape(-1), sid.reshape(-1), 0)
+        n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
+        per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
+        per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
+            0, sid, m.reshape(-1).to(f))
+        nonempty = per_cnt > 0
+        if not bool(nonempty.any()):
+            return x.sum() * 0
+        return (per_sum[nonempty] / per_cnt[nonempty]).mean()
+    raise ValueError(o.reduction)
 
 
 def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:
