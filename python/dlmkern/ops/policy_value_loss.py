@@ -9,7 +9,8 @@ The policy settings arrive as one ``Objective`` (dlmkern.ops.objective). ``_op_a
 one place that maps it (and the tensors) to the kernel's arguments, by name; an objective whose
 arithmetic the kernel lacks (``Objective.fused()`` false) runs on the reference path. The fake and
 the autograd functions read and return the op's arguments by the names of its registered schema
-(``_OpArgs``), never by position.
+(``_OpArgs``), never by position. The kernel's schema does not take the ratio level, KL kind,
+weights or block ids yet (README "The objective is data" says what the kernel side should add).
 """
 
 from __future__ import annotations
