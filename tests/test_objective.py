@@ -231,6 +231,15 @@ def test_a_setting_the_kernel_lacks_runs_on_the_reference_and_says_so(monkeypatc
     _close(_ours(b, obj, **kw), want)  # the native backend: the reference path, same numbers
     assert not obj.fused() and gap in obj.path_note() and "reference path" in obj.path_note()
     assert Objective(kl_kind="k1").fused()  # a KL kind without a KL term changes nothing
+    assert not Objective(kl_kind="k1").fused(kl_term=True)  # the op given ref_logp: k1 stats
+
+
+def test_a_kl_kind_the_kernel_lacks_is_not_fused_even_at_kl_coef_zero():
+    # the op computes the KL statistic whenever it is given ref_logp: of the objective's kind
+    b = _batch(7)
+    obj = Objective(kl_kind="k1")
+    stats = _ours(b, obj, ref_logp=b["ref"])[2]
+    assert stats["kl"].item() == pytest.approx((b["logp"] - b["ref"]).mean().item(), abs=1e-6)
 
 
 def test_a_trainer_says_once_at_start_when_its_loss_runs_on_the_reference(tmp_path, capsys):

@@ -86,22 +86,25 @@ class Objective:
         """The loss multiplies each token by a weight (the op then needs ``weights``)."""
         return self.token_weights != "none"
 
-    def unfused(self) -> list[str]:
+    def unfused(self, kl_term: bool | None = None) -> list[str]:
         """The settings (``key=value``) the fused kernel's arithmetic lacks; empty: it runs
-        this objective. A KL kind matters only when there is a KL term."""
+        this objective. The KL kind counts when there is a KL term: ``kl_term`` (the op: a
+        ``ref_logp`` was given), by default when kl_coef > 0 (a trainer passes one only then)."""
+        kl_term = self.kl_coef > 0 if kl_term is None else kl_term
         out = []
         if self.ratio_level not in FUSED["ratio_level"]:
             out.append(f"ratio_level={self.ratio_level}")
-        if self.kl_coef > 0 and self.kl_kind not in FUSED["kl_kind"]:
+        if kl_term and self.kl_kind not in FUSED["kl_kind"]:
             out.append(f"kl_kind={self.kl_kind}")
         if self.token_weights not in FUSED["token_weights"]:
             out.append(f"token_weights={self.token_weights}")
         return out
 
-    def fused(self) -> bool:
-        """Whether the native (CPU / CUDA) op computes this objective; otherwise the loss runs
-        on the reference path (plain torch) whatever the backend."""
-        return not self.unfused()
+    def fused(self, kl_term: bool | None = None) -> bool:
+        """Whether the native (CPU / CUDA) op computes this objective (``kl_term``: as for
+        ``unfused``); otherwise the loss runs on the reference path (plain torch) whatever the
+        backend."""
+        return not self.unfused(kl_term)
 
     def path_note(self) -> str | None:
         """One line for the run's log when the loss runs on the reference path; None when the

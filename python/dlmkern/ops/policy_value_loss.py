@@ -130,7 +130,7 @@ def policy_value_loss(
             num_seqs = max(int(top) + 1, 1)
         else:
             num_seqs = logp.shape[0] if logp.dim() == 2 else 1
-    if backend.is_reference() or not objective.fused():
+    if backend.is_reference() or not objective.fused(kl_term=ref_logp is not None):
         return reference.objective_loss(
             objective, logp, old_logp, advantages, mask, ref_logp=ref_logp, values=values,
             old_values=old_values, returns=returns, weights=weights, seq_ids=seq_ids,
