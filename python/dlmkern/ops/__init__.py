@@ -6,10 +6,12 @@ from dlmkern.ops._checks import check_device_errors
 from dlmkern.ops.attention import block_attention, check_layout_errors, decode_attention
 from dlmkern.ops.backend import use_backend
 from dlmkern.ops.logprobs import logprobs_from_logits, masked_logprobs
+from dlmkern.ops.objective import Objective
 from dlmkern.ops.policy_value_loss import policy_value_loss
 
 __all__ = [
-    "block_attention", "check_device_errors", "check_layout_errors", "decode_attention", "layouts",
+    "Objective", "block_attention", "check_device_errors", "check_layout_errors",
+    "decode_attention", "layouts",
     "logprobs_from_logits", "masked_logprobs",
     "policy_value_loss", "reference", "use_backend",
 ]

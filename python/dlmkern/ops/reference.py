@@ -81,54 +81,121 @@ def policy_value_loss(
     values=None,
     old_values=None,
     returns=None,
-    eps_low=0.2,
-    eps_high=0.2,
+    eps_low=None,
+    eps_high=None,
     dual_clip=None,
-    kl_coef=0.0,
+    kl_coef=None,
     vf_coef=0.5,
     vf_clip=0.2,
-    reduction="token_mean",
+    reduction=None,
     seq_ids=None,
     normalizer=None,
     num_seqs=None,
+    objective=None,
+    weights=None,
+    block_ids=None,
 ):
-    """The eager torch composition of SPEC 2.4 (what PPO / GRPO trainers write by hand).
-
-    Returns (loss, stats) with the same keys as dlmkern.ops.policy_value_loss. Gradients flow to
-    logp and values through ordinary autograd.
+    """The eager torch composition of SPEC 2.4 / 4.9 (what PPO / GRPO trainers write by hand), for
+    every objective. The policy settings come as an ``objective`` (dlmkern.ops.Objective) or as
+    the loose keywords of the op's keyword API (eps_low, eps_high, dual_clip, kl_coef, reduction,
+    normalizer: never both). Returns (loss, stats) with the same keys as
+    dlmkern.ops.policy_value_loss. Gradients flow to logp and values through ordinary autograd.
     """
+    from dlmkern.ops.objective import call_objective
+
+    objective = call_objective(objective, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip,
+                           kl_coef=kl_coef, reduction=reduction, normalizer=normalizer)
+    return objective_loss(objective, logp, old_logp, advantages, mask, ref_logp=ref_logp,
+                          values=values, old_values=old_values, returns=returns, weights=weights,
+                          seq_ids=seq_ids, block_ids=block_ids, num_seqs=num_seqs,
+                          vf_coef=vf_coef, vf_clip=vf_clip)
+
+
+def _group_mean(x, m, gid, n):
+    """Per group of `gid` (flat [T] ids in [0, n)), the mean of x over its masked-in tokens,
+    read back at every token (0 for a group without any)."""
+    f = x.dtype
+    flat_m = m.reshape(-1)
+    s = torch.zeros(n, dtype=f, device=x.device).index_add(
+        0, gid, torch.where(flat_m, x.reshape(-1), torch.zeros((), dtype=f, device=x.device)))
+    c = torch.zeros(n, dtype=f, device=x.device).index_add(0, gid, flat_m.to(f))
+    return (s / c.clamp(min=1))[gid].reshape(x.shape)
+
+
+def _ratio_groups(level, m, seq_ids, block_ids):
+    """Flat group ids of the tokens for a sequence / block ratio, and their number. Masked tokens
+    (padding) belong to no group: their ids are never read."""
+    shape = m.shape
+    if seq_ids is None:
+        if len(shape) != 2:
+            raise ValueError(f"dlmkern.policy_value_loss: ratio_level={level} on [T] tokens needs "
+                             "`seq_ids`")
+        seq_ids = torch.arange(shape[0], device=m.device)[:, None].expand(shape)
+    key = torch.where(m, seq_ids, 0).reshape(-1)
+    if level == "block":
+        if block_ids is None:
+            raise ValueError("dlmkern.policy_value_loss: ratio_level=block needs `block_ids`")
+        key = torch.stack([key, torch.where(m, block_ids, 0).reshape(-1)])
+        _, gid = torch.unique(key, dim=1, return_inverse=True)
+    else:
+        _, gid = torch.unique(key, return_inverse=True)
+    return gid, int(gid.max()) + 1 if gid.numel() else 0
+
+
+def _kl(kind, x):
+    """The per-token KL penalty of `kind`, x = target - logp."""
+    if kind == "k1":
+        return -x
+    if kind == "k3":
+        xc = torch.clamp(x, -20.0, 20.0)
+        return torch.exp(xc) - xc - 1
+    if kind == "quadratic":
+        return 0.5 * x**2
+    raise ValueError(kind)
+
+
+def objective_loss(
+    objective,
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    ref_logp=None,
+    values=None,
+    old_values=None,
+    returns=None,
+    weights=None,
+    seq_ids=None,
+    block_ids=None,
+    num_seqs=None,
+    vf_coef=0.5,
+    vf_clip=0.2,
+):
+    """Loss and stats of `objective` (dlmkern.ops.Objective) over masked tokens: the ground truth
+    of every objective (the fused kernel covers a subset). Per token, with r the ratio of the
+    objective's level: pg = -min(r*A, clip(r, 1-eps_low, 1+eps_high)*A) (dual clip: at most
+    -c*A for A < 0), or pg = -A*logp without a ratio; kl of its kind against ref_logp; both
+    times `weights` when the objective weights tokens; plus vf_coef * the clipped value loss.
+    A sequence / block ratio is exp(mean over its group's tokens of logp - old_logp) (log-ratio
+    clamped to [-20, 20], no gradient outside), one clip decision per group; its gradient is
+    GSPO-token's (sg(r) * exp(logp - sg(logp)))."""
+    o = objective
     f = torch.float32
-    lp, olp, adv = logp.to(f), old_logp.to(f), advantages.to(f)
-    m = mask
+    lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
-    diff = lp - olp
-    ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-    s1 = ratio * adv
-    s2 = torch.clamp(ratio, 1 - eps_low, 1 + eps_high) * adv
-    pg = -torch.minimum(s1, s2)
-    clipped = s2 < s1
-    dual = torch.zeros_like(clipped)
-    if dual_clip is not None:
-        bound = -dual_clip * adv
-        dual = (adv < 0) & (bound < pg)
-        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    kl = torch.zeros_like(pg)
-    if ref_logp is not None:
-        x = torch.clamp(ref_logp.to(f) - lp, -20.0, 20.0)
-        kl = torch.exp(x) - x - 1
-    vf = torch.zeros_like(pg)
-    vf_clipped = torch.zeros_like(clipped)
-    if values is not None:
-        v, r = values.to(f), returns.to(f)
-        vf1 = (v - r) ** 2
-        if old_values is not None:
-            ov = old_values.to(f)
-            vclip = ov + torch.clamp(v - ov, -vf_clip, vf_clip)
-            vf2 = (vclip - r) ** 2
-            vf_clipped = vf2 > vf1
-            vf = 0.5 * torch.maximum(vf1, vf2)
-        else:
-            vf = 0.5 * vf1
+    diff = lp - old_logp.to(f)
+    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids)
+    kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
+    if o.weighted:
+        if weights is None:
+            raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
+                             f"(token_weights={o.token_weights}): pass `weights`")
+        pg, kl = weights.to(f) * pg, weights.to(f) * kl
+    elif weights is not None:
+        raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
+                         "token_weights=none")
+    vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
     denom = count.clamp(min=1)
@@ -137,30 +204,12 @@ def policy_value_loss(
         return torch.where(m, x, zero)
 
     def reduce(x):
-        x = masked(x)
-        if reduction == "token_mean":
-            return x.sum() / denom
-        if reduction == "sum":
-            return x.sum() / (1.0 if normalizer is None else normalizer)
-        if reduction == "seq_mean":
-            sid = seq_ids if seq_ids is not None else (
-                torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
-            # Masked tokens belong to no sequence: their ids (padding, often -1) are not used.
-            sid = torch.where(m.reshape(-1), sid.reshape(-1), 0)
-            n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
-            per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
-            per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
-                0, sid, m.reshape(-1).to(f))
-            nonempty = per_cnt > 0
-            if not bool(nonempty.any()):
-                return x.sum() * 0
-            return (per_sum[nonempty] / per_cnt[nonempty]).mean()
-        raise ValueError(reduction)
+        return _reduce(o, masked(x), m, denom, seq_ids, num_seqs)
 
     pg_loss, kl_loss, vf_loss = reduce(pg), reduce(kl), reduce(vf)
     loss = pg_loss
     if ref_logp is not None:
-        loss = loss + kl_coef * kl_loss
+        loss = loss + o.kl_coef * kl_loss
     if values is not None:
         loss = loss + vf_coef * vf_loss
 
@@ -168,8 +217,9 @@ def policy_value_loss(
         return masked(b.to(f)).sum() / denom
 
     with torch.no_grad():
-        low = clipped & (ratio < 1 - eps_low)
-        high = clipped & (ratio > 1 + eps_high)
+        ratio = ratio.detach()
+        low = clipped & (ratio < 1 - o.eps_low)
+        high = clipped & (ratio > 1 + o.eps_high)
         stats = {
             "pg_loss": pg_loss.detach(),
             "kl": kl_loss.detach(),
@@ -185,6 +235,73 @@ def policy_value_loss(
             "num_tokens": count,
         }
     return loss, stats
+
+
+def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
+    """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
+    and the dual clip are active."""
+    zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    if o.ratio_level in ("sequence", "block"):
+        gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
+        g = _group_mean(diff.detach(), m, gid, n_groups)
+        inside = (g > -20.0) & (g < 20.0)
+        ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
+                                                                      zero))
+    else:
+        ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
+    if o.has_ratio:
+        s1 = ratio * adv
+        s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
+        pg = -torch.minimum(s1, s2)
+        clipped = s2 < s1
+    else:  # a weighted likelihood: no ratio, nothing clipped
+        pg = -adv * lp
+        clipped = torch.zeros_like(m)
+    dual = torch.zeros_like(clipped)
+    if o.dual_clip > 0:
+        bound = -o.dual_clip * adv
+        dual = (adv < 0) & (bound < pg)
+        pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
+    return pg, ratio, clipped, dual
+
+
+def _value_term(values, old_values, returns, vf_clip, like, clipped_like):
+    """Per token: 0.5 * max((V-R)^2, (V_old + clip(V-V_old, ±vf_clip) - R)^2) and whether the
+    clipped error is the larger (zeros without values)."""
+    if values is None:
+        return torch.zeros_like(like), torch.zeros_like(clipped_like)
+    f = torch.float32
+    v, r = values.to(f), returns.to(f)
+    vf1 = (v - r) ** 2
+    if old_values is None:
+        return 0.5 * vf1, torch.zeros_like(clipped_like)
+    ov = old_values.to(f)
+    vclip = ov + torch.clamp(v - ov, -vf_clip, vf_clip)
+    vf2 = (vclip - r) ** 2
+    return 0.5 * torch.maximum(vf1, vf2), vf2 > vf1
+
+
+def _reduce(o, x, m, denom, seq_ids, num_seqs):
+    """The objective's reduction of x (already 0 at masked-out tokens)."""
+    f = x.dtype
+    if o.reduction == "token_mean":
+        return x.sum() / denom
+    if o.reduction == "sum":
+        return x.sum() / o.loss_normalizer
+    if o.reduction == "seq_mean":
+        sid = seq_ids if seq_ids is not None else (
+            torch.arange(x.shape[0], device=x.device)[:, None].expand_as(x))
+        # Masked tokens belong to no sequence: their ids (padding, often -1) are not used.
+        sid = torch.where(m.reshape(-1), sid.reshape(-1), 0)
+        n_seq = num_seqs or (int(sid.max()) + 1 if sid.numel() else 0)
+        per_sum = torch.zeros(n_seq, dtype=f, device=x.device).index_add(0, sid, x.reshape(-1))
+        per_cnt = torch.zeros(n_seq, dtype=f, device=x.device).index_add(
+            0, sid, m.reshape(-1).to(f))
+        nonempty = per_cnt > 0
+        if not bool(nonempty.any()):
+            return x.sum() * 0
+        return (per_sum[nonempty] / per_cnt[nonempty]).mean()
+    raise ValueError(o.reduction)
 
 
 def _expand_kv(x: torch.Tensor, hq: int) -> torch.Tensor:

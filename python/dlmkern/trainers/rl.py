@@ -21,11 +21,17 @@ from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import HeldOut, eval_due, require_held_out
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
+from dlmkern.ops.objective import Objective
 from dlmkern.rewards.registry import get_rewards
 from dlmkern.rl import RowSpec, get_estimator
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
-from dlmkern.trainers.checks import check_output_dir, check_reward_columns, prepare_output_dir
+from dlmkern.trainers.checks import (
+    check_output_dir,
+    check_reward_columns,
+    nonfinite_guard,
+    prepare_output_dir,
+)
 from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
@@ -33,7 +39,7 @@ from dlmkern.trainers.plan import plan_step, planned_trajectories
 from dlmkern.trainers.preemption import PreemptionWatch
 from dlmkern.trainers.rl_config import DiPOConfig, RLConfig, TraceRLConfig
 from dlmkern.trainers.rollout import Rollout, RolloutBatch, collect, reward_stats
-from dlmkern.trainers.update import Update
+from dlmkern.trainers.update import Update, UpdateModels, UpdateSettings
 
 
 class RLTrainer(Checkpointing):
@@ -59,6 +65,7 @@ class RLTrainer(Checkpointing):
                  value_model: ValueModel | None = None, resume_from: str | None = None,
                  device=None, dtype=None, eval_dataset=None):
         self.cfg = self._config(config).validate(value_model=value_model is not None)
+        self.objective = Objective.from_config(self.cfg)  # the policy loss, built once
         target = run_target(model, device, dtype)  # refused before any work
         self.name = self.cfg.algo
         torch.manual_seed(self.cfg.seed)
@@ -89,12 +96,13 @@ class RLTrainer(Checkpointing):
         c = self.model.config
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
                                 self.cfg.resolved_shrinkage(c.block_causal))
-        self.updater = Update(self)
         self.plot_marks: dict = {}  # {log key: (value, label)}: reference lines in curves.png
         self.step, self.data_pos, self.nonfinite_skipped = 0, 0, 0
         self.data_order = self._permutation(0)
         self.logger = RunLogger(self.cfg.output_dir, to_dict(self.cfg),
                                 enabled=distributed.rank() == 0)
+        if self.objective.path_note():  # settings the fused loss kernel lacks: said once
+            self.logger.warn(self.objective.path_note())
         if start_from is not None:  # resume_from, or existing_output_dir: resume
             self.resume(start_from)
             self.logger.warn(f"resumed from {start_from} (step {self.step})")
@@ -146,6 +154,23 @@ class RLTrainer(Checkpointing):
         self.value_opt = None if self.value_model is None else MixedPrecisionAdamW(
             self.value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
             offload=cfg.optimizer_offload, offload_grad_sums=cfg.offload_grad_sums)
+        self.updater = self._update_stage()  # it trains with these optimizers
+
+    def _update_stage(self) -> Update:
+        """The update stage, given the models, optimizers, objective and settings it uses (and
+        the trainer's non-finite policy), never the trainer."""
+        cfg, c = self.cfg, self.model.config
+        models = UpdateModels(self.model, self.opt, self.ref_model, self.value_model,
+                              self.value_opt)
+        settings = UpdateSettings(gamma=cfg.gamma, lam=cfg.lam, vf_clip=cfg.vf_clip,
+                                  max_grad_norm=cfg.max_grad_norm,
+                                  block_size=c.block_size if c.block_causal else None,
+                                  gen_block_length=cfg.gen_block_length)
+        return Update(models, self.objective, settings, self.device, self._nonfinite_ok)
+
+    def _nonfinite_ok(self, opt, what: str, values: dict) -> bool:
+        """The update's guard: apply an optimizer step? (on_nonfinite; ranks agree)."""
+        return nonfinite_guard(self, opt, what, values, agree=True)
 
     @property
     def reward_fns(self) -> list:

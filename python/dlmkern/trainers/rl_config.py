@@ -14,13 +14,13 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dlmkern.ops.objective import REDUCTIONS
+from dlmkern.ops.objective import checks as objective_checks
 from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
 from dlmkern.sampling.rules import SamplingConfig
 from dlmkern.trainers.config import DataConfig, check_all, check_types, policy_checks
 from dlmkern.trainers.config import help_field as opt
-
-REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
 
 @dataclass
@@ -53,14 +53,23 @@ class RLConfig(DataConfig):
     dynamic_sampling: bool = opt(False, "DAPO: train groups whose rewards differ (0 < pass rate "
                                  "< 1), oversample prompts to fill the step")
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
-    # policy loss
+    # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
+    ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
+                           "exp of the mean log-ratio) | none (weighted likelihood, wd1); "
+                           "all but token run the loss on the reference path")
     reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
     loss_normalizer: float = opt(1.0, "reduction=sum: the constant divisor (Dr.GRPO)")
     eps_low: float = opt(0.2, "ratio clip below: 1 - eps_low")
     eps_high: float = opt(0.2, "ratio clip above: 1 + eps_high (clip-higher when > eps_low)")
     dual_clip: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
-    kl_coef: float = opt(0.0, "k3 KL coefficient beta (0: no KL term)")
+    kl_coef: float = opt(0.0, "KL coefficient beta (0: no KL term)")
+    kl_kind: str = opt("k3", "KL estimator: k1 (logp - target) | k3 (exp(x) - x - 1) | "
+                       "quadratic (0.5 (logp - target)^2, ESPO); k1 / quadratic run the loss on "
+                       "the reference path")
     kl_to: str = opt("old", "KL target: old (rollout policy) | ref (frozen initial policy)")
+    token_weights: str = opt("none", "per-token loss weights: none | elbo (1/t, t the share its "
+                             "noisy copy masks) | step (1 / tokens of its trace step or copy); "
+                             "weights run the loss on the reference path")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
     value_lr: float = opt(5e-6, "value model learning rate")
@@ -122,6 +131,13 @@ class RLConfig(DataConfig):
              f"use DiPOConfig"),
             *_scored_sampling(self.sampling),
             *policy_checks(self),
+            *objective_checks(self),
+            (self.token_weights != "elbo" or self.estimator not in ESTIMATORS or
+             not get_estimator(self.estimator).trace_steps,
+             f"token_weights=elbo weights a token by 1/t, t the share of the completion its "
+             f"noisy copy masks; estimator={self.estimator} trains only one trace step of each "
+             f"copy (t is not that share): use a random-masking estimator (random_mask, "
+             f"coupled) or token_weights: step"),
         ])
         return self
 
@@ -157,8 +173,6 @@ def _range_checks(c: RLConfig) -> list:
         (c.prompts_per_step >= 1, "prompts_per_step must be >= 1"),
         (c.max_new_tokens >= 1, "max_new_tokens must be >= 1"),
         (c.gen_block_length >= 1, "gen_block_length must be >= 1"),
-        (c.reduction in REDUCTIONS, "reduction must be token_mean, seq_mean or sum"),
-        (c.kl_to in ("old", "ref"), "kl_to must be 'old' or 'ref'"),
         (c.estimator in ESTIMATORS, f"estimator must be one of {', '.join(ESTIMATORS)}, got "
                                     f"{c.estimator!r}"),
         (c.shrinkage >= 0, "shrinkage must be >= 1 (or 0: the paper's default)"),

@@ -1,27 +1,32 @@
-"""The update stage (SPEC 4.6 / 2.4): for each planned mini-batch, the no-grad quantities of the
-rollout-time policy (old / reference log-probs, values, GAE targets), then its optimizer steps.
-Policy and value terms go through `policy_value_loss` in ONE call per pass (two under seq_mean,
-see Update._pass)."""
+"""The update stage (SPEC 4.6 / 2.4 / 4.9): for each planned mini-batch, the no-grad quantities of
+the rollout-time policy (old / reference log-probs, values, GAE targets, the objective's per-token
+inputs), then its optimizer steps. Policy and value terms go through `policy_value_loss` in ONE
+call per pass (two under seq_mean, see Update._pass), which receives the run's Objective whole.
+
+The stage holds what it uses, handed over explicitly by the trainer: the models and optimizers
+(UpdateModels), the objective, the rest of its settings (UpdateSettings), the device and the
+trainer's non-finite policy (a guard callable); it never sees the trainer."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from dlmkern._host import HOST, read_floats
 from dlmkern.ops import check_device_errors, policy_value_loss
+from dlmkern.ops.objective import Objective, response_blocks, token_weights
 from dlmkern.rl import Rows
 from dlmkern.rl.advantages import trace_gae_batch
-from dlmkern.trainers.checks import nonfinite_guard
 from dlmkern.trainers.plan import MiniBatch, Pass
 
 
 def selected_logp(model, rows: Rows, device, *, temperature: float) -> torch.Tensor:
     """Log-probs of the rows' targets at their trained positions under softmax(logits /
     temperature) (the one place that builds this call). The trainer passes the sampler's
-    temperature (RLConfig.sampling.temperature): old, new and reference log-probs then score
-    the policy the rollout drew from, as the sampler's own log-probs do."""
+    temperature (Objective.temperature, from sampling.temperature): old, new and reference
+    log-probs then score the policy the rollout drew from, as the sampler's own log-probs do."""
     return model(rows.input_ids.to(device), rows.layout.to(device),
                  rows=rows.train_rows.to(device), targets=rows.targets.to(device),
                  temperature=temperature)
@@ -31,6 +36,35 @@ def selected_values(value_model, rows: Rows, device) -> torch.Tensor:
     """The value model's V at the rows' trained positions."""
     return value_model(rows.input_ids.to(device), rows.layout.to(device))[
         rows.train_rows.to(device)]
+
+
+@dataclass
+class UpdateModels:
+    """What the update scores and trains: the policy and its optimizer, the frozen KL reference
+    (kl_to: ref), the value model and its optimizer (or None)."""
+
+    model: torch.nn.Module
+    opt: object                              # MixedPrecisionAdamW
+    ref_model: torch.nn.Module | None = None
+    value_model: torch.nn.Module | None = None
+    value_opt: object | None = None
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    """The update's settings besides the objective (RLConfig's keys of the same names, and the
+    blocks a ratio_level=block ratio groups by)."""
+
+    gamma: float = 1.0
+    lam: float = 1.0
+    vf_clip: float = 0.2
+    max_grad_norm: float = 1.0
+    block_size: int | None = None      # block models' block size; None: full attention
+    gen_block_length: int = 32         # full-attention models: the sampler's blocks
+
+
+# guard(optimizer, what, {name: host float}) -> apply the step? (the trainer's non-finite policy)
+Guard = Callable[[object, str, dict], bool]
 
 
 @dataclass
@@ -45,52 +79,69 @@ class Prepared:
     old_v: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     logp_gap: torch.Tensor | None = None  # sum |sampler logp - old logp| (trace rows)
+    weights: torch.Tensor | None = None   # per trained token (objective.token_weights)
+    block_ids: torch.Tensor | None = None  # per trained token (objective.ratio_level: block)
 
 
 class Update:
-    """Owns the update's models and optimizers (the trainer's); one `prepare` and one `step`
-    per mini-batch and epoch."""
+    """One `prepare` and one `step` per mini-batch and epoch, with the models, optimizers,
+    objective and settings it is given."""
 
-    def __init__(self, trainer):
-        self.t = trainer
+    def __init__(self, models: UpdateModels, objective: Objective, settings: UpdateSettings,
+                 device, guard: Guard):
+        self.models, self.objective, self.settings = models, objective, settings
+        self.device, self.guard = device, guard
 
     def _logp(self, model, rows: Rows) -> torch.Tensor:
         """selected_logp at the sampler's temperature (validate refuses what it cannot score)."""
-        return selected_logp(model, rows, self.t.device,
-                             temperature=self.t.cfg.sampling.temperature)
+        return selected_logp(model, rows, self.device, temperature=self.objective.temperature)
 
     def prepare(self, mb: MiniBatch, rows: list[Rows], trajs, sample_adv, rewards,
                 trace_steps: bool) -> list[Prepared]:
-        t, dev = self.t, self.t.device
+        ms, obj, dev = self.models, self.objective, self.device
         out = []
         for p in mb.passes:
             host = Rows.cat([rows[i] for i in p.traj])
             r = host.to(dev)  # once: every epoch reuses it
             with torch.no_grad():
-                t.model.eval()
-                old = self._logp(t.model, r)
+                ms.model.eval()
+                old = self._logp(ms.model, r)
                 ref = None
-                if t.cfg.kl_coef > 0:
-                    ref = self._logp(t.ref_model, r) if t.ref_model else old
+                if obj.kl_coef > 0:  # the KL target: the reference (kl_to: ref) or the old policy
+                    ref = self._logp(ms.ref_model, r) if ms.ref_model else old
                 prep = Prepared(p, r, old, ref, None)
-                if t.value_model is not None:  # GAE over trace steps: the advantages
+                if ms.value_model is not None:  # GAE over trace steps: the advantages
                     self._value_targets(prep, host, rewards[p.traj])
                 else:
                     prep.adv = sample_adv[p.traj].to(dev)[r.traj]
                 if trace_steps:
                     prep.logp_gap = _sampler_gap(host, [trajs[i] for i in p.traj], old)
+                self._objective_inputs(prep, host, [trajs[i] for i in p.traj])
             out.append(prep)
         return out
+
+    def _objective_inputs(self, prep: Prepared, host: Rows, trajs) -> None:
+        """The per-token inputs the objective reads (none for the default one): its token
+        weights, and the blocks of a block ratio. Built from the host rows, moved once."""
+        obj, st = self.objective, self.settings
+        if obj.weighted:
+            n = torch.tensor([len(t.token_ids) for t in trajs], device=HOST)
+            prep.weights = token_weights(obj.token_weights, host.traj, host.step,
+                                         n).to(self.device)
+        if obj.ratio_level == "block":
+            plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)
+            prep.block_ids = response_blocks(host.gen_index, plen[host.traj], st.block_size,
+                                             st.gen_block_length).to(self.device)
 
     def _value_targets(self, prep: Prepared, host: Rows, rewards: torch.Tensor) -> None:
         """Values of the rollout-time value model at each trained token's noisy position, and
         GAE advantages / returns over trace steps (step structure read from the host rows)."""
-        t, r = self.t, prep.rows
+        vm, r = self.models.value_model, prep.rows
         traj, step = host.traj, host.step
-        t.value_model.eval()
-        old_v = selected_values(t.value_model, r, t.device)
-        prep.adv, prep.returns = trace_gae_batch(traj, step, old_v, rewards, t.cfg.gamma,
-                                                 t.cfg.lam)
+        vm.eval()
+        old_v = selected_values(vm, r, self.device)
+        prep.adv, prep.returns = trace_gae_batch(traj, step, old_v, rewards, self.settings.gamma,
+                                                 self.settings.lam)
         prep.old_v = old_v
 
     def _pass(self, mb: MiniBatch, prep: Prepared, several: bool) -> dict:
@@ -98,84 +149,81 @@ class Update:
         in the policy's policy_value_loss call, except under seq_mean: one op reduction cannot
         be the policy's per-sequence mean and the value loss's token mean, so there the value
         term keeps its own call (its gradient stays that of the token-mean value loss)."""
-        t, cfg, vm = self.t, self.t.cfg, self.t.value_model
+        ms, obj, st = self.models, self.objective, self.settings
+        vm = ms.value_model
         p, r = prep.plan, prep.rows
-        logp = self._logp(t.model, r)
-        values = selected_values(vm, r, t.device) if vm is not None else None
-        fused = vm is not None and cfg.reduction != "seq_mean"
+        logp = self._logp(ms.model, r)
+        values = selected_values(vm, r, self.device) if vm is not None else None
+        fused = vm is not None and obj.reduction != "seq_mean"
         mask = torch.ones_like(logp, dtype=torch.bool)
-        loss, st = policy_value_loss(
-            logp, prep.old_logp, prep.adv, mask, ref_logp=prep.ref_logp,
+        loss, stats = policy_value_loss(
+            logp, prep.old_logp, prep.adv, mask, objective=obj, ref_logp=prep.ref_logp,
             values=values if fused else None, old_values=prep.old_v if fused else None,
-            returns=prep.returns if fused else None, eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-            dual_clip=cfg.dual_clip or None, kl_coef=cfg.kl_coef,
-            vf_coef=_vf_coef(mb, p, cfg, int(logp.numel())), vf_clip=cfg.vf_clip,
-            reduction=cfg.reduction, seq_ids=r.traj, num_seqs=r.num_trajectories,
-            normalizer=cfg.loss_normalizer)
+            returns=prep.returns if fused else None, weights=prep.weights,
+            block_ids=prep.block_ids, vf_coef=_vf_coef(mb, p, obj, int(logp.numel())),
+            vf_clip=st.vf_clip, seq_ids=r.traj, num_seqs=r.num_trajectories)
         # a single pass keeps the expression (and its rounding) of an unsplit step
         (loss * (mb.policy_scale * p.policy_share if several else mb.policy_scale)).backward()
         if vm is not None and not fused:
             z = torch.zeros_like(values)
             vloss, vst = policy_value_loss(z, z, z, mask, values=values, old_values=prep.old_v,
                                            returns=prep.returns, vf_coef=1.0,
-                                           vf_clip=cfg.vf_clip)
+                                           vf_clip=st.vf_clip)
             (vloss * (mb.value_scale * p.value_share if several else mb.value_scale)).backward()
-            st = dict(st, vf_loss=vst["vf_loss"], vf_clip_frac=vst["vf_clip_frac"])
-        return st
+            stats = dict(stats, vf_loss=vst["vf_loss"], vf_clip_frac=vst["vf_clip_frac"])
+        return stats
 
     def step(self, mb: MiniBatch, prepared: list[Prepared]) -> dict:
         """One optimizer step of the policy (and the value model) on a prepared mini-batch."""
-        t, cfg = self.t, self.t.cfg
-        vm = t.value_model
-        t.model.train()
+        ms, obj, st = self.models, self.objective, self.settings
+        vm, opt, value_opt = ms.value_model, ms.opt, ms.value_opt
+        ms.model.train()
         if vm is not None:
             vm.train()
-            t.value_opt.zero_grad(set_to_none=True)
-        t.opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         several = len(prepared) > 1
         parts = []
         for prep in prepared:
             p = prep.plan
-            st = self._pass(mb, prep, several)
+            pass_stats = self._pass(mb, prep, several)
             if several:  # bf16 gradients summed in fp32
-                t.opt.stash_grads()
+                opt.stash_grads()
                 if vm is not None:
-                    t.value_opt.stash_grads()
+                    value_opt.stash_grads()
             if p.weight > 0 or mb.weight == 0 or not several:  # stand-in ranks keep theirs
-                parts.append((p, st, prep))
-        t.opt.unstash_grads()
+                parts.append((p, pass_stats, prep))
+        opt.unstash_grads()
         norms = {}
         if vm is not None:
-            t.value_opt.unstash_grads()
+            value_opt.unstash_grads()
             norms["value_grad_norm"] = torch.nn.utils.clip_grad_norm_(vm.parameters(),
-                                                                      cfg.max_grad_norm)
-        norms["grad_norm"] = torch.nn.utils.clip_grad_norm_(t.model.parameters(),
-                                                            cfg.max_grad_norm)
+                                                                      st.max_grad_norm)
+        norms["grad_norm"] = torch.nn.utils.clip_grad_norm_(ms.model.parameters(),
+                                                            st.max_grad_norm)
         # to host once, after every pass is queued (no sync between passes), and before the
         # optimizer steps: a non-finite loss or gradient norm never reaches the weights
         host, host_parts = _read_step(norms, parts, vm is not None)
-        check_device_errors(t.device)  # the kernels' flag, once per optimizer step (CUDA)
+        check_device_errors(self.device)  # the kernels' flag, once per optimizer step (CUDA)
         stats = {}
         if vm is not None:
-            stats.update(_value_stats(host_parts, cfg), value_grad_norm=host["value_grad_norm"])
-        stats.update(combine_stats([(p.policy_share, st) for p, st, _ in host_parts],
-                                   cfg.kl_coef), grad_norm=host["grad_norm"])
-        if vm is not None and nonfinite_guard(
-                t, t.value_opt, "value", {"value_loss": stats["value_loss"],
-                                          "value_grad_norm": stats["value_grad_norm"]},
-                agree=True):
-            t.value_opt.step()
-        if nonfinite_guard(t, t.opt, "policy",
-                           {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}, agree=True):
-            t.opt.step()
+            stats.update(_value_stats(host_parts, obj), value_grad_norm=host["value_grad_norm"])
+        stats.update(combine_stats([(p.policy_share, s) for p, s, _ in host_parts],
+                                   obj.kl_coef), grad_norm=host["grad_norm"])
+        if vm is not None and self.guard(
+                value_opt, "value", {"value_loss": stats["value_loss"],
+                                     "value_grad_norm": stats["value_grad_norm"]}):
+            value_opt.step()
+        if self.guard(opt, "policy", {"loss": stats["loss"], "grad_norm": stats["grad_norm"]}):
+            opt.step()
         # gradients are not kept past the step: the next rollout has their memory
-        t.opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         if vm is not None:
-            t.value_opt.zero_grad(set_to_none=True)
+            value_opt.zero_grad(set_to_none=True)
         return stats
 
 
-def _vf_coef(mb: MiniBatch, p: Pass, cfg, n_tokens: int) -> float:
+def _vf_coef(mb: MiniBatch, p: Pass, obj: Objective, n_tokens: int) -> float:
     """vf_coef that gives the value model, through the fused loss's policy scaling, the gradient
     of its own token-mean loss at its own share (the two-call path's): equal scales for
     token_mean; a sum's normalizer and token count otherwise."""
@@ -183,8 +231,8 @@ def _vf_coef(mb: MiniBatch, p: Pass, cfg, n_tokens: int) -> float:
     value = mb.value_scale * (p.value_share if len(mb.passes) > 1 else 1.0)
     if policy == 0:  # a stand-in: nothing flows back anyway
         return 1.0
-    if cfg.reduction == "sum":
-        return value * cfg.loss_normalizer / (policy * max(n_tokens, 1))
+    if obj.reduction == "sum":
+        return value * obj.loss_normalizer / (policy * max(n_tokens, 1))
     return value / policy
 
 
@@ -216,15 +264,15 @@ def _read_step(norms: dict, parts, valued: bool):
     return {k: host[k] for k in norms}, out
 
 
-def _value_stats(parts, cfg) -> dict:
+def _value_stats(parts, obj: Objective) -> dict:
     """Value-loss statistics from the fused passes' host stats: the token-mean value loss
     (vf_loss is reduced like the policy loss: a sum is turned back into a mean)."""
     n = max(sum(k for *_, k in parts), 1)
     loss = clip = vsum = 0.0
     for p, st, k in parts:
         vf = st["vf_loss"]
-        if cfg.reduction == "sum":
-            vf = vf * cfg.loss_normalizer / max(k, 1)
+        if obj.reduction == "sum":
+            vf = vf * obj.loss_normalizer / max(k, 1)
         loss += p.value_share * vf
         clip += st["vf_clip_frac"] * k
         vsum += st["old_v_sum"]

@@ -1,0 +1,207 @@
+"""The policy objective as data (SPEC 4.9): one frozen value, built once from the config, handed
+whole from the update to the loss op, to its reference and (field by field, in one mapping) to the
+fused kernel's arguments.
+
+An ``Objective`` says what the per-token policy loss is:
+
+- ``ratio_level``: the importance ratio of each token. ``token``: exp(logp - old_logp) (PPO /
+  GRPO). ``sequence``: exp(mean over the sequence's trained tokens of (logp - old_logp)), one
+  ratio and one clip decision per sequence, normalised by its length as GSPO and ESPO do (the
+  gradient is GSPO-token's: equal to GSPO's when a sequence's tokens share one advantage).
+  ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``none``:
+  no ratio and no clip: a weighted likelihood, loss = -A * logp (wd1).
+- ``eps_low`` / ``eps_high``: the ratio clip [1 - eps_low, 1 + eps_high]; ``dual_clip``: c > 1
+  bounds the loss of negative advantages by -c * A (0: off).
+- ``kl_kind`` / ``kl_coef`` / ``kl_to``: the KL penalty per token, x = target - logp: ``k1`` =
+  -x (= logp - target), ``k3`` = exp(x) - x - 1 (x clamped to [-20, 20]), ``quadratic`` =
+  0.5 * x^2 (ESPO); against the frozen reference policy (``ref``) or the rollout policy
+  (``old``). The update picks the target's log-probs by ``kl_to``; the op sees them as
+  ``ref_logp``.
+- ``token_weights``: per-token weights multiplying the token's policy loss (pg and KL). ``elbo``:
+  1 / t with t the share of the completion its noisy copy masks (random-masking estimators);
+  ``step``: 1 / (tokens trained at that trace step, or in that noisy copy), so each step weighs
+  as one (TraceRL's per-step normalisation); ``none``.
+- ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
+- ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
+  update's log-prob call reads it from here; the loss op receives log-probs already tempered).
+
+The names of the fields are the config keys (``temperature`` is ``sampling.temperature``).
+The reference backend implements every objective; the fused CPU / CUDA kernel has the arithmetic
+of a subset (``Objective.fused``), and ``Objective.path_note`` says, once, when a run's settings
+take the reference path instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+
+RATIO_LEVELS = ("token", "block", "sequence", "none")
+KL_KINDS = ("k1", "k3", "quadratic")
+KL_TARGETS = ("old", "ref")
+TOKEN_WEIGHTS = ("none", "elbo", "step")
+REDUCTIONS = ("token_mean", "seq_mean", "sum")
+
+# What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers today.
+FUSED = {"ratio_level": ("token",), "kl_kind": ("k3",), "token_weights": ("none",)}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """The per-token policy objective (module docstring). Built by ``from_config`` in a trainer,
+    or directly; every instance is valid (enums and combinations are checked on construction)."""
+
+    ratio_level: str = "token"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float = 0.0
+    kl_kind: str = "k3"
+    kl_coef: float = 0.0
+    kl_to: str = "old"
+    token_weights: str = "none"
+    reduction: str = "token_mean"
+    loss_normalizer: float = 1.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        bad = [msg for ok, msg in (*checks(self), *_numbers(self)) if not ok]
+        if bad:
+            raise ValueError(f"dlmkern.Objective: {bad[0]}")
+
+    @classmethod
+    def from_config(cls, cfg) -> Objective:
+        """The objective of an RLConfig (its keys of the same names; sampling.temperature)."""
+        keys = {f.name for f in dataclasses.fields(cls)} - {"temperature"}
+        return cls(**{k: getattr(cfg, k) for k in keys}, temperature=cfg.sampling.temperature)
+
+    @property
+    def has_ratio(self) -> bool:
+        return self.ratio_level != "none"
+
+    @property
+    def weighted(self) -> bool:
+        """The loss multiplies each token by a weight (the op then needs ``weights``)."""
+        return self.token_weights != "none"
+
+    def unfused(self, kl_term: bool | None = None) -> list[str]:
+        """The settings (``key=value``) the fused kernel's arithmetic lacks; empty: it runs
+        this objective. The KL kind counts when there is a KL term: ``kl_term`` (the op: a
+        ``ref_logp`` was given), by default when kl_coef > 0 (a trainer passes one only then)."""
+        kl_term = self.kl_coef > 0 if kl_term is None else kl_term
+        out = []
+        if self.ratio_level not in FUSED["ratio_level"]:
+            out.append(f"ratio_level={self.ratio_level}")
+        if kl_term and self.kl_kind not in FUSED["kl_kind"]:
+            out.append(f"kl_kind={self.kl_kind}")
+        if self.token_weights not in FUSED["token_weights"]:
+            out.append(f"token_weights={self.token_weights}")
+        return out
+
+    def fused(self, kl_term: bool | None = None) -> bool:
+        """Whether the native (CPU / CUDA) op computes this objective (``kl_term``: as for
+        ``unfused``); otherwise the loss runs on the reference path (plain torch) whatever the
+        backend."""
+        return not self.unfused(kl_term)
+
+    def path_note(self) -> str | None:
+        """One line for the run's log when the loss runs on the reference path; None when the
+        fused kernel covers the objective."""
+        gaps = self.unfused()
+        if not gaps:
+            return None
+        return (f"objective: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} not in the "
+                "fused policy_value_loss kernel (it has token ratios, the k3 KL and unweighted "
+                "tokens): the policy loss runs on the reference path (plain torch: the same "
+                "loss, more memory and time)")
+
+
+def checks(o) -> list[tuple[bool, str]]:
+    """(ok, message) for the objective's enums and combinations, each naming its config keys.
+    `o`: an Objective or an RLConfig (the same names)."""
+    return [
+        (o.ratio_level in RATIO_LEVELS,
+         f"ratio_level must be one of {', '.join(RATIO_LEVELS)}, got {o.ratio_level!r}"),
+        (o.kl_kind in KL_KINDS, f"kl_kind must be one of {', '.join(KL_KINDS)}, got "
+                                f"{o.kl_kind!r}"),
+        (o.kl_to in KL_TARGETS, "kl_to must be 'old' or 'ref'"),
+        (o.token_weights in TOKEN_WEIGHTS,
+         f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {o.token_weights!r}"),
+        (o.reduction in REDUCTIONS, "reduction must be token_mean, seq_mean or sum"),
+        (o.ratio_level != "none" or not o.dual_clip,
+         f"dual_clip={o.dual_clip:g} bounds a ratio's loss, and ratio_level=none has no ratio "
+         "(a weighted likelihood): set dual_clip: 0 or pick a ratio_level"),
+    ]
+
+
+def _numbers(o: Objective) -> list[tuple[bool, str]]:
+    """The numeric ranges (the config checks them first, under its own messages; these name the
+    op's arguments as the kernel's own checks do)."""
+    finite = math.isfinite
+    return [
+        (o.eps_low >= 0 and o.eps_high >= 0 and finite(o.eps_low) and finite(o.eps_high),
+         f"`eps_low` and `eps_high` must be finite and >= 0, got {o.eps_low}, {o.eps_high}"),
+        (o.dual_clip == 0 or o.dual_clip > 1,
+         f"`dual_clip` must be > 1 (or 0: off), got {o.dual_clip}"),
+        (finite(o.kl_coef), f"`kl_coef` must be finite, got {o.kl_coef}"),
+        (o.reduction != "sum" or (o.loss_normalizer > 0 and finite(o.loss_normalizer)),
+         f"the sum's divisor `normalizer` must be a finite number > 0 (loss_normalizer), got "
+         f"{o.loss_normalizer}"),
+        (o.temperature > 0 and finite(o.temperature),
+         f"`temperature` must be a finite number > 0, got {o.temperature}"),
+    ]
+
+
+def call_objective(objective: Objective | None, *, eps_low=None, eps_high=None, dual_clip=None,
+                   kl_coef=None, reduction=None, normalizer=None) -> Objective:
+    """The objective of a policy_value_loss call: `objective`, or the one its loose keywords make
+    (token ratio, k3 KL, no weights; the Objective's defaults for keywords not given). Both:
+    TypeError, naming the keywords."""
+    given = {"eps_low": eps_low, "eps_high": eps_high, "kl_coef": kl_coef,
+             "reduction": reduction, "loss_normalizer": normalizer,
+             "dual_clip": None if dual_clip is None else float(dual_clip)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if objective is None:
+        return Objective(**given)
+    if given:
+        names = sorted("normalizer" if k == "loss_normalizer" else k for k in given)
+        raise TypeError(f"dlmkern.policy_value_loss: pass the policy settings in `objective` or "
+                        f"as keywords, not both (got `objective` and {', '.join(names)})")
+    if not isinstance(objective, Objective):
+        raise TypeError(f"dlmkern.policy_value_loss: `objective` must be a dlmkern.ops.Objective, "
+                        f"got {type(objective).__name__}")
+    return objective
+
+
+# ---- the per-token inputs an objective reads from the rows -------------------------------------
+
+
+def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
+                  gen_lengths: torch.Tensor) -> torch.Tensor | None:
+    """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
+    grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
+    1 / (the group's size). ``elbo``: 1 / t with t = the group's size / the trajectory's
+    generated length (``gen_lengths[traj]``): the share its noisy copy masks."""
+    if kind == "none":
+        return None
+    key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
+    _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    size = counts[inverse].to(torch.float32)
+    if kind == "step":
+        return 1.0 / size
+    if kind == "elbo":
+        return gen_lengths[traj].to(torch.float32) / size
+    raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
+
+
+def response_blocks(gen_index: torch.Tensor, prompt_len: torch.Tensor,
+                    block_size: int | None, gen_block_length: int) -> torch.Tensor:
+    """Per trained token, the block that holds it (``ratio_level=block``): block models, the
+    absolute block of its position (prompt_len + gen_index) // block_size, as the sampler and the
+    rows align blocks; full-attention models, the sampler's semi-autoregressive block
+    gen_index // gen_block_length."""
+    if block_size is None:
+        return gen_index // gen_block_length
+    return (prompt_len + gen_index) // block_size
