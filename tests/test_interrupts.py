@@ -4,7 +4,6 @@ command that continues the run; running that command gives the parameters of an 
 run. A second Ctrl-C stops at once. Resuming a directory whose run left no checkpoint is
 refused naming it, and the log never holds a step twice."""
 
-import contextlib
 import json
 import os
 import re
@@ -18,40 +17,23 @@ from dlmkern.data import CharTokenizer
 from dlmkern.doctor import e2e_checks as e2e
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.trainers import SFT, Preempted, SFTConfig
-from safetensors.torch import load_file
+
+from . import test_preemption as preemption_tests
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RECIPE = os.path.join(os.path.dirname(HERE), "configs", "trado4b_tracerl_value.yaml")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-@contextlib.contextmanager
 def _test_handlers():
-    """A signal the trainer does not handle fails the test (instead of ending pytest); the
-    trainer must give these handlers back when it is done."""
-    def unhandled(signum, frame):
-        raise AssertionError(f"{signal.Signals(signum).name} reached the test: not handled")
-
-    before = {s: signal.signal(s, unhandled) for s in SIGNALS}
-    try:
-        yield unhandled
-    finally:
-        for s, h in before.items():
-            signal.signal(s, h)
+    return preemption_tests._test_handlers(SIGNALS)
 
 
 def _steps(out) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
 
 
-def _exported(run_dir) -> dict:
-    return load_file(os.path.join(run_dir, "final", "model", "model.safetensors"))
-
-
-def _assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+_exported, _assert_same = preemption_tests._exported, preemption_tests._assert_same
 
 
 _SIGINT_AT = [0]  # the reward's call that sends SIGINT (0: none)

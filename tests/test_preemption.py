@@ -26,13 +26,13 @@ RECIPE = os.path.join(os.path.dirname(HERE), "configs", "trado4b_tracerl_value.y
 
 
 @contextlib.contextmanager
-def _test_handlers():
-    """SIGTERM / SIGUSR1 fail the test unless the trainer handles them; its handlers must give
-    these back when it is done."""
+def _test_handlers(signals=(signal.SIGTERM, signal.SIGUSR1)):
+    """`signals` fail the test unless the trainer handles them (instead of ending pytest); the
+    trainer must give these handlers back when it is done."""
     def unhandled(signum, frame):
         raise AssertionError(f"{signal.Signals(signum).name} reached the test: not handled")
 
-    before = {s: signal.signal(s, unhandled) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    before = {s: signal.signal(s, unhandled) for s in signals}
     try:
         yield unhandled
     finally:

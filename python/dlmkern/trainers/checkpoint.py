@@ -141,6 +141,34 @@ class Checkpointing:
         distributed.barrier()
         return path
 
+    def run_steps(self, name: str, after_step=None) -> None:
+        """The training loop of every trainer: from self.step to total_steps, each step shown on
+        the progress line (and passed to ``after_step(log)``), a periodic checkpoint every
+        save_every steps, output_dir/final at the end, then the curves (``finish_logs``). Ctrl-C
+        (SIGINT), SIGTERM or SIGUSR1 on any rank: the step finishes, checkpoint-<step> and the
+        curves are written and trainers.preemption.Preempted is raised (a SystemExit: status 0,
+        130 after Ctrl-C)."""
+        from dlmkern.evaluate import require_held_out
+        from dlmkern.trainers.logging import progress, show_step
+        from dlmkern.trainers.preemption import PreemptionWatch
+
+        self.check_checkpoint_disk()  # before the first step, not at the first save
+        require_held_out(self.cfg.eval_every, self.eval_fn)
+        steps = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, name)
+        with PreemptionWatch() as watch:
+            for _ in steps:
+                log = self.train_step()
+                show_step(steps, log)
+                if after_step is not None:
+                    after_step(log)
+                saved = None
+                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
+                    saved = self.save_periodic()  # and deletes those beyond keep_last
+                if watch.requested():  # one collective per step: the ranks agree
+                    watch.stop(self, saved)
+            self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
+        self.finish_logs()
+
     def check_checkpoint_disk(self) -> None:
         """Before training: refuses a run whose checkpoints (as many as will exist at once,
         keep_last) do not fit in output_dir's free space, naming the bytes and the settings."""

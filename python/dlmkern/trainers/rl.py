@@ -8,7 +8,6 @@ and resume exactly (trainers.checkpoint)."""
 from __future__ import annotations
 
 import copy
-import os
 import time
 from typing import ClassVar
 
@@ -18,7 +17,7 @@ from dlmkern import distributed
 from dlmkern._host import HOST, on_host, planning, read
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.data.checks import check_vocabulary
-from dlmkern.evaluate import HeldOut, eval_due, require_held_out
+from dlmkern.evaluate import HeldOut, eval_due
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.ops.objective import Objective
@@ -36,7 +35,6 @@ from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import plan_step, planned_trajectories
-from dlmkern.trainers.preemption import PreemptionWatch
 from dlmkern.trainers.rl_config import DiPOConfig, RLConfig, TraceRLConfig
 from dlmkern.trainers.rollout import Rollout, RolloutBatch, collect, reward_stats
 from dlmkern.trainers.update import Update, UpdateModels, UpdateSettings
@@ -321,25 +319,9 @@ class RLTrainer(Checkpointing):
 
     def train(self):
         """Runs until config.total_steps, saving every save_every steps and at the end
-        (output_dir/final, the model in final/model). On Ctrl-C (SIGINT), SIGTERM or SIGUSR1
-        (any rank) it finishes the step, writes output_dir/checkpoint-<step> and the curves and
-        raises trainers.preemption.Preempted (a SystemExit: status 0, 130 after Ctrl-C)."""
-        from dlmkern.trainers.logging import progress, show_step
-
-        self.check_checkpoint_disk()  # before the first step, not at the first save
-        require_held_out(self.cfg.eval_every, self.eval_fn)
-        bar = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, self.name)
-        with PreemptionWatch() as watch:
-            for _ in bar:
-                log = self.train_step()
-                show_step(bar, log)
-                saved = None
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    saved = self.save_periodic()  # and deletes those beyond keep_last
-                if watch.requested():  # one collective per step: the ranks agree
-                    watch.stop(self, saved)
-            self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
-        self.finish_logs()
+        (output_dir/final, the model in final/model); on Ctrl-C, SIGTERM or SIGUSR1 it stops
+        with a checkpoint (Checkpointing.run_steps)."""
+        self.run_steps(self.name)
         return self
 
     def finish_logs(self) -> None:

@@ -5,15 +5,13 @@ length."""
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST, read_floats
 from dlmkern.data import PromptFormat, load_dataset
 from dlmkern.data.checks import check_vocabulary
-from dlmkern.evaluate import HeldOut, eval_due, require_held_out
+from dlmkern.evaluate import HeldOut, eval_due
 from dlmkern.models import DiffusionLM
 from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.ops import check_device_errors, layouts, masked_logprobs
@@ -25,10 +23,9 @@ from dlmkern.trainers.checks import (
     require_column,
 )
 from dlmkern.trainers.config import SFTConfig, to_dict
-from dlmkern.trainers.logging import RunLogger, progress, show_step
+from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import micro_batches
-from dlmkern.trainers.preemption import PreemptionWatch
 
 
 class SFT(Checkpointing):
@@ -217,28 +214,16 @@ class SFT(Checkpointing):
 
     def train(self):
         """Runs until config.total_steps, saving every save_every steps and at the end
-        (output_dir/final: checkpoint, with the Hugging Face model in final/model). On Ctrl-C
-        (SIGINT), SIGTERM or SIGUSR1 (any rank) it finishes the step, writes
-        output_dir/checkpoint-<step> and the curves and raises trainers.preemption.Preempted (a
-        SystemExit: status 0, 130 after Ctrl-C)."""
-        self.check_checkpoint_disk()  # before the first step, not at the first save
-        require_held_out(self.cfg.eval_every, self.eval_fn)
-        steps = progress(range(self.step, self.cfg.total_steps), self.cfg.progress_bar, "sft")
-        with PreemptionWatch() as watch:
-            for _ in steps:
-                log = self.train_step()
-                show_step(steps, log)
-                if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log or \
-                        "eval_accuracy" in log or self.step == self.cfg.total_steps:
-                    self.logger.log(log)
-                saved = None
-                if self.cfg.save_every and self.step % self.cfg.save_every == 0:
-                    saved = self.save_periodic()  # and deletes those beyond keep_last
-                if watch.requested():  # one collective per step: the ranks agree
-                    watch.stop(self, saved)
-            self.save(os.path.join(self.cfg.output_dir, "final"))  # a signal now: ignored
-        self.finish_logs()
+        (output_dir/final: checkpoint, with the Hugging Face model in final/model); on Ctrl-C,
+        SIGTERM or SIGUSR1 it stops with a checkpoint (Checkpointing.run_steps)."""
+        self.run_steps("sft", self._log_step)
         return self
+
+    def _log_step(self, log: dict) -> None:
+        """Every log_every-th step is logged, and any step that skipped, evaluated or ended."""
+        if (self.step - 1) % self.cfg.log_every == 0 or "skipped" in log or \
+                "eval_accuracy" in log or self.step == self.cfg.total_steps:
+            self.logger.log(log)
 
     def finish_logs(self) -> None:
         """Draws the run's curves (output_dir/curves.png) and closes its logger: at the end of a
