@@ -144,7 +144,7 @@ def test_config_mistakes_fail_before_any_model_is_loaded(tmp_path):
     out.mkdir()
     (out / "log.jsonl").write_text('{"step": 0}\n')
     with pytest.raises(ValueError, match=r"cfg_scale and sampling.steps_total are LLaDA's"):
-        TraceRL(str(model_dir), TOK, DATA, parity, _cfg(out, cfg_scale=1.0,
+        TraceRL(str(model_dir), TOK, DATA, parity, _cfg(out, steps_total=8,
                                                          existing_output_dir="overwrite"))
     assert (out / "log.jsonl").exists()
     # a dict config is checked knowing the explicit value model (group_size 1 is fine then)

@@ -78,6 +78,7 @@ def test_model_log_probs_at_a_temperature_equal_plain_torch_values_and_gradients
     ("temperature", 0.0, r"sampling\.temperature=0 .*greedy"),
     ("top_k", 5, r"sampling\.top_k=5 .*truncat"),
     ("top_p", 0.9, r"sampling\.top_p=0\.9 .*truncat"),
+    ("cfg_scale", 1.5, r"sampling\.cfg_scale=1\.5 .*guid"),
 ])
 def test_rl_refuses_sampling_the_loss_cannot_score(key, value, why):
     with pytest.raises(ValueError, match=why):

@@ -440,11 +440,11 @@ def test_every_sampling_rule_reaches_the_rollout_and_bad_ones_fail_at_config(tmp
     with pytest.raises(ValueError, match=r"config: sampling: unknown confidence 'best'"):
         build_config(RLConfig, {}, ["sampling.confidence=best"])
     cfg = _cfg(tmp_path, confidence="margin", schedule="dream", entropy_bound=0.5,
-               cfg_scale=1.5, steps_total=4, max_new_tokens=8, gen_block_length=4,
-               temperature=0.8)  # top_k / top_p: refused for RL (tests/test_rl_temperature)
+               steps_total=4, max_new_tokens=8, gen_block_length=4,
+               temperature=0.8)  # top_k, top_p, cfg_scale: refused for RL (test_rl_temperature)
     tr = TraceRL(_model("llada"), TOK, DATA, exact, cfg)
     s = tr.rollout_stage.sampler(tr.model).cfg
-    assert (s.confidence, s.schedule, s.entropy_bound, s.cfg_scale, s.steps, s.temperature) == (
-        "margin", "dream", 0.5, 1.5, 2, 0.8)  # steps_total 4 over 2 blocks: 2 per block
+    assert (s.confidence, s.schedule, s.entropy_bound, s.steps, s.temperature) == (
+        "margin", "dream", 0.5, 2, 0.8)  # steps_total 4 over 2 blocks: 2 per block
     trajs = tr.rollout(DATA[:1]).trajs
     assert len(trajs) == cfg.group_size

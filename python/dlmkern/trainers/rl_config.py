@@ -163,6 +163,10 @@ def _scored_sampling(s: SamplingConfig) -> list:
          f"temperature > 0 (the presets use 1.0)"),
         (s.top_k == 0, f"sampling.top_k={s.top_k} {truncated}; set sampling.top_k: 0"),
         (s.top_p == 1.0, f"sampling.top_p={s.top_p:g} {truncated}; set sampling.top_p: 1"),
+        (s.cfg_scale == 0, f"sampling.cfg_scale={s.cfg_scale:g} samples from guided logits "
+         f"(uncond + (cfg_scale + 1) * (cond - uncond)), while the loss scores the unguided "
+         f"policy: every ratio would be off-policy (sampler_logp_gap shows it); set "
+         f"sampling.cfg_scale: 0 for RL"),
     ]
 
 
