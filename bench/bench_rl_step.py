@@ -68,13 +68,7 @@ def step_fn(model, opt, rows, device, adv):
         loss, _ = policy_value_loss(logp, logp.detach(), adv, torch.ones_like(adv, dtype=bool))
         return loss
 
-    def run():
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    run.loss = loss_fn
-    return run
+    return common.optimizer_step(opt, loss_fn)
 
 
 def main():

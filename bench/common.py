@@ -331,6 +331,18 @@ MODEL_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "n
               "num_kv_heads", "head_dim", "block_size")
 
 
+def optimizer_step(opt, loss_fn):
+    """run(): one training step (loss_fn(), backward, opt.step()), the thing a step bench times;
+    run.loss is loss_fn (to check a path's loss against another's outside the timer)."""
+    def run():
+        loss = loss_fn()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    run.loss = loss_fn
+    return run
+
+
 def sdar_model(c: dict, device: str):
     """A randomly initialised SDAR-architecture model from the MODEL_KEYS of a size set (mask
     token: the last id), in c["dtype"], initialised on the device (a 4B model is slow on CPU)."""

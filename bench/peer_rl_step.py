@@ -6,6 +6,7 @@ so the two losses agree (checked before timing)."""
 
 from __future__ import annotations
 
+import common  # bench/ is on sys.path wherever this module is imported from
 import torch
 import torch.nn.functional as F
 from dlmkern.ops import layouts, policy_value_loss
@@ -65,10 +66,4 @@ def step_fn(model, opt, rows, device, adv):
         loss, _ = policy_value_loss(logp, logp.detach(), adv, torch.ones_like(adv, dtype=bool))
         return loss
 
-    def run():
-        loss = loss_fn()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    run.loss = loss_fn
-    return run
+    return common.optimizer_step(opt, loss_fn)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dlmkern.rewards.registry import describe_reward, get_rewards
-from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
+from dlmkern.sampling import SamplingConfig, sampler_for
 from dlmkern.trainers.checks import RewardSpec, check_reward_columns, reward_name
 
 PREVIEW_ROWS = 3  # completions shown beside their answers by `dlmkern eval`
@@ -28,12 +28,8 @@ class Generation:
     block_length: int = 32
 
     def sampler(self, model, eos_token_id: int | None):
-        if model.config.block_causal:
-            return BlockSampler(model, self.sampling, max_new_tokens=self.max_new_tokens,
-                                eos_token_id=eos_token_id)
-        return FullSampler(model, self.sampling, gen_length=self.max_new_tokens,
-                           block_length=min(self.block_length, self.max_new_tokens),
-                           eos_token_id=eos_token_id)
+        return sampler_for(model, self.sampling, self.max_new_tokens, self.block_length,
+                           eos_token_id)
 
 
 @dataclass

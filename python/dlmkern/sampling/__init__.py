@@ -6,4 +6,15 @@ from dlmkern.sampling.full import FullSampler
 from dlmkern.sampling.rules import SamplingConfig, choose, sample_tokens, transfer_schedule
 
 __all__ = ["NOT_DECODED", "BlockSampler", "FullSampler", "SamplingConfig", "Trajectory", "choose",
-           "sample_tokens", "transfer_schedule"]
+           "sample_tokens", "sampler_for", "transfer_schedule"]
+
+
+def sampler_for(model, cfg: SamplingConfig, max_new_tokens: int, block_length: int,
+                eos_token_id: int | None):
+    """The sampler of `model`'s kind: BlockSampler for block-causal models (their own block
+    size), FullSampler otherwise, generating in semi-autoregressive blocks of `block_length`
+    (at most max_new_tokens)."""
+    if model.config.block_causal:
+        return BlockSampler(model, cfg, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+    return FullSampler(model, cfg, gen_length=max_new_tokens,
+                       block_length=min(block_length, max_new_tokens), eos_token_id=eos_token_id)

@@ -12,7 +12,7 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host
 from dlmkern.rl import group_zscore, keep_groups
-from dlmkern.sampling import BlockSampler, FullSampler
+from dlmkern.sampling import sampler_for
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
 from dlmkern.trainers.rl_config import RLConfig
@@ -91,13 +91,8 @@ class Rollout:
 
     def sampler(self, model):
         cfg = self.cfg
-        eos = self.tok.eos_token_id
-        if model.config.block_causal:
-            return BlockSampler(model, cfg.sampling, max_new_tokens=cfg.max_new_tokens,
-                                eos_token_id=eos)
-        return FullSampler(model, cfg.sampling, gen_length=cfg.max_new_tokens,
-                           block_length=min(cfg.gen_block_length, cfg.max_new_tokens),
-                           eos_token_id=eos)
+        return sampler_for(model, cfg.sampling, cfg.max_new_tokens, cfg.gen_block_length,
+                           self.tok.eos_token_id)
 
     def __call__(self, model, rows: list[dict], indices: list[int], step: int,
                  with_advantages: bool) -> RolloutBatch:
