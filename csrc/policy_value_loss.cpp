@@ -51,9 +51,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
     const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
     const std::optional<at::Tensor>& returns, const std::optional<at::Tensor>& seq_ids,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& log_ratio,
     double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
     double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer,
-    const PvKernels& k) {
+    int64_t kl_kind, bool has_ratio, const PvKernels& k) {
   const c10::DeviceGuard guard(logp.device());
   TORCH_CHECK_VALUE(logp.dim() == 1 || logp.dim() == 2, kOp,
                     ": token tensors must be [T] or [B, L], got `logp` of shape ", logp.sizes());
@@ -74,6 +75,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
   if (has_v) check_token_tensor(*values, "values", logp);
   if (has_r) check_token_tensor(*returns, "returns", logp);
   if (has_ov) check_token_tensor(*old_values, "old_values", logp);
+  const bool has_w = weights.has_value() && weights->defined();
+  const bool has_lr = log_ratio.has_value() && log_ratio->defined();
+  if (has_w) check_token_tensor(*weights, "weights", logp);
+  if (has_lr) check_token_tensor(*log_ratio, "log_ratio", logp);
+  TORCH_CHECK_VALUE(kl_kind >= kKlK1 && kl_kind <= kKlQuadratic, kOp, ": unknown `kl_kind` code ",
+                    kl_kind, " (0: k1, 1: k3, 2: quadratic)");
+  TORCH_CHECK_VALUE(has_ratio || !dual_clip.has_value(), kOp,
+                    ": `dual_clip` bounds a ratio's loss; `has_ratio` is false");
+  TORCH_CHECK_VALUE(has_ratio || !has_lr, kOp, ": `log_ratio` given but `has_ratio` is false");
   TORCH_CHECK_VALUE(eps_low >= 0 && eps_high >= 0 && std::isfinite(eps_low) &&
                         std::isfinite(eps_high), kOp,
                     ": `eps_low` and `eps_high` must be finite and >= 0, got ", eps_low, ", ",
@@ -118,6 +128,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
   at::Tensor v = has_v ? flat_f32(*values) : at::Tensor();
   at::Tensor ov = has_ov ? flat_f32(*old_values) : at::Tensor();
   at::Tensor r = has_r ? flat_f32(*returns) : at::Tensor();
+  at::Tensor w = has_w ? flat_f32(*weights) : at::Tensor();
+  at::Tensor lr = has_lr ? flat_f32(*log_ratio) : at::Tensor();
 
   auto f32 = logp.options().dtype(at::kFloat);
   auto loss = at::empty({}, f32);
@@ -135,6 +147,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
   a.values = ptr_or_null(v);
   a.old_values = ptr_or_null(ov);
   a.returns = ptr_or_null(r);
+  a.weights = ptr_or_null(w);
+  a.log_ratio = ptr_or_null(lr);
   a.mask = m.const_data_ptr<bool>();
   a.seq_ids = sid.defined() ? sid.const_data_ptr<int64_t>() : nullptr;
   a.num_tokens = T;
@@ -143,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
   a.params = PvParams{static_cast<float>(eps_low), static_cast<float>(eps_high),
                       dual_clip.has_value() ? static_cast<float>(*dual_clip) : 0.f,
                       static_cast<float>(kl_coef), static_cast<float>(vf_coef),
-                      static_cast<float>(vf_clip), has_ref, has_v, has_ov};
+                      static_cast<float>(vf_clip), has_ref, has_v, has_ov,
+                      static_cast<int>(kl_kind), has_ratio};
   a.reduction = static_cast<int>(reduction);
   a.normalizer = static_cast<float>(normalizer);
   a.loss = loss.data_ptr<float>();

@@ -24,9 +24,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> policy_va
     const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
     const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
     const std::optional<at::Tensor>& returns, const std::optional<at::Tensor>& seq_ids,
+    const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& log_ratio,
     double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
     double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer,
-    const PvKernels& k);
+    int64_t kl_kind, bool has_ratio, const PvKernels& k);
 
 // Returns (grad_logp, grad_values) in fp32 with the shape of u_logp (grad_values empty when
 // there were no values).
@@ -43,11 +44,14 @@ struct PvOps {
       const at::Tensor& mask, const std::optional<at::Tensor>& ref_logp,
       const std::optional<at::Tensor>& values, const std::optional<at::Tensor>& old_values,
       const std::optional<at::Tensor>& returns, const std::optional<at::Tensor>& seq_ids,
+      const std::optional<at::Tensor>& weights, const std::optional<at::Tensor>& log_ratio,
       double eps_low, double eps_high, std::optional<double> dual_clip, double kl_coef,
-      double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer) {
+      double vf_coef, double vf_clip, int64_t reduction, int64_t num_seqs, double normalizer,
+      int64_t kl_kind, bool has_ratio) {
     return policy_value_loss_forward(logp, old_logp, advantages, mask, ref_logp, values,
-                                     old_values, returns, seq_ids, eps_low, eps_high, dual_clip,
-                                     kl_coef, vf_coef, vf_clip, reduction, num_seqs, normalizer, K);
+                                     old_values, returns, seq_ids, weights, log_ratio, eps_low,
+                                     eps_high, dual_clip, kl_coef, vf_coef, vf_clip, reduction,
+                                     num_seqs, normalizer, kl_kind, has_ratio, K);
   }
   static std::tuple<at::Tensor, at::Tensor> backward(const at::Tensor& grad_loss,
                                                      const at::Tensor& u_logp,

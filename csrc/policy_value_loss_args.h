@@ -10,6 +10,7 @@ namespace dlmkern {
 struct PvForwardArgs {
   // Token tensors, [T] fp32 (optional ones may be null) and mask [T] bool.
   const float *logp, *old_logp, *adv, *ref_logp, *values, *old_values, *returns;
+  const float *weights, *log_ratio;  // objective inputs (null: weight 1, logp - old_logp)
   const bool* mask;
   const int64_t* seq_ids;  // null: token i belongs to sequence i / row_len
   int64_t num_tokens, row_len, num_seqs;
@@ -34,6 +35,15 @@ struct PvBackwardArgs {
   float *grad_logp, *grad_values;
   void* stream;
 };
+
+// Token i's terms (both backends' one call of pv_token_terms).
+DLMKERN_HD PvTerms pv_terms_at(const PvForwardArgs& a, int64_t i) {
+  const float lp = a.logp[i], olp = a.old_logp[i];
+  return pv_token_terms(lp, olp, a.log_ratio ? a.log_ratio[i] : lp - olp, a.adv[i],
+                        a.ref_logp ? a.ref_logp[i] : 0.f, a.values ? a.values[i] : 0.f,
+                        a.old_values ? a.old_values[i] : 0.f, a.returns ? a.returns[i] : 0.f,
+                        a.weights ? a.weights[i] : 1.f, a.params);
+}
 
 // Per-sequence sums (pg, kl, vf, count) for seq_mean, then a block counter and a bad-id flag.
 inline int64_t pv_workspace_floats(int64_t num_seqs) { return 4 * num_seqs + 2; }

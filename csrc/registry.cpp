@@ -96,12 +96,15 @@ DLMKERN_LIBRARY(m) {
       "Tensor targets, Tensor lse, Tensor entropy, float temperature, int ignore_index) -> Tensor");
   // SPEC 2.4. Returns (loss, stats, u_logp, u_values, seq_scale): the loss, the statistics
   // vector, the per-token gradients before the reduction weight, and that weight.
-  // reduction: 0 token_mean, 1 seq_mean, 2 sum.
+  // reduction: 0 token_mean, 1 seq_mean, 2 sum; kl_kind: 0 k1, 1 k3, 2 quadratic. The objective's
+  // per-token inputs: weights (multiply pg and kl), log_ratio (a sequence / block ratio's group
+  // log-ratio; None: logp - old_logp); has_ratio false: pg = -A * logp.
   m.def(
       "policy_value_loss(Tensor logp, Tensor old_logp, Tensor advantages, Tensor mask, "
       "Tensor? ref_logp, Tensor? values, Tensor? old_values, Tensor? returns, Tensor? seq_ids, "
-      "float eps_low, float eps_high, float? dual_clip, float kl_coef, float vf_coef, "
-      "float vf_clip, int reduction, int num_seqs, float normalizer) "
+      "Tensor? weights, Tensor? log_ratio, float eps_low, float eps_high, float? dual_clip, "
+      "float kl_coef, float vf_coef, float vf_clip, int reduction, int num_seqs, "
+      "float normalizer, int kl_kind, bool has_ratio) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "policy_value_loss_backward(Tensor grad_loss, Tensor u_logp, Tensor u_values, "

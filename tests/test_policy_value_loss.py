@@ -6,6 +6,7 @@ import pytest
 import torch
 from dlmkern.ops import policy_value_loss
 from dlmkern.ops import reference as ref
+from dlmkern.ops.policy_value_loss import _ARGS
 
 from .conftest import devices
 
@@ -295,12 +296,16 @@ def test_opcheck(device):
     lp = b["logp"].clone().requires_grad_()
     v = b["values"].clone().requires_grad_()
     op = torch.ops.dlmkern.policy_value_loss.default
-    for red, sid, ns in ((0, None, 1), (1, None, 5), (2, None, 1)):
-        torch.library.opcheck(op, (lp, b["old_logp"], b["advantages"], b["mask"], b["ref_logp"],
-                                   v, b["old_values"], b["returns"], sid, 0.2, 0.28, 3.0, 0.1,
-                                   0.5, 0.2, red, ns, 64.0))
-    torch.library.opcheck(op, (lp, b["old_logp"], b["advantages"], b["mask"], None, None, None,
-                               None, None, 0.2, 0.2, None, 0.0, 0.5, 0.2, 0, 1, 1.0))
+    base = dict(logp=lp, old_logp=b["old_logp"], advantages=b["advantages"], mask=b["mask"],
+                ref_logp=b["ref_logp"], values=v, old_values=b["old_values"],
+                returns=b["returns"], seq_ids=None, weights=None, log_ratio=None, eps_low=0.2,
+                eps_high=0.28, dual_clip=3.0, kl_coef=0.1, vf_coef=0.5, vf_clip=0.2,
+                reduction=0, num_seqs=1, normalizer=64.0, kl_kind=1, has_ratio=True)
+    for red, ns in ((0, 1), (1, 5), (2, 1)):
+        torch.library.opcheck(op, _ARGS.in_order(dict(base, reduction=red, num_seqs=ns)))
+    torch.library.opcheck(op, _ARGS.in_order(dict(
+        base, ref_logp=None, values=None, old_values=None, returns=None, eps_high=0.2,
+        dual_clip=None, kl_coef=0.0, normalizer=1.0)))
 
 
 @pytest.mark.parametrize("device", devices())

@@ -38,10 +38,7 @@ void cpu_forward(PvForwardArgs& a) {
           if (a.u_values) a.u_values[i] = 0.f;
           continue;
         }
-        const PvTerms t = pv_token_terms(
-            a.logp[i], a.old_logp[i], a.adv[i], a.ref_logp ? a.ref_logp[i] : 0.f,
-            a.values ? a.values[i] : 0.f, a.old_values ? a.old_values[i] : 0.f,
-            a.returns ? a.returns[i] : 0.f, a.params);
+        const PvTerms t = pv_terms_at(a, i);
         pv_accumulate(acc, t);
         a.u_logp[i] = t.d_logp;
         if (a.u_values) a.u_values[i] = t.d_values;

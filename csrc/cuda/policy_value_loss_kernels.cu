@@ -73,9 +73,7 @@ __global__ void __launch_bounds__(kThreads) pv_forward_kernel(PvForwardArgs a, f
     const bool active = i < a.num_tokens && a.mask[i];
     PvTerms t{};
     if (active) {
-      t = pv_token_terms(a.logp[i], a.old_logp[i], a.adv[i], a.ref_logp ? a.ref_logp[i] : 0.f,
-                         a.values ? a.values[i] : 0.f, a.old_values ? a.old_values[i] : 0.f,
-                         a.returns ? a.returns[i] : 0.f, a.params);
+      t = pv_terms_at(a, i);
       pv_accumulate(acc, t);
     }
     if (i < a.num_tokens) {

@@ -1,13 +1,20 @@
-// Per-token terms of the fused policy-value loss (SPEC 2.4), shared by the CPU and CUDA kernels.
+// Per-token terms of the fused policy-value loss (SPEC 2.4 / 4.9), shared by the CPU and CUDA
+// kernels. The objective (python/dlmkern/ops/objective.py) arrives as PvParams plus two optional
+// per-token inputs: the log-ratio of the token's ratio group and the token's weight.
 //
-//   ratio = exp(clamp(logp - old_logp, -20, 20))
+//   lr    = the group's log-ratio (sequence / block ratio, computed before the kernel), or
+//           logp - old_logp (token ratio)
+//   ratio = exp(clamp(lr, -20, 20)); its derivative in logp is ratio (GSPO-token's for a group)
 //   pg    = -min(ratio * A, clip(ratio, 1 - eps_low, 1 + eps_high) * A); with dual clip c and
-//           A < 0: pg = min(pg, -c * A)
-//   kl    = exp(x) - x - 1, x = clamp(ref_logp - logp, -20, 20)               (k3 estimator)
+//           A < 0: pg = min(pg, -c * A).  Without a ratio (has_ratio false): pg = -A * logp
+//   kl    = with x = ref_logp - logp: k3 exp(xc) - xc - 1 (xc = clamp(x, -20, 20), constant
+//           outside); k1 -x; quadratic 0.5 x^2
+//   pg, kl times the token's weight (1 when none is given)
 //   vf    = 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -eps_v, eps_v) - R)^2)
 //           (0.5 * (V - R)^2 when no V_old is given)
 // The token's loss is pg + kl_coef * kl + vf_coef * vf; the kernels also return its derivatives
 // with respect to logp and V before the reduction weight is applied.
+// A new KL kind or ratio rule is a case here plus its entry in objective.FUSED (Python).
 #pragma once
 
 #include <cmath>
@@ -18,11 +25,16 @@ namespace dlmkern {
 
 constexpr float kLogRatioClamp = 20.f;  // exp(20) ~ 4.8e8: large but finite
 
+// KL kinds: the codes python/dlmkern/ops/policy_value_loss.py passes (KL_CODES).
+enum PvKlKind : int { kKlK1 = 0, kKlK3 = 1, kKlQuadratic = 2 };
+
 struct PvParams {
   float eps_low, eps_high;
   float dual_clip;  // <= 0: off
   float kl_coef, vf_coef, vf_clip;
   bool has_ref, has_values, has_old_values;
+  int kl_kind;     // PvKlKind
+  bool has_ratio;  // false: a weighted likelihood, pg = -A * logp (ratio_level none)
 };
 
 struct PvTerms {
@@ -36,44 +48,67 @@ struct PvTerms {
 
 DLMKERN_HD float clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-DLMKERN_HD PvTerms pv_token_terms(float logp, float old_logp, float adv, float ref_logp,
-                                  float value, float old_value, float ret, const PvParams& p) {
+// The KL term of kind p.kl_kind at x = ref_logp - logp, and its derivative in logp.
+DLMKERN_HD void pv_kl(float x_raw, const PvParams& p, float* kl, float* d_logp) {
+  if (p.kl_kind == kKlK1) {
+    *kl = -x_raw;
+    *d_logp = 1.f;
+  } else if (p.kl_kind == kKlQuadratic) {
+    *kl = 0.5f * x_raw * x_raw;
+    *d_logp = -x_raw;
+  } else {
+    const float x = clampf(x_raw, -kLogRatioClamp, kLogRatioClamp);
+    const float ex = expf(x);
+    *kl = ex - x - 1.f;
+    const bool inside = x_raw > -kLogRatioClamp && x_raw < kLogRatioClamp;
+    *d_logp = inside ? (1.f - ex) : 0.f;  // d kl / d logp = -(e^x - 1)
+  }
+}
+
+// `log_ratio`: the ratio's log (the group's, or logp - old_logp); `weight`: the token's (1: none).
+DLMKERN_HD PvTerms pv_token_terms(float logp, float old_logp, float log_ratio, float adv,
+                                  float ref_logp, float value, float old_value, float ret,
+                                  float weight, const PvParams& p) {
   PvTerms t{};
   const float diff = logp - old_logp;
-  const float d = clampf(diff, -kLogRatioClamp, kLogRatioClamp);
-  const bool d_inside = diff > -kLogRatioClamp && diff < kLogRatioClamp;
+  const float d = clampf(log_ratio, -kLogRatioClamp, kLogRatioClamp);
+  const bool d_inside = log_ratio > -kLogRatioClamp && log_ratio < kLogRatioClamp;
   const float ratio = expf(d);
   t.ratio = ratio;
   t.half_sq_log_ratio = 0.5f * diff * diff;
 
-  const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
-  const float s1 = ratio * adv;
-  const float s2 = clampf(ratio, lo, hi) * adv;
-  // min(s1, s2): the clipped branch wins only when the ratio is outside [lo, hi] on the side
-  // the advantage's sign makes harmful; its gradient is then 0.
-  const bool clipped = s2 < s1;
-  t.clip_low = clipped && ratio < lo;
-  t.clip_high = clipped && ratio > hi;
-  float pg = -(clipped ? s2 : s1);
-  float d_pg = clipped ? 0.f : (d_inside ? -adv * ratio : 0.f);
-  if (p.dual_clip > 0.f && adv < 0.f) {
-    const float bound = -p.dual_clip * adv;
-    if (bound < pg) {
-      pg = bound;
-      d_pg = 0.f;
-      t.dual_clipped = true;
+  float pg, d_pg;
+  if (p.has_ratio) {
+    const float lo = 1.f - p.eps_low, hi = 1.f + p.eps_high;
+    const float s1 = ratio * adv;
+    const float s2 = clampf(ratio, lo, hi) * adv;
+    // min(s1, s2): the clipped branch wins only when the ratio is outside [lo, hi] on the side
+    // the advantage's sign makes harmful; its gradient is then 0.
+    const bool clipped = s2 < s1;
+    t.clip_low = clipped && ratio < lo;
+    t.clip_high = clipped && ratio > hi;
+    pg = -(clipped ? s2 : s1);
+    d_pg = clipped ? 0.f : (d_inside ? -adv * ratio : 0.f);
+    if (p.dual_clip > 0.f && adv < 0.f) {
+      const float bound = -p.dual_clip * adv;
+      if (bound < pg) {
+        pg = bound;
+        d_pg = 0.f;
+        t.dual_clipped = true;
+      }
     }
+  } else {
+    pg = -adv * logp;
+    d_pg = -adv;
   }
-  t.pg = pg;
-  t.d_logp = d_pg;
+  t.pg = weight * pg;
+  t.d_logp = weight * d_pg;
 
   if (p.has_ref) {
-    const float xr = ref_logp - logp;
-    const float x = clampf(xr, -kLogRatioClamp, kLogRatioClamp);
-    const float ex = expf(x);
-    t.kl = ex - x - 1.f;
-    const bool x_inside = xr > -kLogRatioClamp && xr < kLogRatioClamp;
-    t.d_logp += p.kl_coef * (x_inside ? (1.f - ex) : 0.f);  // d kl / d logp = -(e^x - 1)
+    float kl, d_kl;
+    pv_kl(ref_logp - logp, p, &kl, &d_kl);
+    t.kl = weight * kl;
+    t.d_logp += p.kl_coef * weight * d_kl;
   }
 
   if (p.has_values) {

@@ -27,8 +27,8 @@ An ``Objective`` says what the per-token policy loss is:
 
 The names of the fields are the config keys (``temperature`` is ``sampling.temperature``).
 The reference backend implements every objective; the fused CPU / CUDA kernel has the arithmetic
-of a subset (``Objective.fused``), and ``Objective.path_note`` says, once, when a run's settings
-take the reference path instead.
+of the settings in ``FUSED`` (today every one above; ``Objective.fused``), and
+``Objective.path_note`` says, once, when a run's settings take the reference path instead.
 """
 
 from __future__ import annotations
@@ -45,8 +45,10 @@ KL_TARGETS = ("old", "ref")
 TOKEN_WEIGHTS = ("none", "elbo", "step")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
-# What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers today.
-FUSED = {"ratio_level": ("token",), "kl_kind": ("k3",), "token_weights": ("none",)}
+# What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers: every
+# setting above. A setting added to the Objective runs on the reference path until the header
+# has its case and it is listed here.
+FUSED = {"ratio_level": RATIO_LEVELS, "kl_kind": KL_KINDS, "token_weights": TOKEN_WEIGHTS}
 
 
 @dataclass(frozen=True)
@@ -113,9 +115,8 @@ class Objective:
         if not gaps:
             return None
         return (f"objective: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} not in the "
-                "fused policy_value_loss kernel (it has token ratios, the k3 KL and unweighted "
-                "tokens): the policy loss runs on the reference path (plain torch: the same "
-                "loss, more memory and time)")
+                "fused policy_value_loss kernel's arithmetic: the policy loss runs on the "
+                "reference path (plain torch: the same loss, more memory and time)")
 
 
 def checks(o) -> list[tuple[bool, str]]:

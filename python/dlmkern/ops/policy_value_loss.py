@@ -1,16 +1,18 @@
 """Fused policy-value loss (SPEC 2.4 / 4.9): public wrapper, fake and autograd registrations.
 
-One kernel forward computes the per-token clipped surrogate, k3 KL and clipped value loss, their
-reduction and statistics, AND the per-token gradients (before the reduction weight); one kernel
-backward scales those by the incoming gradient. logp and values receive gradients; every other
-input (old_logp, advantages, ref_logp, old_values, returns, weights) is treated as a constant.
+One kernel forward computes the per-token policy term of the objective (clipped ratio of its
+level, or none), its KL and the clipped value loss, their reduction and statistics, AND the
+per-token gradients (before the reduction weight); one kernel backward scales those by the
+incoming gradient. logp and values receive gradients; every other input (old_logp, advantages,
+ref_logp, old_values, returns, weights) is treated as a constant.
 
 The policy settings arrive as one ``Objective`` (dlmkern.ops.objective). ``_op_arguments`` is the
-one place that maps it (and the tensors) to the kernel's arguments, by name; an objective whose
-arithmetic the kernel lacks (``Objective.fused()`` false) runs on the reference path. The fake and
-the autograd functions read and return the op's arguments by the names of its registered schema
-(``_OpArgs``), never by position. The kernel's schema does not take the ratio level, KL kind,
-weights or block ids yet (README "The objective is data" says what the kernel side should add).
+one place that maps it (and the tensors) to the kernel's arguments, by name: the clip and KL
+coefficients, the KL kind and whether there is a ratio as PvParams, the token weights and a
+sequence / block ratio's group log-ratio as per-token inputs. An objective whose arithmetic the
+kernel lacks (``Objective.fused()`` false) runs on the reference path. The fake and the autograd
+functions read and return the op's arguments by the names of its registered schema (``_OpArgs``),
+never by position.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ def policy_value_loss(
     Other objectives (see dlmkern.ops.objective): a sequence ratio groups tokens by ``seq_ids``
     (``[B, L]``: by row), a block ratio by (``seq_ids``, ``block_ids``); ``weights`` (per token)
     are required exactly when the objective weights tokens; a KL of kind k1 / quadratic replaces
-    k3. Such objectives run on the reference path (plain torch autograd) whatever the backend:
+    k3. The fused kernel computes every setting listed in ``objective.FUSED``; one it lacks
+    runs on the reference path (plain torch autograd) whatever the backend:
     ``objective.fused()`` says which.
 
     Returns ``(loss, stats)``; stats is a dict of 0-d fp32 tensors: pg_loss, kl, vf_loss (each
@@ -137,7 +140,8 @@ def policy_value_loss(
             block_ids=block_ids, num_seqs=num_seqs, vf_coef=vf_coef, vf_clip=vf_clip)
     args = _op_arguments(objective, logp=logp, old_logp=old_logp, advantages=advantages,
                          mask=mask, ref_logp=ref_logp, values=values, old_values=old_values,
-                         returns=returns, seq_ids=seq_ids, vf_coef=vf_coef, vf_clip=vf_clip,
+                         returns=returns, seq_ids=seq_ids, weights=weights,
+                         block_ids=block_ids, vf_coef=vf_coef, vf_clip=vf_clip,
                          num_seqs=num_seqs)
     loss, stats, _, _, _ = backend.ops().policy_value_loss(*_ARGS.in_order(args))
     return loss, dict(zip(STAT_NAMES, stats.unbind(0), strict=True))
@@ -162,18 +166,32 @@ def _check_objective_inputs(o: Objective, logp, weights, block_ids) -> None:
         raise TypeError(f"{op}: `block_ids` must be int64, got {block_ids.dtype}")
 
 
+KL_CODES = {"k1": 0, "k3": 1, "quadratic": 2}  # the kernel's PvKlKind
+
+
 def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int,
-                  **tensors) -> dict:
-    """The fused kernel's arguments, by name: the objective's fields (a fused one: token ratio,
-    k3 KL, no weights) and the tensors. The one place that knows how the objective reaches the
-    kernel's PvParams."""
+                  block_ids, **tensors) -> dict:
+    """The fused kernel's arguments, by name: the objective's fields and the tensors, with the
+    objective's per-token inputs: a sequence / block ratio's group log-ratio
+    (reference.group_log_ratio, the one owner of the grouping: the kernel reads it as the
+    token's log-ratio) and the token weights. The one place that knows how the objective reaches
+    the kernel's PvParams."""
+    log_ratio = None
+    if o.ratio_level in ("sequence", "block"):
+        logp, old = tensors["logp"], tensors["old_logp"]
+        if old.shape != logp.shape:  # the kernel's own check, before the grouping reads them
+            raise ValueError(f"dlmkern.policy_value_loss: `old_logp` must have the shape of "
+                             f"`logp` {tuple(logp.shape)}, got {tuple(old.shape)}")
+        log_ratio = reference.group_log_ratio(o, logp.detach().float() - old.float(),
+                                              tensors["mask"], tensors["seq_ids"], block_ids)
     return dict(
-        tensors,
+        tensors, log_ratio=log_ratio,
         eps_low=float(o.eps_low), eps_high=float(o.eps_high),
         dual_clip=float(o.dual_clip) if o.dual_clip > 0 else None,
         kl_coef=float(o.kl_coef), vf_coef=float(vf_coef), vf_clip=float(vf_clip),
         reduction=REDUCTIONS[o.reduction], num_seqs=int(num_seqs),
-        normalizer=float(o.loss_normalizer),
+        normalizer=float(o.loss_normalizer), kl_kind=KL_CODES[o.kl_kind],
+        has_ratio=o.has_ratio,
     )
 
 

@@ -142,6 +142,17 @@ def _ratio_groups(level, m, seq_ids, block_ids):
     return gid, int(gid.max()) + 1 if gid.numel() else 0
 
 
+def group_log_ratio(o, diff, m, seq_ids, block_ids):
+    """Per token, the log of its group's ratio for a sequence / block ratio (the objective's
+    ``ratio_level``): the mean over the group's masked-in tokens of ``diff`` = logp - old_logp,
+    without gradient; None for a token ratio or none. The fused kernel receives it as its
+    ``log_ratio`` input (one owner of the grouping)."""
+    if o.ratio_level not in ("sequence", "block"):
+        return None
+    gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
+    return _group_mean(diff.detach().float(), m, gid, n_groups)
+
+
 def _kl(kind, x):
     """The per-token KL penalty of `kind`, x = target - logp."""
     if kind == "k1":
@@ -241,9 +252,8 @@ def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
     """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
     and the dual clip are active."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    if o.ratio_level in ("sequence", "block"):
-        gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
-        g = _group_mean(diff.detach(), m, gid, n_groups)
+    g = group_log_ratio(o, diff, m, seq_ids, block_ids)
+    if g is not None:
         inside = (g > -20.0) & (g < 20.0)
         ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
                                                                       zero))

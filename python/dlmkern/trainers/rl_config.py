@@ -55,8 +55,7 @@ class RLConfig(DataConfig):
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
-                           "exp of the mean log-ratio) | none (weighted likelihood, wd1); "
-                           "all but token run the loss on the reference path")
+                           "exp of the mean log-ratio) | none (weighted likelihood, wd1)")
     reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
     loss_normalizer: float = opt(1.0, "reduction=sum: the constant divisor (Dr.GRPO)")
     eps_low: float = opt(0.2, "ratio clip below: 1 - eps_low")
@@ -64,12 +63,10 @@ class RLConfig(DataConfig):
     dual_clip: float = opt(0.0, "dual-clip constant c > 1 for negative advantages (0: off)")
     kl_coef: float = opt(0.0, "KL coefficient beta (0: no KL term)")
     kl_kind: str = opt("k3", "KL estimator: k1 (logp - target) | k3 (exp(x) - x - 1) | "
-                       "quadratic (0.5 (logp - target)^2, ESPO); k1 / quadratic run the loss on "
-                       "the reference path")
+                       "quadratic (0.5 (logp - target)^2, ESPO)")
     kl_to: str = opt("old", "KL target: old (rollout policy) | ref (frozen initial policy)")
     token_weights: str = opt("none", "per-token loss weights: none | elbo (1/t, t the share its "
-                             "noisy copy masks) | step (1 / tokens of its trace step or copy); "
-                             "weights run the loss on the reference path")
+                             "noisy copy masks) | step (1 / tokens of its trace step or copy)")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
     value_lr: float = opt(5e-6, "value model learning rate")
