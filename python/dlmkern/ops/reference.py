@@ -179,22 +179,28 @@ def objective_loss(
     times `weights` when the objective weights tokens; plus vf_coef * the clipped value loss.
     A sequence / block ratio is exp(mean over its group's tokens of logp - old_logp) (log-ratio
     clamped to [-20, 20], no gradient outside), one clip decision per group; its gradient is
-    GSPO-token's (sg(r) * exp(logp - sg(logp)))."""
+    GSPO-token's (sg(r) * exp(logp - sg(logp))). With weights the group's mean is the weighted
+    mean, and the weights are divided by their group's mean (ESPO: see dlmkern.ops.objective).
+    kl_level=sequence: one kind(S * xbar) / S per sequence (xbar the weighted mean of
+    ref_logp - logp, S the weight sum), carried by its tokens as the pg term is."""
     o = objective
     f = torch.float32
     lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
     diff = lp - old_logp.to(f)
-    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids)
-    kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
-    if o.weighted:
-        if weights is None:
-            raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
-                             f"(token_weights={o.token_weights}): pass `weights`")
-        pg, kl = weights.to(f) * pg, weights.to(f) * kl
-    elif weights is not None:
+    if o.weighted and weights is None:
+        raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
+                         f"(token_weights={o.token_weights}): pass `weights`")
+    if not o.weighted and weights is not None:
         raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
                          "token_weights=none")
+    w = weights.to(f) if o.weighted else None
+    pg, ratio, clipped, dual, w_pg = _policy_term(o, lp, diff, advantages.to(f), m, w, seq_ids,
+                                                  block_ids)
+    kl = torch.zeros_like(pg) if ref_logp is None else _kl_term(o, ref_logp.to(f) - lp, m, w,
+                                                                 w_pg, seq_ids)
+    if w_pg is not None:
+        pg = w_pg * pg
     vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
@@ -237,13 +243,19 @@ def objective_loss(
     return loss, stats
 
 
-def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
-    """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
-    and the dual clip are active."""
+def _policy_term(o, lp, diff, adv, m, w, seq_ids, block_ids):
+    """Per token: the policy loss pg (unweighted), the ratio (a diagnostic without one), whether
+    the clip and the dual clip are active, and the token weights pg is to be multiplied by
+    (`w`, or under a sequence / block ratio `w` over its group's mean weight; None: none)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if o.ratio_level in ("sequence", "block"):
         gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
-        g = _group_mean(diff.detach(), m, gid, n_groups)
+        if w is None:
+            g = _group_mean(diff.detach(), m, gid, n_groups)
+        else:  # the weighted mean; weights of mean 1 in the group
+            w_mean = _group_mean(w, m, gid, n_groups).masked_fill(~m, 1.0)  # padding: no 0 / 0
+            g = _group_mean(w * diff.detach(), m, gid, n_groups) / w_mean
+            w = w / w_mean
         inside = (g > -20.0) & (g < 20.0)
         ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
                                                                       zero))
@@ -262,7 +274,31 @@ def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
         bound = -o.dual_clip * adv
         dual = (adv < 0) & (bound < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    return pg, ratio, clipped, dual
+    return pg, ratio, clipped, dual, w
+
+
+def _kl_term(o, x, m, w, w_pg, seq_ids):
+    """Per token, the weighted KL penalty, x = target - logp. kl_level=token: its kind at each
+    token, times the pg term's weights. kl_level=sequence: per sequence, with xbar the weighted
+    mean of x and S the weight sum (the token count unweighted), kind(S * xbar) / S, carried
+    by each token times its weight over the sequence's mean weight (so a sequence's mean over
+    its tokens is its KL)."""
+    if o.kl_level == "token":
+        kl = _kl(o.kl_kind, x)
+        return kl if w_pg is None else w_pg * kl
+    gid, n = _ratio_groups("sequence", m, seq_ids, None)
+    w = torch.ones_like(x) if w is None else w
+    w_mean = _group_mean(w, m, gid, n).masked_fill(~m, 1.0)  # padding: no 0 / 0
+    total = w_mean * _group_count(m, gid, n).clamp(min=1)  # S, read back at every token
+    xbar = _group_mean(w * x, m, gid, n) / w_mean
+    return (w / w_mean) * _kl(o.kl_kind, total * xbar) / total
+
+
+def _group_count(m, gid, n):
+    """Per group of `gid`, its number of masked-in tokens, read back at every token."""
+    flat = m.reshape(-1).to(torch.float32)
+    c = torch.zeros(n, dtype=flat.dtype, device=m.device).index_add(0, gid, flat)
+    return c[gid].reshape(m.shape)
 
 
 def _value_term(values, old_values, returns, vf_clip, like, clipped_like):
