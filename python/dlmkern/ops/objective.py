@@ -127,8 +127,8 @@ class Objective:
             return None
         return (f"objective: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} not in the "
                 "fused policy_value_loss kernel (it has token ratios, the per-token k3 KL and "
-                "unweighted tokens): the policy loss runs on the reference path (plain torch: the same "
-                "loss, more memory and time)")
+                "unweighted tokens): the policy loss runs on the reference path (plain torch: "
+                "the same loss, more memory and time)")
 
 
 def checks(o) -> list[tuple[bool, str]]:
