@@ -264,6 +264,10 @@ def test_one_step_of_each_preset_trains(tmp_path, family, preset):
         over["kl_coef"] = 0.05  # the frozen reference is loaded and scored
     tr = RLTrainer(_model(family), TOK, DATA, alternate, _cfg(tmp_path, preset=preset, **over))
     assert tr.name == preset.algo and tr.estimator.name == preset().estimator
+    if preset is ESPOConfig:  # the config's estimator options reach the estimator
+        assert (tr.estimator.num_masks, tr.estimator.mask_coupling) == (2, "complementary")
+    else:
+        assert tr.estimator.quadrature_nodes == 3
     before = [p.detach().clone() for p in tr.model.parameters()]
     log = tr.train_step()
     assert "skipped" not in log and math.isfinite(log["loss"]), log

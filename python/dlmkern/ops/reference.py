@@ -111,15 +111,18 @@ def policy_value_loss(
                           vf_coef=vf_coef, vf_clip=vf_clip)
 
 
-def _group_mean(x, m, gid, n):
-    """Per group of `gid` (flat [T] ids in [0, n)), the mean of x over its masked-in tokens,
-    read back at every token (0 for a group without any)."""
+def _group_sum(x, m, gid, n):
+    """Per group of `gid` (flat [T] ids in [0, n)), the sum of x over its masked-in tokens,
+    read back at every token."""
     f = x.dtype
-    flat_m = m.reshape(-1)
-    s = torch.zeros(n, dtype=f, device=x.device).index_add(
-        0, gid, torch.where(flat_m, x.reshape(-1), torch.zeros((), dtype=f, device=x.device)))
-    c = torch.zeros(n, dtype=f, device=x.device).index_add(0, gid, flat_m.to(f))
-    return (s / c.clamp(min=1))[gid].reshape(x.shape)
+    kept = torch.where(m.reshape(-1), x.reshape(-1), torch.zeros((), dtype=f, device=x.device))
+    return torch.zeros(n, dtype=f, device=x.device).index_add(0, gid, kept)[gid].reshape(x.shape)
+
+
+def _group_mean(x, m, gid, n):
+    """Per group of `gid`, the mean of x over its masked-in tokens, read back at every token
+    (0 for a group without any)."""
+    return _group_sum(x, m, gid, n) / _group_sum(m.to(x.dtype), m, gid, n).clamp(min=1)
 
 
 def _ratio_groups(level, m, seq_ids, block_ids):
@@ -288,17 +291,9 @@ def _kl_term(o, x, m, w, w_pg, seq_ids):
         return kl if w_pg is None else w_pg * kl
     gid, n = _ratio_groups("sequence", m, seq_ids, None)
     w = torch.ones_like(x) if w is None else w
-    w_mean = _group_mean(w, m, gid, n).masked_fill(~m, 1.0)  # padding: no 0 / 0
-    total = w_mean * _group_count(m, gid, n).clamp(min=1)  # S, read back at every token
-    xbar = _group_mean(w * x, m, gid, n) / w_mean
-    return (w / w_mean) * _kl(o.kl_kind, total * xbar) / total
-
-
-def _group_count(m, gid, n):
-    """Per group of `gid`, its number of masked-in tokens, read back at every token."""
-    flat = m.reshape(-1).to(torch.float32)
-    c = torch.zeros(n, dtype=flat.dtype, device=m.device).index_add(0, gid, flat)
-    return c[gid].reshape(m.shape)
+    total = _group_sum(w, m, gid, n).masked_fill(~m, 1.0)  # S (padding: no 0 / 0)
+    share = w * _group_sum(m.to(w.dtype), m, gid, n) / total  # w over the sequence's mean w
+    return share * _kl(o.kl_kind, _group_sum(w * x, m, gid, n)) / total
 
 
 def _value_term(values, old_values, returns, vf_clip, like, clipped_like):

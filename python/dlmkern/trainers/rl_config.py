@@ -298,7 +298,8 @@ class DiffuGRPOConfig(RLConfig):
 @dataclass
 class ESPOConfig(RLConfig):
     """ESPO, ELBO-based Sequence-level Policy Optimization ("Principled RL for Diffusion LLMs
-    Emerges from a Sequence-Level Perspective", Ou et al. 2025; github.com/ML-GSAI/ESPO). The
+    Emerges from a Sequence-Level Perspective", Ou et al. 2025, arXiv 2512.03759;
+    github.com/ML-GSAI/ESPO). The
     sequence's ELBO (M = 2 Monte Carlo masks, each with its complement: estimator elbo_mc)
     is its log-likelihood; one ratio per sequence exp((ELBO - ELBO_old) / L) clipped at 0.2,
     one advantage per sequence, the loss averaged over sequences (seq_mean); KL to the frozen
@@ -310,7 +311,8 @@ class ESPOConfig(RLConfig):
     by (L + 1) / k; a copy that masks nothing is dropped; advantages are the group z-score (the
     paper: leave-one-out, unscaled); the masks are drawn once per rollout and reused by every
     ppo_epoch (the paper re-draws them at each of its num_iterations, 8 in its GSM8K recipe;
-    ppo_epochs stays 1 here). Block and full-attention models alike (block models: each copy
+    ppo_epochs stays 1 here); the reference stays the initial policy (the paper's yaml re-syncs
+    it every 64 steps). Block and full-attention models alike (block models: each copy
     masks with one t across the blocks)."""
 
     algo: ClassVar[str] = "espo"
