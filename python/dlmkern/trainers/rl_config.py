@@ -76,8 +76,9 @@ class RLConfig(DataConfig):
     kl_level: str = opt("token", "KL per: token | sequence (the kind of the sequence's weighted "
                         "log-ratio sum, over its weight sum: ESPO); sequence runs the loss on "
                         "the reference path")
-    token_weights: str = opt("none", "per-token loss weights: none | elbo (1/t, t the share its "
-                             "noisy copy masks) | step (1 / tokens of its trace step or copy); "
+    token_weights: str = opt("none", "per-token loss weights: none | elbo (w/t, t the share its "
+                             "noisy copy masks, w its ELBO weight: 1, or elbo_mc's 1/M, "
+                             "quadrature's w_k) | step (1 / tokens of its trace step or copy); "
                              "weights run the loss on the reference path")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
