@@ -23,7 +23,7 @@ from dlmkern.rl.estimators.elbo_mc import weighted_copies
 def gauss_legendre(k: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """(nodes, weights) of the k-point Gauss-Legendre rule on [0, 1] (weights sum to 1), by
     Golub-Welsch: the nodes are the eigenvalues of the Legendre Jacobi matrix."""
-    i = torch.arange(1, k, dtype=torch.float64)
+    i = torch.arange(1, k, dtype=torch.float64, device=HOST)
     off = i / torch.sqrt(4 * i * i - 1)
     jac = torch.diag(off, 1) + torch.diag(off, -1)
     x, v = torch.linalg.eigh(jac)
