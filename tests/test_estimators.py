@@ -53,7 +53,8 @@ def test_diffu_grpo_masks_the_prompt_of_block_models():
 
 
 def test_registry():
-    assert list(ESTIMATORS) == ["trace", "random_mask", "coupled", "diffu_grpo"]
+    assert list(ESTIMATORS)[:4] == ["trace", "random_mask", "coupled", "diffu_grpo"]
+    assert {"elbo_mc", "quadrature"} <= set(ESTIMATORS)  # ESPO's and GDPO's (test_elbo_presets)
     assert "coupled" in ESTIMATORS and "nope" not in ESTIMATORS
     for name, cls in ESTIMATORS.items():
         est = get_estimator(name)
@@ -122,6 +123,8 @@ def _same_rows(a, b):
         assert torch.equal(getattr(a.layout, f), getattr(b.layout, f)), f
     assert (a.layout.max_seqlen, a.layout.full, a.num_trajectories) == (
         b.layout.max_seqlen, b.layout.full, b.num_trajectories)
+    assert (a.copy_weight is None) == (b.copy_weight is None)
+    assert a.copy_weight is None or torch.equal(a.copy_weight, b.copy_weight)
 
 
 def _trajs():
@@ -190,7 +193,8 @@ def test_packed_copies_checks_its_blocks():
     assert layouts.response_block_span(8, 8, 4) == (2, 0)
 
 
-@pytest.mark.parametrize("name", ["trace", "random_mask", "coupled", "diffu_grpo"])
+@pytest.mark.parametrize("name", ["trace", "random_mask", "coupled", "diffu_grpo", "elbo_mc",
+                                  "quadrature"])
 @pytest.mark.parametrize("block_size", [4, None])
 def test_rows_make_no_tensor_on_the_default_device(name, block_size):
     def make():

@@ -101,7 +101,7 @@ def test_the_cuda_kernel_runs_every_objective_as_the_reference(obj):
 
 
 def test_the_kernel_reads_the_group_log_ratio_the_reference_defines():
-    # one owner of the grouping: the kernel's log_ratio input is reference.group_log_ratio
+    # one owner of the grouping: the kernel's log_ratio input is reference.ratio_inputs
     b = _batch(2)
     obj = Objective(ratio_level="block")
     args = _op_arguments(obj, vf_coef=0.5, vf_clip=0.2, num_seqs=len(LENGTHS),
@@ -123,8 +123,8 @@ def test_opcheck_with_the_objective_inputs():
     op = torch.ops.dlmkern.policy_value_loss.default
     lp = b["logp"].clone().requires_grad_()
     v = b["values"].clone().requires_grad_()
-    lr = ref.group_log_ratio(Objective(ratio_level="sequence"), b["logp"] - b["old_logp"],
-                             b["mask"], b["seq_ids"], None)
+    lr, _ = ref.ratio_inputs(Objective(ratio_level="sequence"), b["logp"] - b["old_logp"],
+                             b["mask"], None, b["seq_ids"], None)
     for kl_kind, ratio, log_ratio, red in ((0, True, lr, 1), (2, False, None, 0),
                                            (1, True, None, 2)):
         named = dict(logp=lp, old_logp=b["old_logp"], advantages=b["advantages"],

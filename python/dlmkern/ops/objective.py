@@ -16,11 +16,19 @@ An ``Objective`` says what the per-token policy loss is:
   -x (= logp - target), ``k3`` = exp(x) - x - 1 (x clamped to [-20, 20]), ``quadratic`` =
   0.5 * x^2 (ESPO); against the frozen reference policy (``ref``) or the rollout policy
   (``old``). The update picks the target's log-probs by ``kl_to``; the op sees them as
-  ``ref_logp``.
+  ``ref_logp``. ``kl_level``: ``token`` applies the kind to each token's x; ``sequence`` to the
+  sequence's x summed over its tokens (each weighted by its token weight) and divides by the
+  sum of its weights: kind(S * xbar) / S with xbar the weighted mean of x and S the weight sum,
+  one KL per sequence (ESPO's k2 on the ELBO difference, divided by the length: the ELBO
+  weights of a sequence sum to its length).
 - ``token_weights``: per-token weights multiplying the token's policy loss (pg and KL). ``elbo``:
   1 / t with t the share of the completion its noisy copy masks (random-masking estimators);
   ``step``: 1 / (tokens trained at that trace step, or in that noisy copy), so each step weighs
-  as one (TraceRL's per-step normalisation); ``none``.
+  as one (TraceRL's per-step normalisation); ``none``. Under a sequence / block ratio the
+  weights also weigh the group's mean log-ratio, and each token's weight is divided by its
+  group's mean weight (mean 1 in the group): with ELBO weights the log-ratio is then the
+  ELBO difference / the length and a seq_mean reduction gives exactly one clipped term per
+  sequence (ESPO).
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
@@ -41,14 +49,16 @@ import torch
 
 RATIO_LEVELS = ("token", "block", "sequence", "none")
 KL_KINDS = ("k1", "k3", "quadratic")
+KL_LEVELS = ("token", "sequence")
 KL_TARGETS = ("old", "ref")
 TOKEN_WEIGHTS = ("none", "elbo", "step")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
-# What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers: every
-# setting above. A setting added to the Objective runs on the reference path until the header
-# has its case and it is listed here.
-FUSED = {"ratio_level": RATIO_LEVELS, "kl_kind": KL_KINDS, "token_weights": TOKEN_WEIGHTS}
+# What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers. A setting
+# added to the Objective runs on the reference path until the header has its case and it is
+# listed here.
+FUSED = {"ratio_level": RATIO_LEVELS, "kl_kind": KL_KINDS, "kl_level": ("token",),
+         "token_weights": TOKEN_WEIGHTS}
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Objective:
     kl_kind: str = "k3"
     kl_coef: float = 0.0
     kl_to: str = "old"
+    kl_level: str = "token"
     token_weights: str = "none"
     reduction: str = "token_mean"
     loss_normalizer: float = 1.0
@@ -98,6 +109,8 @@ class Objective:
             out.append(f"ratio_level={self.ratio_level}")
         if kl_term and self.kl_kind not in FUSED["kl_kind"]:
             out.append(f"kl_kind={self.kl_kind}")
+        if kl_term and self.kl_level not in FUSED["kl_level"]:
+            out.append(f"kl_level={self.kl_level}")
         if self.token_weights not in FUSED["token_weights"]:
             out.append(f"token_weights={self.token_weights}")
         return out
@@ -128,6 +141,8 @@ def checks(o) -> list[tuple[bool, str]]:
         (o.kl_kind in KL_KINDS, f"kl_kind must be one of {', '.join(KL_KINDS)}, got "
                                 f"{o.kl_kind!r}"),
         (o.kl_to in KL_TARGETS, "kl_to must be 'old' or 'ref'"),
+        (o.kl_level in KL_LEVELS, f"kl_level must be one of {', '.join(KL_LEVELS)}, got "
+                                  f"{o.kl_level!r}"),
         (o.token_weights in TOKEN_WEIGHTS,
          f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {o.token_weights!r}"),
         (o.reduction in REDUCTIONS, "reduction must be token_mean, seq_mean or sum"),
@@ -180,11 +195,15 @@ def call_objective(objective: Objective | None, *, eps_low=None, eps_high=None, 
 
 
 def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
-                  gen_lengths: torch.Tensor) -> torch.Tensor | None:
+                  gen_lengths: torch.Tensor,
+                  copy_weight: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
     grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
-    1 / (the group's size). ``elbo``: 1 / t with t = the group's size / the trajectory's
-    generated length (``gen_lengths[traj]``): the share its noisy copy masks."""
+    1 / (the group's size). ``elbo``: w / t with t = the group's size / the trajectory's
+    generated length (``gen_lengths[traj]``): the share its noisy copy masks, and w the copy's
+    weight in the ELBO estimate (``copy_weight``, Rows.copy_weight: a quadrature weight, 1/M of
+    M Monte Carlo copies; None: 1), so that sum(weight * logp) over a trajectory's tokens is its
+    ELBO estimate."""
     if kind == "none":
         return None
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
@@ -193,7 +212,8 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
     if kind == "step":
         return 1.0 / size
     if kind == "elbo":
-        return gen_lengths[traj].to(torch.float32) / size
+        w = gen_lengths[traj].to(torch.float32) / size
+        return w if copy_weight is None else w * copy_weight.to(w)
     raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
 
 

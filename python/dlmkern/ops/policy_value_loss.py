@@ -173,17 +173,18 @@ def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int
                   block_ids, **tensors) -> dict:
     """The fused kernel's arguments, by name: the objective's fields and the tensors, with the
     objective's per-token inputs: a sequence / block ratio's group log-ratio
-    (reference.group_log_ratio, the one owner of the grouping: the kernel reads it as the
-    token's log-ratio) and the token weights. The one place that knows how the objective reaches
+    (reference.ratio_inputs, the one owner of the grouping: the kernel reads it as the token's
+    log-ratio) and the token weights (normalised in their group under a weighted group ratio). The one place that knows how the objective reaches
     the kernel's PvParams."""
     log_ratio = None
     if o.ratio_level in ("sequence", "block"):
-        logp, old = tensors["logp"], tensors["old_logp"]
+        logp, old, w = tensors["logp"], tensors["old_logp"], tensors["weights"]
         if old.shape != logp.shape:  # the kernel's own check, before the grouping reads them
             raise ValueError(f"dlmkern.policy_value_loss: `old_logp` must have the shape of "
                              f"`logp` {tuple(logp.shape)}, got {tuple(old.shape)}")
-        log_ratio = reference.group_log_ratio(o, logp.detach().float() - old.float(),
-                                              tensors["mask"], tensors["seq_ids"], block_ids)
+        log_ratio, tensors["weights"] = reference.ratio_inputs(
+            o, logp.detach().float() - old.float(), tensors["mask"],
+            None if w is None else w.float(), tensors["seq_ids"], block_ids)
     return dict(
         tensors, log_ratio=log_ratio,
         eps_low=float(o.eps_low), eps_high=float(o.eps_high),

@@ -111,15 +111,18 @@ def policy_value_loss(
                           vf_coef=vf_coef, vf_clip=vf_clip)
 
 
-def _group_mean(x, m, gid, n):
-    """Per group of `gid` (flat [T] ids in [0, n)), the mean of x over its masked-in tokens,
-    read back at every token (0 for a group without any)."""
+def _group_sum(x, m, gid, n):
+    """Per group of `gid` (flat [T] ids in [0, n)), the sum of x over its masked-in tokens,
+    read back at every token."""
     f = x.dtype
-    flat_m = m.reshape(-1)
-    s = torch.zeros(n, dtype=f, device=x.device).index_add(
-        0, gid, torch.where(flat_m, x.reshape(-1), torch.zeros((), dtype=f, device=x.device)))
-    c = torch.zeros(n, dtype=f, device=x.device).index_add(0, gid, flat_m.to(f))
-    return (s / c.clamp(min=1))[gid].reshape(x.shape)
+    kept = torch.where(m.reshape(-1), x.reshape(-1), torch.zeros((), dtype=f, device=x.device))
+    return torch.zeros(n, dtype=f, device=x.device).index_add(0, gid, kept)[gid].reshape(x.shape)
+
+
+def _group_mean(x, m, gid, n):
+    """Per group of `gid`, the mean of x over its masked-in tokens, read back at every token
+    (0 for a group without any)."""
+    return _group_sum(x, m, gid, n) / _group_sum(m.to(x.dtype), m, gid, n).clamp(min=1)
 
 
 def _ratio_groups(level, m, seq_ids, block_ids):
@@ -142,15 +145,21 @@ def _ratio_groups(level, m, seq_ids, block_ids):
     return gid, int(gid.max()) + 1 if gid.numel() else 0
 
 
-def group_log_ratio(o, diff, m, seq_ids, block_ids):
-    """Per token, the log of its group's ratio for a sequence / block ratio (the objective's
-    ``ratio_level``): the mean over the group's masked-in tokens of ``diff`` = logp - old_logp,
-    without gradient; None for a token ratio or none. The fused kernel receives it as its
-    ``log_ratio`` input (one owner of the grouping)."""
+def ratio_inputs(o, diff, m, w, seq_ids, block_ids):
+    """The objective's ratio inputs per token: (log-ratio of its group or None, its weights).
+    A sequence / block ratio (``ratio_level``) takes its group's mean over masked-in tokens of
+    ``diff`` = logp - old_logp, without gradient; with token weights `w` the weighted mean, and
+    the weights are divided by their group's mean (so a seq_mean reduction gives one clipped term
+    per sequence: ESPO, see dlmkern.ops.objective). Token ratios and none: (None, w). The fused
+    kernel receives both as its ``log_ratio`` and ``weights`` inputs (one owner of the grouping)."""
     if o.ratio_level not in ("sequence", "block"):
-        return None
+        return None, w
     gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
-    return _group_mean(diff.detach().float(), m, gid, n_groups)
+    d = diff.detach().float()
+    if w is None:
+        return _group_mean(d, m, gid, n_groups), None
+    w_mean = _group_mean(w, m, gid, n_groups).masked_fill(~m, 1.0)  # padding: no 0 / 0
+    return _group_mean(w * d, m, gid, n_groups) / w_mean, w / w_mean
 
 
 def _kl(kind, x):
@@ -190,22 +199,28 @@ def objective_loss(
     times `weights` when the objective weights tokens; plus vf_coef * the clipped value loss.
     A sequence / block ratio is exp(mean over its group's tokens of logp - old_logp) (log-ratio
     clamped to [-20, 20], no gradient outside), one clip decision per group; its gradient is
-    GSPO-token's (sg(r) * exp(logp - sg(logp)))."""
+    GSPO-token's (sg(r) * exp(logp - sg(logp))). With weights the group's mean is the weighted
+    mean, and the weights are divided by their group's mean (ESPO: see dlmkern.ops.objective).
+    kl_level=sequence: one kind(S * xbar) / S per sequence (xbar the weighted mean of
+    ref_logp - logp, S the weight sum), carried by its tokens as the pg term is."""
     o = objective
     f = torch.float32
     lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
     diff = lp - old_logp.to(f)
-    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids)
-    kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
-    if o.weighted:
-        if weights is None:
-            raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
-                             f"(token_weights={o.token_weights}): pass `weights`")
-        pg, kl = weights.to(f) * pg, weights.to(f) * kl
-    elif weights is not None:
+    if o.weighted and weights is None:
+        raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
+                         f"(token_weights={o.token_weights}): pass `weights`")
+    if not o.weighted and weights is not None:
         raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
                          "token_weights=none")
+    w = weights.to(f) if o.weighted else None
+    pg, ratio, clipped, dual, w_pg = _policy_term(o, lp, diff, advantages.to(f), m, w, seq_ids,
+                                                  block_ids)
+    kl = torch.zeros_like(pg) if ref_logp is None else _kl_term(o, ref_logp.to(f) - lp, m, w,
+                                                                 w_pg, seq_ids)
+    if w_pg is not None:
+        pg = w_pg * pg
     vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
@@ -248,11 +263,12 @@ def objective_loss(
     return loss, stats
 
 
-def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
-    """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
-    and the dual clip are active."""
+def _policy_term(o, lp, diff, adv, m, w, seq_ids, block_ids):
+    """Per token: the policy loss pg (unweighted), the ratio (a diagnostic without one), whether
+    the clip and the dual clip are active, and the token weights pg is to be multiplied by
+    (`w`, or under a sequence / block ratio `w` over its group's mean weight; None: none)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
-    g = group_log_ratio(o, diff, m, seq_ids, block_ids)
+    g, w = ratio_inputs(o, diff, m, w, seq_ids, block_ids)
     if g is not None:
         inside = (g > -20.0) & (g < 20.0)
         ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
@@ -272,7 +288,23 @@ def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
         bound = -o.dual_clip * adv
         dual = (adv < 0) & (bound < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    return pg, ratio, clipped, dual
+    return pg, ratio, clipped, dual, w
+
+
+def _kl_term(o, x, m, w, w_pg, seq_ids):
+    """Per token, the weighted KL penalty, x = target - logp. kl_level=token: its kind at each
+    token, times the pg term's weights. kl_level=sequence: per sequence, with xbar the weighted
+    mean of x and S the weight sum (the token count unweighted), kind(S * xbar) / S, carried
+    by each token times its weight over the sequence's mean weight (so a sequence's mean over
+    its tokens is its KL)."""
+    if o.kl_level == "token":
+        kl = _kl(o.kl_kind, x)
+        return kl if w_pg is None else w_pg * kl
+    gid, n = _ratio_groups("sequence", m, seq_ids, None)
+    w = torch.ones_like(x) if w is None else w
+    total = _group_sum(w, m, gid, n).masked_fill(~m, 1.0)  # S (padding: no 0 / 0)
+    share = w * _group_sum(m.to(w.dtype), m, gid, n) / total  # w over the sequence's mean w
+    return share * _kl(o.kl_kind, _group_sum(w * x, m, gid, n)) / total
 
 
 def _value_term(values, old_values, returns, vf_clip, like, clipped_like):

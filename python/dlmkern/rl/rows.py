@@ -46,6 +46,9 @@ class NoisyCopy:
     step: torch.Tensor                         # [n] int64: -1 not trained here, else Rows.step
     prompt_masked: torch.Tensor | None = None  # [P] bool: prompt tokens [MASK]ed (diffu_grpo)
     after_eos_masked: torch.Tensor | None = None  # [A] bool over after_eos_ids; None: left out
+    # the copy's weight in its trajectory's ELBO estimate (a quadrature weight w_k, 1/M for M
+    # Monte Carlo copies): token_weights=elbo is weight / t; None: 1 (the baselines' 1 / t)
+    weight: float | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Rows:
     step: torch.Tensor         # [n] (shrunk) trace step, or noisy-copy index, of each token
     gen_index: torch.Tensor    # [n] index of the token in its trajectory's generated tokens
     num_trajectories: int      # trajectories the rows were built from (traj < this)
+    copy_weight: torch.Tensor | None = None  # [n] float32: NoisyCopy.weight of each token's copy
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +70,8 @@ class Rows:
     def to(self, device) -> Rows:
         return Rows(self.input_ids.to(device), self.layout.to(device),
                     self.train_rows.to(device), self.targets.to(device), self.traj.to(device),
-                    self.step.to(device), self.gen_index.to(device), self.num_trajectories)
+                    self.step.to(device), self.gen_index.to(device), self.num_trajectories,
+                    None if self.copy_weight is None else self.copy_weight.to(device))
 
     @staticmethod
     @on_host
@@ -75,6 +80,7 @@ class Rows:
         the trajectories before it, its train_rows by the tokens before it."""
         if not parts:
             raise ValueError("Rows.cat: no rows to concatenate (see Rows.empty)")
+        weights = _cat_copy_weights(parts)
         tok = layouts.offsets([p.num_tokens for p in parts])
         trj = layouts.offsets([p.num_trajectories for p in parts])
         return Rows(torch.cat([p.input_ids for p in parts]), layouts.cat([p.layout for p in parts]),
@@ -82,15 +88,26 @@ class Rows:
                     torch.cat([p.targets for p in parts]),
                     torch.cat([p.traj + o for p, o in zip(parts, trj, strict=False)]),
                     torch.cat([p.step for p in parts]), torch.cat([p.gen_index for p in parts]),
-                    trj[-1])
+                    trj[-1], weights)
 
     @staticmethod
     @on_host
     def empty(full: bool) -> Rows:
-        """Rows of no trajectory."""
+        """Rows of no trajectory (no copy weights: Rows.cat takes them beside any part)."""
         z = torch.zeros(0, dtype=torch.long)
         lay = layouts.full([]) if full else layouts.block_causal([], 1)
         return Rows(z, lay, z, z, z, z, z, 0)
+
+
+def _cat_copy_weights(parts: Sequence[Rows]) -> torch.Tensor | None:
+    """The parts' copy weights back to back; None when no part carries them. A part without
+    them must train no token (a trajectory that generated nothing has no copy to weigh)."""
+    if all(p.copy_weight is None for p in parts):
+        return None
+    if any(p.copy_weight is None and p.train_rows.numel() for p in parts):
+        raise ValueError("Rows.cat: either every part carries copy weights or none does")
+    none = torch.zeros(0, dtype=torch.float32, device=parts[0].train_rows.device)
+    return torch.cat([none if p.copy_weight is None else p.copy_weight for p in parts])
 
 
 def _check_copies(copies: Sequence[NoisyCopy], P: int, n: int, A: int) -> None:
@@ -162,6 +179,9 @@ def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
         raise ValueError("a noisy copy trains a token it does not mask")
     keep = masked.any(1).tolist()
     copies = [c for c, k in zip(copies, keep, strict=True) if k]
+    given = {c.weight is not None for c in copies}
+    if len(given) > 1:
+        raise ValueError("either every noisy copy has a weight or none has")
     masked, step = masked[keep], step[keep]
     K, after = len(copies), _after_eos(traj, copies, spec)
     A = len(after)
@@ -187,8 +207,12 @@ def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
     input_ids = torch.where(masked.flatten()[at], spec.mask_token_id, clean[pos])
     st = step.flatten()[at]
     rows = (st >= 0).nonzero().squeeze(1)
+    weight = None
+    if given == {True}:  # stream k >= 1 holds copy k - 1
+        weight = torch.tensor([float(c.weight) for c in copies], dtype=torch.float32)[
+            stream[rows] - 1]
     return Rows(input_ids, lay, rows, clean[pos[rows]], torch.zeros_like(rows), st[rows],
-                pos[rows] - P, 1)
+                pos[rows] - P, 1, weight)
 
 
 def _cat(parts, dtype=torch.long):

@@ -9,12 +9,15 @@ from dlmkern.trainers.rl_config import (
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
+    ESPOConfig,
+    GDPOConfig,
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
 )
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
+__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "ESPOConfig",
+           "GDPOConfig", "Preempted",
            "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
            "TraceRLConfig", "build_config", "load_config"]

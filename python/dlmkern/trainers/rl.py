@@ -90,7 +90,7 @@ class RLTrainer(Checkpointing):
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
         self._models(load_for_run(model, target), value_model)
-        self.estimator = get_estimator(self.cfg.estimator)
+        self.estimator = get_estimator(self.cfg.estimator, **self.cfg.estimator_options())
         c = self.model.config
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
                                 self.cfg.resolved_shrinkage(c.block_causal))

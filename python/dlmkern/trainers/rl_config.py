@@ -40,6 +40,12 @@ class RLConfig(DataConfig):
                           "temperature > 0 and no top_k / top_p"})
     # rows and advantages
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
+    num_masks: int = opt(1, "estimator elbo_mc: Monte Carlo masks per completion (ESPO's "
+                         "num_mc)")
+    mask_coupling: str = opt("independent", "estimator elbo_mc: independent masks | "
+                             "complementary (each mask and its complement, 2 copies per mask)")
+    quadrature_nodes: int = opt(3, "estimator quadrature: Gauss-Legendre nodes t_k (one copy "
+                                "masking round(t_k n) tokens each)")
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
                          "full attention)")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
@@ -65,8 +71,12 @@ class RLConfig(DataConfig):
     kl_kind: str = opt("k3", "KL estimator: k1 (logp - target) | k3 (exp(x) - x - 1) | "
                        "quadratic (0.5 (logp - target)^2, ESPO)")
     kl_to: str = opt("old", "KL target: old (rollout policy) | ref (frozen initial policy)")
-    token_weights: str = opt("none", "per-token loss weights: none | elbo (1/t, t the share its "
-                             "noisy copy masks) | step (1 / tokens of its trace step or copy)")
+    kl_level: str = opt("token", "KL per: token | sequence (the kind of the sequence's weighted "
+                        "log-ratio sum, over its weight sum: ESPO); sequence runs the loss on "
+                        "the reference path")
+    token_weights: str = opt("none", "per-token loss weights: none | elbo (w/t, t the share its "
+                             "noisy copy masks, w its ELBO weight: 1, or elbo_mc's 1/M, "
+                             "quadrature's w_k) | step (1 / tokens of its trace step or copy)")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
     value_lr: float = opt(5e-6, "value model learning rate")
@@ -102,6 +112,12 @@ class RLConfig(DataConfig):
         """shrinkage, with 0 read as the paper's default for this kind of model (SPEC 4.3)."""
         return self.shrinkage or (1 if block_causal else 8)
 
+    def estimator_options(self) -> dict:
+        """The keys of this config that are fields of the chosen estimator (its options)."""
+        cls = ESTIMATORS.get(self.estimator)
+        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
+        return {k: getattr(self, k) for k in sorted(names & set(_ESTIMATOR_KEYS))}
+
     def validate(self, value_model: bool = False):
         """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
         check_types(self)
@@ -127,6 +143,7 @@ class RLConfig(DataConfig):
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
             *_scored_sampling(self.sampling),
+            *_estimator_checks(self),
             *policy_checks(self),
             *objective_checks(self),
             (self.token_weights != "elbo" or self.estimator not in ESTIMATORS or
@@ -144,6 +161,31 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+
+
+# estimator options that are RLConfig keys: (key, the estimator that takes it)
+_ESTIMATOR_KEYS = {"num_masks": "elbo_mc", "mask_coupling": "elbo_mc",
+                   "quadrature_nodes": "quadrature"}
+
+
+def _estimator_checks(c: RLConfig) -> list:
+    """An estimator option set away from its default for another estimator does nothing: refuse
+    it, naming both keys; the options' own ranges."""
+    defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
+    out = [(getattr(c, k) == defaults[k] or c.estimator == est,
+            f"{k}={getattr(c, k)} is estimator {est}'s option, and estimator={c.estimator} does "
+            f"not read it: set estimator: {est}, or {k}: {defaults[k]}")
+           for k, est in _ESTIMATOR_KEYS.items()]
+    return out + [
+        (c.num_masks >= 1, "num_masks must be >= 1"),
+        (c.mask_coupling in ("independent", "complementary"),
+         f"mask_coupling must be independent or complementary, got {c.mask_coupling!r}"),
+        (1 <= c.quadrature_nodes <= 64, "quadrature_nodes must lie in [1, 64]"),
+        (c.estimator != "quadrature" or c.token_weights == "elbo",
+         f"estimator=quadrature's copies are quadrature nodes, meaningful only with their ELBO "
+         f"weights w_k / t_k; token_weights={c.token_weights} drops them: set token_weights: "
+         f"elbo"),
+    ]
 
 
 def _scored_sampling(s: SamplingConfig) -> list:
@@ -251,8 +293,63 @@ class DiffuGRPOConfig(RLConfig):
     estimator: str = _same("estimator", "diffu_grpo")
 
 
+@dataclass
+class ESPOConfig(RLConfig):
+    """ESPO, ELBO-based Sequence-level Policy Optimization ("Principled RL for Diffusion LLMs
+    Emerges from a Sequence-Level Perspective", Ou et al. 2025, arXiv 2512.03759;
+    github.com/ML-GSAI/ESPO). The
+    sequence's ELBO (M = 2 Monte Carlo masks, each with its complement: estimator elbo_mc)
+    is its log-likelihood; one ratio per sequence exp((ELBO - ELBO_old) / L) clipped at 0.2,
+    one advantage per sequence, the loss averaged over sequences (seq_mean); KL to the frozen
+    reference beta * 0.5 (ELBO - ELBO_ref)^2 / L (k2 on the sequence ELBO, kl_level: sequence),
+    beta = 1e-3 (the paper's GSM8K / math recipes; its base yaml has 1e-2); max_grad_norm 0.2.
+    Differs: L is the completion's length up to its EOS (the paper's code divides by the padded
+    generation length); a mask masks each token with probability t ~ U(eps, 1) and weighs it by
+    1 / (the share it masks), where the paper's code masks exactly k ~ U{0..L} tokens and weighs
+    by (L + 1) / k; a copy that masks nothing is dropped; advantages are the group z-score (the
+    paper: leave-one-out, unscaled); the masks are drawn once per rollout and reused by every
+    ppo_epoch (the paper re-draws them at each of its num_iterations, 8 in its GSM8K recipe;
+    ppo_epochs stays 1 here); the reference stays the initial policy (the paper's yaml re-syncs
+    it every 64 steps). Block and full-attention models alike (block models: each copy
+    masks with one t across the blocks)."""
+
+    algo: ClassVar[str] = "espo"
+    estimator: str = _same("estimator", "elbo_mc")
+    num_masks: int = _same("num_masks", 2)
+    mask_coupling: str = _same("mask_coupling", "complementary")
+    token_weights: str = _same("token_weights", "elbo")
+    ratio_level: str = _same("ratio_level", "sequence")
+    reduction: str = _same("reduction", "seq_mean")
+    kl_coef: float = _same("kl_coef", 1e-3)
+    kl_kind: str = _same("kl_kind", "quadratic")
+    kl_level: str = _same("kl_level", "sequence")
+    kl_to: str = _same("kl_to", "ref")
+    max_grad_norm: float = _same("max_grad_norm", 0.2)
+
+
+@dataclass
+class GDPOConfig(RLConfig):
+    """GDPO, Group Diffusion Policy Optimization ("Improving Reasoning for Diffusion Language
+    Models via Group Diffusion Policy Optimization", Rojas et al. 2025, arXiv 2510.08554;
+    gdpo.github.io). The sequence ELBO by semi-deterministic Monte Carlo (estimator quadrature):
+    a Gauss-Legendre rule over the masking level t, one random mask per node, its tokens
+    weighted w_k / t_k; one ratio per sequence on the ELBO difference over the length, clipped
+    at 0.2, GRPO advantages, averaged over sequences. Choices the stored paper text did not
+    settle (its code was not available to us): 3 nodes; no KL term (kl_coef 0; set kl_coef with
+    kl_level: sequence for one on the sequence ELBO); each node masks exactly round(t_k n)
+    tokens (at least 1) of the completion up to its EOS. Block and full-attention models
+    alike."""
+
+    algo: ClassVar[str] = "gdpo"
+    estimator: str = _same("estimator", "quadrature")
+    quadrature_nodes: int = _same("quadrature_nodes", 3)
+    token_weights: str = _same("token_weights", "elbo")
+    ratio_level: str = _same("ratio_level", "sequence")
+    reduction: str = _same("reduction", "seq_mean")
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig)
+                        DiffuGRPOConfig, ESPOConfig, GDPOConfig)
 }

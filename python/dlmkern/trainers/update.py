@@ -126,8 +126,8 @@ class Update:
         obj, st = self.objective, self.settings
         if obj.weighted:
             n = torch.tensor([len(t.token_ids) for t in trajs], device=HOST)
-            prep.weights = token_weights(obj.token_weights, host.traj, host.step,
-                                         n).to(self.device)
+            prep.weights = token_weights(obj.token_weights, host.traj, host.step, n,
+                                         host.copy_weight).to(self.device)
         if obj.ratio_level == "block":
             plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)
             prep.block_ids = response_blocks(host.gen_index, plen[host.traj], st.block_size,
