@@ -20,7 +20,10 @@ An ``Objective`` says what the per-token policy loss is:
 - ``token_weights``: per-token weights multiplying the token's policy loss (pg and KL). ``elbo``:
   1 / t with t the share of the completion its noisy copy masks (random-masking estimators);
   ``step``: 1 / (tokens trained at that trace step, or in that noisy copy), so each step weighs
-  as one (TraceRL's per-step normalisation); ``none``.
+  as one (TraceRL's per-step normalisation); ``transition``: the step weight times the
+  trajectory's trained tokens / its steps (weights average 1 over a trajectory), so under
+  ``reduction=seq_mean`` a trajectory's loss is the mean over its steps of each step's token mean
+  (CJ-GRPO's per-transition mean, its Eq. 11); ``none``.
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
@@ -42,7 +45,7 @@ import torch
 RATIO_LEVELS = ("token", "block", "sequence", "none")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_TARGETS = ("old", "ref")
-TOKEN_WEIGHTS = ("none", "elbo", "step")
+TOKEN_WEIGHTS = ("none", "elbo", "step", "transition")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
 # What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers today.
@@ -183,16 +186,24 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
     """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
     grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
     1 / (the group's size). ``elbo``: 1 / t with t = the group's size / the trajectory's
-    generated length (``gen_lengths[traj]``): the share its noisy copy masks."""
+    generated length (``gen_lengths[traj]``): the share its noisy copy masks. ``transition``:
+    (the trajectory's tokens here) / (its groups here * the group's size): every group of a
+    trajectory carries the same total weight, and the weights average 1 over the trajectory."""
     if kind == "none":
         return None
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
-    _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     size = counts[inverse].to(torch.float32)
     if kind == "step":
         return 1.0 / size
     if kind == "elbo":
         return gen_lengths[traj].to(torch.float32) / size
+    if kind == "transition":
+        n_traj = int(traj.max()) + 1 if traj.numel() else 0
+        span = int(step.max()) + 1 if step.numel() else 1
+        steps_of = torch.bincount(torch.div(uniq, span, rounding_mode="floor"), minlength=n_traj)
+        tokens_of = torch.bincount(traj, minlength=n_traj)
+        return tokens_of[traj].to(torch.float32) / (steps_of[traj].to(torch.float32) * size)
     raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
 
 

@@ -6,15 +6,17 @@ from dlmkern.trainers.preemption import Preempted
 from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
 from dlmkern.trainers.rl_config import (
     PRESETS,
+    CJGRPOConfig,
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
+    JustGRPOConfig,
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
 )
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
-           "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
+__all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig",
+           "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
            "TraceRLConfig", "build_config", "load_config"]
