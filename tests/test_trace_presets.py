@@ -175,12 +175,12 @@ def _compare(tmp_path, preset, family, truth, **over):
 
 @pytest.mark.parametrize("family", ["sdar", "llada"])
 def test_cj_grpo_is_eq11_over_the_samplers_own_states(tmp_path, family):
-    # two tokens per step (static rule, 2 steps per block of 4): each transition has its own
-    # token mean; completions of different lengths have different numbers of transitions
+    # static rule, 3 steps per block of 4 (2, 1, 1 tokens): transitions of unequal sizes, so
+    # Eq. 11's mean of per-transition means differs from a completion's token mean
     batch = _compare(tmp_path, CJGRPOConfig, family, cj_grpo_loss,
-                     sampling={"rule": "static", "steps": 2})
-    assert len({len(set(t.step_map)) for t in batch.trajs}) > 1 or any(
-        t.finish_reason == "eos" for t in batch.trajs)
+                     sampling={"rule": "static", "steps": 3})
+    sizes = {tuple(sorted(t.step_map.count(k) for k in set(t.step_map))) for t in batch.trajs}
+    assert any(len(set(s)) > 1 for s in sizes)
 
 
 @pytest.mark.parametrize("family, steps", [("sdar", 4), ("llada", 4)])
@@ -267,3 +267,16 @@ def test_justgrpo_refuses_more_than_one_token_per_step_for_the_model(tmp_path, f
         RLTrainer(_model(family), TOK, DATA, alternate, _config(tmp_path, JustGRPOConfig,
                                                                  family, **over))
     assert all(k in str(e.value) for k in keys), str(e.value)
+
+
+def test_transition_weights_make_each_step_one_in_its_trajectorys_mean():
+    from dlmkern.ops.objective import token_weights
+
+    # trajectory 0: 6 tokens in steps of 2 and 4; trajectory 1: 4 tokens in steps of 1 and 3
+    traj = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 1, 1])
+    step = torch.tensor([3, 3, 5, 5, 5, 5, 0, 2, 2, 2])
+    w = token_weights("transition", traj, step, torch.tensor([6, 4]))
+    torch.testing.assert_close(w, torch.tensor([1.5] * 2 + [0.75] * 4 + [2.0] + [2 / 3] * 3))
+    # a trajectory's weighted token mean = the mean over its steps of each step's token mean
+    x = torch.arange(10.0)
+    assert (w[:6] * x[:6]).mean().item() == pytest.approx((x[:2].mean() + x[2:6].mean()) / 2)
