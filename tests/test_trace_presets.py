@@ -280,3 +280,12 @@ def test_transition_weights_make_each_step_one_in_its_trajectorys_mean():
     # a trajectory's weighted token mean = the mean over its steps of each step's token mean
     x = torch.arange(10.0)
     assert (w[:6] * x[:6]).mean().item() == pytest.approx((x[:2].mean() + x[2:6].mean()) / 2)
+
+
+def test_compare_runs_justgrpo_only_when_named():
+    # its one-token-per-step decoding cannot share the others' rollout budget (compare refuses
+    # presets whose sampling differs), so the default list leaves it out
+    from dlmkern.compare import default_algos, parse_algos
+
+    assert "cj_grpo" in default_algos() and "justgrpo" not in default_algos()
+    assert parse_algos("justgrpo") == ["justgrpo"]

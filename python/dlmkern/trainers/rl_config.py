@@ -28,6 +28,9 @@ class RLConfig(DataConfig):
     """The RL loop's settings with neutral defaults (GRPO-style, trace rows, no filter)."""
 
     algo: ClassVar[str] = "rl"
+    # its sampling is the algorithm (JustGRPO decodes one token per step): its rollout budget
+    # cannot equal the others', so `dlmkern compare` runs it only when named
+    own_sampling: ClassVar[bool] = False
     # rollout
     prompts_per_step: int = opt(8, "prompts drawn per step (over all ranks)")
     group_size: int = opt(8, "completions sampled per prompt")
@@ -328,6 +331,7 @@ class JustGRPOConfig(RLConfig):
     (here 0, as the paper's GRPO). Sampling temperature stays 1.0 (DARE's recipe: 0.6)."""
 
     algo: ClassVar[str] = "justgrpo"
+    own_sampling: ClassVar[bool] = True
     shrinkage: int = _same("shrinkage", 1)
     sampling: SamplingConfig = dataclasses.field(
         default_factory=lambda: SamplingConfig(rule="sequential", steps=32),
