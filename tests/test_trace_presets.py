@@ -149,6 +149,7 @@ def _compare(tmp_path, preset, family, truth, **over):
                                                                   **over))
     batch = tr.rollout(DATA[:2])
     assert len(set(batch.rewards.tolist())) > 1
+    assert any(t.after_eos_ids for t in batch.trajs)  # the after-EOS context is replayed too
     rows = tr.rows(batch.trajs)
     (mb,) = plan_step(list(range(len(rows))), len(rows), rows, tr.cfg.reduction, 1, 0)
     prep = tr.updater.prepare(mb, rows, batch.trajs, batch.advantages, batch.rewards, True)
