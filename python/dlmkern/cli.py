@@ -186,10 +186,9 @@ def cmd_demo(args):
 
 def cmd_compare(args):
     """The run file's task under each of --algos with equal rollout budgets (dlmkern.compare)."""
-    from dlmkern.compare import compare, parse_algos
-    from dlmkern.trainers.rl_config import PRESETS
+    from dlmkern.compare import compare, default_algos, parse_algos
 
-    algos = parse_algos(args.algos or ",".join(PRESETS))  # refused before any work
+    algos = parse_algos(args.algos or ",".join(default_algos()))  # refused before any work
     overrides = list(args.overrides)
     if args.demo:  # no run file: the demo's, written (and its SFT trained) when needed
         from dlmkern.demo import compare_task
@@ -250,6 +249,7 @@ def main(argv=None):
                    help="also continue SFT from the same checkpoint for the wall time RL took "
                    "(the equal-time control) and print the three accuracies")
     d.set_defaults(fn=cmd_demo)
+    from dlmkern.compare import default_algos
     from dlmkern.trainers.rl_config import PRESETS
 
     cmp_ = sub.add_parser(
@@ -263,8 +263,8 @@ def main(argv=None):
                       "eval_dataset is required, its algo is replaced by each of --algos)")
     cmp_.add_argument("overrides", nargs="*", help="key=value, as for dlmkern train, applied "
                       "to every algorithm")
-    cmp_.add_argument("--algos", help=f"comma-separated presets (default: all: "
-                      f"{','.join(PRESETS)})")
+    cmp_.add_argument("--algos", help=f"comma-separated presets (default: every preset "
+                      f"whose sampling is the run's: {','.join(default_algos())})")
     cmp_.add_argument("--seeds", type=int, default=1, help="runs per algorithm: the run "
                       "file's seed, seed + 1, ... (default 1)")
     cmp_.add_argument("--out", help="default: runs/compare/<run file name>; --demo: "

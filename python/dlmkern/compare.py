@@ -38,6 +38,12 @@ REWARD_WINDOW = 0.1  # the table's reward: the mean over this last share of the 
 LEARNED_SE = 2.0  # "learned": held-out accuracy above the start's by this many standard errors
 
 
+def default_algos() -> list[str]:
+    """compare's algorithms when none are named: every preset whose sampling is the run's (a
+    preset whose decoding is the algorithm, JustGRPO's, cannot share the others' budget)."""
+    return [a for a, c in PRESETS.items() if not c.own_sampling]
+
+
 def parse_algos(text: str) -> list[str]:
     """`--algos a,b,c` as preset names, each checked at once (a mistyped one named with the
     closest preset and the list of them)."""

@@ -28,7 +28,10 @@ An ``Objective`` says what the per-token policy loss is:
   weights also weigh the group's mean log-ratio, and each token's weight is divided by its
   group's mean weight (mean 1 in the group): with ELBO weights the log-ratio is then the
   ELBO difference / the length and a seq_mean reduction gives exactly one clipped term per
-  sequence (ESPO).
+  sequence (ESPO). ``transition``: the step weight times the trajectory's trained tokens / its
+  steps (weights average 1 over a trajectory), so under ``reduction=seq_mean`` a trajectory's
+  loss is the mean over its steps of each step's token mean (CJ-GRPO's per-transition mean, its
+  Eq. 11).
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
@@ -51,7 +54,7 @@ RATIO_LEVELS = ("token", "block", "sequence", "none")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_LEVELS = ("token", "sequence")
 KL_TARGETS = ("old", "ref")
-TOKEN_WEIGHTS = ("none", "elbo", "step")
+TOKEN_WEIGHTS = ("none", "elbo", "step", "transition")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 
 # What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers. A setting
@@ -203,17 +206,25 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
     generated length (``gen_lengths[traj]``): the share its noisy copy masks, and w the copy's
     weight in the ELBO estimate (``copy_weight``, Rows.copy_weight: a quadrature weight, 1/M of
     M Monte Carlo copies; None: 1), so that sum(weight * logp) over a trajectory's tokens is its
-    ELBO estimate."""
+    ELBO estimate. ``transition``: (the trajectory's tokens here) / (its groups here * the
+    group's size): every group of a trajectory carries the same total weight, and the weights
+    average 1 over the trajectory."""
     if kind == "none":
         return None
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
-    _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
+    uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     size = counts[inverse].to(torch.float32)
     if kind == "step":
         return 1.0 / size
     if kind == "elbo":
         w = gen_lengths[traj].to(torch.float32) / size
         return w if copy_weight is None else w * copy_weight.to(w)
+    if kind == "transition":
+        n_traj = int(traj.max()) + 1 if traj.numel() else 0
+        span = int(step.max()) + 1 if step.numel() else 1
+        steps_of = torch.bincount(torch.div(uniq, span, rounding_mode="floor"), minlength=n_traj)
+        tokens_of = torch.bincount(traj, minlength=n_traj)
+        return tokens_of[traj].to(torch.float32) / (steps_of[traj].to(torch.float32) * size)
     raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
 
 

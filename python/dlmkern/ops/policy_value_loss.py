@@ -174,8 +174,8 @@ def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int
     """The fused kernel's arguments, by name: the objective's fields and the tensors, with the
     objective's per-token inputs: a sequence / block ratio's group log-ratio
     (reference.ratio_inputs, the one owner of the grouping: the kernel reads it as the token's
-    log-ratio) and the token weights (normalised in their group under a weighted group ratio). The one place that knows how the objective reaches
-    the kernel's PvParams."""
+    log-ratio) and the token weights (normalised in their group under a weighted group ratio).
+    The one place that knows how the objective reaches the kernel's PvParams."""
     log_ratio = None
     if o.ratio_level in ("sequence", "block"):
         logp, old, w = tensors["logp"], tensors["old_logp"], tensors["weights"]

@@ -6,18 +6,20 @@ from dlmkern.trainers.preemption import Preempted
 from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
 from dlmkern.trainers.rl_config import (
     PRESETS,
+    CJGRPOConfig,
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
     ESPOConfig,
     GDPOConfig,
+    JustGRPOConfig,
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
 )
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "ESPOConfig",
-           "GDPOConfig", "Preempted",
+__all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
+           "DiffuGRPOConfig", "ESPOConfig", "GDPOConfig", "JustGRPOConfig", "Preempted",
            "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
            "TraceRLConfig", "build_config", "load_config"]

@@ -28,6 +28,9 @@ class RLConfig(DataConfig):
     """The RL loop's settings with neutral defaults (GRPO-style, trace rows, no filter)."""
 
     algo: ClassVar[str] = "rl"
+    # its sampling is the algorithm (JustGRPO decodes one token per step): its rollout budget
+    # cannot equal the others', so `dlmkern compare` runs it only when named
+    own_sampling: ClassVar[bool] = False
     # rollout
     prompts_per_step: int = opt(8, "prompts drawn per step (over all ranks)")
     group_size: int = opt(8, "completions sampled per prompt")
@@ -76,7 +79,10 @@ class RLConfig(DataConfig):
                         "the reference path")
     token_weights: str = opt("none", "per-token loss weights: none | elbo (w/t, t the share its "
                              "noisy copy masks, w its ELBO weight: 1, or elbo_mc's 1/M, "
-                             "quadrature's w_k) | step (1 / tokens of its trace step or copy)")
+                             "quadrature's w_k) | step (1 / tokens of its trace step or copy) | "
+                             "transition (step, rescaled to mean 1 per trajectory: with "
+                             "reduction seq_mean, each step weighs as one in its trajectory's "
+                             "mean, CJ-GRPO)")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
     value_lr: float = opt(5e-6, "value model learning rate")
@@ -348,8 +354,127 @@ class GDPOConfig(RLConfig):
     reduction: str = _same("reduction", "seq_mean")
 
 
+def _replays_each_step(c: RLConfig) -> list:
+    """The trace-replay presets score each token given the sampler's own state at its step:
+    trace rows, every step its own row (no shrinkage merges steps)."""
+    return [
+        (c.estimator == "trace",
+         f"{c.algo} scores each token given the sampler's state at its step (trace rows): "
+         f"estimator={c.estimator} does not replay the trajectory; set estimator: trace"),
+        (c.shrinkage == 1,
+         f"{c.algo} replays every sampler step as its own row: shrinkage={c.shrinkage} "
+         f"{'(the paper default, 8 on full attention) ' if c.shrinkage == 0 else ''}merges "
+         f"steps, so a token is scored in a state the sampler never saw; set shrinkage: 1 "
+         f"with estimator=trace"),
+    ]
+
+
+@dataclass
+class CJGRPOConfig(RLConfig):
+    """CJ-GRPO: "Taming Masked Diffusion Language Models via Consistency Trajectory Reinforcement
+    Learning with Fewer Decoding Step" (Yang et al. 2025, arXiv 2509.23924; code
+    github.com/yjyddq/EOSER-ASS-RL; DARE's llada_dp_actor_cj_grpo.py). Each token is scored
+    given the intermediate state the sampler unmasked it from (trace rows, shrinkage 1: every
+    step its own row), one token ratio each (DARE's collapse_cj_step_log_probs picks each
+    token's log-prob from its own step), the GRPO clip 0.2, group z-score advantages. The
+    reduction is the paper's Eq. 11 (as DARE's tests/test_cj_grpo_paper_exact.py writes it):
+    a token mean per transition (a trace step: one step of one block), a mean over a
+    completion's transitions, a mean over completions: token_weights=transition with
+    reduction=seq_mean. lr 5e-7 and weight decay 0.01 as DARE's recipes.
+
+    Differs: DARE's LLaDA actor averages each step's tokens over the whole micro-batch, then
+    over steps (not per completion), and its verl loss adds a dual clip c = 3 (here 0, as Eq.
+    11). Sampling stays the run's (compare's budget): DARE's LLaDA math recipe decodes two
+    tokens per step (sampling.steps=16 for 32-token blocks) at temperature 0.6. The paper's EOS
+    Early Rejection decoding and Ascending Step-Size schedule are not included (the sampler's
+    rules are dlmkern's: sampling.rule / schedule). Block (SDAR) and full-attention (LLaDA /
+    Dream) models."""
+
+    algo: ClassVar[str] = "cj_grpo"
+    shrinkage: int = _same("shrinkage", 1)
+    token_weights: str = _same("token_weights", "transition")
+    reduction: str = _same("reduction", "seq_mean")
+    lr: float = _same("lr", 5e-7)
+    weight_decay: float = _same("weight_decay", 0.01)
+
+    def validate(self, value_model: bool = False):
+        super().validate(value_model)
+        check_all(_replays_each_step(self))
+        return self
+
+
+@dataclass
+class JustGRPOConfig(RLConfig):
+    """JustGRPO: "The Flexibility Trap: Why Arbitrary Order Limits Reasoning Potential in
+    Diffusion Language Models" (Ni et al. 2026, arXiv 2601.15165; code
+    github.com/LeapLabTHU/JustGRPO; DARE's llada_dp_actor_justgrpo.py). The dLLM generates left
+    to right, one token per step (sampling.rule sequential), so trace rows with shrinkage 1 score
+    each token given exactly its prefix and [MASK] after it: the exact autoregressive-order
+    likelihood, trained with plain GRPO (token ratio, clip 0.2, group z-score advantages,
+    token-mean loss; lr 5e-7, weight decay 0.01: DARE's recipe).
+
+    One token per step: block models need sampling.steps == the model's block size (checked
+    against the model's config); full-attention models (the paper's LLaDA, whose code uses
+    block_length 1 and steps = gen_length) need steps per block (sampling.steps, or
+    sampling.steps_total / blocks) >= the block length (min(gen_block_length, max_new_tokens));
+    the preset's sampling.steps=32 matches gen_block_length 32. Other rules, the dream schedule,
+    shrinkage or estimators are refused at config time.
+
+    Differs: the authors' code sums each token's loss over the whole fixed canvas (EOS padding
+    included) / (gen_length x samples); here completions end at their EOS (after-EOS positions
+    are context only) and the loss is DARE's token mean; DARE's verl loss adds a dual clip c = 3
+    (here 0, as the paper's GRPO). Sampling temperature stays 1.0 (DARE's recipe: 0.6)."""
+
+    algo: ClassVar[str] = "justgrpo"
+    own_sampling: ClassVar[bool] = True
+    shrinkage: int = _same("shrinkage", 1)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(rule="sequential", steps=32),
+        metadata={f.name: f for f in dataclasses.fields(RLConfig)}["sampling"].metadata)
+    lr: float = _same("lr", 5e-7)
+    weight_decay: float = _same("weight_decay", 0.01)
+
+    def validate(self, value_model: bool = False):
+        super().validate(value_model)
+        s = self.sampling
+        check_all([*_replays_each_step(self),
+                   (s.rule == "sequential",
+                    f"justgrpo's likelihood is exact only in autoregressive order: "
+                    f"sampling.rule={s.rule} unmasks out of position order; set sampling.rule: "
+                    f"sequential (with one token per step: sampling.steps)"),
+                   (s.schedule == "even",
+                    f"justgrpo needs one token per step: sampling.schedule={s.schedule} can "
+                    f"unmask several at once with sampling.rule=sequential; set "
+                    f"sampling.schedule: even")])
+        return self
+
+    def check_model(self, model_config) -> None:
+        super().check_model(model_config)
+        s = self.sampling
+        if model_config.block_causal:
+            B = model_config.block_size
+            if s.steps != B:
+                raise ValueError(
+                    f"config: justgrpo decodes one token per step: sampling.steps={s.steps} must "
+                    f"equal the model's block_size={B} (fewer steps unmask several tokens at "
+                    f"once, so the likelihood is no longer autoregressive; more only repeat "
+                    f"forwards that unmask nothing)")
+            return
+        length = min(self.gen_block_length, self.max_new_tokens)
+        n_blocks = -(-self.max_new_tokens // length)
+        per_block = s.steps_total // n_blocks if s.steps_total else s.steps
+        if per_block < length:
+            key = (f"sampling.steps_total={s.steps_total} ({per_block} per block)"
+                   if s.steps_total else f"sampling.steps={s.steps}")
+            raise ValueError(
+                f"config: justgrpo decodes one token per step: {key} must be >= the block "
+                f"length min(gen_block_length, max_new_tokens)={length}, or a step unmasks "
+                f"several tokens and the likelihood is no longer autoregressive")
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig, ESPOConfig, GDPOConfig)
+                        DiffuGRPOConfig, ESPOConfig, GDPOConfig, CJGRPOConfig,
+                        JustGRPOConfig)
 }
