@@ -12,9 +12,10 @@ from dlmkern.trainers.rl_config import (
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
+    WD1Config,
 )
 from dlmkern.trainers.sft import SFT
 
 __all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
            "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "build_config", "load_config"]
+           "TraceRLConfig", "WD1Config", "build_config", "load_config"]

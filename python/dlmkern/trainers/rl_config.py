@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from dlmkern.ops.objective import REDUCTIONS
 from dlmkern.ops.objective import checks as objective_checks
+from dlmkern.rl.advantages import ADVANTAGES
 from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
 from dlmkern.sampling.rules import SamplingConfig
@@ -42,6 +43,10 @@ class RLConfig(DataConfig):
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
                          "full attention)")
+    advantage: str = opt("zscore", "per-completion advantage from the group's rewards: zscore "
+                         "((r - mean) / std, GRPO) | wd1 (wd1's weights softmax(wd1_psi * A) - "
+                         "softmax(-wd1_psi * A), A = r - mean; needs ratio_level: none)")
+    wd1_psi: float = opt(1.0, "advantage=wd1: the softmax's inverse temperature psi")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -129,6 +134,7 @@ class RLConfig(DataConfig):
              f"pass_rate_low: 0 and pass_rate_high: 1 (they are {self.pass_rate_low} / "
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
+            *_advantage_checks(self, valued),
             *_scored_sampling(self.sampling),
             *policy_checks(self),
             *objective_checks(self),
@@ -147,6 +153,22 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+
+
+def _advantage_checks(c: RLConfig, valued: bool) -> list:
+    """wd1's weights are the weights of a weighted likelihood (no ratio), over the group."""
+    return [
+        (c.advantage in ADVANTAGES,
+         f"advantage must be one of {', '.join(ADVANTAGES)}, got {c.advantage!r}"),
+        (c.wd1_psi > 0, f"wd1_psi must be > 0, got {c.wd1_psi}"),
+        (c.advantage != "wd1" or c.ratio_level == "none",
+         f"advantage=wd1 weights each completion's log-likelihood (wd1 has no importance "
+         f"ratio); ratio_level={c.ratio_level} would clip a ratio times those weights: set "
+         f"ratio_level: none"),
+        (c.advantage != "wd1" or not valued,
+         "advantage=wd1 is a group weight, and use_value_model replaces the group advantages by "
+         "GAE over trace steps: use one or the other"),
+    ]
 
 
 def _scored_sampling(s: SamplingConfig) -> list:
@@ -254,8 +276,50 @@ class DiffuGRPOConfig(RLConfig):
     estimator: str = _same("estimator", "diffu_grpo")
 
 
+@dataclass
+class WD1Config(RLConfig):
+    """wd1 (Tang, Dolga, Yoon, Bogunovic 2025, "wd1: Weighted Policy Optimization for Reasoning
+    in Diffusion Language Models", arXiv 2507.08838; code github.com/xiaohangt/wd1, trainer
+    ``wll_d1_neg``): a ratio-free weighted likelihood. Each completion's log-likelihood (d1's
+    one-step estimate: estimator diffu_grpo, the response all [MASK], the prompt masked at 15 %)
+    is weighted by w+ - w-, w+ = softmax over the group of psi * A, w- = softmax of -psi * A,
+    A = r - mean(r): loss = sum over the step's groups of -sum_i (w+_i - w-_i) sum_t log p_it,
+    divided by loss_normalizer = prompts_per_step (the authors' code: a sum over each
+    completion's tokens and the group's completions, averaged over the 8 groups of an optimizer
+    step: 6 per device x 4 devices x 2 accumulation steps / 6).
+
+    Defaults from the authors' wd1/train.yaml and run/wll_NP_gsm8k.sh: group 6, 256 tokens in
+    blocks of 32 with 128 denoising steps (16 per block), sampling temperature 0.9, lr 3e-6,
+    weight decay 0.1, grad-norm clip 0.2, 12 inner iterations (ppo_epochs), no KL term (the
+    main method's trainer loads no reference; beta is unused there). psi = 1 (the code's
+    softmax(A); the paper's psi is a free inverse temperature). Works on block and full-attention
+    models (the estimator's rows exist for both).
+
+    What differs: the authors train LoRA adapters on a 4-bit model (here: the full weights);
+    their 12 iterations each draw a fresh prompt mask (here the rows, and so the mask, are built
+    once per step and every epoch reuses them); the paper's reference-policy variant
+    (``wll_d1_neg_ref``) and wd1++ (step-wise weights) are not this preset; the paper leaves the
+    normaliser of the sum open and this takes the code's mean over groups."""
+
+    algo: ClassVar[str] = "wd1"
+    group_size: int = _same("group_size", 6)
+    max_new_tokens: int = _same("max_new_tokens", 256)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(steps=16, temperature=0.9),
+        metadata={f.name: f for f in dataclasses.fields(RLConfig)}["sampling"].metadata)
+    estimator: str = _same("estimator", "diffu_grpo")
+    advantage: str = _same("advantage", "wd1")
+    ratio_level: str = _same("ratio_level", "none")
+    reduction: str = _same("reduction", "sum")
+    loss_normalizer: float = _same("loss_normalizer", 8.0)
+    lr: float = _same("lr", 3e-6)
+    weight_decay: float = _same("weight_decay", 0.1)
+    max_grad_norm: float = _same("max_grad_norm", 0.2)
+    ppo_epochs: int = _same("ppo_epochs", 12)
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig)
+                        DiffuGRPOConfig, WD1Config)
 }

@@ -11,7 +11,7 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host
-from dlmkern.rl import group_zscore, keep_groups
+from dlmkern.rl import group_advantages, keep_groups
 from dlmkern.sampling import sampler_for
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
@@ -28,7 +28,7 @@ class RolloutBatch:
     group_size: int
     time_sample: float = 0.0
     time_reward: float = 0.0
-    advantages: torch.Tensor | None = field(default=None)  # [n] group z-scores (no value model)
+    advantages: torch.Tensor | None = field(default=None)  # [n] cfg.advantage (no value model)
 
     def __len__(self) -> int:
         return len(self.trajs)
@@ -114,7 +114,8 @@ class Rollout:
         batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
                              time.perf_counter() - t1)
         if with_advantages:  # computed once, here; a value model's GAE replaces them
-            batch.advantages = group_zscore(rewards, g)
+            batch.advantages = group_advantages(rewards, g, self.cfg.advantage,
+                                                self.cfg.wd1_psi)
         return batch
 
     @on_host
