@@ -9,6 +9,7 @@ from dlmkern.trainers.rl_config import (
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
+    IGPOConfig,
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
@@ -16,6 +17,6 @@ from dlmkern.trainers.rl_config import (
 )
 from dlmkern.trainers.sft import SFT
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
-           "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "WD1Config", "build_config", "load_config"]
+__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "IGPOConfig",
+           "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig",
+           "TraceRL", "TraceRLConfig", "WD1Config", "build_config", "load_config"]

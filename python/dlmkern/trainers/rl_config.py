@@ -58,6 +58,17 @@ class RLConfig(DataConfig):
     dynamic_sampling: bool = opt(False, "DAPO: train groups whose rewards differ (0 < pass rate "
                                  "< 1), oversample prompts to fill the step")
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
+    inpaint_column: str = opt("", "IGPO: the data column holding each prompt's reference "
+                              "solution; a group whose completions all fail (reward < "
+                              "pass_threshold) is re-sampled with chunks of it inpainted (fixed, "
+                              "never trained) and passing ones replace failed ones ('': off)")
+    inpaint_replacements: int = opt(4, "IGPO: passing inpainted completions that replace an "
+                                    "all-fail group's first completions, at most")
+    inpaint_share_low: float = opt(0.2, "IGPO: share of the solution's chunks revealed, drawn "
+                                   "uniformly in [low, high] per re-sampled completion")
+    inpaint_share_high: float = opt(0.6, "IGPO: see inpaint_share_low")
+    inpaint_chunk_min: int = opt(5, "IGPO: the solution is cut into chunks of min..max tokens")
+    inpaint_chunk_max: int = opt(10, "IGPO: see inpaint_chunk_min")
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
                            "exp of the mean log-ratio) | none (weighted likelihood, wd1); "
@@ -135,6 +146,7 @@ class RLConfig(DataConfig):
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
             *_advantage_checks(self, valued),
+            *_inpaint_checks(self),
             *_scored_sampling(self.sampling),
             *policy_checks(self),
             *objective_checks(self),
@@ -168,6 +180,20 @@ def _advantage_checks(c: RLConfig, valued: bool) -> list:
         (c.advantage != "wd1" or not valued,
          "advantage=wd1 is a group weight, and use_value_model replaces the group advantages by "
          "GAE over trace steps: use one or the other"),
+    ]
+
+
+def _inpaint_checks(c: RLConfig) -> list:
+    return [
+        (0 <= c.inpaint_share_low <= c.inpaint_share_high <= 1,
+         f"need 0 <= inpaint_share_low <= inpaint_share_high <= 1, got "
+         f"{c.inpaint_share_low} and {c.inpaint_share_high}"),
+        (1 <= c.inpaint_chunk_min <= c.inpaint_chunk_max,
+         f"need 1 <= inpaint_chunk_min <= inpaint_chunk_max, got {c.inpaint_chunk_min} and "
+         f"{c.inpaint_chunk_max}"),
+        (0 <= c.inpaint_replacements <= c.group_size,
+         f"inpaint_replacements={c.inpaint_replacements} must lie in [0, group_size="
+         f"{c.group_size}] (it replaces completions of one group)"),
     ]
 
 
@@ -318,8 +344,50 @@ class WD1Config(RLConfig):
     ppo_epochs: int = _same("ppo_epochs", 12)
 
 
+@dataclass
+class IGPOConfig(RLConfig):
+    """IGPO (Zhao et al. 2025, "Inpainting-Guided Policy Optimization for Diffusion Large
+    Language Models", arXiv 2509.10396; code github.com/facebookresearch/igpo): GRPO on d1's
+    one-step rows (estimator diffu_grpo), where a group whose completions all fail is re-sampled
+    with chunks of the prompt's reference solution inpainted in the response and up to 4 passing
+    re-sampled completions replace the group's first ones (dlmkern.trainers.inpaint). The
+    inpainted tokens are not the policy's actions: the rows keep them as clean context and never
+    train them. Set inpaint_column to the data column holding the solution (here: answer).
+
+    Defaults from the authors' run_igpo.sh / train.yaml: group 8, 256 tokens in blocks of 32
+    with 128 denoising steps (16 per block), temperature 1.2, lr 5e-7, weight decay 0.1,
+    grad-norm clip 0.2, 4 inner iterations (ppo_epochs), clip 0.2 / 0.2, k3 KL 0.01 to the
+    reference, revealed share U[0.2, 0.6] of chunks of 5-10 tokens, at most 4 replacements.
+    Works on block and full-attention models (the sampler holds the hints fixed in both).
+
+    What differs (choices where the code and this library part): the released run uses a GSPO
+    sequence ratio (use_gspo) where the paper writes GRPO's token ratio: this preset takes the
+    paper's (ratio_level: sequence gives the run's); the code keeps the 20 % highest-entropy
+    inpainted tokens in the loss (entropy_clipping_ratio_inpaint), here none is trained (they
+    were not sampled); the code stretches the chunks' spacing over the response and leaves its
+    last 30 tokens free, here chunks sit at their own offsets; its reference model is re-synced
+    every 64 steps, here it stays the initial policy; its d1 rows mask no prompt token, here
+    diffu_grpo masks 15 %; LoRA on a 4-bit model there, full weights here; a passing group is
+    replaced in order of the re-sampled completions (the code picks at random)."""
+
+    algo: ClassVar[str] = "igpo"
+    group_size: int = _same("group_size", 8)
+    max_new_tokens: int = _same("max_new_tokens", 256)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(steps=16, temperature=1.2),
+        metadata={f.name: f for f in dataclasses.fields(RLConfig)}["sampling"].metadata)
+    estimator: str = _same("estimator", "diffu_grpo")
+    inpaint_column: str = _same("inpaint_column", "answer")
+    lr: float = _same("lr", 5e-7)
+    weight_decay: float = _same("weight_decay", 0.1)
+    max_grad_norm: float = _same("max_grad_norm", 0.2)
+    ppo_epochs: int = _same("ppo_epochs", 4)
+    kl_coef: float = _same("kl_coef", 0.01)
+    kl_to: str = _same("kl_to", "ref")
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig, WD1Config)
+                        DiffuGRPOConfig, WD1Config, IGPOConfig)
 }
