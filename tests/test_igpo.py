@@ -212,7 +212,8 @@ def test_a_trainer_step_trains_with_inpainted_groups(tmp_path, family):
     ({"inpaint_share_low": 0.7, "inpaint_share_high": 0.5},
      ("inpaint_share_low", "inpaint_share_high")),
     ({"inpaint_chunk_min": 6, "inpaint_chunk_max": 3}, ("inpaint_chunk_min", "inpaint_chunk_max")),
-    ({"inpaint_replacements": 9, "group_size": 8}, ("inpaint_replacements=9", "group_size=8")),
+    ({"inpaint_replacements": 9, "group_size": 8, "inpaint_column": "answer"},
+     ("inpaint_replacements=9", "group_size=8")),
 ])
 def test_bad_settings_are_refused_naming_both_keys(over, keys):
     for make in (lambda: RLConfig(**over).validate(),

@@ -191,9 +191,10 @@ def _inpaint_checks(c: RLConfig) -> list:
         (1 <= c.inpaint_chunk_min <= c.inpaint_chunk_max,
          f"need 1 <= inpaint_chunk_min <= inpaint_chunk_max, got {c.inpaint_chunk_min} and "
          f"{c.inpaint_chunk_max}"),
-        (0 <= c.inpaint_replacements <= c.group_size,
-         f"inpaint_replacements={c.inpaint_replacements} must lie in [0, group_size="
-         f"{c.group_size}] (it replaces completions of one group)"),
+        (c.inpaint_replacements >= 0, "inpaint_replacements must be >= 0"),
+        (not c.inpaint_column or c.inpaint_replacements <= c.group_size,
+         f"inpaint_replacements={c.inpaint_replacements} must be <= group_size="
+         f"{c.group_size} (it replaces completions of one group)"),
     ]
 
 
