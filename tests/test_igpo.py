@@ -49,7 +49,8 @@ def test_the_sampler_holds_inpainted_positions_fixed(family):
 
 
 def _traj():
-    return Trajectory([1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15, 16], [0, 1, 1, 2, 3, 3, 4],
+    # the sampler's record: inpainted tokens have step -1 (visible before the first step)
+    return Trajectory([1, 2, 3, 4, 5], [10, 11, 12, 13, 14, 15, 16], [0, -1, -1, 1, 2, -1, 2],
                       inpainted=[1, 2, 5])
 
 
@@ -64,11 +65,10 @@ def test_no_rows_ever_train_an_inpainted_token(name, block_size):
     for i in t.inpainted:  # clean context wherever a row holds the position
         at = rows.layout.position_ids == P + i
         assert at.any() and torch.all(rows.input_ids[at] == t.token_ids[i])
-    # the rows of the same trajectory without inpainting do train those tokens (some estimator)
-    plain = Trajectory(t.prompt_ids, t.token_ids, t.step_map)
-    full = get_estimator(name).rows(plain, RowSpec(M, block_size),
-                                    torch.Generator().manual_seed(0))
-    if name in ("diffu_grpo", "trace"):
+    if name == "diffu_grpo":  # which, without the inpainted list, trains every token
+        plain = Trajectory(t.prompt_ids, t.token_ids, t.step_map)
+        full = get_estimator(name).rows(plain, RowSpec(M, block_size),
+                                        torch.Generator().manual_seed(0))
         assert set(t.inpainted) <= set(full.gen_index.tolist())
 
 
@@ -198,9 +198,11 @@ def test_loss_and_gradient_are_grpo_on_the_generated_tokens(family):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["sdar", "llada"])
-def test_a_trainer_step_trains_with_inpainted_groups(tmp_path, family):
-    tr = _igpo(tmp_path, family, kl_coef=0.01)
+@pytest.mark.parametrize("family, estimator", [("sdar", "diffu_grpo"), ("llada", "diffu_grpo"),
+                                               ("sdar", "trace"), ("llada", "trace")])
+def test_a_trainer_step_trains_with_inpainted_groups(tmp_path, family, estimator):
+    # trace rows too: the sampler's step -1 for inpainted tokens makes them context in every round
+    tr = _igpo(tmp_path, family, kl_coef=0.01, estimator=estimator)
     before = [p.detach().clone() for p in tr.model.parameters()]
     log = tr.train_step()
     assert "skipped" not in log and math.isfinite(log["loss"]), log
