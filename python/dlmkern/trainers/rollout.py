@@ -113,10 +113,13 @@ class Rollout:
             sampler = self.sampler(model)
             trajs = sampler.generate(prompts, n_samples=g, seeds=seeds)
             t1 = time.perf_counter()
-            rewards = self.score(rows, trajs)
-            if self.cfg.inpaint_column:  # IGPO: all-fail groups re-sampled with hints
+            rewards = None
+            if self.cfg.inpaint_column:  # IGPO: all-fail groups re-sampled with hints (it
+                rewards = self.score(rows, trajs)  # scores while the weights are gathered)
                 trajs, rewards = inpaint_failed(self, sampler, rows, prompts, trajs, rewards,
                                                 seeds)
+        if rewards is None:
+            rewards = self.score(rows, trajs)
         batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
                              time.perf_counter() - t1)
         if with_advantages:  # computed once, here; a value model's GAE replaces them
