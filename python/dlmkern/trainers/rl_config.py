@@ -326,7 +326,9 @@ class WD1Config(RLConfig):
     their 12 iterations each draw a fresh prompt mask (here the rows, and so the mask, are built
     once per step and every epoch reuses them); the paper's reference-policy variant
     (``wll_d1_neg_ref``) and wd1++ (step-wise weights) are not this preset; the paper leaves the
-    normaliser of the sum open and this takes the code's mean over groups."""
+    normaliser of the sum open and this takes the code's mean over groups; the log-likelihood is
+    scored under softmax(logits / 0.9), the policy the sampler drew from (this library's rule;
+    the authors' code scores the raw logits)."""
 
     algo: ClassVar[str] = "wd1"
     group_size: int = _same("group_size", 6)
@@ -361,15 +363,16 @@ class IGPOConfig(RLConfig):
     reference, revealed share U[0.2, 0.6] of chunks of 5-10 tokens, at most 4 replacements.
     Works on block and full-attention models (the sampler holds the hints fixed in both).
 
-    What differs (choices where the code and this library part): the released run uses a GSPO
-    sequence ratio (use_gspo) where the paper writes GRPO's token ratio: this preset takes the
-    paper's (ratio_level: sequence gives the run's); the code keeps the 20 % highest-entropy
+    What differs (choices where the code and this library part): the released run script sets
+    use_gspo (a sequence ratio; the trainer's default is off): this preset keeps GRPO's token
+    ratio, the algorithm's name (ratio_level: sequence gives the run's); the code keeps the 20 % highest-entropy
     inpainted tokens in the loss (entropy_clipping_ratio_inpaint), here none is trained (they
     were not sampled); the code stretches the chunks' spacing over the response and leaves its
     last 30 tokens free, here chunks sit at their own offsets; its reference model is re-synced
     every 64 steps, here it stays the initial policy; its d1 rows mask no prompt token, here
     diffu_grpo masks 15 %; LoRA on a 4-bit model there, full weights here; a passing group is
-    replaced in order of the re-sampled completions (the code picks at random)."""
+    replaced in order of the re-sampled completions (the code picks at random); log-probs are
+    scored under softmax(logits / 1.2), the sampler's policy (the code scores the raw logits)."""
 
     algo: ClassVar[str] = "igpo"
     group_size: int = _same("group_size", 8)
