@@ -117,6 +117,11 @@ def test_only_all_fail_groups_are_inpainted(tmp_path, family):
     assert on.rewards.tolist() == [1.0] * 6 + [0.0] * 2
     torch.testing.assert_close(on.advantages, group_advantages(on.rewards, 4))
     assert on.advantages[4] > 0 > on.advantages[6]
+    # a solution shorter than one chunk gives no hint: nothing is re-sampled
+    short = _igpo(tmp_path / "short", family, inpaint_chunk_min=5, inpaint_chunk_max=5)
+    same = short.rollout(ROWS)
+    assert [t.token_ids for t in same.trajs] == [t.token_ids for t in off.trajs]
+    assert not any(t.inpainted for t in same.trajs)
 
 
 def _token_logps(model, t, pm):

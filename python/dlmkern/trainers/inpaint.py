@@ -59,7 +59,8 @@ def inpaint_failed(rollout, sampler, rows: list[dict], prompts: list[list[int]],
     """IGPO on one rollout (rollout: dlmkern.trainers.rollout.Rollout, its config, tokenizer
     and rewards): re-sample the all-fail groups with hints from the row's `inpaint_column`,
     score them, and put up to inpaint_replacements passing ones in place of each group's first
-    completions. Returns the trajectories and rewards (new lists / tensor)."""
+    completions (a group whose solution yields no hint, shorter than one chunk, is not
+    re-sampled). Returns the trajectories and rewards (new lists / tensor)."""
     cfg, g = rollout.cfg, rollout.cfg.group_size
     failed = failed_groups(rewards, g, cfg.pass_threshold)
     if not failed or cfg.inpaint_replacements == 0:
@@ -69,10 +70,16 @@ def inpaint_failed(rollout, sampler, rows: list[dict], prompts: list[list[int]],
     if missing:
         raise ValueError(f"inpaint_column={key!r}: row {missing[0]} of this step has no "
                          f"reference solution in column {key!r} (IGPO inpaints it)")
-    hints = []
+    hints, hinted = [], []
     for gi in failed:
         gen = torch.Generator(device=HOST).manual_seed(seeds[gi * g] + SEED_OFFSET)
-        hints += group_hints(encode_plain(rollout.tok, str(rows[gi][key])), cfg, gen)
+        group = group_hints(encode_plain(rollout.tok, str(rows[gi][key])), cfg, gen)
+        if any(group):  # a solution shorter than one chunk gives no hint: left as it is
+            hints += group
+            hinted.append(gi)
+    failed = hinted
+    if not failed:
+        return trajs, rewards
     new = sampler.generate([prompts[gi] for gi in failed], n_samples=g,
                            seeds=[seeds[gi * g + k] + SEED_OFFSET for gi in failed
                                   for k in range(g)], inpaint=hints)
