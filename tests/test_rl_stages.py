@@ -174,8 +174,8 @@ def test_advantages_are_computed_once_by_one_estimator(tmp_path, monkeypatch):
     import dlmkern.trainers.rollout as rollout
 
     calls = []
-    real = rollout.group_zscore
-    monkeypatch.setattr(rollout, "group_zscore", lambda *a: calls.append(1) or real(*a))
+    real = rollout.group_advantages  # the config's advantage (zscore here)
+    monkeypatch.setattr(rollout, "group_advantages", lambda *a: calls.append(1) or real(*a))
     tr = TraceRL(_model(), TOK, DATA, parity, _cfg(tmp_path / "v", use_value_model=True))
     assert tr.rollout(DATA[:1]).advantages is None
     tr.train_step()

@@ -1,4 +1,5 @@
-"""Advantages (SPEC 4.3 / 4.4): group z-scores, group filters, and GAE over trace steps."""
+"""Advantages (SPEC 4.3 / 4.4): group z-scores, wd1's group weights, group filters, and GAE over
+trace steps."""
 
 from __future__ import annotations
 
@@ -18,6 +19,32 @@ def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     std = r.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(mean)
     adv = torch.where(std > 0, (r - mean) / (std + eps), torch.zeros_like(r))
     return adv.view(-1)
+
+
+ADVANTAGES = ("zscore", "wd1")
+
+
+def wd1_weights(rewards: torch.Tensor, group_size: int, psi: float = 1.0) -> torch.Tensor:
+    """wd1's per-completion weight w+ - w- (Tang et al. 2025): with A = r - mean(r) over the
+    group, w+ = softmax(psi * A) and w- = softmax(-psi * A) over the group's completions. The
+    objective -sum_i (w+_i - w-_i) log pi(o_i | q) raises the likelihood of completions above the
+    group mean and lowers that of those below; a group whose rewards are all equal has w+ = w-
+    (weight 0)."""
+    r = rewards.float().view(-1, group_size)
+    a = r - r.mean(-1, keepdim=True)
+    return (torch.softmax(psi * a, -1) - torch.softmax(-psi * a, -1)).view(-1)
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "zscore",
+                     psi: float = 1.0) -> torch.Tensor:
+    """Per-completion advantages from rewards [n] of consecutive groups (the config's
+    `advantage`): ``zscore`` (group_zscore: GRPO / TraceRL / DiPO) or ``wd1`` (wd1_weights, the
+    weights of wd1's weighted likelihood, with ratio_level none)."""
+    if kind == "zscore":
+        return group_zscore(rewards, group_size)
+    if kind == "wd1":
+        return wd1_weights(rewards, group_size, psi)
+    raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {kind!r}")
 
 
 def keep_groups(rewards: torch.Tensor, group_size: int, low: float, high: float,

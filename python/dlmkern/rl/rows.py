@@ -13,6 +13,8 @@ and their log-probs are unchanged (that block only fed itself), the rows are jus
 A copy that says what it masks of the trajectory's after-EOS context (Trajectory.after_eos_ids:
 the rest of the EOS block, or of a full-attention canvas) gets it placed after the response, as
 context only: never trained, never counted in the n generated tokens.
+Tokens the sampler was given rather than sampled (Trajectory.inpainted: IGPO's hints) are clean
+context in every copy and never trained, whatever the estimator's copies say.
 """
 
 from __future__ import annotations
@@ -165,6 +167,17 @@ def _after_eos(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> list[int]:
     return ids
 
 
+def _inpainted(traj, n: int) -> torch.Tensor:
+    """[n] bool: the generated tokens the sampler was given (Trajectory.inpainted, IGPO's
+    hints), not sampled: the sampler had them unmasked from the first step."""
+    given = torch.zeros(n, dtype=torch.bool)
+    idx = list(getattr(traj, "inpainted", []))
+    if any(not 0 <= i < n for i in idx):
+        raise ValueError(f"inpainted indices must lie in [0, {n}), got {idx}")
+    given[idx] = True
+    return given
+
+
 @on_host
 def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
     """Rows of ONE trajectory (prompt_ids, token_ids, after_eos_ids) from its noisy copies. A copy
@@ -177,6 +190,8 @@ def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
     step = torch.stack([c.step for c in copies]).long() if copies else empty.long()
     if bool(((step >= 0) & ~masked).any()):
         raise ValueError("a noisy copy trains a token it does not mask")
+    given = _inpainted(traj, n)  # never the policy's actions: clean context in every copy
+    masked, step = masked & ~given, step.masked_fill(given, -1)
     keep = masked.any(1).tolist()
     copies = [c for c, k in zip(copies, keep, strict=True) if k]
     given = {c.weight is not None for c in copies}

@@ -46,6 +46,9 @@ class Trajectory:
     # what the sampler still had after EOS (SPEC 4.1: rows see it, never train it); "length": []
     after_eos_ids: list[int] = field(default_factory=list)    # rest of the EOS block / canvas
     after_eos_steps: list[int] = field(default_factory=list)  # their steps (NOT_DECODED: [MASK])
+    # indices of token_ids given to the sampler (IGPO's inpainted hints), not sampled: their
+    # step is -1 (visible from the start) and no row ever trains them (dlmkern.rl.rows)
+    inpainted: list[int] = field(default_factory=list)
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;
@@ -65,6 +68,7 @@ class _Seq:
     limit: int             # prompt length + max_new_tokens
     step: int = 0          # next global step id
     done: bool = False
+    given: dict[int, int] = field(default_factory=dict)  # fixed response tokens (inpaint)
 
 
 class _BlockState:
@@ -118,15 +122,17 @@ class BlockSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None,
+                 inpaint: list[dict[int, int] | None] | None = None):
         """One trajectory per (prompt, sample). Each sequence draws from its own CPU generator
         (seeded `seed * 1000003 + index`, or `seeds[index]`) a fixed number of uniforms per
         block, so a sequence's tokens do not depend on which other sequences share the batch
         (or the rank). At most `config.max_seqs` sequences run at a time, each chunk with its
-        own KV cache (freed before the next): the same tokens as one batch."""
+        own KV cache (freed before the next): the same tokens as one batch. `inpaint`: per
+        sequence, response tokens held fixed from the start (rules.check_inpaint)."""
         self.step_shapes = []  # live-row buckets used (captured graphs), over every chunk
         return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
-                         self._planned)
+                         self._planned, inpaint)
 
     def _planned(self, prompt: list[int]) -> Trajectory:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
@@ -134,10 +140,11 @@ class BlockSampler:
 
         return block_trajectory(prompt, self.max_new_tokens, self.B, self.cfg)
 
-    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Trajectory]:
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  given: list[dict[int, int]]) -> list[Trajectory]:
         device = next(self.model.parameters()).device
-        seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens)
-                for p in prompts]
+        seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens, given=g)
+                for p, g in zip(prompts, given, strict=True)]
         draws = SequenceDraws(len(seqs), seeds=seeds)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else (
             self.use_cache and (device.type == "cuda" or planning() is not None))
@@ -206,8 +213,7 @@ class BlockSampler:
         # Host-side plan of the whole block: static counts per step and every uniform draw.
         fixed = cfg.rule in ("static", "sequential")
         n_iter = cfg.steps if fixed else B
-        sched = [transfer_schedule(max(e - g, 0), cfg.steps)
-                 for g, (_, e) in zip(gen, spans, strict=True)]
+        sched = [transfer_schedule(sum(m), cfg.steps) for m in masked]  # inpainted: fixed
         n_static = torch.tensor(sched, dtype=torch.long, device=HOST).T.contiguous().to(device)
         uniforms = None  # [n_iter, S, B]
         if cfg.temperature > 0:
@@ -232,15 +238,20 @@ class BlockSampler:
         self._finish_block(seqs, spans[:len(seqs)], gen[:len(seqs)], st)
 
     def _block_slots(self, seqs, spans, gen, S):
-        """[S, B] host lists of the block's starting tokens (prompt tail, else [MASK]) and of the
-        slots still to generate: built as lists, one tensor each (no per-sequence tensor op)."""
+        """[S, B] host lists of the block's starting tokens (prompt tail, inpainted tokens, else
+        [MASK]) and of the slots still to generate: built as lists, one tensor each (no
+        per-sequence tensor op)."""
         B, mask = self.B, self.mask_id
         tokens = [[mask] * B for _ in range(S)]
         masked = [[False] * B for _ in range(S)]
         for i, (s, (a, e)) in enumerate(zip(seqs, spans, strict=False)):  # real ones only
             tail = s.tokens[a:]
             tokens[i][: len(tail)] = tail
-            masked[i][gen[i] - a: e - a] = [True] * max(e - gen[i], 0)
+            P = len(s.traj.prompt_ids)
+            for j in range(gen[i] - a, e - a):
+                fixed = s.given.get(a + j - P)
+                tokens[i][j] = mask if fixed is None else fixed
+                masked[i][j] = fixed is None
         return tokens, masked
 
     def _finish_block(self, seqs, spans, gen, st):
@@ -255,6 +266,8 @@ class BlockSampler:
             s.tokens.extend(new)
             s.step = counter[i]
             t = s.traj
+            P = len(t.prompt_ids)
+            t.inpainted.extend(r for r in range(gen[i] - P, e - P) if r in s.given)
             t.token_ids.extend(new)
             t.step_map.extend(step_map[i][gen[i] - a: e - a])
             t.logprobs.extend(logprobs[i][gen[i] - a: e - a])
@@ -311,6 +324,7 @@ def end_at_eos(t: Trajectory, n: int, masked_after: int = 0, mask_id: int | None
     t.after_eos_ids = t.token_ids[n:] + [mask_id] * masked_after
     t.after_eos_steps = t.step_map[n:] + [NOT_DECODED] * masked_after
     t.token_ids, t.step_map, t.logprobs = t.token_ids[:n], t.step_map[:n], t.logprobs[:n]
+    t.inpainted = [r for r in t.inpainted if r < n]
     t.finish_reason = "eos"
 
 

@@ -77,11 +77,13 @@ class FullSampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n_samples: int = 1, seed: int = 0,
-                 seeds: list[int] | None = None):
+                 seeds: list[int] | None = None,
+                 inpaint: list[dict[int, int] | None] | None = None):
         """Like BlockSampler.generate (one generator per sequence, see SequenceDraws; at most
-        `config.max_seqs` sequences at a time)."""
+        `config.max_seqs` sequences at a time; `inpaint`: response tokens written into the
+        canvas before the first step and never masked)."""
         return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
-                         self._planned)
+                         self._planned, inpaint)
 
     def _planned(self, prompt: list[int]) -> Trajectory:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
@@ -89,12 +91,15 @@ class FullSampler:
 
         return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg)
 
-    def _generate(self, prompts: list[list[int]], seeds: list[int]) -> list[Trajectory]:
+    def _generate(self, prompts: list[list[int]], seeds: list[int],
+                  given: list[dict[int, int]]) -> list[Trajectory]:
         device = next(self.model.parameters()).device
         draws = SequenceDraws(len(prompts), seeds=seeds)
         lens = [len(p) + self.gen_length for p in prompts]
-        self._offsets = layouts.offsets(lens)
-        canvas = torch.tensor([t for p in prompts for t in p + [self.mask_id] * self.gen_length],
+        self._offsets, self._given = layouts.offsets(lens), given
+        canvas = torch.tensor([t for p, g in zip(prompts, given, strict=True)
+                               for t in p + [g.get(j, self.mask_id)
+                                             for j in range(self.gen_length)]],
                               dtype=torch.long, device=HOST).to(device)
         # with guidance the forward runs [canvases | canvases with the prompts masked]
         copies = 2 if self.cfg.cfg_scale else 1
@@ -112,7 +117,7 @@ class FullSampler:
             hi = min(lo + self.block_length, self.gen_length)
             blk = self._plan(prompts, done, counter, draws, lo, hi, canvas, device)
             self._denoise(blk, canvas)
-            self._finish_block(blk, canvas, trajs, done, counter, self.gen_length - hi)
+            self._finish_block(blk, canvas, trajs, done, counter, lo, hi)
         if plan is not None:  # the planner's worst case stands for what it cannot read
             return [self._planned(p) for p in prompts]
         return trajs
@@ -125,8 +130,10 @@ class FullSampler:
         slots = torch.tensor([[o + len(p) + lo + j for j in range(n)]
                               for o, p in zip(self._offsets, prompts, strict=False)],
                              dtype=torch.long, device=HOST)
+        masked = [[on and lo + j not in g for j in range(n)]  # inpainted slots: fixed
+                  for on, g in zip(live, self._given, strict=True)]
         if cfg.rule in ("static", "sequential"):
-            counts = [_static_counts(cfg, n if on else 0) for on in live]
+            counts = [_static_counts(cfg, sum(m)) for m in masked]
             # steps after the last one that unmasks anything do nothing: not run
             n_iter = max((k + 1 for cs in counts for k, c in enumerate(cs) if c), default=0)
             counts = [cs[:n_iter] for cs in counts]
@@ -135,7 +142,7 @@ class FullSampler:
             counts = [[0] * n_iter for _ in live]
         blk = _Block(
             slots=slots.to(device),
-            masked=torch.tensor(live, device=HOST)[:, None].expand(S, n).contiguous().to(device),
+            masked=torch.tensor(masked, dtype=torch.bool, device=HOST).view(S, n).to(device),
             step_map=torch.full((S, n), -1, dtype=torch.long, device=device),
             logprobs=torch.zeros(S, n, dtype=torch.float32, device=device),
             counter=torch.tensor(counter, dtype=torch.long, device=HOST).to(device),
@@ -217,10 +224,10 @@ class FullSampler:
                 if finished:
                     break
 
-    def _finish_block(self, blk: _Block, canvas, trajs, done, counter, masked_after: int):
+    def _finish_block(self, blk: _Block, canvas, trajs, done, counter, lo: int, hi: int):
         """The block's one read-back: tokens, step map, log-probs and counters to the host; a
         sequence whose block holds EOS ends there (its after_eos context: the rest of the canvas,
-        the `masked_after` positions after this block still [MASK])."""
+        the positions after this block still [MASK] but for inpainted ones)."""
         tokens, step_map, logprobs, counters = read(
             canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape), blk.step_map,
             blk.logprobs, blk.counter)
@@ -233,8 +240,14 @@ class FullSampler:
             t.token_ids.extend(tokens[i])
             t.step_map.extend(step_map[i])
             t.logprobs.extend(logprobs[i])
+            g = self._given[i]
+            t.inpainted.extend(r for r in range(lo, hi) if r in g)
             if self.eos is not None and self.eos in tokens[i]:
-                end_at_eos(t, t.token_ids.index(self.eos) + 1, masked_after, self.mask_id)
+                n = t.token_ids.index(self.eos) + 1
+                end_at_eos(t, n, self.gen_length - hi, self.mask_id)
+                for r in range(hi, self.gen_length):  # later inpainted tokens: in the canvas
+                    if r in g:
+                        t.after_eos_ids[r - n], t.after_eos_steps[r - n] = g[r], -1
                 done[i] = True
 
 

@@ -114,22 +114,40 @@ def sequence_seeds(n: int, seed: int = 0, seeds: list[int] | None = None) -> lis
 
 
 def in_chunks(generate_chunk, prompts: list[list[int]], n_samples: int, seed: int,
-              seeds: list[int] | None, max_seqs: int, planned=None) -> list:
+              seeds: list[int] | None, max_seqs: int, planned=None,
+              inpaint: list[dict[int, int] | None] | None = None) -> list:
     """A sampler's generate over (prompt, sample) sequences, at most `max_seqs` at a time (0:
-    all): `generate_chunk(prompts, seeds)` runs one chunk (its own cache). Each sequence keeps
-    its own seed, so the tokens do not depend on the chunking. While dlmkern.plan runs, only the
-    first chunk runs: `planned(prompt)` gives the others' worst-case trajectories."""
+    all): `generate_chunk(prompts, seeds, inpaint)` runs one chunk (its own cache). Each
+    sequence keeps its own seed, so the tokens do not depend on the chunking. While dlmkern.plan
+    runs, only the first chunk runs: `planned(prompt)` gives the others' worst-case
+    trajectories. `inpaint`: per sequence, {response index: token} held fixed (IGPO), or None."""
     from dlmkern._host import planning
 
     flat = [list(p) for p in prompts for _ in range(n_samples)]
     sd = sequence_seeds(len(flat), seed, seeds)
+    given = check_inpaint(inpaint, len(flat))
     step = max_seqs or max(len(flat), 1)
     out = []
     for lo in range(0, len(flat), step):
         if lo and planning() is not None:
             out += [planned(p) for p in flat[lo:]]
             break
-        out += generate_chunk(flat[lo:lo + step], sd[lo:lo + step])
+        out += generate_chunk(flat[lo:lo + step], sd[lo:lo + step], given[lo:lo + step])
+    return out
+
+
+def check_inpaint(inpaint, n: int) -> list[dict[int, int]]:
+    """The sequences' fixed response tokens ({response index: token}, {} for none): a sampler
+    writes them into the response before the first step and never masks nor resamples them;
+    the trajectory lists them in Trajectory.inpainted."""
+    if inpaint is None:
+        return [{} for _ in range(n)]
+    if len(inpaint) != n:
+        raise ValueError(f"inpaint: one entry per (prompt, sample) sequence, {n}; got "
+                         f"{len(inpaint)}")
+    out = [dict(x or {}) for x in inpaint]
+    if any(int(r) < 0 for x in out for r in x):
+        raise ValueError("inpaint: response indices must be >= 0")
     return out
 
 

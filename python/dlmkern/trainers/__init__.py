@@ -12,14 +12,16 @@ from dlmkern.trainers.rl_config import (
     DiPOConfig,
     ESPOConfig,
     GDPOConfig,
+    IGPOConfig,
     JustGRPOConfig,
     RandomMaskConfig,
     RLConfig,
     TraceRLConfig,
+    WD1Config,
 )
 from dlmkern.trainers.sft import SFT
 
 __all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
-           "DiffuGRPOConfig", "ESPOConfig", "GDPOConfig", "JustGRPOConfig", "Preempted",
-           "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "build_config", "load_config"]
+           "DiffuGRPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig", "JustGRPOConfig",
+           "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
+           "TraceRLConfig", "WD1Config", "build_config", "load_config"]

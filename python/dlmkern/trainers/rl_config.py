@@ -16,6 +16,7 @@ from typing import ClassVar
 
 from dlmkern.ops.objective import REDUCTIONS
 from dlmkern.ops.objective import checks as objective_checks
+from dlmkern.rl.advantages import ADVANTAGES
 from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
 from dlmkern.sampling.rules import SamplingConfig
@@ -51,6 +52,10 @@ class RLConfig(DataConfig):
                                 "masking round(t_k n) tokens each)")
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
                          "full attention)")
+    advantage: str = opt("zscore", "per-completion advantage from the group's rewards: zscore "
+                         "((r - mean) / std, GRPO) | wd1 (wd1's weights softmax(wd1_psi * A) - "
+                         "softmax(-wd1_psi * A), A = r - mean; needs ratio_level: none)")
+    wd1_psi: float = opt(1.0, "advantage=wd1: the softmax's inverse temperature psi")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -62,6 +67,17 @@ class RLConfig(DataConfig):
     dynamic_sampling: bool = opt(False, "DAPO: train groups whose rewards differ (0 < pass rate "
                                  "< 1), oversample prompts to fill the step")
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
+    inpaint_column: str = opt("", "IGPO: the data column holding each prompt's reference "
+                              "solution; a group whose completions all fail (reward < "
+                              "pass_threshold) is re-sampled with chunks of it inpainted (fixed, "
+                              "never trained) and passing ones replace failed ones ('': off)")
+    inpaint_replacements: int = opt(4, "IGPO: passing inpainted completions that replace an "
+                                    "all-fail group's first completions, at most")
+    inpaint_share_low: float = opt(0.2, "IGPO: share of the solution's chunks revealed, drawn "
+                                   "uniformly in [low, high] per re-sampled completion")
+    inpaint_share_high: float = opt(0.6, "IGPO: see inpaint_share_low")
+    inpaint_chunk_min: int = opt(5, "IGPO: the solution is cut into chunks of min..max tokens")
+    inpaint_chunk_max: int = opt(10, "IGPO: see inpaint_chunk_min")
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
                            "exp of the mean log-ratio) | none (weighted likelihood, wd1)")
@@ -148,6 +164,8 @@ class RLConfig(DataConfig):
              f"pass_rate_low: 0 and pass_rate_high: 1 (they are {self.pass_rate_low} / "
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
+            *_advantage_checks(self, valued),
+            *_inpaint_checks(self),
             *_scored_sampling(self.sampling),
             *_estimator_checks(self),
             *policy_checks(self),
@@ -191,6 +209,37 @@ def _estimator_checks(c: RLConfig) -> list:
          f"estimator=quadrature's copies are quadrature nodes, meaningful only with their ELBO "
          f"weights w_k / t_k; token_weights={c.token_weights} drops them: set token_weights: "
          f"elbo"),
+    ]
+
+
+def _advantage_checks(c: RLConfig, valued: bool) -> list:
+    """wd1's weights are the weights of a weighted likelihood (no ratio), over the group."""
+    return [
+        (c.advantage in ADVANTAGES,
+         f"advantage must be one of {', '.join(ADVANTAGES)}, got {c.advantage!r}"),
+        (c.wd1_psi > 0, f"wd1_psi must be > 0, got {c.wd1_psi}"),
+        (c.advantage != "wd1" or c.ratio_level == "none",
+         f"advantage=wd1 weights each completion's log-likelihood (wd1 has no importance "
+         f"ratio); ratio_level={c.ratio_level} would clip a ratio times those weights: set "
+         f"ratio_level: none"),
+        (c.advantage != "wd1" or not valued,
+         "advantage=wd1 is a group weight, and use_value_model replaces the group advantages by "
+         "GAE over trace steps: use one or the other"),
+    ]
+
+
+def _inpaint_checks(c: RLConfig) -> list:
+    return [
+        (0 <= c.inpaint_share_low <= c.inpaint_share_high <= 1,
+         f"need 0 <= inpaint_share_low <= inpaint_share_high <= 1, got "
+         f"{c.inpaint_share_low} and {c.inpaint_share_high}"),
+        (1 <= c.inpaint_chunk_min <= c.inpaint_chunk_max,
+         f"need 1 <= inpaint_chunk_min <= inpaint_chunk_max, got {c.inpaint_chunk_min} and "
+         f"{c.inpaint_chunk_max}"),
+        (c.inpaint_replacements >= 0, "inpaint_replacements must be >= 0"),
+        (not c.inpaint_column or c.inpaint_replacements <= c.group_size,
+         f"inpaint_replacements={c.inpaint_replacements} must be <= group_size="
+         f"{c.group_size} (it replaces completions of one group)"),
     ]
 
 
@@ -472,9 +521,96 @@ class JustGRPOConfig(RLConfig):
                 f"several tokens and the likelihood is no longer autoregressive")
 
 
+@dataclass
+class WD1Config(RLConfig):
+    """wd1 (Tang, Dolga, Yoon, Bogunovic 2025, "wd1: Weighted Policy Optimization for Reasoning
+    in Diffusion Language Models", arXiv 2507.08838; code github.com/xiaohangt/wd1, trainer
+    ``wll_d1_neg``): a ratio-free weighted likelihood. Each completion's log-likelihood (d1's
+    one-step estimate: estimator diffu_grpo, the response all [MASK], the prompt masked at 15 %)
+    is weighted by w+ - w-, w+ = softmax over the group of psi * A, w- = softmax of -psi * A,
+    A = r - mean(r): loss = sum over the step's groups of -sum_i (w+_i - w-_i) sum_t log p_it,
+    divided by loss_normalizer = prompts_per_step (the authors' code: a sum over each
+    completion's tokens and the group's completions, averaged over the 8 groups of an optimizer
+    step: 6 per device x 4 devices x 2 accumulation steps / 6).
+
+    Defaults from the authors' wd1/train.yaml and run/wll_NP_gsm8k.sh: group 6, 256 tokens in
+    blocks of 32 with 128 denoising steps (16 per block), sampling temperature 0.9, lr 3e-6,
+    weight decay 0.1, grad-norm clip 0.2, 12 inner iterations (ppo_epochs), no KL term (the
+    main method's trainer loads no reference; beta is unused there). psi = 1 (the code's
+    softmax(A); the paper's psi is a free inverse temperature). Works on block and full-attention
+    models (the estimator's rows exist for both).
+
+    What differs: the authors train LoRA adapters on a 4-bit model (here: the full weights);
+    their 12 iterations each draw a fresh prompt mask (here the rows, and so the mask, are built
+    once per step and every epoch reuses them); the paper's reference-policy variant
+    (``wll_d1_neg_ref``) and wd1++ (step-wise weights) are not this preset; the paper leaves the
+    normaliser of the sum open and this takes the code's mean over groups; the log-likelihood is
+    scored under softmax(logits / 0.9), the policy the sampler drew from (this library's rule;
+    the authors' code scores the raw logits)."""
+
+    algo: ClassVar[str] = "wd1"
+    group_size: int = _same("group_size", 6)
+    max_new_tokens: int = _same("max_new_tokens", 256)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(steps=16, temperature=0.9),
+        metadata={f.name: f for f in dataclasses.fields(RLConfig)}["sampling"].metadata)
+    estimator: str = _same("estimator", "diffu_grpo")
+    advantage: str = _same("advantage", "wd1")
+    ratio_level: str = _same("ratio_level", "none")
+    reduction: str = _same("reduction", "sum")
+    loss_normalizer: float = _same("loss_normalizer", 8.0)
+    lr: float = _same("lr", 3e-6)
+    weight_decay: float = _same("weight_decay", 0.1)
+    max_grad_norm: float = _same("max_grad_norm", 0.2)
+    ppo_epochs: int = _same("ppo_epochs", 12)
+
+
+@dataclass
+class IGPOConfig(RLConfig):
+    """IGPO (Zhao et al. 2025, "Inpainting-Guided Policy Optimization for Diffusion Large
+    Language Models", arXiv 2509.10396; code github.com/facebookresearch/igpo): GRPO on d1's
+    one-step rows (estimator diffu_grpo), where a group whose completions all fail is re-sampled
+    with chunks of the prompt's reference solution inpainted in the response and up to 4 passing
+    re-sampled completions replace the group's first ones (dlmkern.trainers.inpaint). The
+    inpainted tokens are not the policy's actions: the rows keep them as clean context and never
+    train them. Set inpaint_column to the data column holding the solution (here: answer).
+
+    Defaults from the authors' run_igpo.sh / train.yaml: group 8, 256 tokens in blocks of 32
+    with 128 denoising steps (16 per block), temperature 1.2, lr 5e-7, weight decay 0.1,
+    grad-norm clip 0.2, 4 inner iterations (ppo_epochs), clip 0.2 / 0.2, k3 KL 0.01 to the
+    reference, revealed share U[0.2, 0.6] of chunks of 5-10 tokens, at most 4 replacements.
+    Works on block and full-attention models (the sampler holds the hints fixed in both).
+
+    What differs (choices where the code and this library part): the released run script sets
+    use_gspo (a sequence ratio; the trainer's default is off): this preset keeps GRPO's token
+    ratio, the algorithm's name (ratio_level: sequence gives the run's); the code keeps the 20 %
+    highest-entropy inpainted tokens in the loss (entropy_clipping_ratio_inpaint), here none is
+    trained (they were not sampled); the code stretches the chunks' spacing over the response and leaves its
+    last 30 tokens free, here chunks sit at their own offsets; its reference model is re-synced
+    every 64 steps, here it stays the initial policy; its d1 rows mask no prompt token, here
+    diffu_grpo masks 15 %; LoRA on a 4-bit model there, full weights here; a passing group is
+    replaced in order of the re-sampled completions (the code picks at random); log-probs are
+    scored under softmax(logits / 1.2), the sampler's policy (the code scores the raw logits)."""
+
+    algo: ClassVar[str] = "igpo"
+    group_size: int = _same("group_size", 8)
+    max_new_tokens: int = _same("max_new_tokens", 256)
+    sampling: SamplingConfig = dataclasses.field(
+        default_factory=lambda: SamplingConfig(steps=16, temperature=1.2),
+        metadata={f.name: f for f in dataclasses.fields(RLConfig)}["sampling"].metadata)
+    estimator: str = _same("estimator", "diffu_grpo")
+    inpaint_column: str = _same("inpaint_column", "answer")
+    lr: float = _same("lr", 5e-7)
+    weight_decay: float = _same("weight_decay", 0.1)
+    max_grad_norm: float = _same("max_grad_norm", 0.2)
+    ppo_epochs: int = _same("ppo_epochs", 4)
+    kl_coef: float = _same("kl_coef", 0.01)
+    kl_to: str = _same("kl_to", "ref")
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
                         DiffuGRPOConfig, ESPOConfig, GDPOConfig, CJGRPOConfig,
-                        JustGRPOConfig)
+                        JustGRPOConfig, WD1Config, IGPOConfig)
 }

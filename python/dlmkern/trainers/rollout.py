@@ -1,5 +1,6 @@
-"""The rollout stage (SPEC 4.6): sample completions with the live weights, score them, and the
-group filters and pass rates that read only rewards. Produces a `RolloutBatch`."""
+"""The rollout stage (SPEC 4.6): sample completions with the live weights, score them (IGPO:
+re-sample all-fail groups with inpainted hints, dlmkern.trainers.inpaint), and the group filters
+and pass rates that read only rewards. Produces a `RolloutBatch`."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import torch
 
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host
-from dlmkern.rl import group_zscore, keep_groups
+from dlmkern.rl import group_advantages, keep_groups
 from dlmkern.sampling import sampler_for
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
+from dlmkern.trainers.inpaint import inpaint_failed
 from dlmkern.trainers.rl_config import RLConfig
 
 
@@ -28,7 +30,7 @@ class RolloutBatch:
     group_size: int
     time_sample: float = 0.0
     time_reward: float = 0.0
-    advantages: torch.Tensor | None = field(default=None)  # [n] group z-scores (no value model)
+    advantages: torch.Tensor | None = field(default=None)  # [n] cfg.advantage (no value model)
 
     def __len__(self) -> int:
         return len(self.trajs)
@@ -108,13 +110,21 @@ class Rollout:
             if not rows:
                 return RolloutBatch([], torch.zeros(0, device=HOST), [], g)
             prompts = [self.prompt_format.encode(r, self.tok) for r in rows]
-            trajs = self.sampler(model).generate(prompts, n_samples=g, seeds=seeds)
-        t1 = time.perf_counter()
-        rewards = self.score(rows, trajs)
+            sampler = self.sampler(model)
+            trajs = sampler.generate(prompts, n_samples=g, seeds=seeds)
+            t1 = time.perf_counter()
+            rewards = None
+            if self.cfg.inpaint_column:  # IGPO: all-fail groups re-sampled with hints (it
+                rewards = self.score(rows, trajs)  # scores while the weights are gathered)
+                trajs, rewards = inpaint_failed(self, sampler, rows, prompts, trajs, rewards,
+                                                seeds)
+        if rewards is None:
+            rewards = self.score(rows, trajs)
         batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
                              time.perf_counter() - t1)
         if with_advantages:  # computed once, here; a value model's GAE replaces them
-            batch.advantages = group_zscore(rewards, g)
+            batch.advantages = group_advantages(rewards, g, self.cfg.advantage,
+                                                self.cfg.wd1_psi)
         return batch
 
     @on_host
@@ -171,13 +181,18 @@ def collect(trainer):
 @on_host
 def reward_stats(sampled: RolloutBatch, cfg: RLConfig) -> dict:
     """Reward mean / std and pass rate over every sampled completion on every rank, and the
-    groups and tokens sampled (dynamic sampling: every round's)."""
+    groups and tokens sampled (dynamic sampling: every round's); IGPO: the completions kept
+    with inpainted hints (their rewards are in the mean)."""
     r = sampled.rewards
     n = distributed.all_sum(r.numel())
     mean = distributed.all_sum(float(r.sum())) / n
     sq = distributed.all_sum(float((r - mean).pow(2).sum()))
     passed = distributed.all_sum(float((r >= cfg.pass_threshold).sum()))
-    return {"reward_mean": mean, "reward_std": math.sqrt(sq / (n - 1)) if n > 1 else 0.0,
-            "pass_rate": passed / n, "sampled_groups": int(n) // cfg.group_size,
-            "sampled_tokens": int(distributed.all_sum(sum(len(t.token_ids)
-                                                          for t in sampled.trajs)))}
+    out = {"reward_mean": mean, "reward_std": math.sqrt(sq / (n - 1)) if n > 1 else 0.0,
+           "pass_rate": passed / n, "sampled_groups": int(n) // cfg.group_size,
+           "sampled_tokens": int(distributed.all_sum(sum(len(t.token_ids)
+                                                         for t in sampled.trajs)))}
+    if cfg.inpaint_column:  # IGPO: completions that hold inpainted hints
+        out["inpainted"] = int(distributed.all_sum(sum(bool(t.inpainted)
+                                                       for t in sampled.trajs)))
+    return out
