@@ -17,7 +17,8 @@ from dlmkern.compare import COLUMNS, compare, parse_algos, plan
 from dlmkern.data import CharTokenizer
 from dlmkern.demo import DemoSize, compare_task
 from dlmkern.models import DiffusionLM, tiny_config
-from dlmkern.trainers.rl_config import PRESETS, RLConfig
+from dlmkern.trainers.presets import PRESETS
+from dlmkern.trainers.rl_config import RLConfig
 
 TOK = CharTokenizer()
 STEPS, PROMPTS, GROUP = 2, 2, 4

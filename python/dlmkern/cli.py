@@ -250,7 +250,7 @@ def main(argv=None):
                    "(the equal-time control) and print the three accuracies")
     d.set_defaults(fn=cmd_demo)
     from dlmkern.compare import default_algos
-    from dlmkern.trainers.rl_config import PRESETS
+    from dlmkern.trainers.presets import PRESETS
 
     cmp_ = sub.add_parser(
         "compare", help="train one task under several algorithms with equal rollout budgets: "

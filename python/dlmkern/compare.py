@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from dlmkern.trainers.rl_config import PRESETS, RLConfig
+from dlmkern.trainers.presets import PRESETS
+from dlmkern.trainers.rl_config import RLConfig
 
 if TYPE_CHECKING:
     from dlmkern.runfile import RunFile

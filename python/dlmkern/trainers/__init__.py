@@ -3,8 +3,7 @@ RLTrainer with their preset), and SFT."""
 
 from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.preemption import Preempted
-from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
-from dlmkern.trainers.rl_config import (
+from dlmkern.trainers.presets import (
     PRESETS,
     CJGRPOConfig,
     CoupledGRPOConfig,
@@ -15,10 +14,11 @@ from dlmkern.trainers.rl_config import (
     IGPOConfig,
     JustGRPOConfig,
     RandomMaskConfig,
-    RLConfig,
     TraceRLConfig,
     WD1Config,
 )
+from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
+from dlmkern.trainers.rl_config import RLConfig
 from dlmkern.trainers.sft import SFT
 
 __all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",

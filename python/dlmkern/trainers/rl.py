@@ -35,7 +35,8 @@ from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import plan_step, planned_trajectories
-from dlmkern.trainers.rl_config import DiPOConfig, RLConfig, TraceRLConfig
+from dlmkern.trainers.presets import DiPOConfig, TraceRLConfig
+from dlmkern.trainers.rl_config import RLConfig
 from dlmkern.trainers.rollout import Rollout, RolloutBatch, collect, reward_stats
 from dlmkern.trainers.update import Update, UpdateModels, UpdateSettings
 
