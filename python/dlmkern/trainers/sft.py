@@ -14,7 +14,7 @@ from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import HeldOut, eval_due
 from dlmkern.models import DiffusionLM
 from dlmkern.models.io import load_config, load_for_run, run_target
-from dlmkern.ops import check_device_errors, layouts, masked_logprobs
+from dlmkern.ops import check_device_errors
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import (
     check_output_dir,
@@ -23,6 +23,7 @@ from dlmkern.trainers.checks import (
     require_column,
 )
 from dlmkern.trainers.config import SFTConfig, to_dict
+from dlmkern.trainers.elbo import Packed, masked_token_logprobs, pack_masked
 from dlmkern.trainers.logging import RunLogger
 from dlmkern.trainers.optim import MixedPrecisionAdamW
 from dlmkern.trainers.plan import micro_batches
@@ -113,38 +114,20 @@ class SFT(Checkpointing):
 
     def batch(self, rows, seeds=None):
         """Packed ids, layout, trained rows, targets and per-row weights 1 / (t * answer_len).
-        Row i draws its t and mask from a generator seeded with seeds[i]."""
-        c = self.model.config
+        Row i draws its t and mask from a generator seeded with seeds[i]; the packing is
+        trainers.elbo.pack_masked's (shared with VRPO)."""
         seeds = self.row_seeds(range(len(rows))) if seeds is None else seeds
-        ids, rows_idx, targets, weights, prompt_lens, lens = [], [], [], [], [], []
-        offset = 0
+        entries, row_w = [], []
         for r, seed in zip(rows, seeds, strict=True):
             gen = torch.Generator().manual_seed(seed)
             p, a = self.encode(r)
-            seq = p + a
             t = float(self.cfg.min_mask_ratio + (1 - self.cfg.min_mask_ratio) *
                       torch.rand((), generator=gen, device=HOST))
-            masked = torch.rand(len(a), generator=gen, device=HOST) < t
-            noisy = p + [c.mask_token_id if m else x for x, m in zip(a, masked.tolist(),
-                                                                     strict=True)]
-            for j in masked.nonzero().flatten().tolist():
-                rows_idx.append(offset + len(p) + j)  # the noisy copy comes first
-                targets.append(a[j])
-                weights.append(1.0 / (t * len(a)))
-            if c.block_causal:
-                ids += noisy + seq      # [noisy | clean]
-                offset += 2 * len(seq)
-            else:
-                ids += noisy
-                offset += len(seq)
-            prompt_lens.append(len(p))
-            lens.append(len(seq))
-        lay = layouts.bd3(lens, c.block_size) if c.block_causal else layouts.full(lens)
-        dev = self.device
-        return (torch.tensor(ids, device=dev), lay.to(dev),
-                torch.tensor(rows_idx, dtype=torch.long, device=dev),
-                torch.tensor(targets, dtype=torch.long, device=dev),
-                torch.tensor(weights, dtype=torch.float32, device=dev))
+            entries.append((p, a, (torch.rand(len(a), generator=gen, device=HOST) < t).tolist()))
+            row_w.append(1.0 / (t * len(a)))
+        packed = pack_masked(entries, self.model.config).to(self.device)
+        w = torch.tensor(row_w, dtype=torch.float32, device=self.device)[packed.owner]
+        return packed.ids, packed.layout, packed.rows, packed.targets, w
 
     def loss(self, rows, seeds=None, batch_size: int | None = None):
         """Sum over the rows' masked answer tokens of -log p / (t * answer_len), divided by
@@ -152,11 +135,7 @@ class SFT(Checkpointing):
         ids, lay, sel, tgt, w = self.batch(rows, seeds)
         if distributed.all_sum(sel.numel()) == 0:
             return None
-        h = self.model(ids, lay)
-        h = self.model.prediction_hidden(h, lay.cu_seqlens)
-        full_t = torch.zeros(ids.numel(), dtype=torch.long, device=ids.device)
-        full_t[sel] = tgt
-        logp = masked_logprobs(h, self.model.lm_head.weight, full_t, rows=sel)
+        logp = masked_token_logprobs(self.model, Packed(ids, lay, sel, tgt, None))
         return -(logp * w).sum() / (batch_size or len(rows))
 
     def _micro_groups(self, rows) -> list[tuple[list[int], float]]:
