@@ -31,7 +31,7 @@ def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
     from dlmkern import distributed
     from dlmkern.run_layout import find_model, finished_lines, resume_command
-    from dlmkern.trainers import SFT, RLTrainer
+    from dlmkern.trainers import OFFLINE, RLTrainer
 
     if run.tokenizer is None:  # the model's own: found first
         run.model = find_model(run.model, "model")  # a run or checkpoint directory: its model
@@ -44,9 +44,10 @@ def cmd_train(args):
 
     cfg = check_before_train(args, run, cfg, data, tok)  # on GPUs: memory plan
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
-    if run.algo == "sft":
-        trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype,
-                      eval_dataset=run.eval_dataset, eval_reward=run.reward_spec)
+    if run.offline:  # SFT, VRPO
+        trainer = OFFLINE[run.algo](run.model, tok, data, cfg, resume_from=run.resume,
+                                    dtype=run.dtype, eval_dataset=run.eval_dataset,
+                                    eval_reward=run.reward_spec)
     else:  # the config is the algorithm
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
                             dtype=run.dtype, eval_dataset=run.eval_dataset)
@@ -213,10 +214,10 @@ def _stem(path: str) -> str:
 
 def cmd_config(args):
     """Every key of an algorithm's config with its default (the preset's) and help."""
-    from dlmkern.trainers import PRESETS, SFTConfig
+    from dlmkern.trainers import OFFLINE, PRESETS
     from dlmkern.trainers.config import describe
 
-    cls = SFTConfig if args.algo == "sft" else PRESETS[args.algo]
+    cls = OFFLINE[args.algo].config_class if args.algo in OFFLINE else PRESETS[args.algo]
     print(f"# {args.algo}: {' '.join((cls.__doc__ or '').split())}")
     for key, default, text in describe(cls):
         print(f"{key:<26} {default!r:<14} {text}")
@@ -276,7 +277,7 @@ def main(argv=None):
     cmp_.set_defaults(fn=cmd_compare)
     c = sub.add_parser("config", help="the config keys of an algorithm, its defaults and help "
                        "(a run file's trainer: section overrides them)")
-    c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft"])
+    c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft", "vrpo"])
     c.set_defaults(fn=cmd_config)
     pl = sub.add_parser("plan", help="memory per GPU and stage of a run file at its real size, "
                         "measured on fake tensors (no GPU, no weights), and the knobs that fit")
@@ -287,8 +288,8 @@ def main(argv=None):
 
     plan_cli.add_args(pl)
     pl.set_defaults(fn=plan_cli.command)
-    t = sub.add_parser("train", help="train from a YAML run file (RL or SFT)",
-                       description="Train from a YAML run file (RL or SFT).", epilog=keys_help(),
+    t = sub.add_parser("train", help="train from a YAML run file (RL, SFT or VRPO)",
+                       description="Train from a YAML run file (RL, SFT or VRPO).", epilog=keys_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="the run file (YAML; its keys are listed below)")
     t.add_argument("overrides", nargs="*", help="key=value: a run file key (model=DIR) or a "

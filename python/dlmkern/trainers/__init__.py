@@ -1,5 +1,5 @@
 """Trainers: the RL algorithms as presets of one config run by RLTrainer (TraceRL and DiPO are
-RLTrainer with their preset), and SFT."""
+RLTrainer with their preset), and the offline trainers SFT and VRPO (OFFLINE: algo -> class)."""
 
 from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.preemption import Preempted
@@ -14,7 +14,10 @@ from dlmkern.trainers.rl_config import (
     TraceRLConfig,
 )
 from dlmkern.trainers.sft import SFT
+from dlmkern.trainers.vrpo import VRPO, VRPOConfig
 
-__all__ = ["PRESETS", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
+OFFLINE = {"sft": SFT, "vrpo": VRPO}  # run files' offline algos; config: OFFLINE[a].config_class
+
+__all__ = ["OFFLINE", "PRESETS", "VRPO", "VRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
            "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
            "TraceRLConfig", "build_config", "load_config"]
