@@ -241,7 +241,8 @@ def test_train_runs_algo_vrpo_and_resumes(tmp_path):
     data = _write(tmp_path, ROWS)
     run = tmp_path / "run.yaml"
     run.write_text(f"algo: vrpo\nmodel: {model_dir}\ndataset: {data}\ntokenizer: char\n"
-                   "trainer:\n  batch_size: 2\n  lr: 1.0e-3\n  progress_bar: false\n  log_every: 1\n")
+                   "trainer:\n  batch_size: 2\n  lr: 1.0e-3\n  progress_bar: false\n"
+                   "  log_every: 1\n")
     out = tmp_path / "out"
     assert main(["train", str(run), "total_steps=2", f"output_dir={out}", "save_every=1"]) == 0
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
@@ -256,3 +257,20 @@ def test_train_runs_algo_vrpo_and_resumes(tmp_path):
     bad = _write(tmp_path, [ROWS[0], {"prompt": "1=", "chosen": "1"}], "bad.jsonl")
     assert main(["train", str(run), f"dataset={bad}", f"output_dir={tmp_path / 'o3'}"]) == 2
     assert not (tmp_path / "o3").exists()
+
+
+def test_demo_pairs_reject_the_models_own_wrong_samples():
+    from dlmkern.demo import ALPHABET, DemoSize, addition_task, build_model
+    from dlmkern.demo_vrpo import preference_pairs
+
+    tok = CharTokenizer(ALPHABET)
+    train, _ = addition_task(20, 5, seed=0, drop_carry=0.5)
+    torch.manual_seed(0)
+    model = build_model(tok, DemoSize())  # untrained: its samples are almost all wrong
+    pairs = preference_pairs(model, tok, train, seed=0, tries=2)
+    assert pairs and len({p["prompt"] for p in pairs}) == len(pairs)
+    by_prompt = {r["prompt"]: r for r in train}
+    for p in pairs:
+        assert p["chosen"] == by_prompt[p["prompt"]]["answer"]  # the true sum, not the teacher's
+        assert p["rejected"] != p["chosen"] and set(p["rejected"]) <= set(ALPHABET)
+    assert pairs == preference_pairs(model, tok, train, seed=0, tries=2)  # seeded

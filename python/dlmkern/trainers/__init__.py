@@ -16,8 +16,9 @@ from dlmkern.trainers.rl_config import (
 from dlmkern.trainers.sft import SFT
 from dlmkern.trainers.vrpo import VRPO, VRPOConfig
 
-OFFLINE = {"sft": SFT, "vrpo": VRPO}  # run files' offline algos; config: OFFLINE[a].config_class
+# the offline algorithms of run files (their configs: OFFLINE[algo].config_class)
+OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
-__all__ = ["OFFLINE", "PRESETS", "VRPO", "VRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "Preempted",
-           "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "build_config", "load_config"]
+__all__ = ["OFFLINE", "PRESETS", "VRPO", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
+           "DiffuGRPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT",
+           "SFTConfig", "TraceRL", "TraceRLConfig", "VRPOConfig", "build_config", "load_config"]
