@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under torchrun: one TraceRL (or SFT, or VRPO) step on a tiny model, then the
-full parameters and a checkpoint are written to OUT."""
+"""Run by test_distributed.py under torchrun: one TraceRL (or SFT, or VRPO) step on a tiny
+model, then the full parameters and a checkpoint are written to OUT."""
 
 import sys
 

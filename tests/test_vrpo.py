@@ -45,7 +45,7 @@ def _token_logps(model, prompt, answer, masked):
     """log p(answer_j | noisy) at each masked j, from plain logits (log_softmax)."""
     c = model.config
     clean = prompt + answer
-    noisy = prompt + [c.mask_token_id if m else x for x, m in zip(answer, masked)]
+    noisy = prompt + [c.mask_token_id if m else x for x, m in zip(answer, masked, strict=True)]
     out = {}
     if not c.block_causal:  # one bidirectional forward of the noisy sequence
         logits = model.logits(model(torch.tensor(noisy), layouts.full([len(noisy)])))
@@ -103,7 +103,7 @@ def test_loss_and_gradient_equal_dpo_on_hand_made_elbos(tmp_path, family):
     theirs.backward()
     assert abs(ours.item() - theirs.item()) < 1e-5
     assert abs(ours.item() - math.log(2)) > 1e-3  # not the trivial equal-models value
-    for a, b in zip(g_ours, [p.grad for p in tr.model.parameters()]):
+    for a, b in zip(g_ours, [p.grad for p in tr.model.parameters()], strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert sum(float(g.abs().sum()) for g in g_ours) > 0
 
@@ -137,7 +137,7 @@ def test_budget_is_one_mask_per_stratified_timestep(tmp_path):
         counts = sorted(sum(m) for _, _, m in group)
         # four distinct timesteps t = x / 8, one in each stratum (2j, 2j + 2] of 1..8
         assert [(x - 1) // 2 for x in counts] == [0, 1, 2, 3]
-        for (_, a, m), w in zip(group, weights[4 * c:4 * c + 4]):
+        for (_, a, m), w in zip(group, weights[4 * c:4 * c + 4], strict=True):
             assert w == pytest.approx(len(a) / sum(m) / 4)  # 1 / (t n)
     gen = torch.Generator().manual_seed(0)
     for _ in range(50):  # any length and budget: n counts in 1..L, stratified

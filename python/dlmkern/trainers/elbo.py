@@ -43,7 +43,7 @@ def pack_masked(entries, config) -> Packed:
         if len(masked) != len(a):
             raise ValueError(f"entry {k}: {len(masked)} mask flags for {len(a)} answer tokens")
         seq = list(p) + list(a)
-        noisy = list(p) + [config.mask_token_id if m else x for x, m in zip(a, masked)]
+        noisy = list(p) + [config.mask_token_id if m else x for x, m in zip(a, masked, strict=True)]
         for j, m in enumerate(masked):
             if m:
                 rows.append(offset + len(p) + j)  # the noisy copy comes first
