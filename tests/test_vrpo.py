@@ -274,3 +274,10 @@ def test_demo_pairs_reject_the_models_own_wrong_samples():
         assert p["chosen"] == by_prompt[p["prompt"]]["answer"]  # the true sum, not the teacher's
         assert p["rejected"] != p["chosen"] and set(p["rejected"]) <= set(ALPHABET)
     assert pairs == preference_pairs(model, tok, train, seed=0, tries=2)  # seeded
+
+
+def test_the_finished_runs_eval_command_scores_preference_rows_against_chosen(tmp_path):
+    from dlmkern.run_layout import finished_lines
+
+    lines = finished_lines(str(tmp_path), VRPOConfig(), "prefs.jsonl", "1+1=", "exact")
+    assert "--data prefs.jsonl --column answer=chosen --reward exact" in lines[-1]
