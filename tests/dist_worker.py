@@ -1,5 +1,5 @@
-"""Run by test_distributed.py under torchrun: one TraceRL (or SFT) step on a tiny model, then the
-full parameters and a checkpoint are written to OUT."""
+"""Run by test_distributed.py under torchrun: one TraceRL (or SFT, or VRPO) step on a tiny
+model, then the full parameters and a checkpoint are written to OUT."""
 
 import sys
 
@@ -8,7 +8,7 @@ from dlmkern import SFT, TraceRL, distributed
 from dlmkern.data import CharTokenizer
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.sampling import SamplingConfig
-from dlmkern.trainers import SFTConfig, TraceRLConfig
+from dlmkern.trainers import VRPO, SFTConfig, TraceRLConfig, VRPOConfig
 from dlmkern.trainers.checkpoint import full_state
 
 TOK = CharTokenizer()
@@ -84,9 +84,25 @@ def make_sft(out_dir, micro_batch_tokens=0):
     return SFT(model, TOK, DATA, cfg)
 
 
+def make_vrpo(out_dir, micro_batch_tokens=0):
+    torch.manual_seed(0)
+    model = DiffusionLM(tiny_config("sdar", vocab_size=TOK.vocab_size,
+                                    mask_token_id=TOK.mask_token_id))
+    cfg = VRPOConfig(batch_size=6, lr=1e-3, total_steps=2, output_dir=out_dir,
+                     progress_bar=False, max_grad_norm=100.0, beta=1.0,
+                     micro_batch_tokens=micro_batch_tokens)
+    rows = [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": r["answer"] + "1"}
+            for r in DATA]
+    return VRPO(model, TOK, rows, cfg)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
-    if "sft" in sys.argv:
+    if "vrpo" in sys.argv:
+        tr = make_vrpo(out + "/run")
+    elif "vrpo_micro" in sys.argv:  # 3 rows per rank in micro-batches of 1-2 rows
+        tr = make_vrpo(out + "/run", micro_batch_tokens=300)
+    elif "sft" in sys.argv:
         tr = make_sft(out + "/run")
     elif "sft_micro" in sys.argv:  # 3 rows per rank in micro-batches of 1-2 rows
         tr = make_sft(out + "/run", micro_batch_tokens=30)

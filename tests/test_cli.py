@@ -109,7 +109,8 @@ def test_bad_run_files_fail_before_work(tmp_path, capsys):
         parse_run(write({**good, "trainer": {"learning_rate": 1}}), [])
     with pytest.raises(ValueError, match=r"group_size must be int, got 'x'"):
         parse_run(write(good), ["group_size=x"])
-    with pytest.raises(ValueError, match=r"algo must be one of tracerl, dipo, .*, sft, got 'ppo'"):
+    with pytest.raises(ValueError,
+                       match=r"algo must be one of tracerl, dipo, .*, sft, vrpo, got 'ppo'"):
         parse_run(write({**good, "algo": "ppo"}), [])
     with pytest.raises(ValueError, match=r"reward 'no_such_module:f' cannot be loaded"):
         parse_run(write({**good, "reward": "no_such_module:f"}), [])

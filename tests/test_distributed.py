@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from .dist_worker import make_sft, make_trainer
+from .dist_worker import make_sft, make_trainer, make_vrpo
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,7 +35,7 @@ def _torchrun(out, *extra):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["tracerl", "value", "minibatch", "uneven", "coupled", "odd",
                                   "dynamic", "refkl", "llada", "micro", "uneven_micro",
-                                  "sum_micro", "sft", "sft_micro"])
+                                  "sum_micro", "sft", "sft_micro", "vrpo", "vrpo_micro"])
 def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
     _torchrun(tmp_path, mode)
     two = torch.load(tmp_path / "params.pt")
@@ -45,6 +45,8 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
             return make_sft(out)
         if mode == "sft_micro":
             return make_sft(out, micro_batch_tokens=30)
+        if mode.startswith("vrpo"):
+            return make_vrpo(out, micro_batch_tokens=300 if mode == "vrpo_micro" else 0)
         return make_trainer(out, mode)
 
     one = make(str(tmp_path / "single"))
@@ -64,6 +66,10 @@ def test_two_ranks_equal_one_rank_and_resume_on_one(tmp_path, mode):
             torch.testing.assert_close(p, two_v[name], atol=2e-5, rtol=1e-4, msg=name)
         assert not torch.equal(one.value_model.value_head.weight,
                                torch.zeros_like(one.value_model.value_head.weight))
+    if mode.startswith("vrpo"):  # the logged margin is the global batch's on both
+        two_log = torch.load(tmp_path / "log.pt")
+        assert two_log["loss"] == pytest.approx(log["loss"], abs=1e-6)
+        assert two_log["reward_accuracy"] == log["reward_accuracy"]
     if mode in ("odd", "dynamic"):  # the same prompts were drawn
         assert torch.load(tmp_path / "log.pt")["sampled_groups"] == log["sampled_groups"]
     # the 2-rank checkpoint resumes in this single process

@@ -31,7 +31,7 @@ def cmd_train(args):
     run, cfg = parse_run(args.config, args.overrides)
     from dlmkern import distributed
     from dlmkern.run_layout import find_model, finished_lines, resume_command
-    from dlmkern.trainers import SFT, RLTrainer
+    from dlmkern.trainers import OFFLINE, RLTrainer
 
     if run.tokenizer is None:  # the model's own: found first
         run.model = find_model(run.model, "model")  # a run or checkpoint directory: its model
@@ -44,9 +44,10 @@ def cmd_train(args):
 
     cfg = check_before_train(args, run, cfg, data, tok)  # on GPUs: memory plan
     # the trainer loads the path onto this rank's device (its GPU under torchrun) in run.dtype
-    if run.algo == "sft":
-        trainer = SFT(run.model, tok, data, cfg, resume_from=run.resume, dtype=run.dtype,
-                      eval_dataset=run.eval_dataset, eval_reward=run.reward_spec)
+    if run.offline:  # SFT, VRPO
+        trainer = OFFLINE[run.algo](run.model, tok, data, cfg, resume_from=run.resume,
+                                    dtype=run.dtype, eval_dataset=run.eval_dataset,
+                                    eval_reward=run.reward_spec)
     else:  # the config is the algorithm
         trainer = RLTrainer(run.model, tok, data, reward, cfg, resume_from=run.resume,
                             dtype=run.dtype, eval_dataset=run.eval_dataset)
@@ -178,6 +179,11 @@ def _add_prompt_args(s, with_data: bool):
 
 
 def cmd_demo(args):
+    if args.algo == "vrpo":  # offline: pairs from the SFT model, then VRPO from it
+        from dlmkern.demo_vrpo import run_vrpo_demo
+
+        run_vrpo_demo(args.out, args.seed, args.rl_steps, progress_bar=not args.quiet)
+        return
     from dlmkern.demo import run_demo
 
     run_demo(algo=args.algo, seed=args.seed, sft_steps=args.sft_steps, rl_steps=args.rl_steps,
@@ -212,10 +218,10 @@ def _stem(path: str) -> str:
 
 def cmd_config(args):
     """Every key of an algorithm's config with its default (the preset's) and help."""
-    from dlmkern.trainers import PRESETS, SFTConfig
+    from dlmkern.trainers import OFFLINE, PRESETS
     from dlmkern.trainers.config import describe
 
-    cls = SFTConfig if args.algo == "sft" else PRESETS[args.algo]
+    cls = OFFLINE[args.algo].config_class if args.algo in OFFLINE else PRESETS[args.algo]
     print(f"# {args.algo}: {' '.join((cls.__doc__ or '').split())}")
     for key, default, text in describe(cls):
         print(f"{key:<26} {default!r:<14} {text}")
@@ -239,10 +245,12 @@ def main(argv=None):
     doc.set_defaults(fn=cmd_doctor)
     d = sub.add_parser("demo", help="SFT on noisy data, then RL with a verifier, on a tiny model; "
                        "nothing downloaded")
-    d.add_argument("--algo", choices=["tracerl", "dipo"], default="tracerl")
+    d.add_argument("--algo", choices=["tracerl", "dipo", "vrpo"], default="tracerl",
+                   help="vrpo: preference pairs from the SFT model's own wrong samples, then "
+                   "VRPO from the SFT checkpoint in --out/sft (reused when there)")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--sft-steps", type=int, help="default: 800")
-    d.add_argument("--rl-steps", type=int, help="default: 80")
+    d.add_argument("--rl-steps", type=int, help="default: 80 (vrpo: 60 VRPO steps)")
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--quiet", action="store_true")
     d.add_argument("--compare", action="store_true",
@@ -276,7 +284,8 @@ def main(argv=None):
     cmp_.set_defaults(fn=cmd_compare)
     c = sub.add_parser("config", help="the config keys of an algorithm, its defaults and help "
                        "(a run file's trainer: section overrides them)")
-    c.add_argument("algo", nargs="?", default="tracerl", choices=[*PRESETS, "sft"])
+    c.add_argument("algo", nargs="?", default="tracerl",
+                   choices=[*PRESETS, "sft", "vrpo"])
     c.set_defaults(fn=cmd_config)
     pl = sub.add_parser("plan", help="memory per GPU and stage of a run file at its real size, "
                         "measured on fake tensors (no GPU, no weights), and the knobs that fit")
@@ -287,8 +296,9 @@ def main(argv=None):
 
     plan_cli.add_args(pl)
     pl.set_defaults(fn=plan_cli.command)
-    t = sub.add_parser("train", help="train from a YAML run file (RL or SFT)",
-                       description="Train from a YAML run file (RL or SFT).", epilog=keys_help(),
+    t = sub.add_parser("train", help="train from a YAML run file (RL, SFT or VRPO)",
+                       description="Train from a YAML run file (RL, SFT or VRPO).",
+                       epilog=keys_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("config", help="the run file (YAML; its keys are listed below)")
     t.add_argument("overrides", nargs="*", help="key=value: a run file key (model=DIR) or a "

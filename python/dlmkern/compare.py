@@ -54,8 +54,8 @@ def parse_algos(text: str) -> list[str]:
     if not algos:
         raise ValueError(f"--algos: name at least one algorithm ({', '.join(PRESETS)})")
     for a in algos:
-        if a == "sft":
-            raise ValueError("--algos: sft is not an RL algorithm; the run file's model is the "
+        if a in ("sft", "vrpo"):
+            raise ValueError(f"--algos: {a} is not an RL algorithm; the run file's model is the "
                              "start every algorithm is compared from")
         if a not in PRESETS:
             raise ValueError(f"--algos: unknown algorithm {a!r}{did_you_mean(a, PRESETS)}; "

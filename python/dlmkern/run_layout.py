@@ -110,7 +110,8 @@ def finished_lines(out_dir: str, cfg, dataset: str, prompt: str, reward: str,
     commands that sample from and evaluate the model with the run's prompt format and decoding
     (`prompt`: an example from the dataset; `reward`: eval's; `tokenizer`: given when the model
     directory holds none). The eval command scores the held-out `eval_dataset` when the run had
-    one (an RL run's command then reproduces its last eval_accuracy), else `dataset`."""
+    one (an RL run's command then reproduces its last eval_accuracy), else `dataset` (VRPO's
+preference rows: against their chosen completions)."""
     from dlmkern.models.io import TOKENIZER_FILES
 
     model = final_model(out_dir)
@@ -121,6 +122,8 @@ def finished_lines(out_dir: str, cfg, dataset: str, prompt: str, reward: str,
     if new_tokens:
         common += ["--max-new-tokens", str(new_tokens)]
     columns = [f for k, v in cfg.columns.items() for f in ("--column", f"{k}={v}")]
+    if getattr(cfg, "algo", None) == "vrpo" and not eval_dataset and "answer" not in cfg.columns:
+        columns += ["--column", "answer=chosen"]  # preference rows: scored against the chosen
     lines = [f"model:  {model}", f"log:    {os.path.join(out_dir, 'log.jsonl')}"]
     curves = os.path.join(out_dir, "curves.png")
     if os.path.exists(curves):

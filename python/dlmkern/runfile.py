@@ -17,15 +17,15 @@ class RunFile:
     """A training run. `trainer:` holds the algorithm's settings (`dlmkern config ALGO`)."""
 
     algo: str = field(metadata={"help": "tracerl, dipo, random_mask, coupled_grpo, diffu_grpo "
-                                        "or sft (required)"})
+                                        "(RL), sft or vrpo (offline) (required)"})
     model: str = field(metadata={"help": "the model to train: a Hugging Face model directory "
                                          "(required)"})
     dataset: str = field(metadata={"help": "training rows: JSONL, JSON, CSV, parquet or a "
                                            "datasets save_to_disk directory; columns are mapped "
                                            "with trainer.columns (required)"})
     reward: str | None = _key(None, "math | exact | code | path/to/file.py:function | "
-                                    "module:function (default: math for RL; for SFT the "
-                                    "held-out score, default exact)")
+                                    "module:function (default: math for RL; for SFT / VRPO "
+                                    "the held-out score, default exact)")
     eval_dataset: str | None = _key(None, "held-out rows (same formats and columns as "
                                           "dataset) scored every trainer.eval_every steps with "
                                           "the reward, logged as eval_accuracy and drawn in "
@@ -42,8 +42,15 @@ class RunFile:
 
     @property
     def reward_spec(self) -> str:
-        """The reward the run scores with: RL trains on it, SFT evaluates with it."""
-        return self.reward or ("exact" if self.algo == "sft" else "math")
+        """The reward the run scores with: RL trains on it, SFT / VRPO evaluate with it."""
+        return self.reward or ("exact" if self.offline else "math")
+
+    @property
+    def offline(self) -> bool:
+        """An offline trainer's run (SFT, VRPO: trainers.OFFLINE), not RL."""
+        from dlmkern.trainers import OFFLINE
+
+        return self.algo in OFFLINE
 
 
 RUN_KEYS = {f.name for f in dataclasses.fields(RunFile)}
@@ -80,7 +87,7 @@ def parse_run(path: str, overrides: list[str]):
         raise ValueError(f"{path}: resume {run.resume!r} is not a dlmkern checkpoint directory")
     if run.tokenizer not in (None, "char") and not os.path.isdir(str(run.tokenizer)):
         raise ValueError(f"{path}: tokenizer {run.tokenizer!r} is neither 'char' nor a directory")
-    if run.algo != "sft" or run.eval_dataset is not None:
+    if not run.offline or run.eval_dataset is not None:
         try:
             get_reward(run.reward_spec)
         except ValueError as e:
@@ -94,7 +101,7 @@ def read_run(path: str, overrides: list[str]):
     trainer keys the file or the overrides set, nested ones as `section.key`)."""
     import yaml
 
-    from dlmkern.trainers import PRESETS, SFTConfig, build_config
+    from dlmkern.trainers import OFFLINE, PRESETS, build_config
     from dlmkern.trainers.config import did_you_mean
 
     with open(path) as f:
@@ -117,13 +124,13 @@ def read_run(path: str, overrides: list[str]):
             trainer_over.append(ov)
     run = RunFile(**raw)
     _check_dtype(path, run.dtype)
-    if run.algo != "sft" and run.algo not in PRESETS:
-        raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, 'sft'])}, got "
+    if run.algo not in OFFLINE and run.algo not in PRESETS:
+        raise ValueError(f"{path}: algo must be one of {', '.join([*PRESETS, *OFFLINE])}, got "
                          f"{run.algo!r}")
     if not isinstance(run.trainer, dict):
         raise ValueError(f"{path}: trainer must be a mapping of config keys")
     # the preset of `algo`, overridden field by field by the `trainer:` section
-    cls = SFTConfig if run.algo == "sft" else PRESETS[run.algo]
+    cls = OFFLINE[run.algo].config_class if run.offline else PRESETS[run.algo]
     for k in (ov.partition("=")[0].strip().partition(".")[0] for ov in trainer_over):
         if k not in {f.name for f in dataclasses.fields(cls)} and \
                 (close := did_you_mean(k, RUN_KEYS - {"trainer"}, what="a run file key")):
@@ -158,8 +165,9 @@ def check_train_inputs(run, cfg, tok=None):
     """The dataset (loaded once, with the config's column mapping: its rows go to the trainer),
     the columns the trainer or the reward needs, that the prompt format can render every row,
     and the existing_output_dir policy, all before the weights load. Returns (rows, the reward
-    function: None for SFT)."""
+    function: None for SFT and VRPO)."""
     from dlmkern.data import PromptFormat, load_dataset
+    from dlmkern.data.preferences import load_preferences
     from dlmkern.rewards import get_reward
     from dlmkern.trainers.checks import (
         RewardSpec,
@@ -168,11 +176,14 @@ def check_train_inputs(run, cfg, tok=None):
         require_column,
     )
 
-    data = load_dataset(run.dataset, cfg.columns)
     reward = None
+    if run.algo == "vrpo":  # prompt / chosen / rejected, a bad row named with its file
+        data = load_preferences(run.dataset, cfg.columns)
+    else:
+        data = load_dataset(run.dataset, cfg.columns)
     if run.algo == "sft":
         require_column(data, "answer", "SFT")
-    else:
+    elif not run.offline:
         reward = get_reward(run.reward_spec)
         check_reward_columns(data, [RewardSpec(reward)])
     if tok is not None:

@@ -51,7 +51,7 @@ def check_before_train(args, run, cfg, data, tok):
     from dlmkern.data import PromptFormat
     from dlmkern.plan import command as plan_command
 
-    gpus = None if args.no_plan or run.algo == "sft" else plan_command.visible_gpus()
+    gpus = None if args.no_plan or run.offline else plan_command.visible_gpus()
     if gpus is None:
         return cfg
     gpus, nodes, memory = gpus

@@ -74,9 +74,9 @@ def plan(run_path: str, overrides: list[str] | None = None, gpus: int = 1, nodes
     PlannedRun = _planner()
 
     run, cfg, given = read_run(run_path, list(overrides or []))
-    if run.algo == "sft":
-        raise ValueError(f"{run_path}: dlmkern plan covers the RL algorithms; SFT is not "
-                         "planned yet")
+    if run.offline:
+        raise ValueError(f"{run_path}: dlmkern plan covers the RL algorithms; {run.algo} is "
+                         "not planned yet")
     mc = model_config_of(run, run_path)
     ranks = gpus * nodes
     fixed = {} if free else {k: _knob(cfg, key) for k, key in KNOB_KEYS.items() if key in given}

@@ -1,5 +1,5 @@
 """Trainers: the RL algorithms as presets of one config run by RLTrainer (TraceRL and DiPO are
-RLTrainer with their preset), and SFT."""
+RLTrainer with their preset), and the offline trainers SFT and VRPO (OFFLINE: algo -> class)."""
 
 from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.preemption import Preempted
@@ -20,8 +20,12 @@ from dlmkern.trainers.presets import (
 from dlmkern.trainers.rl import DiPO, RLTrainer, TraceRL
 from dlmkern.trainers.rl_config import RLConfig
 from dlmkern.trainers.sft import SFT
+from dlmkern.trainers.vrpo import VRPO, VRPOConfig
 
-__all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
+# the offline algorithms of run files (their configs: OFFLINE[algo].config_class)
+OFFLINE = {"sft": SFT, "vrpo": VRPO}
+
+__all__ = ["OFFLINE", "PRESETS", "VRPO", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
            "DiffuGRPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig", "JustGRPOConfig",
            "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "WD1Config", "build_config", "load_config"]
+           "TraceRLConfig", "VRPOConfig", "WD1Config", "build_config", "load_config"]

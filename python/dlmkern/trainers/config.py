@@ -35,17 +35,15 @@ class DataConfig:
 
 
 @dataclass
-class SFTConfig(DataConfig):
-    """SFT: block SFT on [noisy | clean] with t ~ U(eps, 1) masking, loss weighted 1 / t; MDLM
-    SFT for full-attention models."""
+class OfflineConfig(DataConfig):
+    """The keys every offline trainer (SFT, VRPO: trainers.offline) has; a trainer's config
+    re-declares the defaults that are its own."""
 
-    algo: ClassVar[str] = "sft"
     batch_size: int = opt(16, "rows per step (over all ranks)")
     lr: float = opt(1e-4, "learning rate")
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient-norm clip")
-    total_steps: int = opt(200, "SFT steps of a run")
-    min_mask_ratio: float = opt(1e-3, "t ~ U(min_mask_ratio, 1) per row")
+    total_steps: int = opt(200, "optimizer steps of a run")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
                                   "(16 bytes per bf16 parameter off the GPU; slower step)")
@@ -68,10 +66,10 @@ class SFTConfig(DataConfig):
                                    "overwrite | resume")
     on_nonfinite: str = opt("stop", "NaN / inf loss or grad norm: stop | skip the update")
 
-    def validate(self):
+    def offline_checks(self) -> list:
+        """The (ok, message) checks of the shared keys (validate runs them)."""
         check_types(self)
-        check_all([
-            (0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
+        return [
             (self.micro_batch_tokens >= 0, "micro_batch_tokens must be >= 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.log_every >= 1, "log_every must be >= 1"),
@@ -80,7 +78,21 @@ class SFTConfig(DataConfig):
             (self.keep_last >= 0, "keep_last must be >= 0 (0: keep every checkpoint)"),
             (self.lr > 0 and self.max_grad_norm > 0, "lr and max_grad_norm must be > 0"),
             *policy_checks(self),
-        ])
+        ]
+
+
+@dataclass
+class SFTConfig(OfflineConfig):
+    """SFT: block SFT on [noisy | clean] with t ~ U(eps, 1) masking, loss weighted 1 / t; MDLM
+    SFT for full-attention models."""
+
+    algo: ClassVar[str] = "sft"
+    total_steps: int = opt(200, "SFT steps of a run")
+    min_mask_ratio: float = opt(1e-3, "t ~ U(min_mask_ratio, 1) per row")
+
+    def validate(self):
+        check_all([(0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
+                   *self.offline_checks()])
         return self
 
 
