@@ -223,7 +223,7 @@ class PlannedRun:
         out = {}
 
         def go():
-            self.batch = collect(t)
+            self.batch = collect(t.cfg, t._next_rows, t.rollout)
         tracker = run_tracked(t, go, out)
         # dlmkern's own accounting (no GPU here): a CUDA graph's private pool keeps what its
         # captured step allocated for the whole generate() call, beside everything the block

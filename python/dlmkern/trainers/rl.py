@@ -266,7 +266,7 @@ class RLTrainer(Checkpointing):
         the single-process ones; kept-group counts are summed across ranks so the oversampling
         loop and the skip decision agree everywhere."""
         t0 = time.perf_counter()
-        kept, sampled, n_kept, bad = collect(self)
+        kept, sampled, n_kept, bad = collect(self.cfg, self._next_rows, self.rollout)
         if bad is not None:
             return self._skip_nonfinite_step(bad)
         log = {"step": self.step, **reward_stats(sampled, self.cfg), "kept_groups": n_kept,

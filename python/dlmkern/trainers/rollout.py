@@ -144,20 +144,22 @@ class Rollout:
         return rewards
 
 
-def collect(trainer):
+def collect(cfg: RLConfig, next_rows, rollout):
     """Rollout rounds until prompts_per_step groups are kept on all ranks together (one round
-    without dynamic sampling). Returns (kept, sampled, kept group count, error): error is the
-    message of a non-finite reward under on_nonfinite: skip (agreed by every rank)."""
-    cfg, rank, world = trainer.cfg, distributed.rank(), distributed.world()
+    without dynamic sampling). `next_rows(n)`: the next n prompt rows of the data (the same on
+    every rank); `rollout(rows, indices)`: this rank's RolloutBatch of them (the trainer's
+    rollout with its live weights). Returns (kept, sampled, kept group count, error): error is
+    the message of a non-finite reward under on_nonfinite: skip (agreed by every rank)."""
+    rank, world = distributed.rank(), distributed.world()
     rounds = 1 + (cfg.max_oversample_rounds if cfg.dynamic_sampling else 0)
     kept, sampled, drawn, n_kept = [], [], 0, 0
     for _ in range(rounds):
         needed = cfg.prompts_per_step - n_kept  # exactly what 1 process draws
-        rows = trainer._next_rows(needed)
+        rows = next_rows(needed)
         mine = list(range(rank, needed, world))
         bad = None
         try:
-            batch = trainer.rollout([rows[i] for i in mine], [drawn + i for i in mine])
+            batch = rollout([rows[i] for i in mine], [drawn + i for i in mine])
         except NonFiniteReward as e:  # "stop": the reward's ValueError, as it is
             if cfg.on_nonfinite == "stop":
                 raise
