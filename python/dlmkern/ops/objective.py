@@ -24,6 +24,15 @@ An ``Objective`` says what the per-token policy loss is:
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
+- ``likelihood_bound`` (SPG, ``ratio_level=none`` and ``token_weights=elbo`` only): the policy
+  term of a sequence is -A times a bound of its log-likelihood computed from ALL its trained
+  tokens over its noisy copies (the op then needs each token's copy and position), every token
+  of the sequence carrying that one value. ``none``: each token's own term (above). ``elbo``:
+  the per-token ELBO (1/M) sum_m (1/|S_m|) sum_{j in S_m} logp_mj over its M copies. ``sandwich``:
+  the ELBO for A > 0, for A <= 0 the EUBO (1/beta) mean_{j in J} log((1/M) sum_{m: j in S_m}
+  p_mj^beta / t_m), J the positions masked in some copy, t_m = 1 / the copy's elbo weight,
+  beta = ``eubo_beta``. ``mixture``: A <= 0 take ``mixture_weight`` * EUBO + (1 -
+  mixture_weight) * ELBO.
 
 The names of the fields are the config keys (``temperature`` is ``sampling.temperature``).
 The reference backend implements every objective; the fused CPU / CUDA kernel has the arithmetic
@@ -44,6 +53,7 @@ KL_KINDS = ("k1", "k3", "quadratic")
 KL_TARGETS = ("old", "ref")
 TOKEN_WEIGHTS = ("none", "elbo", "step")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
+LIKELIHOOD_BOUNDS = ("none", "elbo", "sandwich", "mixture")
 
 # What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers today.
 FUSED = {"ratio_level": ("token",), "kl_kind": ("k3",), "token_weights": ("none",)}
@@ -64,6 +74,9 @@ class Objective:
     token_weights: str = "none"
     reduction: str = "token_mean"
     loss_normalizer: float = 1.0
+    likelihood_bound: str = "none"
+    eubo_beta: float = 1.5
+    mixture_weight: float = 0.5
     temperature: float = 1.0
 
     def __post_init__(self):
@@ -86,6 +99,12 @@ class Objective:
         """The loss multiplies each token by a weight (the op then needs ``weights``)."""
         return self.token_weights != "none"
 
+    @property
+    def bounded(self) -> bool:
+        """The policy term is a per-sequence likelihood bound (the op then needs ``copy_ids``
+        and ``positions``)."""
+        return self.likelihood_bound != "none"
+
     def unfused(self, kl_term: bool | None = None) -> list[str]:
         """The settings (``key=value``) the fused kernel's arithmetic lacks; empty: it runs
         this objective. The KL kind counts when there is a KL term: ``kl_term`` (the op: a
@@ -98,6 +117,8 @@ class Objective:
             out.append(f"kl_kind={self.kl_kind}")
         if self.token_weights not in FUSED["token_weights"]:
             out.append(f"token_weights={self.token_weights}")
+        if self.bounded:
+            out.append(f"likelihood_bound={self.likelihood_bound}")
         return out
 
     def fused(self, kl_term: bool | None = None) -> bool:
@@ -114,7 +135,7 @@ class Objective:
             return None
         return (f"objective: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} not in the "
                 "fused policy_value_loss kernel (it has token ratios, the k3 KL and unweighted "
-                "tokens): the policy loss runs on the reference path (plain torch: the same "
+                "tokens, no sequence likelihood bound): the policy loss runs on the reference path (plain torch: the same "
                 "loss, more memory and time)")
 
 
@@ -133,6 +154,17 @@ def checks(o) -> list[tuple[bool, str]]:
         (o.ratio_level != "none" or not o.dual_clip,
          f"dual_clip={o.dual_clip:g} bounds a ratio's loss, and ratio_level=none has no ratio "
          "(a weighted likelihood): set dual_clip: 0 or pick a ratio_level"),
+        (o.likelihood_bound in LIKELIHOOD_BOUNDS,
+         f"likelihood_bound must be one of {', '.join(LIKELIHOOD_BOUNDS)}, got "
+         f"{o.likelihood_bound!r}"),
+        (o.likelihood_bound == "none" or o.ratio_level == "none",
+         f"likelihood_bound={o.likelihood_bound} trains a bound of each sequence's likelihood "
+         f"(SPG, no importance ratio) and ratio_level={o.ratio_level} clips a ratio: set "
+         f"ratio_level: none or likelihood_bound: none"),
+        (o.likelihood_bound == "none" or o.token_weights == "elbo",
+         f"likelihood_bound={o.likelihood_bound} reads each noisy copy's mask rate t from the "
+         f"elbo token weights (1/t), and token_weights={o.token_weights}: set token_weights: "
+         f"elbo or likelihood_bound: none"),
     ]
 
 
@@ -149,6 +181,10 @@ def _numbers(o: Objective) -> list[tuple[bool, str]]:
         (o.reduction != "sum" or (o.loss_normalizer > 0 and finite(o.loss_normalizer)),
          f"the sum's divisor `normalizer` must be a finite number > 0 (loss_normalizer), got "
          f"{o.loss_normalizer}"),
+        (o.eubo_beta > 0 and finite(o.eubo_beta),
+         f"`eubo_beta` must be a finite number > 0, got {o.eubo_beta}"),
+        (0 <= o.mixture_weight <= 1, f"`mixture_weight` must lie in [0, 1], got "
+                                     f"{o.mixture_weight}"),
         (o.temperature > 0 and finite(o.temperature),
          f"`temperature` must be a finite number > 0, got {o.temperature}"),
     ]

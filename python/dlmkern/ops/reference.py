@@ -94,6 +94,8 @@ def policy_value_loss(
     objective=None,
     weights=None,
     block_ids=None,
+    copy_ids=None,
+    positions=None,
 ):
     """The eager torch composition of SPEC 2.4 / 4.9 (what PPO / GRPO trainers write by hand), for
     every objective. The policy settings come as an ``objective`` (dlmkern.ops.Objective) or as
@@ -108,7 +110,8 @@ def policy_value_loss(
     return objective_loss(objective, logp, old_logp, advantages, mask, ref_logp=ref_logp,
                           values=values, old_values=old_values, returns=returns, weights=weights,
                           seq_ids=seq_ids, block_ids=block_ids, num_seqs=num_seqs,
-                          vf_coef=vf_coef, vf_clip=vf_clip)
+                          vf_coef=vf_coef, vf_clip=vf_clip, copy_ids=copy_ids,
+                          positions=positions)
 
 
 def _group_mean(x, m, gid, n):
@@ -171,6 +174,8 @@ def objective_loss(
     num_seqs=None,
     vf_coef=0.5,
     vf_clip=0.2,
+    copy_ids=None,
+    positions=None,
 ):
     """Loss and stats of `objective` (dlmkern.ops.Objective) over masked tokens: the ground truth
     of every objective (the fused kernel covers a subset). Per token, with r the ratio of the
@@ -191,7 +196,9 @@ def objective_loss(
         if weights is None:
             raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
                              f"(token_weights={o.token_weights}): pass `weights`")
-        pg, kl = weights.to(f) * pg, weights.to(f) * kl
+        kl = weights.to(f) * kl
+        pg = (_bound_term(o, lp, advantages.to(f), weights.to(f), m, seq_ids, copy_ids,
+                          positions) if o.bounded else weights.to(f) * pg)
     elif weights is not None:
         raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
                          "token_weights=none")
@@ -263,6 +270,52 @@ def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
         dual = (adv < 0) & (bound < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
     return pg, ratio, clipped, dual
+
+
+def _bound_term(o, lp, adv, w, m, seq_ids, copy_ids, positions):
+    """Per token, -A times its sequence's likelihood bound (Objective.likelihood_bound; SPG).
+    Masked-in tokens group by (sequence, copy) for the ELBO, by (sequence, position) for the
+    EUBO; a copy's mask rate t is 1 / its elbo weight w. The EUBO's inner mean is a logsumexp
+    of beta * logp - log t over the copies masking the position, minus log M (M: the
+    sequence's copies)."""
+    if seq_ids is None or copy_ids is None or positions is None:
+        raise ValueError(f"dlmkern.policy_value_loss: likelihood_bound={o.likelihood_bound} "
+                         "needs `seq_ids`, `copy_ids` and `positions`")
+    idx = m.reshape(-1).nonzero().squeeze(1)
+    x, a = lp.reshape(-1)[idx], adv.reshape(-1)[idx]
+    sid = seq_ids.reshape(-1)[idx]
+    out = torch.zeros(lp.numel(), dtype=lp.dtype, device=lp.device)
+    if idx.numel() == 0:
+        return out.reshape(lp.shape) + 0 * lp
+    n_seq = int(sid.max()) + 1
+
+    def groups(other):  # (owning sequence per group, group id per token, number of groups)
+        uniq, gid = torch.unique(torch.stack([sid, other.reshape(-1)[idx]]), dim=1,
+                                 return_inverse=True)
+        return uniq[0], gid, uniq.shape[1]
+
+    def add(n, at, vals):
+        return torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, at, vals)
+
+    c_seq, c_gid, n_c = groups(copy_ids)
+    one = torch.ones_like(x)
+    copy_mean = add(n_c, c_gid, x) / add(n_c, c_gid, one)
+    n_copies = add(n_seq, c_seq, torch.ones(n_c, dtype=x.dtype, device=x.device))
+    elbo = add(n_seq, c_seq, copy_mean) / n_copies.clamp(min=1)
+    bound = elbo[sid]
+    if o.likelihood_bound in ("sandwich", "mixture"):
+        p_seq, p_gid, n_p = groups(positions)
+        v = o.eubo_beta * x - torch.log(1.0 / w.reshape(-1)[idx])  # log(p^beta / t)
+        vmax = torch.full((n_p,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
+            0, p_gid, v.detach(), "amax")
+        log_avg = (torch.log(add(n_p, p_gid, torch.exp(v - vmax[p_gid]))) + vmax
+                   - torch.log(n_copies[p_seq]))
+        eubo = (add(n_seq, p_seq, log_avg) / add(n_seq, p_seq, torch.ones_like(log_avg))
+                / o.eubo_beta)
+        if o.likelihood_bound == "mixture":
+            eubo = o.mixture_weight * eubo + (1 - o.mixture_weight) * elbo
+        bound = torch.where(a > 0, elbo[sid], eubo[sid])
+    return out.index_put((idx,), -a * bound).reshape(lp.shape)
 
 
 def _value_term(values, old_values, returns, vf_clip, like, clipped_like):

@@ -22,7 +22,8 @@ from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.ops.objective import Objective
 from dlmkern.rewards.registry import get_rewards
-from dlmkern.rl import RowSpec, get_estimator
+from dlmkern.rl import RowSpec
+from dlmkern.rl.estimators import from_config as estimator_from_config
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import (
@@ -90,7 +91,7 @@ class RLTrainer(Checkpointing):
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
         self._models(load_for_run(model, target), value_model)
-        self.estimator = get_estimator(self.cfg.estimator)
+        self.estimator = estimator_from_config(self.cfg)
         c = self.model.config
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
                                 self.cfg.resolved_shrinkage(c.block_causal))

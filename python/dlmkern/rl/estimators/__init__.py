@@ -3,7 +3,10 @@ Estimator subclass: what each noisy copy masks and trains) plus one line in ESTI
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.blockwise import Blockwise
 from dlmkern.rl.estimators.coupled import Coupled
 from dlmkern.rl.estimators.diffu_grpo import DiffuGRPO
 from dlmkern.rl.estimators.random_mask import RandomMask
@@ -14,6 +17,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "random_mask": RandomMask,
     "coupled": Coupled,
     "diffu_grpo": DiffuGRPO,
+    "blockwise": Blockwise,
 }
 
 
@@ -24,5 +28,14 @@ def get(name: str, **options) -> Estimator:
     return ESTIMATORS[name](**options)
 
 
-__all__ = ["ESTIMATORS", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy", "RandomMask",
-           "RowSpec", "Trace", "get"]
+def from_config(cfg) -> Estimator:
+    """The estimator of an RLConfig: ``cfg.estimator``, its options read from the config keys
+    of the same names (e.g. num_masks, gen_block_length)."""
+    if cfg.estimator not in ESTIMATORS:
+        return get(cfg.estimator)  # the unknown-estimator error
+    names = {f.name for f in fields(ESTIMATORS[cfg.estimator])}
+    return get(cfg.estimator, **{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
+
+
+__all__ = ["ESTIMATORS", "Blockwise", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy",
+           "RandomMask", "RowSpec", "Trace", "from_config", "get"]

@@ -1,0 +1,212 @@
+"""SPG (issue #28): the block-wise masking estimator's masks, the sandwiched bounds' loss and
+gradient against plain-torch formulas written here from the paper and the authors' code (never
+dlmkern's loss code), on rows built for block and full-attention models, a trainer step of the
+preset on both tiny families, and the config-time refusals."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from dlmkern.ops import Objective, policy_value_loss
+from dlmkern.ops.objective import token_weights
+from dlmkern.rl import RowSpec
+from dlmkern.rl.estimators import Blockwise, from_config
+from dlmkern.rl.rows import Rows, build_rows
+from dlmkern.trainers import RLConfig, build_config
+from dlmkern.trainers.rl import RLTrainer
+from dlmkern.trainers.rl_config import PRESETS, SPGConfig
+
+from .test_rl_stages import DATA, TOK, _cfg, _model
+
+MASK = 99
+SPECS = {"block": RowSpec(MASK, 4), "full": RowSpec(MASK, None)}
+
+
+def _traj(P, n):
+    return SimpleNamespace(prompt_ids=list(range(1, P + 1)), token_ids=list(range(10, 10 + n)),
+                           step_map=[0] * n, after_eos_ids=[])
+
+
+def _blocks(P, n, kind, bl=4):
+    """Each generated token's block, written out: block models P + i in blocks of 4 (the
+    sampler's alignment), full attention i in blocks of gen_block_length."""
+    if kind == "block":
+        return [(P + i) // 4 - P // 4 for i in range(n)]
+    return [i // bl for i in range(n)]
+
+
+# ---- the estimator -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["block", "full"])
+def test_blockwise_masks_clean_blocks_then_one_at_a_rate_then_all(kind):
+    est = Blockwise(num_masks=3, gen_block_length=4)
+    for seed in range(30):
+        P, n = 3 + seed % 4, 5 + seed % 9
+        blk = _blocks(P, n, kind)
+        copies = est.copies(_traj(P, n), SPECS[kind], torch.Generator().manual_seed(seed))
+        assert len(copies) == 3
+        chosen = []
+        for c, cp in enumerate(copies):
+            m = cp.masked.tolist()
+            b = min(blk[i] for i in range(n) if m[i])  # the boundary block
+            inside = [m[i] for i in range(n) if blk[i] == b]
+            assert all(m[i] == (blk[i] > b) for i in range(n) if blk[i] != b)
+            assert 1 <= sum(inside) <= len(inside)
+            assert cp.step.tolist() == [c if x else -1 for x in m]  # trains what it masks
+            chosen.append(b)
+        n_blocks = blk[-1] + 1
+        assert len(set(chosen)) == min(3, n_blocks)  # distinct blocks while there are enough
+
+
+def test_blockwise_rates_block_uniform_and_count_uniform():
+    # the block is uniform over the completion's blocks, the masked count k ~ U{1..len(block)}
+    est, spec = Blockwise(num_masks=1, gen_block_length=4), SPECS["full"]
+    g = torch.Generator().manual_seed(0)
+    picks, fracs = [], []
+    for _ in range(3000):
+        m = est.copies(_traj(2, 12), spec, g)[0].masked
+        b = int(m.nonzero()[0]) // 4
+        picks.append(b)
+        fracs.append(float(m[4 * b:4 * b + 4].float().mean()))
+    freq = torch.bincount(torch.tensor(picks), minlength=3).float() / len(picks)
+    torch.testing.assert_close(freq, torch.full((3,), 1 / 3), atol=0.04, rtol=0)
+    assert abs(sum(fracs) / len(fracs) - (1 + 2 + 3 + 4) / 4 / 4) < 0.03  # E[k / 4] = 5 / 8
+
+
+def test_the_config_keys_reach_the_estimator():
+    est = from_config(SPGConfig(num_masks=3, gen_block_length=8))
+    assert isinstance(est, Blockwise) and (est.num_masks, est.gen_block_length) == (3, 8)
+
+
+# ---- the loss against the paper's formulas -------------------------------------------------------
+
+BETA, OMEGA = 1.5, 0.5
+ADV = [0.9, -0.6, -1.1, 0.3]  # one per sequence: two ELBO, two EUBO / mixture sequences
+
+
+def _fixed(kind):
+    """Four trajectories' block-wise copies (2 each), rows built from them, and a log-prob for
+    every trained token."""
+    est, spec = Blockwise(num_masks=2, gen_block_length=4), SPECS[kind]
+    trajs = [_traj(3, 9), _traj(5, 6), _traj(2, 11), _traj(4, 7)]
+    copies = [est.copies(t, spec, torch.Generator().manual_seed(7 + i))
+              for i, t in enumerate(trajs)]
+    rows = Rows.cat([build_rows(t, c, spec) for t, c in zip(trajs, copies, strict=True)])
+    g = torch.Generator().manual_seed(3)
+    logp = -0.2 - 1.5 * torch.rand(rows.traj.numel(), generator=g)
+    return trajs, copies, rows, logp
+
+
+def _seq_bounds(lp, masks, L):
+    """One sequence's bounds from its copies' masks [M][L] and log-probs lp[(m, j)], written
+    from SPG (Wang et al. 2025), sec. 3 and the authors' spg_trainer._get_per_seq_logps:
+    ELBO = (1/M) sum_m (1/|S_m|) sum_{j in S_m} log p_mj;
+    EUBO = (1/beta) mean_{j in J} log((1/M) sum_m 1[j in S_m] p_mj^beta / t_m), t_m = |S_m| / L,
+    J = the positions some copy masks."""
+    M = len(masks)
+    elbo = sum(sum(lp[(m, j)] for j in range(L) if masks[m][j]) / sum(masks[m])
+               for m in range(M)) / M
+    logs = []
+    for j in range(L):
+        terms = [torch.exp(BETA * lp[(m, j)]) / (sum(masks[m]) / L)
+                 for m in range(M) if masks[m][j]]
+        if terms:
+            logs.append(torch.log(sum(terms) / M))
+    eubo = sum(logs) / len(logs) / BETA
+    return elbo, eubo
+
+
+def _truth_loss(lp_flat, trajs, copies, rows, bound):
+    """-mean_s A_s v_s, v_s the ELBO for A_s > 0, else the EUBO / mixture / ELBO (bound)."""
+    at = {(int(s), int(m), int(j)): i for i, (s, m, j) in
+          enumerate(zip(rows.traj, rows.step, rows.gen_index, strict=True))}
+    total = 0.0
+    for s, (t, cps) in enumerate(zip(trajs, copies, strict=True)):
+        L = len(t.token_ids)
+        masks = [c.masked.tolist() for c in cps]
+        lp = {(m, j): lp_flat[at[(s, m, j)]] for m in range(len(masks)) for j in range(L)
+              if masks[m][j]}
+        elbo, eubo = _seq_bounds(lp, masks, L)
+        neg = {"elbo": elbo, "sandwich": eubo, "mixture": OMEGA * eubo + (1 - OMEGA) * elbo}
+        total = total - ADV[s] * (elbo if ADV[s] > 0 else neg[bound])
+    return total / len(trajs)
+
+
+@pytest.mark.parametrize("kind", ["block", "full"])
+@pytest.mark.parametrize("bound", ["elbo", "sandwich", "mixture"])
+def test_spg_loss_and_gradient_equal_the_papers_bounds(kind, bound):
+    trajs, copies, rows, logp = _fixed(kind)
+    obj = Objective(ratio_level="none", token_weights="elbo", likelihood_bound=bound,
+                    eubo_beta=BETA, mixture_weight=OMEGA, reduction="seq_mean")
+    n = torch.tensor([len(t.token_ids) for t in trajs])
+    lp = logp.clone().requires_grad_()
+    loss, _ = policy_value_loss(
+        lp, logp.detach(), torch.tensor(ADV)[rows.traj], torch.ones_like(lp, dtype=torch.bool),
+        objective=obj, weights=token_weights("elbo", rows.traj, rows.step, n),
+        seq_ids=rows.traj, num_seqs=len(trajs), copy_ids=rows.step, positions=rows.gen_index)
+    loss.backward()
+    ref = logp.clone().requires_grad_()
+    want = _truth_loss(ref, trajs, copies, rows, bound)
+    want.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lp.grad, ref.grad, atol=1e-6, rtol=1e-5)
+    assert lp.grad.abs().sum() > 0
+
+
+def test_the_bound_needs_its_ids_and_runs_on_the_reference():
+    obj = SPGConfig()
+    o = Objective.from_config(obj)
+    assert "likelihood_bound=mixture" in o.unfused() and "likelihood_bound" in o.path_note()
+    x = torch.zeros(3)
+    ids = torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"`copy_ids` missing: .*likelihood_bound=mixture"):
+        policy_value_loss(x, x, x, x > -1, objective=o, weights=x + 1, seq_ids=ids)
+    with pytest.raises(ValueError, match=r"`copy_ids` given: .*likelihood_bound=none"):
+        policy_value_loss(x, x, x, x > -1, copy_ids=ids, positions=ids)
+
+
+# ---- the preset ----------------------------------------------------------------------------------
+
+
+def test_the_preset_is_the_papers():
+    c = SPGConfig().validate()
+    assert PRESETS["spg"] is SPGConfig
+    assert (c.estimator, c.num_masks, c.likelihood_bound, c.eubo_beta, c.mixture_weight,
+            c.ratio_level, c.token_weights, c.kl_coef) == (
+        "blockwise", 2, "mixture", 1.5, 0.5, "none", "elbo", 0.0)
+
+
+@pytest.mark.parametrize("family, over", [
+    ("sdar", {}),
+    ("llada", {"gen_block_length": 4}),
+    ("sdar", {"likelihood_bound": "sandwich", "num_masks": 3}),
+])
+def test_spg_trains_through_the_update(tmp_path, family, over):
+    def alternate(prompts, completions, **_):  # both signs of advantage in every group
+        return [float(i % 2) for i in range(len(completions))]
+
+    tr = RLTrainer(_model(family), TOK, DATA, alternate, _cfg(tmp_path, SPGConfig, **over))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    log = tr.train_step()
+    assert "skipped" not in log and math.isfinite(log["loss"]), log
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("over, keys", [
+    ({"likelihood_bound": "sandwich", "ratio_level": "token", "token_weights": "elbo",
+      "estimator": "blockwise"}, ("likelihood_bound=sandwich", "ratio_level=token")),
+    ({"likelihood_bound": "mixture", "ratio_level": "none", "token_weights": "none"},
+     ("likelihood_bound=mixture", "token_weights=none")),
+    ({"likelihood_bound": "upper"}, ("likelihood_bound must be one of",)),
+    ({"eubo_beta": 0.5}, ("eubo_beta",)),
+    ({"mixture_weight": 1.5}, ("mixture_weight",)),
+    ({"num_masks": 0}, ("num_masks",)),
+])
+def test_bad_spg_settings_are_refused_at_config_time(over, keys):
+    for make in (lambda: RLConfig(**over).validate(),
+                 lambda: build_config(SPGConfig, {}, [f"{k}={v}" for k, v in over.items()])):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert all(k in str(e.value) for k in keys), str(e.value)
