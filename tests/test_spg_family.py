@@ -1,6 +1,6 @@
-"""SPG (issue #28): the block-wise masking estimator's masks, the sandwiched bounds' loss and
-gradient against plain-torch formulas written here from the paper and the authors' code (never
-dlmkern's loss code), on rows built for block and full-attention models, a trainer step of the
+"""SPG and BGPO (issue #28): their estimators' masks (block-wise, stratified), each loss and
+gradient against plain-torch formulas written here from the papers and the authors' code (never
+dlmkern's loss code), on rows built for block and full-attention models, a trainer step of each
 preset on both tiny families, and the config-time refusals."""
 
 import math
@@ -11,11 +11,11 @@ import torch
 from dlmkern.ops import Objective, policy_value_loss
 from dlmkern.ops.objective import token_weights
 from dlmkern.rl import RowSpec
-from dlmkern.rl.estimators import Blockwise, from_config
+from dlmkern.rl.estimators import Blockwise, Stratified, from_config
 from dlmkern.rl.rows import Rows, build_rows
 from dlmkern.trainers import RLConfig, build_config
 from dlmkern.trainers.rl import RLTrainer
-from dlmkern.trainers.rl_config import PRESETS, SPGConfig
+from dlmkern.trainers.rl_config import PRESETS, BGPOConfig, SPGConfig
 
 from .test_rl_stages import DATA, TOK, _cfg, _model
 
@@ -163,7 +163,10 @@ def test_the_bound_needs_its_ids_and_runs_on_the_reference():
     ids = torch.zeros(3, dtype=torch.long)
     with pytest.raises(ValueError, match=r"`copy_ids` missing: .*likelihood_bound=mixture"):
         policy_value_loss(x, x, x, x > -1, objective=o, weights=x + 1, seq_ids=ids)
-    with pytest.raises(ValueError, match=r"`copy_ids` given: .*likelihood_bound=none"):
+    with pytest.raises(ValueError, match=r"`positions` missing: .*likelihood_bound=mixture"):
+        policy_value_loss(x, x, x, x > -1, objective=o, weights=x + 1, seq_ids=ids,
+                          copy_ids=ids)
+    with pytest.raises(ValueError, match=r"`copy_ids` given: .*ratio_level=token"):
         policy_value_loss(x, x, x, x > -1, copy_ids=ids, positions=ids)
 
 
@@ -207,6 +210,160 @@ def test_spg_trains_through_the_update(tmp_path, family, over):
 def test_bad_spg_settings_are_refused_at_config_time(over, keys):
     for make in (lambda: RLConfig(**over).validate(),
                  lambda: build_config(SPGConfig, {}, [f"{k}={v}" for k, v in over.items()])):
+        with pytest.raises(ValueError) as e:
+            make()
+        assert all(k in str(e.value) for k in keys), str(e.value)
+
+
+# ---- BGPO ----------------------------------------------------------------------------------------
+
+
+def test_stratified_counts_are_evenly_spread_from_a_random_start():
+    est, g = Stratified(num_masks=4), torch.Generator().manual_seed(0)
+    starts = []
+    for _ in range(400):
+        cps = est.copies(_traj(3, 10), SPECS["block"], g)
+        k = [int(c.masked.sum()) for c in cps]
+        assert all(1 <= x <= 10 for x in k)
+        # k_i = ((round(k_0 + 2.5 i) - 1) mod 10) + 1: consecutive counts 2.5 apart, mod 10
+        for i in range(4):
+            assert k[i] == (round(k[0] + 2.5 * i + 1e-9) - 1) % 10 + 1 or \
+                k[i] == (int(k[0] + 2.5 * i) - 1) % 10 + 1  # round half to even
+        for c, cp in enumerate(cps):
+            assert cp.step.tolist() == [c if x else -1 for x in cp.masked.tolist()]
+        starts.append(k[0])
+    freq = torch.bincount(torch.tensor(starts), minlength=11)[1:].float() / len(starts)
+    assert freq.min() > 0.04 and freq.max() < 0.17  # the start k_0 ~ U{1..10}
+
+
+C_DUAL = 3.0
+ADV_B = [0.9, -0.6, -1.1, 0.3]
+
+
+def _bgpo_fixed(kind, on_policy=False):
+    est, spec = Stratified(num_masks=4), SPECS[kind]
+    trajs = [_traj(3, 9), _traj(5, 6), _traj(2, 11), _traj(4, 7)]
+    copies = [est.copies(t, spec, torch.Generator().manual_seed(11 + i))
+              for i, t in enumerate(trajs)]
+    rows = Rows.cat([build_rows(t, c, spec) for t, c in zip(trajs, copies, strict=True)])
+    g = torch.Generator().manual_seed(5)
+    logp = -0.2 - 1.5 * torch.rand(rows.traj.numel(), generator=g)
+    # off-policy: per-sequence drifts so that ratios leave [0.8, 1.2] and the dual clip binds
+    drift = torch.tensor([0.5, -0.4, 1.6, 0.02])[rows.traj]
+    old = logp.clone() if on_policy else logp - drift + 0.2 * torch.randn(logp.shape, generator=g)
+    return trajs, copies, rows, logp, old
+
+
+def _elbo_samples(lp_flat, trajs, copies, rows):
+    """l[s][m] = (sum_{j in S_m} log p_mj / t_m) / L_s, t_m = |S_m| / L_s: copy m's ELBO
+    sample over the completion's length (BGPO, Lin et al. 2025, eq. 3; DARE llada_dp_actor_bgpo
+    loss_per_sample / response_length)."""
+    at = {(int(s), int(m), int(j)): i for i, (s, m, j) in
+          enumerate(zip(rows.traj, rows.step, rows.gen_index, strict=True))}
+    out = []
+    for s, (t, cps) in enumerate(zip(trajs, copies, strict=True)):
+        L = len(t.token_ids)
+        per = []
+        for m, cp in enumerate(cps):
+            S = [j for j in range(L) if cp.masked[j]]
+            per.append(sum(lp_flat[at[(s, m, j)]] for j in S) / (len(S) / L) / L)
+        out.append(per)
+    return out
+
+
+def _bgpo_truth(lp, old, trajs, copies, rows, lo=0.2, hi=0.2):
+    """BGPO's loss (Lin et al. 2025, sec. 3.2; DARE compute_policy_loss_bgpo): per copy
+    x = l - l_old, r = 1 + x for A > 0 (tangent lower bound of exp), exp(x) for A <= 0;
+    -min(r A, clip(r) A), at most -c A for A < 0; mean over copies, then over sequences."""
+    new, ref = _elbo_samples(lp, trajs, copies, rows), _elbo_samples(old, trajs, copies, rows)
+    total = 0.0
+    for s, A in enumerate(ADV_B):
+        terms = []
+        for l_new, l_old in zip(new[s], ref[s], strict=True):
+            x = l_new - l_old
+            r = 1 + x if A > 0 else torch.exp(x)
+            pg = torch.maximum(-A * r, -A * torch.clamp(r, 1 - lo, 1 + hi))
+            if A < 0:
+                pg = torch.minimum(pg, torch.tensor(-C_DUAL * A))
+            terms.append(pg)
+        total = total + sum(terms) / len(terms)
+    return total / len(ADV_B)
+
+
+def _bgpo_ours(rows, logp, old, n_seqs):
+    obj = Objective.from_config(BGPOConfig())
+    lp = logp.clone().requires_grad_()
+    loss, stats = policy_value_loss(
+        lp, old, torch.tensor(ADV_B)[rows.traj], torch.ones_like(lp, dtype=torch.bool),
+        objective=obj, seq_ids=rows.traj, num_seqs=n_seqs, copy_ids=rows.step)
+    loss.backward()
+    return loss.detach(), lp.grad, stats
+
+
+@pytest.mark.parametrize("kind", ["block", "full"])
+def test_bgpo_loss_and_gradient_equal_the_papers_bound(kind):
+    trajs, copies, rows, logp, old = _bgpo_fixed(kind)
+    loss, grad, stats = _bgpo_ours(rows, logp, old, len(trajs))
+    ref = logp.clone().requires_grad_()
+    want = _bgpo_truth(ref, old, trajs, copies, rows)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, ref.grad, atol=1e-6, rtol=1e-5)
+    assert 0 < stats["clip_frac"] < 1 and stats["dual_clip_frac"] > 0  # both clips exercised
+
+
+@pytest.mark.parametrize("kind", ["block", "full"])
+def test_bgpo_on_policy_equals_the_elbo_objective_in_value_and_gradient(kind):
+    # the paper's equivalence (sec. 3.2): at l = l_old, the bound and the ELBO-based objective
+    # -A exp(mean_m l_m - mean_m l_old_m) agree in value (-A) and gradient
+    trajs, copies, rows, logp, old = _bgpo_fixed(kind, on_policy=True)
+    loss, grad, _ = _bgpo_ours(rows, logp, old, len(trajs))
+    ref = logp.clone().requires_grad_()
+    new, base = (_elbo_samples(ref, trajs, copies, rows),
+                 _elbo_samples(old, trajs, copies, rows))
+    want = sum(-A * torch.exp(sum(new[s]) / len(new[s]) - sum(base[s]) / len(base[s]))
+               for s, A in enumerate(ADV_B)) / len(ADV_B)
+    want.backward()
+    torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(grad, ref.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_bgpo_preset_is_the_papers():
+    c = BGPOConfig().validate()
+    assert PRESETS["bgpo"] is BGPOConfig
+    assert (c.estimator, c.num_masks, c.ratio_level, c.ratio_form, c.dual_clip, c.lr) == (
+        "stratified", 16, "copy", "tangent", 3.0, 5e-7)
+    est = from_config(c)
+    assert isinstance(est, Stratified) and est.num_masks == 16
+
+
+@pytest.mark.parametrize("family, over", [
+    ("sdar", {"num_masks": 4}),
+    ("llada", {"num_masks": 4, "gen_block_length": 4}),
+])
+def test_bgpo_trains_through_the_update(tmp_path, family, over):
+    def alternate(prompts, completions, **_):
+        return [float(i % 2) for i in range(len(completions))]
+
+    tr = RLTrainer(_model(family), TOK, DATA, alternate,
+                   _cfg(tmp_path, BGPOConfig, lr=1e-3, **over))
+    before = [p.detach().clone() for p in tr.model.parameters()]
+    log = tr.train_step()
+    assert "skipped" not in log and math.isfinite(log["loss"]), log
+    assert any(not torch.equal(a, p) for a, p in zip(before, tr.model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("over, keys", [
+    ({"ratio_form": "tangent", "ratio_level": "none", "dual_clip": 0.0},
+     ("ratio_form=tangent", "ratio_level=none")),
+    ({"ratio_level": "copy", "token_weights": "elbo", "estimator": "stratified"},
+     ("ratio_level=copy", "token_weights=elbo")),
+    ({"ratio_level": "copy", "estimator": "trace"}, ("ratio_level=copy", "estimator=trace")),
+    ({"ratio_form": "linear"}, ("ratio_form must be one of",)),
+])
+def test_bad_bgpo_settings_are_refused_at_config_time(over, keys):
+    for make in (lambda: RLConfig(**over).validate(),
+                 lambda: build_config(BGPOConfig, {}, [f"{k}={v}" for k, v in over.items()])):
         with pytest.raises(ValueError) as e:
             make()
         assert all(k in str(e.value) for k in keys), str(e.value)

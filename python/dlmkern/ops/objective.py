@@ -8,8 +8,13 @@ An ``Objective`` says what the per-token policy loss is:
   GRPO). ``sequence``: exp(mean over the sequence's trained tokens of (logp - old_logp)), one
   ratio and one clip decision per sequence, normalised by its length as GSPO and ESPO do (the
   gradient is GSPO-token's: equal to GSPO's when a sequence's tokens share one advantage).
-  ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``none``:
-  no ratio and no clip: a weighted likelihood, loss = -A * logp (wd1).
+  ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``copy``
+  (BGPO): the same per (sequence, noisy copy), clipped once per copy, and the sequence's
+  policy term is the mean over its copies of their clipped terms (every token of the sequence
+  carries it; copy ids passed with the tokens). ``none``: no ratio and no clip: a weighted
+  likelihood, loss = -A * logp (wd1).
+- ``ratio_form``: ``exp`` (r = exp(log r)) or ``tangent``: for A > 0, r = 1 + log r, the
+  tangent of exp at 1 and a lower bound of it (BGPO; A <= 0 keeps exp).
 - ``eps_low`` / ``eps_high``: the ratio clip [1 - eps_low, 1 + eps_high]; ``dual_clip``: c > 1
   bounds the loss of negative advantages by -c * A (0: off).
 - ``kl_kind`` / ``kl_coef`` / ``kl_to``: the KL penalty per token, x = target - logp: ``k1`` =
@@ -48,7 +53,8 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_LEVELS = ("token", "block", "sequence", "none")
+RATIO_LEVELS = ("token", "block", "sequence", "copy", "none")
+RATIO_FORMS = ("exp", "tangent")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_TARGETS = ("old", "ref")
 TOKEN_WEIGHTS = ("none", "elbo", "step")
@@ -65,6 +71,7 @@ class Objective:
     or directly; every instance is valid (enums and combinations are checked on construction)."""
 
     ratio_level: str = "token"
+    ratio_form: str = "exp"
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 0.0
@@ -100,6 +107,12 @@ class Objective:
         return self.token_weights != "none"
 
     @property
+    def over_copies(self) -> bool:
+        """The loss groups tokens by noisy copy (copy ratio or likelihood bound): the op then
+        needs ``copy_ids`` (and ``positions`` for a bound)."""
+        return self.ratio_level == "copy" or self.bounded
+
+    @property
     def bounded(self) -> bool:
         """The policy term is a per-sequence likelihood bound (the op then needs ``copy_ids``
         and ``positions``)."""
@@ -117,6 +130,8 @@ class Objective:
             out.append(f"kl_kind={self.kl_kind}")
         if self.token_weights not in FUSED["token_weights"]:
             out.append(f"token_weights={self.token_weights}")
+        if self.ratio_form != "exp":
+            out.append(f"ratio_form={self.ratio_form}")
         if self.bounded:
             out.append(f"likelihood_bound={self.likelihood_bound}")
         return out
@@ -134,9 +149,9 @@ class Objective:
         if not gaps:
             return None
         return (f"objective: {', '.join(gaps)} {'is' if len(gaps) == 1 else 'are'} not in the "
-                "fused policy_value_loss kernel (it has token ratios, the k3 KL and unweighted "
-                "tokens, no sequence likelihood bound): the policy loss runs on the reference path (plain torch: the same "
-                "loss, more memory and time)")
+                "fused policy_value_loss kernel (it has exp token ratios, the k3 KL and "
+                "unweighted tokens): the policy loss runs on the reference path (plain torch: "
+                "the same loss, more memory and time)")
 
 
 def checks(o) -> list[tuple[bool, str]]:
@@ -154,6 +169,15 @@ def checks(o) -> list[tuple[bool, str]]:
         (o.ratio_level != "none" or not o.dual_clip,
          f"dual_clip={o.dual_clip:g} bounds a ratio's loss, and ratio_level=none has no ratio "
          "(a weighted likelihood): set dual_clip: 0 or pick a ratio_level"),
+        (o.ratio_form in RATIO_FORMS,
+         f"ratio_form must be one of {', '.join(RATIO_FORMS)}, got {o.ratio_form!r}"),
+        (o.ratio_form == "exp" or o.ratio_level != "none",
+         f"ratio_form={o.ratio_form} shapes a ratio, and ratio_level=none has none: set "
+         f"ratio_form: exp or pick a ratio_level"),
+        (o.ratio_level != "copy" or o.token_weights == "none",
+         f"ratio_level=copy gives every token of a sequence the mean of its copies' terms; "
+         f"token_weights={o.token_weights} would weigh that sequence value token by token: set "
+         f"token_weights: none or another ratio_level"),
         (o.likelihood_bound in LIKELIHOOD_BOUNDS,
          f"likelihood_bound must be one of {', '.join(LIKELIHOOD_BOUNDS)}, got "
          f"{o.likelihood_bound!r}"),

@@ -85,9 +85,9 @@ def policy_value_loss(
     Other objectives (see dlmkern.ops.objective): a sequence ratio groups tokens by ``seq_ids``
     (``[B, L]``: by row), a block ratio by (``seq_ids``, ``block_ids``); ``weights`` (per token)
     are required exactly when the objective weights tokens; a KL of kind k1 / quadratic replaces
-    k3; a likelihood bound (SPG) reads each token's sequence (``seq_ids``), noisy copy
-    (``copy_ids``) and position in its completion (``positions``), int64, required exactly
-    then. Such objectives run on the reference path (plain torch autograd) whatever the backend:
+    k3; a copy ratio (BGPO) reads each token's sequence (``seq_ids``) and noisy copy
+    (``copy_ids``), a likelihood bound (SPG) also its position in its completion
+    (``positions``), int64, required exactly then. Such objectives run on the reference path (plain torch autograd) whatever the backend:
     ``objective.fused()`` says which.
 
     Returns ``(loss, stats)``; stats is a dict of 0-d fp32 tensors: pg_loss, kl, vf_loss (each
@@ -169,23 +169,23 @@ def _check_objective_inputs(o: Objective, logp, weights, block_ids) -> None:
 
 
 def _check_bound_inputs(o: Objective, logp, seq_ids, copy_ids, positions) -> None:
-    """A likelihood bound's per-token ids: given exactly when the objective has one, shaped like
+    """The per-token ids of an objective over noisy copies: `copy_ids` exactly when it groups by
+    copy (ratio_level=copy, a likelihood bound), `positions` exactly with a bound; shaped like
     `logp`, int64."""
     op = "dlmkern.policy_value_loss"
-    given = {"copy_ids": copy_ids, "positions": positions}
-    for name, t in given.items():
-        if (t is not None) != o.bounded:
+    what = (f"likelihood_bound={o.likelihood_bound}" if o.bounded else
+            f"ratio_level={o.ratio_level}")
+    for name, t, need in (("copy_ids", copy_ids, o.over_copies),
+                          ("positions", positions, o.bounded)):
+        if (t is not None) != need:
             raise ValueError(f"{op}: `{name}` {'given' if t is not None else 'missing'}: the "
-                             f"objective has likelihood_bound={o.likelihood_bound} (copy ids "
-                             f"and positions are passed exactly when it has a bound)")
-    if not o.bounded:
-        return
-    if seq_ids is None:
-        raise ValueError(f"{op}: likelihood_bound={o.likelihood_bound} needs `seq_ids`")
-    for name, t in given.items():
-        if t.shape != logp.shape or t.dtype != torch.int64:
+                             f"objective has {what} (copy ids are passed exactly when it "
+                             f"groups by noisy copy, positions when it has a likelihood bound)")
+        if t is not None and (t.shape != logp.shape or t.dtype != torch.int64):
             raise ValueError(f"{op}: `{name}` must be int64 shaped like `logp` "
                              f"{tuple(logp.shape)}, got {t.dtype} {tuple(t.shape)}")
+    if o.over_copies and seq_ids is None:
+        raise ValueError(f"{op}: {what} needs `seq_ids`")
 
 
 def _op_arguments(o: Objective, *, vf_coef: float, vf_clip: float, num_seqs: int,

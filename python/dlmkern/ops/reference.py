@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dlmkern.ops.reference_copies import bound_term, copy_ratio_term
+
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -190,15 +192,16 @@ def objective_loss(
     lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
     diff = lp - old_logp.to(f)
-    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids)
+    pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids,
+                                            copy_ids)
     kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
     if o.weighted:
         if weights is None:
             raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
                              f"(token_weights={o.token_weights}): pass `weights`")
         kl = weights.to(f) * kl
-        pg = (_bound_term(o, lp, advantages.to(f), weights.to(f), m, seq_ids, copy_ids,
-                          positions) if o.bounded else weights.to(f) * pg)
+        pg = (bound_term(o, lp, advantages.to(f), weights.to(f), m, seq_ids, copy_ids,
+                         positions) if o.bounded else weights.to(f) * pg)
     elif weights is not None:
         raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
                          "token_weights=none")
@@ -244,78 +247,47 @@ def objective_loss(
     return loss, stats
 
 
-def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids):
+def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids, copy_ids=None):
     """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
     and the dual clip are active."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    if o.ratio_level == "copy":
+        return copy_ratio_term(o, diff, adv, m, seq_ids, copy_ids)
     if o.ratio_level in ("sequence", "block"):
         gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
         g = _group_mean(diff.detach(), m, gid, n_groups)
         inside = (g > -20.0) & (g < 20.0)
-        ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
-                                                                      zero))
+        log_r = torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(), zero)
     else:
-        ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-    if o.has_ratio:
-        s1 = ratio * adv
-        s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
-        pg = -torch.minimum(s1, s2)
-        clipped = s2 < s1
-    else:  # a weighted likelihood: no ratio, nothing clipped
-        pg = -adv * lp
-        clipped = torch.zeros_like(m)
+        log_r = torch.clamp(diff, -20.0, 20.0)
+    ratio = ratio_of(o, log_r, adv)
+    if not o.has_ratio:  # a weighted likelihood: no ratio, nothing clipped
+        return -adv * lp, ratio, torch.zeros_like(m), torch.zeros_like(m)
+    pg, clipped, dual = clip_term(o, ratio, adv)
+    return pg, ratio, clipped, dual
+
+
+def ratio_of(o, log_r, adv):
+    """exp(log r); ratio_form=tangent: 1 + log r where A > 0 (BGPO's tangent lower bound)."""
+    ratio = torch.exp(log_r)
+    if o.ratio_form == "tangent":
+        ratio = torch.where(adv > 0, 1 + log_r, ratio)
+    return ratio
+
+
+def clip_term(o, ratio, adv):
+    """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), at most -c A for A < 0 (dual clip c);
+    whether the clip and the dual clip are active."""
+    s1 = ratio * adv
+    s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
+    pg = -torch.minimum(s1, s2)
+    clipped = s2 < s1
     dual = torch.zeros_like(clipped)
     if o.dual_clip > 0:
         bound = -o.dual_clip * adv
         dual = (adv < 0) & (bound < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    return pg, ratio, clipped, dual
-
-
-def _bound_term(o, lp, adv, w, m, seq_ids, copy_ids, positions):
-    """Per token, -A times its sequence's likelihood bound (Objective.likelihood_bound; SPG).
-    Masked-in tokens group by (sequence, copy) for the ELBO, by (sequence, position) for the
-    EUBO; a copy's mask rate t is 1 / its elbo weight w. The EUBO's inner mean is a logsumexp
-    of beta * logp - log t over the copies masking the position, minus log M (M: the
-    sequence's copies)."""
-    if seq_ids is None or copy_ids is None or positions is None:
-        raise ValueError(f"dlmkern.policy_value_loss: likelihood_bound={o.likelihood_bound} "
-                         "needs `seq_ids`, `copy_ids` and `positions`")
-    idx = m.reshape(-1).nonzero().squeeze(1)
-    x, a = lp.reshape(-1)[idx], adv.reshape(-1)[idx]
-    sid = seq_ids.reshape(-1)[idx]
-    out = torch.zeros(lp.numel(), dtype=lp.dtype, device=lp.device)
-    if idx.numel() == 0:
-        return out.reshape(lp.shape) + 0 * lp
-    n_seq = int(sid.max()) + 1
-
-    def groups(other):  # (owning sequence per group, group id per token, number of groups)
-        uniq, gid = torch.unique(torch.stack([sid, other.reshape(-1)[idx]]), dim=1,
-                                 return_inverse=True)
-        return uniq[0], gid, uniq.shape[1]
-
-    def add(n, at, vals):
-        return torch.zeros(n, dtype=vals.dtype, device=vals.device).index_add(0, at, vals)
-
-    c_seq, c_gid, n_c = groups(copy_ids)
-    one = torch.ones_like(x)
-    copy_mean = add(n_c, c_gid, x) / add(n_c, c_gid, one)
-    n_copies = add(n_seq, c_seq, torch.ones(n_c, dtype=x.dtype, device=x.device))
-    elbo = add(n_seq, c_seq, copy_mean) / n_copies.clamp(min=1)
-    bound = elbo[sid]
-    if o.likelihood_bound in ("sandwich", "mixture"):
-        p_seq, p_gid, n_p = groups(positions)
-        v = o.eubo_beta * x - torch.log(1.0 / w.reshape(-1)[idx])  # log(p^beta / t)
-        vmax = torch.full((n_p,), float("-inf"), dtype=x.dtype, device=x.device).scatter_reduce(
-            0, p_gid, v.detach(), "amax")
-        log_avg = (torch.log(add(n_p, p_gid, torch.exp(v - vmax[p_gid]))) + vmax
-                   - torch.log(n_copies[p_seq]))
-        eubo = (add(n_seq, p_seq, log_avg) / add(n_seq, p_seq, torch.ones_like(log_avg))
-                / o.eubo_beta)
-        if o.likelihood_bound == "mixture":
-            eubo = o.mixture_weight * eubo + (1 - o.mixture_weight) * elbo
-        bound = torch.where(a > 0, elbo[sid], eubo[sid])
-    return out.index_put((idx,), -a * bound).reshape(lp.shape)
+    return pg, clipped, dual
 
 
 def _value_term(values, old_values, returns, vf_clip, like, clipped_like):

@@ -42,8 +42,8 @@ class RLConfig(DataConfig):
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
                          "full attention)")
-    num_masks: int = opt(2, "estimator blockwise: noisy copies (Monte Carlo samples) per "
-                         "completion, each at its own random block")
+    num_masks: int = opt(2, "estimators blockwise / stratified: noisy copies (Monte Carlo "
+                         "samples of the ELBO) per completion")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -57,8 +57,11 @@ class RLConfig(DataConfig):
     max_oversample_rounds: int = opt(4, "dynamic sampling: extra rollout rounds at most")
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
-                           "exp of the mean log-ratio) | none (weighted likelihood, wd1); "
+                           "exp of the mean log-ratio) | copy (per noisy copy, its terms "
+                           "averaged per sequence: BGPO) | none (weighted likelihood, wd1); "
                            "all but token run the loss on the reference path")
+    ratio_form: str = opt("exp", "exp | tangent (A > 0: ratio 1 + log r, BGPO's lower bound); "
+                          "tangent runs the loss on the reference path")
     reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
     loss_normalizer: float = opt(1.0, "reduction=sum: the constant divisor (Dr.GRPO)")
     eps_low: float = opt(0.2, "ratio clip below: 1 - eps_low")
@@ -147,6 +150,11 @@ class RLConfig(DataConfig):
              f"noisy copy masks; estimator={self.estimator} trains only one trace step of each "
              f"copy (t is not that share): use a random-masking estimator (random_mask, "
              f"coupled) or token_weights: step"),
+            (not (self.ratio_level == "copy" or self.likelihood_bound != "none") or
+             self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
+             f"ratio_level={self.ratio_level} / likelihood_bound={self.likelihood_bound} group "
+             f"tokens by noisy copy, and estimator={self.estimator} rows are trace steps: use "
+             f"a random-masking estimator (stratified, blockwise, random_mask, coupled)"),
         ])
         return self
 
@@ -297,8 +305,39 @@ class SPGConfig(RLConfig):
     reduction: str = _same("reduction", "seq_mean")
 
 
+@dataclass
+class BGPOConfig(RLConfig):
+    """BGPO, Boundary-Guided Policy Optimization (Lin, Zhang, Hou, Li 2025, "Boundary-Guided
+    Policy Optimization for Memory-efficient RL of Diffusion Large Language Models", arXiv
+    2510.11683; code github.com/THU-KEG/BGPO, and DARE's compute_policy_loss_bgpo). The
+    ELBO-based PPO objective A * exp(ELBO - ELBO_old) is replaced by a lower bound that is a
+    sum of one term per Monte Carlo sample: for A > 0 the tangent 1 + (l_m - l_old_m) (ratio_form
+    tangent), for A <= 0 exp(l_m - l_old_m) (Jensen), each clipped, dual-clipped (c = 3) and
+    averaged over the num_masks = 16 copies of estimator stratified (evenly spread mask counts,
+    the authors' forward process). On-policy its value and gradient equal the ELBO objective's.
+    l_m is the copy's ELBO sample divided by the completion's length, i.e. the copy's mean
+    masked-token log-prob (ratio_level copy).
+
+    What differs: the authors divide l_m by the padded response length and weight each sequence
+    by its length in a token mean; here l_m uses the completion's own length and seq_mean takes
+    the plain mean over sequences (the same when completions have one length); their
+    A > 0 ratio is exp(log(1 + x)) (NaN when 1 + x <= 0), here 1 + x. Their update runs one
+    forward per MC sample (constant memory); here a pass holds all copies of its trajectories
+    (micro_batch_tokens splits passes by trajectory), so memory grows with num_masks. Works on
+    block and full-attention models."""
+
+    algo: ClassVar[str] = "bgpo"
+    estimator: str = _same("estimator", "stratified")
+    num_masks: int = _same("num_masks", 16)
+    ratio_level: str = _same("ratio_level", "copy")
+    ratio_form: str = _same("ratio_form", "tangent")
+    dual_clip: float = _same("dual_clip", 3.0)
+    reduction: str = _same("reduction", "seq_mean")
+    lr: float = _same("lr", 5e-7)
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig, SPGConfig)
+                        DiffuGRPOConfig, SPGConfig, BGPOConfig)
 }

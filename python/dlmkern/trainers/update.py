@@ -130,8 +130,9 @@ class Update:
             n = torch.tensor([len(t.token_ids) for t in trajs], device=HOST)
             prep.weights = token_weights(obj.token_weights, host.traj, host.step,
                                          n).to(self.device)
-        if obj.bounded:  # a token's noisy copy (Rows.step) and place in its completion
+        if obj.over_copies:  # a token's noisy copy (Rows.step) and place in its completion
             prep.copy_ids = host.step.to(self.device)
+        if obj.bounded:
             prep.positions = host.gen_index.to(self.device)
         if obj.ratio_level == "block":
             plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)

@@ -10,6 +10,7 @@ from dlmkern.rl.estimators.blockwise import Blockwise
 from dlmkern.rl.estimators.coupled import Coupled
 from dlmkern.rl.estimators.diffu_grpo import DiffuGRPO
 from dlmkern.rl.estimators.random_mask import RandomMask
+from dlmkern.rl.estimators.stratified import Stratified
 from dlmkern.rl.estimators.trace import Trace
 
 ESTIMATORS: dict[str, type[Estimator]] = {
@@ -18,6 +19,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "coupled": Coupled,
     "diffu_grpo": DiffuGRPO,
     "blockwise": Blockwise,
+    "stratified": Stratified,
 }
 
 
@@ -38,4 +40,4 @@ def from_config(cfg) -> Estimator:
 
 
 __all__ = ["ESTIMATORS", "Blockwise", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy",
-           "RandomMask", "RowSpec", "Trace", "from_config", "get"]
+           "RandomMask", "RowSpec", "Stratified", "Trace", "from_config", "get"]
