@@ -54,7 +54,7 @@ def test_diffu_grpo_masks_the_prompt_of_block_models():
 
 def test_registry():
     assert list(ESTIMATORS) == ["trace", "random_mask", "coupled", "diffu_grpo", "blockwise",
-                                "stratified"]
+                                "stratified", "block_stratified"]
     assert "coupled" in ESTIMATORS and "nope" not in ESTIMATORS
     for name, cls in ESTIMATORS.items():
         est = get_estimator(name)
@@ -64,7 +64,7 @@ def test_registry():
     assert not get_estimator("diffu_grpo", prompt_mask_ratio=0.0).random
     with pytest.raises(ValueError, match="unknown estimator 'nope'; known: trace, random_mask, "
                                          "coupled, diffu_grpo, blockwise, "
-                                         "stratified"):
+                                         "stratified, block_stratified"):
         get_estimator("nope")
     with pytest.raises(ValueError, match="unknown estimator"):
         baseline_rows("nope", [T], M, torch.Generator(), 4)

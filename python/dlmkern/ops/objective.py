@@ -11,8 +11,12 @@ An ``Objective`` says what the per-token policy loss is:
   ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``copy``
   (BGPO): the same per (sequence, noisy copy), clipped once per copy, and the sequence's
   policy term is the mean over its copies of their clipped terms (every token of the sequence
-  carries it; copy ids passed with the tokens). ``none``: no ratio and no clip: a weighted
-  likelihood, loss = -A * logp (wd1).
+  carries it; copy ids passed with the tokens). ``elbo`` (EBPO): one ratio per sequence,
+  exp of the difference of its Monte Carlo ELBOs, (1/M) sum over its M copies' tokens of
+  w * (logp - old_logp) with w = 1/t the token weight (token_weights elbo / block_elbo, read
+  as the ELBO's weights, not multiplied onto the loss), clipped once; every token carries the
+  sequence's term. ``none``: no ratio and no clip: a weighted likelihood, loss = -A * logp
+  (wd1).
 - ``ratio_form``: ``exp`` (r = exp(log r)) or ``tangent``: for A > 0, r = 1 + log r, the
   tangent of exp at 1 and a lower bound of it (BGPO; A <= 0 keeps exp).
 - ``eps_low`` / ``eps_high``: the ratio clip [1 - eps_low, 1 + eps_high]; ``dual_clip``: c > 1
@@ -24,8 +28,10 @@ An ``Objective`` says what the per-token policy loss is:
   ``ref_logp``.
 - ``token_weights``: per-token weights multiplying the token's policy loss (pg and KL). ``elbo``:
   1 / t with t the share of the completion its noisy copy masks (random-masking estimators);
-  ``step``: 1 / (tokens trained at that trace step, or in that noisy copy), so each step weighs
-  as one (TraceRL's per-step normalisation); ``none``.
+  ``block_elbo``: 1 / t_b with t_b the share of the token's block its noisy copy masks (a
+  block-diffusion ELBO, one rate per block: EBPO); ``step``: 1 / (tokens trained at that trace
+  step, or in that noisy copy), so each step weighs as one (TraceRL's per-step
+  normalisation); ``none``.
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
@@ -53,11 +59,11 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_LEVELS = ("token", "block", "sequence", "copy", "none")
+RATIO_LEVELS = ("token", "block", "sequence", "copy", "elbo", "none")
 RATIO_FORMS = ("exp", "tangent")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_TARGETS = ("old", "ref")
-TOKEN_WEIGHTS = ("none", "elbo", "step")
+TOKEN_WEIGHTS = ("none", "elbo", "block_elbo", "step")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 LIKELIHOOD_BOUNDS = ("none", "elbo", "sandwich", "mixture")
 
@@ -110,7 +116,7 @@ class Objective:
     def over_copies(self) -> bool:
         """The loss groups tokens by noisy copy (copy ratio or likelihood bound): the op then
         needs ``copy_ids`` (and ``positions`` for a bound)."""
-        return self.ratio_level == "copy" or self.bounded
+        return self.ratio_level in ("copy", "elbo") or self.bounded
 
     @property
     def bounded(self) -> bool:
@@ -174,6 +180,10 @@ def checks(o) -> list[tuple[bool, str]]:
         (o.ratio_form == "exp" or o.ratio_level != "none",
          f"ratio_form={o.ratio_form} shapes a ratio, and ratio_level=none has none: set "
          f"ratio_form: exp or pick a ratio_level"),
+        (o.ratio_level != "elbo" or o.token_weights in ("elbo", "block_elbo"),
+         f"ratio_level=elbo is the ratio of the sequence's ELBOs, which weigh each token by 1/t "
+         f"(token_weights elbo or block_elbo), and token_weights={o.token_weights}: set "
+         f"token_weights: elbo (or block_elbo) or another ratio_level"),
         (o.ratio_level != "copy" or o.token_weights == "none",
          f"ratio_level=copy gives every token of a sequence the mean of its copies' terms; "
          f"token_weights={o.token_weights} would weigh that sequence value token by token: set "
@@ -239,20 +249,27 @@ def call_objective(objective: Objective | None, *, eps_low=None, eps_high=None, 
 
 
 def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
-                  gen_lengths: torch.Tensor) -> torch.Tensor | None:
+                  gen_lengths: torch.Tensor, blocks: torch.Tensor | None = None,
+                  block_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
     grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
     1 / (the group's size). ``elbo``: 1 / t with t = the group's size / the trajectory's
-    generated length (``gen_lengths[traj]``): the share its noisy copy masks."""
+    generated length (``gen_lengths[traj]``): the share its noisy copy masks. ``block_elbo``:
+    groups also by block (``blocks``, per token), t = the group's size / the block's generated
+    tokens (``block_lengths``, per token)."""
     if kind == "none":
         return None
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
+    if kind == "block_elbo":
+        key = key * (int(blocks.max()) + 1 if blocks.numel() else 1) + blocks
     _, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     size = counts[inverse].to(torch.float32)
     if kind == "step":
         return 1.0 / size
     if kind == "elbo":
         return gen_lengths[traj].to(torch.float32) / size
+    if kind == "block_elbo":
+        return block_lengths.to(torch.float32) / size
     raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
 
 
@@ -265,3 +282,14 @@ def response_blocks(gen_index: torch.Tensor, prompt_len: torch.Tensor,
     if block_size is None:
         return gen_index // gen_block_length
     return (prompt_len + gen_index) // block_size
+
+
+def response_block_lengths(gen_index: torch.Tensor, prompt_len: torch.Tensor,
+                           gen_len: torch.Tensor, block_size: int | None,
+                           gen_block_length: int) -> torch.Tensor:
+    """Per trained token, how many generated tokens its block (``response_blocks``) holds."""
+    blk = response_blocks(gen_index, prompt_len, block_size, gen_block_length)
+    if block_size is None:
+        return torch.minimum((blk + 1) * gen_block_length, gen_len) - blk * gen_block_length
+    return (torch.minimum((blk + 1) * block_size, prompt_len + gen_len)
+            - torch.maximum(blk * block_size, prompt_len))

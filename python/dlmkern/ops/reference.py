@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from dlmkern.ops.reference_copies import bound_term, copy_ratio_term
+from dlmkern.ops.reference_copies import bound_term, copy_ratio_term, elbo_ratio_term
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -192,19 +192,20 @@ def objective_loss(
     lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
     diff = lp - old_logp.to(f)
+    if o.weighted != (weights is not None):
+        raise ValueError(f"dlmkern.policy_value_loss: `weights` "
+                         f"{'missing' if weights is None else 'given'}: the objective has "
+                         f"token_weights={o.token_weights}")
+    w = None if weights is None else weights.to(f)
     pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids,
-                                            copy_ids)
+                                            copy_ids, w)
     kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
-    if o.weighted:
-        if weights is None:
-            raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
-                             f"(token_weights={o.token_weights}): pass `weights`")
-        kl = weights.to(f) * kl
-        pg = (bound_term(o, lp, advantages.to(f), weights.to(f), m, seq_ids, copy_ids,
-                         positions) if o.bounded else weights.to(f) * pg)
-    elif weights is not None:
-        raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
-                         "token_weights=none")
+    if w is not None:  # a bound or an ELBO ratio reads the weights as 1 / t instead
+        kl = w * kl
+        if o.bounded:
+            pg = bound_term(o, lp, advantages.to(f), w, m, seq_ids, copy_ids, positions)
+        elif o.ratio_level != "elbo":
+            pg = w * pg
     vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
@@ -247,12 +248,14 @@ def objective_loss(
     return loss, stats
 
 
-def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids, copy_ids=None):
+def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids, copy_ids=None, w=None):
     """Per token: the policy loss pg, the ratio (a diagnostic without one), whether the clip
     and the dual clip are active."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
     if o.ratio_level == "copy":
         return copy_ratio_term(o, diff, adv, m, seq_ids, copy_ids)
+    if o.ratio_level == "elbo":
+        return elbo_ratio_term(o, diff, adv, w, m, seq_ids, copy_ids)
     if o.ratio_level in ("sequence", "block"):
         gid, n_groups = _ratio_groups(o.ratio_level, m, seq_ids, block_ids)
         g = _group_mean(diff.detach(), m, gid, n_groups)

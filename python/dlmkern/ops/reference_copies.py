@@ -1,6 +1,6 @@
 """Ground truth of the objectives computed over a sequence's noisy copies (part of the reference
-backend, dlmkern.ops.reference): the copy ratio (``ratio_level=copy``, BGPO) and the likelihood
-bounds (``likelihood_bound``, SPG). Each gives every trained token of a sequence one value, the
+backend, dlmkern.ops.reference): the copy ratio (``ratio_level=copy``, BGPO), the ELBO ratio
+(``ratio_level=elbo``, EBPO) and the likelihood bounds (``likelihood_bound``, SPG). Each gives every trained token of a sequence one value, the
 sequence's policy term, so any reduction reads it as a per-sequence quantity; gradients are
 those of that term (plain autograd). Tokens are grouped by (sequence, copy) with ``copy_ids``
 (Rows.step of a random-masking estimator) and, for the EUBO, by (sequence, position)."""
@@ -69,6 +69,27 @@ def copy_ratio_term(o, diff, adv, m, seq_ids, copy_ids):
     v = c.per_seq_mean_over_copies(pg)[c.sid]
     return (c.scatter(diff, v), c.scatter(diff, ratio[c.c_gid]).detach(),
             c.scatter(m, clipped[c.c_gid]), c.scatter(m, dual[c.c_gid]))
+
+
+def elbo_ratio_term(o, diff, adv, w, m, seq_ids, copy_ids):
+    """ratio_level=elbo (EBPO): per sequence the log-ratio of its Monte Carlo ELBOs,
+    g = (1/M) sum over its M copies' tokens of w * (logp - old_logp) (w = 1/t), clamped to
+    [-20, 20]; the ratio exp(g) (1 + g for A > 0 with ratio_form=tangent), clipped and
+    dual-clipped once; every token of the sequence carries -min(r A, clip(r) A)."""
+    from dlmkern.ops.reference import clip_term, ratio_of
+
+    c = _Copies(m, seq_ids, copy_ids, "ratio_level=elbo")
+    if c.idx.numel() == 0:
+        z = torch.zeros_like(m)
+        return 0 * diff, torch.ones_like(diff), z, z
+    x = c.pick(w) * c.pick(diff)
+    g = torch.clamp(_add(c.n_seq, c.sid, x) / c.n_copies.to(x.dtype), -20.0, 20.0)
+    a = torch.zeros(c.n_seq, dtype=x.dtype, device=x.device).index_put(
+        (c.sid,), c.pick(adv))  # a sequence's tokens share its advantage
+    ratio = ratio_of(o, g, a)
+    pg, clipped, dual = clip_term(o, ratio, a)
+    return (c.scatter(diff, pg[c.sid]), c.scatter(diff, ratio[c.sid]).detach(),
+            c.scatter(m, clipped[c.sid]), c.scatter(m, dual[c.sid]))
 
 
 def bound_term(o, lp, adv, w, m, seq_ids, copy_ids, positions):

@@ -42,8 +42,8 @@ class RLConfig(DataConfig):
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
     shrinkage: int = opt(0, "trace shrinkage s (0: the paper's, 1 for block models, 8 for "
                          "full attention)")
-    num_masks: int = opt(2, "estimators blockwise / stratified: noisy copies (Monte Carlo "
-                         "samples of the ELBO) per completion")
+    num_masks: int = opt(2, "estimators blockwise / stratified / block_stratified: noisy "
+                         "copies (Monte Carlo samples of the ELBO) per completion")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -58,7 +58,8 @@ class RLConfig(DataConfig):
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
                            "exp of the mean log-ratio) | copy (per noisy copy, its terms "
-                           "averaged per sequence: BGPO) | none (weighted likelihood, wd1); "
+                           "averaged per sequence: BGPO) | elbo (per sequence, exp of its "
+                           "ELBO difference: EBPO) | none (weighted likelihood, wd1); "
                            "all but token run the loss on the reference path")
     ratio_form: str = opt("exp", "exp | tangent (A > 0: ratio 1 + log r, BGPO's lower bound); "
                           "tangent runs the loss on the reference path")
@@ -73,7 +74,8 @@ class RLConfig(DataConfig):
                        "the reference path")
     kl_to: str = opt("old", "KL target: old (rollout policy) | ref (frozen initial policy)")
     token_weights: str = opt("none", "per-token loss weights: none | elbo (1/t, t the share its "
-                             "noisy copy masks) | step (1 / tokens of its trace step or copy); "
+                             "noisy copy masks) | block_elbo (1/t of its block: block models) | "
+                             "step (1 / tokens of its trace step or copy); "
                              "weights run the loss on the reference path")
     likelihood_bound: str = opt("none", "per-sequence likelihood bound replacing the token terms "
                                 "(SPG; ratio_level: none, token_weights: elbo): none | elbo | "
@@ -144,13 +146,13 @@ class RLConfig(DataConfig):
             *_scored_sampling(self.sampling),
             *policy_checks(self),
             *objective_checks(self),
-            (self.token_weights != "elbo" or self.estimator not in ESTIMATORS or
-             not get_estimator(self.estimator).trace_steps,
-             f"token_weights=elbo weights a token by 1/t, t the share of the completion its "
+            (self.token_weights not in ("elbo", "block_elbo") or
+             self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
+             f"token_weights={self.token_weights} weights a token by 1/t, t the share of the completion its "
              f"noisy copy masks; estimator={self.estimator} trains only one trace step of each "
              f"copy (t is not that share): use a random-masking estimator (random_mask, "
              f"coupled) or token_weights: step"),
-            (not (self.ratio_level == "copy" or self.likelihood_bound != "none") or
+            (not (self.ratio_level in ("copy", "elbo") or self.likelihood_bound != "none") or
              self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
              f"ratio_level={self.ratio_level} / likelihood_bound={self.likelihood_bound} group "
              f"tokens by noisy copy, and estimator={self.estimator} rows are trace steps: use "
@@ -164,6 +166,14 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+        per_block = self.token_weights == "block_elbo" or self.estimator == "block_stratified"
+        if not model_config.block_causal and per_block:
+            raise ValueError(
+                f"config: token_weights={self.token_weights} / estimator={self.estimator} "
+                f"estimate a block-diffusion ELBO (each block at its own rate, given the clean "
+                f"blocks before it: EBPO); this model is full-attention, its ELBO has one rate "
+                f"per copy: use token_weights: elbo with estimator stratified or random_mask "
+                f"(e.g. algo: bgpo)")
 
 
 def _scored_sampling(s: SamplingConfig) -> list:
@@ -336,8 +346,36 @@ class BGPOConfig(RLConfig):
     lr: float = _same("lr", 5e-7)
 
 
+@dataclass
+class EBPOConfig(RLConfig):
+    """EBPO, ELBO-based Block-level Policy Optimization (Bie et al. 2026, "LLaDA2.1: Speeding Up
+    Text Diffusion via Token Editing", arXiv 2602.08676, its RL section, eq. 4-5; models
+    github.com/inclusionAI/LLaDA2.X; the implementation followed: DARE, github.com/yjyddq/DARE,
+    compute_policy_loss_ebpo / _forward_process_ebpo / ebpo_actor_mixin.py). One importance
+    ratio per sequence, exp(ELBO - ELBO_old), where the ELBO is the block-diffusion one: each
+    of num_masks = 16 noisy copies masks every block at its own stratified rate t_b (estimator
+    block_stratified) and the ELBO is the mean over copies of sum_j log p_j / t_b(j)
+    (token_weights block_elbo, ratio_level elbo); the ratio is clipped once per sequence (eps
+    0.2, no dual clip), the loss is the mean over sequences of -min(r A, clip(r) A).
+
+    Block models only: a full-attention model is refused at config time (check_model: its ELBO
+    has one rate per copy; BGPO is the closest preset). What differs: DARE's actor replays
+    the MC copies one forward each with the ratio's gradient held fixed (constant memory);
+    here a pass holds every copy of its trajectories (same loss and gradient, more memory);
+    a KL term (off, as in the report's runs) would be per token, not DARE's sequence-level
+    ELBO KL."""
+
+    algo: ClassVar[str] = "ebpo"
+    estimator: str = _same("estimator", "block_stratified")
+    num_masks: int = _same("num_masks", 16)
+    ratio_level: str = _same("ratio_level", "elbo")
+    token_weights: str = _same("token_weights", "block_elbo")
+    reduction: str = _same("reduction", "seq_mean")
+    lr: float = _same("lr", 5e-7)
+
+
 # the run file's `algo:` -> its preset (one line per algorithm)
 PRESETS: dict[str, type[RLConfig]] = {
     c.algo: c for c in (TraceRLConfig, DiPOConfig, RandomMaskConfig, CoupledGRPOConfig,
-                        DiffuGRPOConfig, SPGConfig, BGPOConfig)
+                        DiffuGRPOConfig, SPGConfig, BGPOConfig, EBPOConfig)
 }

@@ -16,7 +16,8 @@ import torch
 
 from dlmkern._host import HOST, read_floats
 from dlmkern.ops import check_device_errors, policy_value_loss
-from dlmkern.ops.objective import Objective, response_blocks, token_weights
+from dlmkern.ops.objective import (Objective, response_block_lengths, response_blocks,
+                                   token_weights)
 from dlmkern.rl import Rows
 from dlmkern.rl.advantages import trace_gae_batch
 from dlmkern.trainers.plan import MiniBatch, Pass
@@ -128,8 +129,15 @@ class Update:
         obj, st = self.objective, self.settings
         if obj.weighted:
             n = torch.tensor([len(t.token_ids) for t in trajs], device=HOST)
-            prep.weights = token_weights(obj.token_weights, host.traj, host.step,
-                                         n).to(self.device)
+            plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)
+            blocks = lens = None
+            if obj.token_weights == "block_elbo":  # each block's own rate
+                blocks = response_blocks(host.gen_index, plen[host.traj], st.block_size,
+                                         st.gen_block_length)
+                lens = response_block_lengths(host.gen_index, plen[host.traj], n[host.traj],
+                                              st.block_size, st.gen_block_length)
+            prep.weights = token_weights(obj.token_weights, host.traj, host.step, n, blocks,
+                                         lens).to(self.device)
         if obj.over_copies:  # a token's noisy copy (Rows.step) and place in its completion
             prep.copy_ids = host.step.to(self.device)
         if obj.bounded:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import fields
 
 from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.block_stratified import BlockStratified
 from dlmkern.rl.estimators.blockwise import Blockwise
 from dlmkern.rl.estimators.coupled import Coupled
 from dlmkern.rl.estimators.diffu_grpo import DiffuGRPO
@@ -20,6 +21,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "diffu_grpo": DiffuGRPO,
     "blockwise": Blockwise,
     "stratified": Stratified,
+    "block_stratified": BlockStratified,
 }
 
 
@@ -39,5 +41,5 @@ def from_config(cfg) -> Estimator:
     return get(cfg.estimator, **{k: getattr(cfg, k) for k in names if hasattr(cfg, k)})
 
 
-__all__ = ["ESTIMATORS", "Blockwise", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy",
+__all__ = ["ESTIMATORS", "BlockStratified", "Blockwise", "Coupled", "DiffuGRPO", "Estimator", "NoisyCopy",
            "RandomMask", "RowSpec", "Stratified", "Trace", "from_config", "get"]

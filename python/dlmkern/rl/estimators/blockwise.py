@@ -22,6 +22,15 @@ from dlmkern._host import HOST
 from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
 
 
+def completion_blocks(P: int, n: int, spec: RowSpec, gen_block_length: int) -> torch.Tensor:
+    """[n] the block (0, 1, ... within the completion) of each generated token: block models
+    (P + i) // block_size less the prompt's, full attention i // gen_block_length."""
+    i = torch.arange(n, device=HOST)
+    if spec.block_size is None:
+        return i // gen_block_length
+    return (P + i) // spec.block_size - P // spec.block_size
+
+
 @dataclass(frozen=True)
 class Blockwise(Estimator):
     num_masks: int = 2
@@ -36,18 +45,11 @@ class Blockwise(Estimator):
             raise ValueError(f"blockwise: num_masks ({self.num_masks}) and gen_block_length "
                              f"({self.gen_block_length}) must be >= 1")
 
-    def blocks(self, P: int, n: int, spec: RowSpec) -> torch.Tensor:
-        """[n] the block (0, 1, ... within the completion) of each generated token."""
-        i = torch.arange(n, device=HOST)
-        if spec.block_size is None:
-            return i // self.gen_block_length
-        return (P + i) // spec.block_size - P // spec.block_size
-
     def copies(self, traj, spec: RowSpec, gen) -> list[NoisyCopy]:
         P, n = len(traj.prompt_ids), len(traj.token_ids)
         if not n:
             return []
-        block = self.blocks(P, n, spec)
+        block = completion_blocks(P, n, spec, self.gen_block_length)
         n_blocks = int(block[-1]) + 1
         order = torch.randperm(n_blocks, generator=gen, device=HOST)
         out = []
