@@ -94,6 +94,10 @@ class RLConfig(DataConfig):
     ppo_epochs: int = opt(1, "passes over them (old log-probs fixed at rollout)")
     micro_batch_tokens: int = opt(0, "packed row tokens per forward, gradients accumulated "
                                   "(0: a mini-batch in one forward)")
+    split_copies: bool = opt(False, "with micro_batch_tokens > 0: micro-batches may cut between "
+                             "a trajectory's noisy copies (each copy's rows carry their own "
+                             "clean context): memory per forward independent of num_masks; "
+                             "objectives linear in their copies only (ratio_level: copy, BGPO)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
                                   "(16 bytes per bf16 parameter off the GPU; slower step)")
@@ -152,6 +156,12 @@ class RLConfig(DataConfig):
              f"noisy copy masks; estimator={self.estimator} trains only one trace step of each "
              f"copy (t is not that share): use a random-masking estimator (random_mask, "
              f"coupled) or token_weights: step"),
+            (not self.split_copies or (self.ratio_level == "copy" and
+                                       self.reduction == "seq_mean"),
+             f"split_copies trains a trajectory's noisy copies in separate forwards, exact only "
+             f"for an objective that is a mean of per-copy terms: ratio_level=copy with "
+             f"reduction=seq_mean (got ratio_level={self.ratio_level}, "
+             f"reduction={self.reduction}); set split_copies: false"),
             (not (self.ratio_level in ("copy", "elbo") or self.likelihood_bound != "none") or
              self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
              f"ratio_level={self.ratio_level} / likelihood_bound={self.likelihood_bound} group "
@@ -332,8 +342,10 @@ class BGPOConfig(RLConfig):
     by its length in a token mean; here l_m uses the completion's own length and seq_mean takes
     the plain mean over sequences (the same when completions have one length); their
     A > 0 ratio is exp(log(1 + x)) (NaN when 1 + x <= 0), here 1 + x. Their update runs one
-    forward per MC sample (constant memory); here a pass holds all copies of its trajectories
-    (micro_batch_tokens splits passes by trajectory), so memory grows with num_masks. Works on
+    forward per MC sample (constant memory); here, with micro_batch_tokens > 0, split_copies
+    lets micro-batches cut between copies (each copy's rows hold their own clean context), so a
+    forward's memory does not grow with num_masks; with micro_batch_tokens 0 a mini-batch is one
+    forward of every copy (block models then share one clean stream per trajectory). Works on
     block and full-attention models."""
 
     algo: ClassVar[str] = "bgpo"
@@ -344,6 +356,7 @@ class BGPOConfig(RLConfig):
     dual_clip: float = _same("dual_clip", 3.0)
     reduction: str = _same("reduction", "seq_mean")
     lr: float = _same("lr", 5e-7)
+    split_copies: bool = _same("split_copies", True)
 
 
 @dataclass
