@@ -200,12 +200,8 @@ def objective_loss(
     pg, ratio, clipped, dual = _policy_term(o, lp, diff, advantages.to(f), m, seq_ids, block_ids,
                                             copy_ids, w)
     kl = torch.zeros_like(pg) if ref_logp is None else _kl(o.kl_kind, ref_logp.to(f) - lp)
-    if w is not None:  # a bound or an ELBO ratio reads the weights as 1 / t instead
-        kl = w * kl
-        if o.bounded:
-            pg = bound_term(o, lp, advantages.to(f), w, m, seq_ids, copy_ids, positions)
-        elif o.ratio_level != "elbo":
-            pg = w * pg
+    if w is not None:
+        pg, kl = _weighted(o, w, pg, kl, lp, advantages.to(f), m, seq_ids, copy_ids, positions)
     vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
@@ -246,6 +242,16 @@ def objective_loss(
             "num_tokens": count,
         }
     return loss, stats
+
+
+def _weighted(o, w, pg, kl, lp, adv, m, seq_ids, copy_ids, positions):
+    """pg and kl under token weights w: both times w, except that a likelihood bound and an
+    ELBO ratio read w as 1 / t (the bound replaces pg; the ELBO ratio already used it)."""
+    if o.bounded:
+        return bound_term(o, lp, adv, w, m, seq_ids, copy_ids, positions), w * kl
+    if o.ratio_level == "elbo":
+        return pg, w * kl
+    return w * pg, w * kl
 
 
 def _policy_term(o, lp, diff, adv, m, seq_ids, block_ids, copy_ids=None, w=None):
