@@ -13,7 +13,8 @@ import pytest
 import torch
 from dlmkern.doctor import e2e_checks as e2e
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig, sample_tokens
-from dlmkern.trainers import SFT, DiPO, DiPOConfig, SFTConfig, TraceRL
+from dlmkern.trainers import SFT, DiPO, DiPOConfig, RLTrainer, SFTConfig, TraceRL
+from dlmkern.trainers.presets import BGPOConfig, EBPOConfig, SPGConfig
 from torch.overrides import TorchFunctionMode
 
 PROMPTS = [e2e.TOK.encode(r["prompt"]) for r in e2e.DATA[:3]]
@@ -59,11 +60,18 @@ def _trainers(out):
                                    rl(estimator="coupled")),
         "diffu_grpo": lambda: TraceRL(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
                                       rl(estimator="diffu_grpo")),
+        # the SPG family: block-wise / stratified masks, the per-copy objectives, split copies
+        "spg": lambda: RLTrainer(e2e.model("cpu", "llada"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                 rl(preset=SPGConfig, gen_block_length=4)),
+        "bgpo": lambda: RLTrainer(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                  rl(preset=BGPOConfig, num_masks=3, micro_batch_tokens=40)),
+        "ebpo": lambda: RLTrainer(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                  rl(preset=EBPOConfig, num_masks=3)),
     }
 
 
 @pytest.mark.parametrize("name", ["sft", "tracerl_value", "dipo_ref_kl", "llada", "coupled",
-                                  "diffu_grpo"])
+                                  "diffu_grpo", "spg", "bgpo", "ebpo"])
 def test_trainer_steps_and_checkpoints_make_no_tensor_on_the_default_device(tmp_path, name):
     # SFT drew batch indices with torch.randint(generator=<cpu>) on the default device; rewards,
     # the data order and the baselines' masks were made on it too.

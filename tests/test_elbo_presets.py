@@ -20,6 +20,8 @@ import torch
 from dlmkern.ops import Objective, policy_value_loss
 from dlmkern.ops.objective import token_weights
 from dlmkern.rl import Rows, RowSpec, batch_rows, get_estimator
+from dlmkern.rl.estimators import Estimator
+from dlmkern.rl.estimators import from_config as estimator_from_config
 from dlmkern.rl.estimators.base import EPS
 from dlmkern.sampling import Trajectory
 from dlmkern.trainers import PRESETS, ESPOConfig, GDPOConfig, RLConfig, RLTrainer, build_config
@@ -106,7 +108,7 @@ def test_quadrature_copies_mask_round_tk_n_tokens_with_gauss_legendre_weights(k)
 ])
 def test_rows_carry_the_copy_weights_and_elbo_weights_sum_to_the_length(name, opts, block_size):
     trajs = _trajs()
-    est = get_estimator(name, **opts)
+    est = opts if isinstance(opts, Estimator) else get_estimator(name, **opts)
     gens = [torch.Generator().manual_seed(i) for i in range(len(trajs))]
     rows = batch_rows(est, trajs, _spec(block_size), gens)
     n = torch.tensor([len(t.token_ids) for t in trajs])
@@ -132,13 +134,14 @@ def test_rows_carry_the_copy_weights_and_elbo_weights_sum_to_the_length(name, op
 
 
 def _batch(family, name, opts, seed=0):
+    # opts: the estimator's options, or the estimator itself (estimators.from_config)
     """The estimator's rows of four trajectories through a tiny model: per trained token its
     log-prob (with gradient), fixed old / reference log-probs (the old ones shifted per sequence
     so that sequences 0 and 2 leave the clip range), one advantage per sequence."""
     model = _model(family, seed=seed)
     block = model.config.block_size if model.config.block_causal else None
     trajs = _trajs()
-    est = get_estimator(name, **opts)
+    est = opts if isinstance(opts, Estimator) else get_estimator(name, **opts)
     copies = [est.copies(t, _spec(block), torch.Generator().manual_seed(10 + b))
               for b, t in enumerate(trajs)]
     rows = batch_rows(est, trajs, _spec(block),
@@ -214,7 +217,7 @@ def test_the_presets_loss_and_gradient_are_their_papers_formula(family, preset, 
                                                                  quadrature, over):
     cfg = preset(**over).validate()
     obj = Objective.from_config(cfg)
-    b = _batch(family, name, cfg.estimator_options())
+    b = _batch(family, name, estimator_from_config(cfg))
     loss, grad, stats = _ours(b, obj)
     lp = b["logp"].clone().requires_grad_()
     want, rho = _paper_loss(b, lp, quadrature, cfg.eps_low, cfg.kl_coef, cfg.kl_kind)

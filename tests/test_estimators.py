@@ -53,8 +53,8 @@ def test_diffu_grpo_masks_the_prompt_of_block_models():
 
 
 def test_registry():
-    assert list(ESTIMATORS)[:4] == ["trace", "random_mask", "coupled", "diffu_grpo"]
-    assert {"elbo_mc", "quadrature"} <= set(ESTIMATORS)  # ESPO's and GDPO's (test_elbo_presets)
+    assert list(ESTIMATORS) == ["trace", "random_mask", "coupled", "diffu_grpo", "elbo_mc",
+                                "quadrature", "blockwise", "stratified", "block_stratified"]
     assert "coupled" in ESTIMATORS and "nope" not in ESTIMATORS
     for name, cls in ESTIMATORS.items():
         est = get_estimator(name)
@@ -63,7 +63,8 @@ def test_registry():
         assert est.random == (name != "trace")
     assert not get_estimator("diffu_grpo", prompt_mask_ratio=0.0).random
     with pytest.raises(ValueError, match="unknown estimator 'nope'; known: trace, random_mask, "
-                                         "coupled, diffu_grpo"):
+                                         "coupled, diffu_grpo, elbo_mc, quadrature, blockwise, "
+                                         "stratified, block_stratified"):
         get_estimator("nope")
     with pytest.raises(ValueError, match="unknown estimator"):
         baseline_rows("nope", [T], M, torch.Generator(), 4)

@@ -1,8 +1,9 @@
-"""The fused policy_value_loss kernel runs every objective setting (issue #28: a new ratio level or
-KL kind is a change in the objective, the reference and the kernel's arithmetic header): the CPU
-kernel and the CUDA kernel (on the CPU emulator) equal the reference objective_loss, loss, every
-statistic and the gradients of logp and values, for each ratio level x KL kind x token weights x
-reduction. The reference itself is checked against plain-torch formulas in test_objective.py."""
+"""The fused policy_value_loss kernel runs every objective setting in objective.FUSED (issue #28: a
+new ratio level or KL kind is a change in the objective, the reference and the kernel's
+arithmetic header): the CPU kernel and the CUDA kernel (on the CPU emulator) equal the reference
+objective_loss, loss, every statistic and the gradients of logp and values, for each fused ratio
+level x KL kind x token weights x reduction. The reference itself is checked against plain-torch
+formulas in test_objective.py."""
 
 import itertools
 
@@ -12,7 +13,7 @@ from dlmkern import _cuda_emu
 from dlmkern.ops import Objective, policy_value_loss, use_backend
 from dlmkern.ops import objective as objective_mod
 from dlmkern.ops import reference as ref
-from dlmkern.ops.objective import KL_KINDS, RATIO_LEVELS, TOKEN_WEIGHTS
+from dlmkern.ops.objective import FUSED
 from dlmkern.ops.policy_value_loss import _ARGS, _op_arguments
 
 LENGTHS = (7, 3, 12, 5, 9)
@@ -64,9 +65,10 @@ OBJECTIVES = [
     Objective(ratio_level=level, kl_kind=kl, token_weights=w, reduction=red,
               dual_clip=2.0 if level != "none" else 0.0, eps_high=0.28, kl_coef=0.07,
               loss_normalizer=9.0)
-    for level, kl, w, red in itertools.product(RATIO_LEVELS, KL_KINDS, TOKEN_WEIGHTS,
+    for level, kl, w, red in itertools.product(FUSED["ratio_level"], FUSED["kl_kind"],
+                                               ("none", "elbo"),
                                                ("token_mean", "seq_mean", "sum"))
-    if w != "step"  # step and elbo reach the op as the same thing: a weights tensor
+    # every token_weights kind reaches the op as the same thing: a weights tensor
 ]
 
 

@@ -8,8 +8,17 @@ An ``Objective`` says what the per-token policy loss is:
   GRPO). ``sequence``: exp(mean over the sequence's trained tokens of (logp - old_logp)), one
   ratio and one clip decision per sequence, normalised by its length as GSPO and ESPO do (the
   gradient is GSPO-token's: equal to GSPO's when a sequence's tokens share one advantage).
-  ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``none``:
-  no ratio and no clip: a weighted likelihood, loss = -A * logp (wd1).
+  ``block``: the same per (sequence, block) group (block ids passed with the tokens). ``copy``
+  (BGPO): the same per (sequence, noisy copy), clipped once per copy, and the sequence's
+  policy term is the mean over its copies of their clipped terms (every token of the sequence
+  carries it; copy ids passed with the tokens). ``elbo`` (EBPO): one ratio per sequence,
+  exp of the difference of its Monte Carlo ELBOs, (1/M) sum over its M copies' tokens of
+  w * (logp - old_logp) with w = 1/t the token weight (token_weights elbo / block_elbo, read
+  as the ELBO's weights, not multiplied onto the loss), clipped once; every token carries the
+  sequence's term. ``none``: no ratio and no clip: a weighted likelihood, loss = -A * logp
+  (wd1).
+- ``ratio_form``: ``exp`` (r = exp(log r)) or ``tangent``: for A > 0, r = 1 + log r, the
+  tangent of exp at 1 and a lower bound of it (BGPO; A <= 0 keeps exp).
 - ``eps_low`` / ``eps_high``: the ratio clip [1 - eps_low, 1 + eps_high]; ``dual_clip``: c > 1
   bounds the loss of negative advantages by -c * A (0: off).
 - ``kl_kind`` / ``kl_coef`` / ``kl_to``: the KL penalty per token, x = target - logp: ``k1`` =
@@ -23,7 +32,9 @@ An ``Objective`` says what the per-token policy loss is:
   weights of a sequence sum to its length).
 - ``token_weights``: per-token weights multiplying the token's policy loss (pg and KL). ``elbo``:
   1 / t with t the share of the completion its noisy copy masks (random-masking estimators);
-  ``step``: 1 / (tokens trained at that trace step, or in that noisy copy), so each step weighs
+  ``block_elbo``: 1 / t_b with t_b the share of the token's block its noisy copy masks (a
+  block-diffusion ELBO, one rate per block: EBPO); ``step``: 1 / (tokens trained at that trace
+  step, or in that noisy copy), so each step weighs
   as one (TraceRL's per-step normalisation); ``none``. Under a sequence / block ratio the
   weights also weigh the group's mean log-ratio, and each token's weight is divided by its
   group's mean weight (mean 1 in the group): with ELBO weights the log-ratio is then the
@@ -35,6 +46,15 @@ An ``Objective`` says what the per-token policy loss is:
 - ``reduction`` / ``loss_normalizer``: token_mean, seq_mean, or sum / loss_normalizer (Dr.GRPO).
 - ``temperature``: the sampler's; old, new and reference log-probs are all scored at it (the
   update's log-prob call reads it from here; the loss op receives log-probs already tempered).
+- ``likelihood_bound`` (SPG, ``ratio_level=none`` and ``token_weights=elbo`` only): the policy
+  term of a sequence is -A times a bound of its log-likelihood computed from ALL its trained
+  tokens over its noisy copies (the op then needs each token's copy and position), every token
+  of the sequence carrying that one value. ``none``: each token's own term (above). ``elbo``:
+  the per-token ELBO (1/M) sum_m (1/|S_m|) sum_{j in S_m} logp_mj over its M copies. ``sandwich``:
+  the ELBO for A > 0, for A <= 0 the EUBO (1/beta) mean_{j in J} log((1/M) sum_{m: j in S_m}
+  p_mj^beta / t_m), J the positions masked in some copy, t_m = 1 / the copy's elbo weight,
+  beta = ``eubo_beta``. ``mixture``: A <= 0 take ``mixture_weight`` * EUBO + (1 -
+  mixture_weight) * ELBO.
 
 The names of the fields are the config keys (``temperature`` is ``sampling.temperature``).
 The reference backend implements every objective; the fused CPU / CUDA kernel has the arithmetic
@@ -50,18 +70,20 @@ from dataclasses import dataclass
 
 import torch
 
-RATIO_LEVELS = ("token", "block", "sequence", "none")
+RATIO_LEVELS = ("token", "block", "sequence", "copy", "elbo", "none")
+RATIO_FORMS = ("exp", "tangent")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_LEVELS = ("token", "sequence")
 KL_TARGETS = ("old", "ref")
-TOKEN_WEIGHTS = ("none", "elbo", "step", "transition")
+TOKEN_WEIGHTS = ("none", "elbo", "block_elbo", "step", "transition")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
+LIKELIHOOD_BOUNDS = ("none", "elbo", "sandwich", "mixture")
 
 # What the fused kernel's arithmetic (csrc/include/dlmkern/policy_value_loss.h) covers. A setting
 # added to the Objective runs on the reference path until the header has its case and it is
 # listed here.
-FUSED = {"ratio_level": RATIO_LEVELS, "kl_kind": KL_KINDS, "kl_level": ("token",),
-         "token_weights": TOKEN_WEIGHTS}
+FUSED = {"ratio_level": ("token", "block", "sequence", "none"), "kl_kind": KL_KINDS,
+         "kl_level": ("token",), "token_weights": TOKEN_WEIGHTS}
 
 
 @dataclass(frozen=True)
@@ -70,6 +92,7 @@ class Objective:
     or directly; every instance is valid (enums and combinations are checked on construction)."""
 
     ratio_level: str = "token"
+    ratio_form: str = "exp"
     eps_low: float = 0.2
     eps_high: float = 0.2
     dual_clip: float = 0.0
@@ -80,6 +103,9 @@ class Objective:
     token_weights: str = "none"
     reduction: str = "token_mean"
     loss_normalizer: float = 1.0
+    likelihood_bound: str = "none"
+    eubo_beta: float = 1.5
+    mixture_weight: float = 0.5
     temperature: float = 1.0
 
     def __post_init__(self):
@@ -102,6 +128,18 @@ class Objective:
         """The loss multiplies each token by a weight (the op then needs ``weights``)."""
         return self.token_weights != "none"
 
+    @property
+    def over_copies(self) -> bool:
+        """The loss groups tokens by noisy copy (copy ratio or likelihood bound): the op then
+        needs ``copy_ids`` (and ``positions`` for a bound)."""
+        return self.ratio_level in ("copy", "elbo") or self.bounded
+
+    @property
+    def bounded(self) -> bool:
+        """The policy term is a per-sequence likelihood bound (the op then needs ``copy_ids``
+        and ``positions``)."""
+        return self.likelihood_bound != "none"
+
     def unfused(self, kl_term: bool | None = None) -> list[str]:
         """The settings (``key=value``) the fused kernel's arithmetic lacks; empty: it runs
         this objective. The KL kind counts when there is a KL term: ``kl_term`` (the op: a
@@ -116,6 +154,10 @@ class Objective:
             out.append(f"kl_level={self.kl_level}")
         if self.token_weights not in FUSED["token_weights"]:
             out.append(f"token_weights={self.token_weights}")
+        if self.ratio_form != "exp":
+            out.append(f"ratio_form={self.ratio_form}")
+        if self.bounded:
+            out.append(f"likelihood_bound={self.likelihood_bound}")
         return out
 
     def fused(self, kl_term: bool | None = None) -> bool:
@@ -152,6 +194,30 @@ def checks(o) -> list[tuple[bool, str]]:
         (o.ratio_level != "none" or not o.dual_clip,
          f"dual_clip={o.dual_clip:g} bounds a ratio's loss, and ratio_level=none has no ratio "
          "(a weighted likelihood): set dual_clip: 0 or pick a ratio_level"),
+        (o.ratio_form in RATIO_FORMS,
+         f"ratio_form must be one of {', '.join(RATIO_FORMS)}, got {o.ratio_form!r}"),
+        (o.ratio_form == "exp" or o.ratio_level != "none",
+         f"ratio_form={o.ratio_form} shapes a ratio, and ratio_level=none has none: set "
+         f"ratio_form: exp or pick a ratio_level"),
+        (o.ratio_level != "elbo" or o.token_weights in ("elbo", "block_elbo"),
+         f"ratio_level=elbo is the ratio of the sequence's ELBOs, which weigh each token by 1/t "
+         f"(token_weights elbo or block_elbo), and token_weights={o.token_weights}: set "
+         f"token_weights: elbo (or block_elbo) or another ratio_level"),
+        (o.ratio_level != "copy" or o.token_weights == "none",
+         f"ratio_level=copy gives every token of a sequence the mean of its copies' terms; "
+         f"token_weights={o.token_weights} would weigh that sequence value token by token: set "
+         f"token_weights: none or another ratio_level"),
+        (o.likelihood_bound in LIKELIHOOD_BOUNDS,
+         f"likelihood_bound must be one of {', '.join(LIKELIHOOD_BOUNDS)}, got "
+         f"{o.likelihood_bound!r}"),
+        (o.likelihood_bound == "none" or o.ratio_level == "none",
+         f"likelihood_bound={o.likelihood_bound} trains a bound of each sequence's likelihood "
+         f"(SPG, no importance ratio) and ratio_level={o.ratio_level} clips a ratio: set "
+         f"ratio_level: none or likelihood_bound: none"),
+        (o.likelihood_bound == "none" or o.token_weights == "elbo",
+         f"likelihood_bound={o.likelihood_bound} reads each noisy copy's mask rate t from the "
+         f"elbo token weights (1/t), and token_weights={o.token_weights}: set token_weights: "
+         f"elbo or likelihood_bound: none"),
     ]
 
 
@@ -168,6 +234,10 @@ def _numbers(o: Objective) -> list[tuple[bool, str]]:
         (o.reduction != "sum" or (o.loss_normalizer > 0 and finite(o.loss_normalizer)),
          f"the sum's divisor `normalizer` must be a finite number > 0 (loss_normalizer), got "
          f"{o.loss_normalizer}"),
+        (o.eubo_beta > 0 and finite(o.eubo_beta),
+         f"`eubo_beta` must be a finite number > 0, got {o.eubo_beta}"),
+        (0 <= o.mixture_weight <= 1, f"`mixture_weight` must lie in [0, 1], got "
+                                     f"{o.mixture_weight}"),
         (o.temperature > 0 and finite(o.temperature),
          f"`temperature` must be a finite number > 0, got {o.temperature}"),
     ]
@@ -199,19 +269,23 @@ def call_objective(objective: Objective | None, *, eps_low=None, eps_high=None, 
 
 def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
                   gen_lengths: torch.Tensor,
-                  copy_weight: torch.Tensor | None = None) -> torch.Tensor | None:
+                  copy_weight: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
+                  block_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
     grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
     1 / (the group's size). ``elbo``: w / t with t = the group's size / the trajectory's
     generated length (``gen_lengths[traj]``): the share its noisy copy masks, and w the copy's
     weight in the ELBO estimate (``copy_weight``, Rows.copy_weight: a quadrature weight, 1/M of
     M Monte Carlo copies; None: 1), so that sum(weight * logp) over a trajectory's tokens is its
-    ELBO estimate. ``transition``: (the trajectory's tokens here) / (its groups here * the
-    group's size): every group of a trajectory carries the same total weight, and the weights
-    average 1 over the trajectory."""
+    ELBO estimate. ``block_elbo``: groups also by block (``blocks``, per token), t = the group's
+    size / the block's generated tokens (``block_lengths``, per token). ``transition``: (the
+    trajectory's tokens here) / (its groups here * the group's size): every group of a
+    trajectory carries the same total weight, and the weights average 1 over the trajectory."""
     if kind == "none":
         return None
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
+    if kind == "block_elbo":
+        key = key * (int(blocks.max()) + 1 if blocks.numel() else 1) + blocks
     uniq, inverse, counts = torch.unique(key, return_inverse=True, return_counts=True)
     size = counts[inverse].to(torch.float32)
     if kind == "step":
@@ -225,6 +299,8 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
         steps_of = torch.bincount(torch.div(uniq, span, rounding_mode="floor"), minlength=n_traj)
         tokens_of = torch.bincount(traj, minlength=n_traj)
         return tokens_of[traj].to(torch.float32) / (steps_of[traj].to(torch.float32) * size)
+    if kind == "block_elbo":
+        return block_lengths.to(torch.float32) / size
     raise ValueError(f"token_weights must be one of {', '.join(TOKEN_WEIGHTS)}, got {kind!r}")
 
 
@@ -237,3 +313,14 @@ def response_blocks(gen_index: torch.Tensor, prompt_len: torch.Tensor,
     if block_size is None:
         return gen_index // gen_block_length
     return (prompt_len + gen_index) // block_size
+
+
+def response_block_lengths(gen_index: torch.Tensor, prompt_len: torch.Tensor,
+                           gen_len: torch.Tensor, block_size: int | None,
+                           gen_block_length: int) -> torch.Tensor:
+    """Per trained token, how many generated tokens its block (``response_blocks``) holds."""
+    blk = response_blocks(gen_index, prompt_len, block_size, gen_block_length)
+    if block_size is None:
+        return torch.minimum((blk + 1) * gen_block_length, gen_len) - blk * gen_block_length
+    return (torch.minimum((blk + 1) * block_size, prompt_len + gen_len)
+            - torch.maximum(blk * block_size, prompt_len))

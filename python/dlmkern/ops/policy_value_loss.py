@@ -43,6 +43,8 @@ def policy_value_loss(
     objective: Objective | None = None,
     weights: torch.Tensor | None = None,
     block_ids: torch.Tensor | None = None,
+    copy_ids: torch.Tensor | None = None,
+    positions: torch.Tensor | None = None,
     eps_low: float | None = None,
     eps_high: float | None = None,
     dual_clip: float | None = None,
@@ -85,8 +87,11 @@ def policy_value_loss(
     Other objectives (see dlmkern.ops.objective): a sequence ratio groups tokens by ``seq_ids``
     (``[B, L]``: by row), a block ratio by (``seq_ids``, ``block_ids``); ``weights`` (per token)
     are required exactly when the objective weights tokens; a KL of kind k1 / quadratic replaces
-    k3. The fused kernel computes every setting listed in ``objective.FUSED``; one it lacks
-    runs on the reference path (plain torch autograd) whatever the backend:
+    k3; a copy ratio (BGPO) reads each token's sequence (``seq_ids``) and noisy copy
+    (``copy_ids``), a likelihood bound (SPG) also its position in its completion
+    (``positions``), int64, required exactly then. The fused kernel computes every setting
+    listed in ``objective.FUSED``; one it lacks runs on the reference path (plain torch
+    autograd) whatever the backend:
     ``objective.fused()`` says which.
 
     Returns ``(loss, stats)``; stats is a dict of 0-d fp32 tensors: pg_loss, kl, vf_loss (each
@@ -99,7 +104,7 @@ def policy_value_loss(
     tensors = {"logp": logp, "old_logp": old_logp, "advantages": advantages, "mask": mask,
                "ref_logp": ref_logp, "values": values, "old_values": old_values,
                "returns": returns, "seq_ids": seq_ids, "weights": weights,
-               "block_ids": block_ids}
+               "block_ids": block_ids, "copy_ids": copy_ids, "positions": positions}
     for name, t in tensors.items():
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(
@@ -120,6 +125,7 @@ def policy_value_loss(
                                dual_clip=dual_clip, kl_coef=kl_coef, reduction=reduction,
                                normalizer=normalizer)
     _check_objective_inputs(objective, logp, weights, block_ids)
+    _check_bound_inputs(objective, logp, seq_ids, copy_ids, positions)
     if num_seqs is None:
         if objective.reduction != "seq_mean":
             num_seqs = 1
@@ -137,7 +143,8 @@ def policy_value_loss(
         return reference.objective_loss(
             objective, logp, old_logp, advantages, mask, ref_logp=ref_logp, values=values,
             old_values=old_values, returns=returns, weights=weights, seq_ids=seq_ids,
-            block_ids=block_ids, num_seqs=num_seqs, vf_coef=vf_coef, vf_clip=vf_clip)
+            block_ids=block_ids, num_seqs=num_seqs, vf_coef=vf_coef, vf_clip=vf_clip,
+            copy_ids=copy_ids, positions=positions)
     args = _op_arguments(objective, logp=logp, old_logp=old_logp, advantages=advantages,
                          mask=mask, ref_logp=ref_logp, values=values, old_values=old_values,
                          returns=returns, seq_ids=seq_ids, weights=weights,
@@ -164,6 +171,26 @@ def _check_objective_inputs(o: Objective, logp, weights, block_ids) -> None:
                              f"{tuple(logp.shape)}, got {tuple(t.shape)}")
     if block_ids is not None and block_ids.dtype != torch.int64:
         raise TypeError(f"{op}: `block_ids` must be int64, got {block_ids.dtype}")
+
+
+def _check_bound_inputs(o: Objective, logp, seq_ids, copy_ids, positions) -> None:
+    """The per-token ids of an objective over noisy copies: `copy_ids` exactly when it groups by
+    copy (ratio_level=copy, a likelihood bound), `positions` exactly with a bound; shaped like
+    `logp`, int64."""
+    op = "dlmkern.policy_value_loss"
+    what = (f"likelihood_bound={o.likelihood_bound}" if o.bounded else
+            f"ratio_level={o.ratio_level}")
+    for name, t, need in (("copy_ids", copy_ids, o.over_copies),
+                          ("positions", positions, o.bounded)):
+        if (t is not None) != need:
+            raise ValueError(f"{op}: `{name}` {'given' if t is not None else 'missing'}: the "
+                             f"objective has {what} (copy ids are passed exactly when it "
+                             f"groups by noisy copy, positions when it has a likelihood bound)")
+        if t is not None and (t.shape != logp.shape or t.dtype != torch.int64):
+            raise ValueError(f"{op}: `{name}` must be int64 shaped like `logp` "
+                             f"{tuple(logp.shape)}, got {t.dtype} {tuple(t.shape)}")
+    if o.over_copies and seq_ids is None:
+        raise ValueError(f"{op}: {what} needs `seq_ids`")
 
 
 KL_CODES = {"k1": 0, "k3": 1, "quadratic": 2}  # the kernel's PvKlKind

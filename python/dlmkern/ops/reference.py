@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from dlmkern.ops.reference_copies import bound_term, copy_ratio_term, elbo_ratio_term
+
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
@@ -94,6 +96,8 @@ def policy_value_loss(
     objective=None,
     weights=None,
     block_ids=None,
+    copy_ids=None,
+    positions=None,
 ):
     """The eager torch composition of SPEC 2.4 / 4.9 (what PPO / GRPO trainers write by hand), for
     every objective. The policy settings come as an ``objective`` (dlmkern.ops.Objective) or as
@@ -108,7 +112,8 @@ def policy_value_loss(
     return objective_loss(objective, logp, old_logp, advantages, mask, ref_logp=ref_logp,
                           values=values, old_values=old_values, returns=returns, weights=weights,
                           seq_ids=seq_ids, block_ids=block_ids, num_seqs=num_seqs,
-                          vf_coef=vf_coef, vf_clip=vf_clip)
+                          vf_coef=vf_coef, vf_clip=vf_clip, copy_ids=copy_ids,
+                          positions=positions)
 
 
 def _group_sum(x, m, gid, n):
@@ -191,6 +196,8 @@ def objective_loss(
     num_seqs=None,
     vf_coef=0.5,
     vf_clip=0.2,
+    copy_ids=None,
+    positions=None,
 ):
     """Loss and stats of `objective` (dlmkern.ops.Objective) over masked tokens: the ground truth
     of every objective (the fused kernel covers a subset). Per token, with r the ratio of the
@@ -208,19 +215,17 @@ def objective_loss(
     lp, m = logp.to(f), mask
     zero = torch.zeros((), dtype=f, device=lp.device)
     diff = lp - old_logp.to(f)
-    if o.weighted and weights is None:
-        raise ValueError(f"dlmkern.policy_value_loss: the objective weights its tokens "
-                         f"(token_weights={o.token_weights}): pass `weights`")
-    if not o.weighted and weights is not None:
-        raise ValueError("dlmkern.policy_value_loss: `weights` given, but the objective has "
-                         "token_weights=none")
-    w = weights.to(f) if o.weighted else None
-    pg, ratio, clipped, dual, w_pg = _policy_term(o, lp, diff, advantages.to(f), m, w, seq_ids,
-                                                  block_ids)
+    if o.weighted != (weights is not None):
+        raise ValueError(f"dlmkern.policy_value_loss: `weights` "
+                         f"{'missing' if weights is None else 'given'}: the objective has "
+                         f"token_weights={o.token_weights}")
+    w = None if weights is None else weights.to(f)
+    adv = advantages.to(f)
+    pg, ratio, clipped, dual, w_pg = _policy_term(o, lp, diff, adv, m, w, seq_ids, block_ids,
+                                                  copy_ids)
     kl = torch.zeros_like(pg) if ref_logp is None else _kl_term(o, ref_logp.to(f) - lp, m, w,
                                                                  w_pg, seq_ids)
-    if w_pg is not None:
-        pg = w_pg * pg
+    pg = _weigh(o, pg, w_pg, lp, adv, w, m, seq_ids, copy_ids, positions)
     vf, vf_clipped = _value_term(values, old_values, returns, vf_clip, pg, clipped)
 
     count = m.sum().to(f)
@@ -263,32 +268,61 @@ def objective_loss(
     return loss, stats
 
 
-def _policy_term(o, lp, diff, adv, m, w, seq_ids, block_ids):
+def _weigh(o, pg, w_pg, lp, adv, w, m, seq_ids, copy_ids, positions):
+    """pg under the token weights: times `w_pg` (the weights, normalised in their group under a
+    sequence / block ratio), except that a likelihood bound and an ELBO ratio read w as 1 / t
+    (the bound replaces pg; the ELBO ratio already used it)."""
+    if w is not None and o.bounded:
+        return bound_term(o, lp, adv, w, m, seq_ids, copy_ids, positions)
+    if w_pg is None or o.ratio_level == "elbo":
+        return pg
+    return w_pg * pg
+
+
+def _policy_term(o, lp, diff, adv, m, w, seq_ids, block_ids, copy_ids=None):
     """Per token: the policy loss pg (unweighted), the ratio (a diagnostic without one), whether
-    the clip and the dual clip are active, and the token weights pg is to be multiplied by
-    (`w`, or under a sequence / block ratio `w` over its group's mean weight; None: none)."""
+    the clip and the dual clip are active, and the token weights pg and a token-level KL are to
+    be multiplied by (`w`, or under a sequence / block ratio `w` over its group's mean weight;
+    None: none)."""
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
+    if o.ratio_level == "copy":
+        return (*copy_ratio_term(o, diff, adv, m, seq_ids, copy_ids), w)
+    if o.ratio_level == "elbo":
+        return (*elbo_ratio_term(o, diff, adv, w, m, seq_ids, copy_ids), w)
     g, w = ratio_inputs(o, diff, m, w, seq_ids, block_ids)
     if g is not None:
         inside = (g > -20.0) & (g < 20.0)
-        ratio = torch.exp(torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(),
-                                                                      zero))
+        log_r = torch.clamp(g, -20.0, 20.0) + torch.where(inside, lp - lp.detach(), zero)
     else:
-        ratio = torch.exp(torch.clamp(diff, -20.0, 20.0))
-    if o.has_ratio:
-        s1 = ratio * adv
-        s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
-        pg = -torch.minimum(s1, s2)
-        clipped = s2 < s1
-    else:  # a weighted likelihood: no ratio, nothing clipped
-        pg = -adv * lp
-        clipped = torch.zeros_like(m)
+        log_r = torch.clamp(diff, -20.0, 20.0)
+    ratio = ratio_of(o, log_r, adv)
+    if not o.has_ratio:  # a weighted likelihood: no ratio, nothing clipped
+        return -adv * lp, ratio, torch.zeros_like(m), torch.zeros_like(m), w
+    pg, clipped, dual = clip_term(o, ratio, adv)
+    return pg, ratio, clipped, dual, w
+
+
+def ratio_of(o, log_r, adv):
+    """exp(log r); ratio_form=tangent: 1 + log r where A > 0 (BGPO's tangent lower bound)."""
+    ratio = torch.exp(log_r)
+    if o.ratio_form == "tangent":
+        ratio = torch.where(adv > 0, 1 + log_r, ratio)
+    return ratio
+
+
+def clip_term(o, ratio, adv):
+    """-min(r A, clip(r, 1 - eps_low, 1 + eps_high) A), at most -c A for A < 0 (dual clip c);
+    whether the clip and the dual clip are active."""
+    s1 = ratio * adv
+    s2 = torch.clamp(ratio, 1 - o.eps_low, 1 + o.eps_high) * adv
+    pg = -torch.minimum(s1, s2)
+    clipped = s2 < s1
     dual = torch.zeros_like(clipped)
     if o.dual_clip > 0:
         bound = -o.dual_clip * adv
         dual = (adv < 0) & (bound < pg)
         pg = torch.where(adv < 0, torch.minimum(pg, bound), pg)
-    return pg, ratio, clipped, dual, w
+    return pg, clipped, dual
 
 
 def _kl_term(o, x, m, w, w_pg, seq_ids):

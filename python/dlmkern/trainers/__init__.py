@@ -5,15 +5,18 @@ from dlmkern.trainers.config import SFTConfig, build_config, load_config
 from dlmkern.trainers.preemption import Preempted
 from dlmkern.trainers.presets import (
     PRESETS,
+    BGPOConfig,
     CJGRPOConfig,
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
+    EBPOConfig,
     ESPOConfig,
     GDPOConfig,
     IGPOConfig,
     JustGRPOConfig,
     RandomMaskConfig,
+    SPGConfig,
     TraceRLConfig,
     WD1Config,
 )
@@ -25,7 +28,8 @@ from dlmkern.trainers.vrpo import VRPO, VRPOConfig
 # the offline algorithms of run files (their configs: OFFLINE[algo].config_class)
 OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
-__all__ = ["OFFLINE", "PRESETS", "VRPO", "CJGRPOConfig", "CoupledGRPOConfig", "DiPO", "DiPOConfig",
-           "DiffuGRPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig", "JustGRPOConfig",
-           "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig", "SFT", "SFTConfig", "TraceRL",
-           "TraceRLConfig", "VRPOConfig", "WD1Config", "build_config", "load_config"]
+__all__ = ["OFFLINE", "PRESETS", "SFT", "VRPO", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig",
+           "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig",
+           "IGPOConfig", "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig",
+           "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig", "WD1Config",
+           "build_config", "load_config"]

@@ -22,7 +22,8 @@ from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
 from dlmkern.ops.objective import Objective
 from dlmkern.rewards.registry import get_rewards
-from dlmkern.rl import RowSpec, get_estimator
+from dlmkern.rl import RowSpec
+from dlmkern.rl.estimators import from_config as estimator_from_config
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import (
@@ -91,7 +92,7 @@ class RLTrainer(Checkpointing):
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.tok = tokenizer
         self._models(load_for_run(model, target), value_model)
-        self.estimator = get_estimator(self.cfg.estimator, **self.cfg.estimator_options())
+        self.estimator = estimator_from_config(self.cfg)
         c = self.model.config
         self.row_spec = RowSpec(c.mask_token_id, c.block_size if c.block_causal else None,
                                 self.cfg.resolved_shrinkage(c.block_causal))
@@ -204,17 +205,30 @@ class RLTrainer(Checkpointing):
         return self.rollout_stage(self.model, rows, indices, self.step,
                                   with_advantages=self.value_model is None)
 
-    def rows(self, trajs, positions=None) -> list:
+    def rows(self, trajs, positions=None, per_copy: bool = False) -> list:
         """Each trajectory's training rows (built once: every pass and epoch reuses them). Random
         estimators draw a trajectory's masks from a generator seeded by (seed, step, its place
-        in the step's global order): rows do not depend on batching or the number of ranks."""
+        in the step's global order): rows do not depend on batching or the number of ranks.
+        `per_copy`: each trajectory's list of one Rows per noisy copy (split_copies)."""
         positions = range(len(trajs)) if positions is None else positions
         est, spec = self.estimator, self.row_spec
+        build = est.copy_rows if per_copy else est.rows
         if not est.random:
-            return [est.rows(t, spec) for t in trajs]
+            return [build(t, spec) for t in trajs]
         base = (self.cfg.seed * 31 + self.step) * 1000003
-        return [est.rows(t, spec, torch.Generator().manual_seed(base + pos + 1))
+        return [build(t, spec, torch.Generator().manual_seed(base + pos + 1))
                 for t, pos in zip(trajs, positions, strict=True)]
+
+    def _copy_items(self, trajs, positions, sample_adv, rewards):
+        """split_copies: every noisy copy becomes an item of its own (its trajectory's position,
+        advantage and reward), so micro-batches may cut between a trajectory's copies. With
+        seq_mean and as many copies per trajectory, the mean over items is the mean over
+        trajectories of the mean over their copies: the unsplit loss of a copy ratio."""
+        per = self.rows(trajs, positions, per_copy=True)
+        idx = [i for i, rs in enumerate(per) for _ in rs]
+        items = [r for rs in per for r in rs]
+        adv = None if sample_adv is None else sample_adv[idx]
+        return items, [trajs[i] for i in idx], [positions[i] for i in idx], adv, rewards[idx]
 
     def update(self, trajs, sample_adv: torch.Tensor | None, rewards: torch.Tensor,
                weight: float = 1.0, positions: list[int] | None = None,
@@ -234,7 +248,11 @@ class RLTrainer(Checkpointing):
             trajs, positions = [trajs[i] for i in keep], [positions[i] for i in keep]
             sample_adv = None if sample_adv is None else sample_adv[keep]
             rewards = rewards[keep]
-        rows = self.rows(trajs, positions)
+        if cfg.split_copies and cfg.micro_batch_tokens > 0:
+            rows, trajs, positions, sample_adv, rewards = self._copy_items(
+                trajs, positions, sample_adv, rewards)
+        else:
+            rows = self.rows(trajs, positions)
         plan = plan_step(positions, n_global, rows, cfg.reduction, cfg.num_minibatches,
                          cfg.micro_batch_tokens, weight)
         prepared = [self.updater.prepare(mb, rows, trajs, sample_adv, rewards,

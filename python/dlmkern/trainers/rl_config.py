@@ -19,6 +19,7 @@ from dlmkern.ops.objective import checks as objective_checks
 from dlmkern.rl.advantages import ADVANTAGES
 from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
+from dlmkern.rl.estimators import readers as estimator_readers
 from dlmkern.sampling.rules import SamplingConfig
 from dlmkern.trainers.config import DataConfig, check_all, check_types, policy_checks
 from dlmkern.trainers.config import help_field as opt
@@ -44,8 +45,8 @@ class RLConfig(DataConfig):
                           "temperature > 0 and no top_k / top_p"})
     # rows and advantages
     estimator: str = opt("trace", "which rows are trained: " + " | ".join(ESTIMATORS))
-    num_masks: int = opt(1, "estimator elbo_mc: Monte Carlo masks per completion (ESPO's "
-                         "num_mc)")
+    num_masks: int = opt(1, "estimators elbo_mc / blockwise / stratified / block_stratified: "
+                         "noisy copies (Monte Carlo samples of the ELBO) per completion")
     mask_coupling: str = opt("independent", "estimator elbo_mc: independent masks | "
                              "complementary (each mask and its complement, 2 copies per mask)")
     quadrature_nodes: int = opt(3, "estimator quadrature: Gauss-Legendre nodes t_k (one copy "
@@ -80,7 +81,12 @@ class RLConfig(DataConfig):
     inpaint_chunk_max: int = opt(10, "IGPO: see inpaint_chunk_min")
     # policy loss: these keys (and sampling.temperature) are the Objective (dlmkern.ops.objective)
     ratio_level: str = opt("token", "importance ratio per: token | block | sequence (GSPO: "
-                           "exp of the mean log-ratio) | none (weighted likelihood, wd1)")
+                           "exp of the mean log-ratio) | copy (per noisy copy, its terms "
+                           "averaged per sequence: BGPO) | elbo (per sequence, exp of its "
+                           "ELBO difference: EBPO) | none (weighted likelihood, wd1); "
+                           "copy and elbo run the loss on the reference path")
+    ratio_form: str = opt("exp", "exp | tangent (A > 0: ratio 1 + log r, BGPO's lower bound); "
+                          "tangent runs the loss on the reference path")
     reduction: str = opt("token_mean", "loss reduction: " + " | ".join(REDUCTIONS))
     loss_normalizer: float = opt(1.0, "reduction=sum: the constant divisor (Dr.GRPO)")
     eps_low: float = opt(0.2, "ratio clip below: 1 - eps_low")
@@ -95,10 +101,18 @@ class RLConfig(DataConfig):
                         "the reference path")
     token_weights: str = opt("none", "per-token loss weights: none | elbo (w/t, t the share its "
                              "noisy copy masks, w its ELBO weight: 1, or elbo_mc's 1/M, "
-                             "quadrature's w_k) | step (1 / tokens of its trace step or copy) | "
+                             "quadrature's w_k) | block_elbo (1/t of its block: block "
+                             "models) | step (1 / tokens of its trace step or copy) | "
                              "transition (step, rescaled to mean 1 per trajectory: with "
                              "reduction seq_mean, each step weighs as one in its trajectory's "
                              "mean, CJ-GRPO)")
+    likelihood_bound: str = opt("none", "per-sequence likelihood bound replacing the token terms "
+                                "(SPG; ratio_level: none, token_weights: elbo): none | elbo | "
+                                "sandwich (ELBO for A > 0, EUBO for A <= 0) | mixture (A <= 0: "
+                                "mixture_weight * EUBO + (1 - mixture_weight) * ELBO)")
+    eubo_beta: float = opt(1.5, "likelihood_bound sandwich / mixture: the EUBO's beta >= 1 (the "
+                           "SPG authors: 1.5 GSM8K / MATH, 2.0 Countdown, 1.0 Sudoku)")
+    mixture_weight: float = opt(0.5, "likelihood_bound mixture: the EUBO's weight in [0, 1]")
     # optimisation
     lr: float = opt(1e-6, "policy learning rate")
     value_lr: float = opt(5e-6, "value model learning rate")
@@ -109,6 +123,10 @@ class RLConfig(DataConfig):
     ppo_epochs: int = opt(1, "passes over them (old log-probs fixed at rollout)")
     micro_batch_tokens: int = opt(0, "packed row tokens per forward, gradients accumulated "
                                   "(0: a mini-batch in one forward)")
+    split_copies: bool = opt(False, "with micro_batch_tokens > 0: micro-batches may cut between "
+                             "a trajectory's noisy copies (each copy's rows carry their own "
+                             "clean context): memory per forward independent of num_masks; "
+                             "objectives linear in their copies only (ratio_level: copy, BGPO)")
     gradient_checkpointing: bool = opt(False, "recompute layer activations in backward")
     optimizer_offload: bool = opt(False, "fp32 masters, moments and gradient sums on the host "
                                   "(16 bytes per bf16 parameter off the GPU; slower step)")
@@ -133,12 +151,6 @@ class RLConfig(DataConfig):
     def resolved_shrinkage(self, block_causal: bool) -> int:
         """shrinkage, with 0 read as the paper's default for this kind of model (SPEC 4.3)."""
         return self.shrinkage or (1 if block_causal else 8)
-
-    def estimator_options(self) -> dict:
-        """The keys of this config that are fields of the chosen estimator (its options)."""
-        cls = ESTIMATORS.get(self.estimator)
-        names = {f.name for f in dataclasses.fields(cls)} if cls else set()
-        return {k: getattr(self, k) for k in sorted(names & set(_ESTIMATOR_KEYS))}
 
     def validate(self, value_model: bool = False):
         """`value_model`: the trainer has one (given explicitly) even if use_value_model is off."""
@@ -170,12 +182,23 @@ class RLConfig(DataConfig):
             *_estimator_checks(self),
             *policy_checks(self),
             *objective_checks(self),
-            (self.token_weights != "elbo" or self.estimator not in ESTIMATORS or
-             not get_estimator(self.estimator).trace_steps,
-             f"token_weights=elbo weights a token by 1/t, t the share of the completion its "
-             f"noisy copy masks; estimator={self.estimator} trains only one trace step of each "
-             f"copy (t is not that share): use a random-masking estimator (random_mask, "
-             f"coupled) or token_weights: step"),
+            (self.token_weights not in ("elbo", "block_elbo") or
+             self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
+             f"token_weights={self.token_weights} weights a token by 1/t, t the share of the "
+             f"completion its noisy copy masks; estimator={self.estimator} trains only one "
+             f"trace step of each copy (t is not that share): use a random-masking estimator "
+             f"(random_mask, coupled) or token_weights: step"),
+            (not self.split_copies or (self.ratio_level == "copy" and
+                                       self.reduction == "seq_mean"),
+             f"split_copies trains a trajectory's noisy copies in separate forwards, exact only "
+             f"for an objective that is a mean of per-copy terms: ratio_level=copy with "
+             f"reduction=seq_mean (got ratio_level={self.ratio_level}, "
+             f"reduction={self.reduction}); set split_copies: false"),
+            (not (self.ratio_level in ("copy", "elbo") or self.likelihood_bound != "none") or
+             self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
+             f"ratio_level={self.ratio_level} / likelihood_bound={self.likelihood_bound} group "
+             f"tokens by noisy copy, and estimator={self.estimator} rows are trace steps: use "
+             f"a random-masking estimator (stratified, blockwise, random_mask, coupled)"),
         ])
         return self
 
@@ -185,21 +208,33 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+        per_block = self.token_weights == "block_elbo" or self.estimator == "block_stratified"
+        if not model_config.block_causal and per_block:
+            raise ValueError(
+                f"config: token_weights={self.token_weights} / estimator={self.estimator} "
+                f"estimate a block-diffusion ELBO (each block at its own rate, given the clean "
+                f"blocks before it: EBPO); this model is full-attention, its ELBO has one rate "
+                f"per copy: use token_weights: elbo with estimator stratified or random_mask "
+                f"(e.g. algo: bgpo)")
 
 
-# estimator options that are RLConfig keys: (key, the estimator that takes it)
-_ESTIMATOR_KEYS = {"num_masks": "elbo_mc", "mask_coupling": "elbo_mc",
-                   "quadrature_nodes": "quadrature"}
+# RLConfig keys that only estimators read (dlmkern.rl.estimators.from_config passes each to the
+# estimators with a field of that name)
+ESTIMATOR_KEYS = ("num_masks", "mask_coupling", "quadrature_nodes")
 
 
 def _estimator_checks(c: RLConfig) -> list:
-    """An estimator option set away from its default for another estimator does nothing: refuse
-    it, naming both keys; the options' own ranges."""
+    """An estimator option set away from its default for an estimator that does not read it does
+    nothing: refuse it, naming both keys; the options' own ranges."""
     defaults = {f.name: f.default for f in dataclasses.fields(RLConfig)}
-    out = [(getattr(c, k) == defaults[k] or c.estimator == est,
-            f"{k}={getattr(c, k)} is estimator {est}'s option, and estimator={c.estimator} does "
-            f"not read it: set estimator: {est}, or {k}: {defaults[k]}")
-           for k, est in _ESTIMATOR_KEYS.items()]
+    out = []
+    for k in ESTIMATOR_KEYS:
+        readers = estimator_readers(k)
+        out.append((getattr(c, k) == defaults[k] or c.estimator in readers or
+                    c.estimator not in ESTIMATORS,
+                    f"{k}={getattr(c, k)} is an option of estimator {' / '.join(readers)}, and "
+                    f"estimator={c.estimator} does not read it: set estimator: {readers[0]}, or "
+                    f"{k}: {defaults[k]}"))
     return out + [
         (c.num_masks >= 1, "num_masks must be >= 1"),
         (c.mask_coupling in ("independent", "complementary"),
@@ -283,6 +318,10 @@ def _range_checks(c: RLConfig) -> list:
         (0 <= c.eps_low < 1 and c.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0"),
         (c.dual_clip == 0 or c.dual_clip > 1, "dual_clip must be 0 (off) or > 1"),
         (c.kl_coef >= 0, "kl_coef must be >= 0"),
+        (c.num_masks >= 1, "num_masks must be >= 1"),
+        (c.eubo_beta >= 1 and c.eubo_beta < float("inf"),
+         "eubo_beta must be a finite number >= 1 (the EUBO is an upper bound for beta >= 1)"),
+        (0 <= c.mixture_weight <= 1, "mixture_weight must lie in [0, 1]"),
         (0 <= c.gamma <= 1 and 0 <= c.lam <= 1, "gamma and lam must lie in [0, 1]"),
         (c.vf_clip > 0, "vf_clip must be > 0"),
         (c.loss_normalizer > 0, "loss_normalizer must be > 0"),

@@ -16,7 +16,7 @@ import torch
 
 from dlmkern._host import HOST, read_floats
 from dlmkern.ops import check_device_errors, policy_value_loss
-from dlmkern.ops.objective import Objective, response_blocks, token_weights
+from dlmkern.ops.objective import Objective, response_block_lengths, response_blocks, token_weights
 from dlmkern.rl import Rows
 from dlmkern.rl.advantages import trace_gae_batch
 from dlmkern.trainers.plan import MiniBatch, Pass
@@ -81,6 +81,8 @@ class Prepared:
     logp_gap: torch.Tensor | None = None  # sum |sampler logp - old logp| (trace rows)
     weights: torch.Tensor | None = None   # per trained token (objective.token_weights)
     block_ids: torch.Tensor | None = None  # per trained token (objective.ratio_level: block)
+    copy_ids: torch.Tensor | None = None   # per trained token (objective.likelihood_bound)
+    positions: torch.Tensor | None = None  # per trained token (objective.likelihood_bound)
 
 
 class Update:
@@ -126,8 +128,20 @@ class Update:
         obj, st = self.objective, self.settings
         if obj.weighted:
             n = torch.tensor([len(t.token_ids) for t in trajs], device=HOST)
+            plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)
+            blocks = lens = None
+            if obj.token_weights == "block_elbo":  # each block's own rate
+                blocks = response_blocks(host.gen_index, plen[host.traj], st.block_size,
+                                         st.gen_block_length)
+                lens = response_block_lengths(host.gen_index, plen[host.traj], n[host.traj],
+                                              st.block_size, st.gen_block_length)
             prep.weights = token_weights(obj.token_weights, host.traj, host.step, n,
-                                         host.copy_weight).to(self.device)
+                                         host.copy_weight, blocks=blocks,
+                                         block_lengths=lens).to(self.device)
+        if obj.over_copies:  # a token's noisy copy (Rows.step) and place in its completion
+            prep.copy_ids = host.step.to(self.device)
+        if obj.bounded:
+            prep.positions = host.gen_index.to(self.device)
         if obj.ratio_level == "block":
             plen = torch.tensor([len(t.prompt_ids) for t in trajs], device=HOST)
             prep.block_ids = response_blocks(host.gen_index, plen[host.traj], st.block_size,
@@ -160,7 +174,8 @@ class Update:
             logp, prep.old_logp, prep.adv, mask, objective=obj, ref_logp=prep.ref_logp,
             values=values if fused else None, old_values=prep.old_v if fused else None,
             returns=prep.returns if fused else None, weights=prep.weights,
-            block_ids=prep.block_ids, vf_coef=_vf_coef(mb, p, obj, int(logp.numel())),
+            block_ids=prep.block_ids, copy_ids=prep.copy_ids, positions=prep.positions,
+            vf_coef=_vf_coef(mb, p, obj, int(logp.numel())),
             vf_clip=st.vf_clip, seq_ids=r.traj, num_seqs=r.num_trajectories)
         # a single pass keeps the expression (and its rounding) of an unsplit step
         (loss * (mb.policy_scale * p.policy_share if several else mb.policy_scale)).backward()

@@ -36,6 +36,16 @@ class Estimator:
                              "torch.Generator")
         return build_rows(traj, self.copies(traj, spec, gen), spec)
 
+    @on_host
+    def copy_rows(self, traj, spec: RowSpec, gen: torch.Generator | None = None) -> list[Rows]:
+        """The rows of ONE trajectory, one Rows per noisy copy (each with its own clean
+        context): the same draws and trained tokens as ``rows``, for a forward per copy."""
+        if self.random and gen is None:
+            raise ValueError(f"estimator {self.name!r} draws random masks: pass a "
+                             "torch.Generator")
+        return [build_rows(traj, [c], spec) for c in self.copies(traj, spec, gen)
+                if bool(c.masked.any())]
+
 
 def uniform_mask(n: int, gen: torch.Generator, eps: float = EPS) -> torch.Tensor:
     """[n] bool: each token masked with probability t ~ U(eps, 1) (random-masking RL). Draws a

@@ -11,12 +11,15 @@ A new algorithm is one file here (its config class, and its refusals in ``valida
 from __future__ import annotations
 
 from dlmkern.trainers.presets.baselines import CoupledGRPOConfig, DiffuGRPOConfig, RandomMaskConfig
+from dlmkern.trainers.presets.bgpo import BGPOConfig
 from dlmkern.trainers.presets.cj_grpo import CJGRPOConfig
 from dlmkern.trainers.presets.dipo import DiPOConfig
+from dlmkern.trainers.presets.ebpo import EBPOConfig
 from dlmkern.trainers.presets.espo import ESPOConfig
 from dlmkern.trainers.presets.gdpo import GDPOConfig
 from dlmkern.trainers.presets.igpo import IGPOConfig
 from dlmkern.trainers.presets.justgrpo import JustGRPOConfig
+from dlmkern.trainers.presets.spg import SPGConfig
 from dlmkern.trainers.presets.tracerl import TraceRLConfig
 from dlmkern.trainers.presets.wd1 import WD1Config
 from dlmkern.trainers.rl_config import RLConfig
@@ -34,8 +37,11 @@ PRESETS: dict[str, type[RLConfig]] = {c.algo: c for c in (
     JustGRPOConfig,
     WD1Config,
     IGPOConfig,
+    SPGConfig,
+    BGPOConfig,
+    EBPOConfig,
 )}
 
-__all__ = ["PRESETS", "CJGRPOConfig", "CoupledGRPOConfig", "DiPOConfig", "DiffuGRPOConfig",
-           "ESPOConfig", "GDPOConfig", "IGPOConfig", "JustGRPOConfig", "RandomMaskConfig",
-           "TraceRLConfig", "WD1Config"]
+__all__ = ["PRESETS", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig", "DiPOConfig",
+           "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig",
+           "JustGRPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig", "WD1Config"]

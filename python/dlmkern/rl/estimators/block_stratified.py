@@ -1,0 +1,55 @@
+"""EBPO's all-block corruption (the LLaDA2.1 report's ELBO-based block-level policy
+optimization; DARE's _forward_process_ebpo): each of ``num_masks`` noisy copies masks EVERY
+block of the completion, block b at its own level, so one copy holds one ELBO term per block
+(trained with 1 / t_b, token_weights=block_elbo). The levels of all (copy, block) cells,
+copy-major, are stratified from one random offset, u_i = (offset + i / N) mod 1 over the N
+cells, and a cell masks k = min(floor(u_i * len) + 1, len) of its block's tokens, chosen
+uniformly. Blocks are the model's (position // block_size, the sampler's alignment); on a
+full-attention model they would be gen_block_length blocks of the completion, which the
+configs refuse (RLConfig.check_model: the per-block ELBO is a block-diffusion model's)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from dlmkern._host import HOST
+from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.blockwise import completion_blocks
+
+
+@dataclass(frozen=True)
+class BlockStratified(Estimator):
+    num_masks: int = 16
+    gen_block_length: int = 32  # full-attention models' blocks (block models use block_size)
+
+    name = "block_stratified"
+    trace_steps = False
+    random = True
+
+    def __post_init__(self):
+        if self.num_masks < 1 or self.gen_block_length < 1:
+            raise ValueError(f"block_stratified: num_masks ({self.num_masks}) and "
+                             f"gen_block_length ({self.gen_block_length}) must be >= 1")
+
+    def copies(self, traj, spec: RowSpec, gen) -> list[NoisyCopy]:
+        P, n = len(traj.prompt_ids), len(traj.token_ids)
+        if not n:
+            return []
+        block = completion_blocks(P, n, spec, self.gen_block_length)
+        n_blocks = int(block[-1]) + 1
+        cells = self.num_masks * n_blocks
+        offset = float(torch.rand((), generator=gen, device=HOST))
+        levels = ((offset + torch.arange(cells, device=HOST, dtype=torch.float64) / cells)
+                  % 1.0).tolist()
+        out = []
+        for c in range(self.num_masks):
+            masked = torch.zeros(n, dtype=torch.bool, device=HOST)
+            for b in range(n_blocks):
+                inside = (block == b).nonzero().squeeze(1)
+                k = min(int(levels[c * n_blocks + b] * inside.numel()) + 1, inside.numel())
+                pick = torch.randperm(inside.numel(), generator=gen, device=HOST)[:k]
+                masked[inside[pick]] = True
+            out.append(NoisyCopy(masked, torch.where(masked, c, -1).long()))
+        return out
