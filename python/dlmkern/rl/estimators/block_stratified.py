@@ -15,30 +15,20 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST
-from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
-from dlmkern.rl.estimators.blockwise import completion_blocks
+from dlmkern.rl.estimators.base import NoisyCopy, RowSpec
+from dlmkern.rl.estimators.blockwise import BlockCopies
 
 
 @dataclass(frozen=True)
-class BlockStratified(Estimator):
+class BlockStratified(BlockCopies):
     num_masks: int = 16
-    gen_block_length: int = 32  # full-attention models' blocks (block models use block_size)
 
     name = "block_stratified"
-    trace_steps = False
-    random = True
-
-    def __post_init__(self):
-        if self.num_masks < 1 or self.gen_block_length < 1:
-            raise ValueError(f"block_stratified: num_masks ({self.num_masks}) and "
-                             f"gen_block_length ({self.gen_block_length}) must be >= 1")
 
     def copies(self, traj, spec: RowSpec, gen) -> list[NoisyCopy]:
-        P, n = len(traj.prompt_ids), len(traj.token_ids)
+        n, block, n_blocks = self.blocks(traj, spec)
         if not n:
             return []
-        block = completion_blocks(P, n, spec, self.gen_block_length)
-        n_blocks = int(block[-1]) + 1
         cells = self.num_masks * n_blocks
         offset = float(torch.rand((), generator=gen, device=HOST))
         levels = ((offset + torch.arange(cells, device=HOST, dtype=torch.float64) / cells)

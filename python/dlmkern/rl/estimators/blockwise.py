@@ -32,25 +32,38 @@ def completion_blocks(P: int, n: int, spec: RowSpec, gen_block_length: int) -> t
 
 
 @dataclass(frozen=True)
-class Blockwise(Estimator):
+class BlockCopies(Estimator):
+    """Base of the estimators whose ``num_masks`` copies mask by completion block (blockwise,
+    block_stratified): the options, their checks, and the blocks of a trajectory."""
+
     num_masks: int = 2
     gen_block_length: int = 32  # full-attention models' blocks (block models use block_size)
 
-    name = "blockwise"
     trace_steps = False
     random = True
 
     def __post_init__(self):
         if self.num_masks < 1 or self.gen_block_length < 1:
-            raise ValueError(f"blockwise: num_masks ({self.num_masks}) and gen_block_length "
+            raise ValueError(f"{self.name}: num_masks ({self.num_masks}) and gen_block_length "
                              f"({self.gen_block_length}) must be >= 1")
 
-    def copies(self, traj, spec: RowSpec, gen) -> list[NoisyCopy]:
+    def blocks(self, traj, spec: RowSpec) -> tuple[int, torch.Tensor, int]:
+        """(n generated tokens, [n] completion block of each, number of blocks); n may be 0."""
         P, n = len(traj.prompt_ids), len(traj.token_ids)
         if not n:
-            return []
+            return 0, torch.zeros(0, dtype=torch.long, device=HOST), 0
         block = completion_blocks(P, n, spec, self.gen_block_length)
-        n_blocks = int(block[-1]) + 1
+        return n, block, int(block[-1]) + 1
+
+
+@dataclass(frozen=True)
+class Blockwise(BlockCopies):
+    name = "blockwise"
+
+    def copies(self, traj, spec: RowSpec, gen) -> list[NoisyCopy]:
+        n, block, n_blocks = self.blocks(traj, spec)
+        if not n:
+            return []
         order = torch.randperm(n_blocks, generator=gen, device=HOST)
         out = []
         for c in range(self.num_masks):
