@@ -192,7 +192,7 @@ def _gae(items, values, rewards, g, lam):
     return adv, ret
 
 
-def tracerl_valued(tr, kept, s):
+def tracerl_valued(tr, kept, s, g, lam):
     """TraceRL with its value model: GAE advantages over trace steps from the rollout-time
     values, the clipped surrogate (0.2), and the clipped value loss token mean of
     0.5 max((V - R)^2, (V_old + clip(V - V_old, +-0.2) - R)^2)."""
@@ -201,7 +201,7 @@ def tracerl_valued(tr, kept, s):
     lps = _scored(tr.model, kept.trajs, items, tr.cfg.sampling.temperature)
     with torch.no_grad():
         rollout_v = _values(vm, kept.trajs, items)
-    adv, ret = _gae(items, rollout_v, kept.rewards, tr.cfg.gamma, tr.cfg.lam)
+    adv, ret = _gae(items, rollout_v, kept.rewards, g, lam)
     loss = _surrogate(lps, items, adv, 0.2, 0.2)
     vl = []
     for v, v0, R, (i, _, js, _) in zip(_values(vm, kept.trajs, items), rollout_v, ret, items,
@@ -332,7 +332,7 @@ def test_tracerl_value_model_is_gae_over_trace_steps_and_the_clipped_value_loss(
         tmp_path, family, s, over):
     g, lam = 0.9, 0.8
     tr, kept, _, _ = _run(tmp_path, TraceRLConfig, family,
-                          lambda tr, kept: tracerl_valued(tr, kept, s), setup=_value_head,
+                          lambda tr, kept: tracerl_valued(tr, kept, s, g, lam), setup=_value_head,
                           use_value_model=True, gamma=g, lam=lam, pass_rate_low=0.0,
                           pass_rate_high=1.0, **over)
     # more than one trace step per trajectory: the recursion is exercised
