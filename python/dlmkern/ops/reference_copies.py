@@ -57,7 +57,7 @@ def copy_ratio_term(o, diff, adv, m, seq_ids, copy_ids):
     ratio_form=tangent), clipped and dual-clipped once per copy; every token of the sequence
     carries the mean over its copies of -min(r A, clip(r) A). Returns (pg, ratio, clipped,
     dual) per token (a token's ratio and clip flags are its copy's)."""
-    from dlmkern.ops.reference import clip_term, ratio_of
+    from dlmkern.ops.reference_objective import clip_term, ratio_of
 
     c = _Copies(m, seq_ids, copy_ids, "ratio_level=copy")
     if c.idx.numel() == 0:
@@ -77,7 +77,7 @@ def elbo_ratio_term(o, diff, adv, w, m, seq_ids, copy_ids):
     g = (1/M) sum over its M copies' tokens of w * (logp - old_logp) (w = 1/t), clamped to
     [-20, 20]; the ratio exp(g) (1 + g for A > 0 with ratio_form=tangent), clipped and
     dual-clipped once; every token of the sequence carries -min(r A, clip(r) A)."""
-    from dlmkern.ops.reference import clip_term, ratio_of
+    from dlmkern.ops.reference_objective import clip_term, ratio_of
 
     c = _Copies(m, seq_ids, copy_ids, "ratio_level=elbo")
     if c.idx.numel() == 0:
