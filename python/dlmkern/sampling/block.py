@@ -49,6 +49,8 @@ class Trajectory:
     # indices of token_ids given to the sampler (IGPO's inpainted hints), not sampled: their
     # step is -1 (visible from the start) and no row ever trains them (dlmkern.rl.rows)
     inpainted: list[int] = field(default_factory=list)
+    # a tree rollout's leaf (dlmkern.sampling.tree.TreeLeaf: its tree and leaf index), else None
+    tree: object | None = None
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;
