@@ -40,6 +40,8 @@ class DTreeRPOConfig(RLConfig):
     scores raw logits)."""
 
     algo: ClassVar[str] = "d_treerpo"
+    # tree rollouts: group_size is the tree's leaf count, not a budget shared with the others
+    own_sampling: ClassVar[bool] = True
     prompts_per_step: int = _same("prompts_per_step", 16)
     group_size: int = _same("group_size", 16)
     max_new_tokens: int = _same("max_new_tokens", 256)
