@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.ops import layouts
 from dlmkern.rl.advantages import tree_advantages
-from dlmkern.sampling import FullSampler, SamplingConfig
+from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig
 from dlmkern.sampling.tree import TreeSpec
 from dlmkern.trainers import PRESETS, DTreeRPOConfig, RLConfig, RLTrainer
 from dlmkern.trainers.plan import plan_step
@@ -49,12 +49,19 @@ def _canvas(t):
 # ---- the sampler's tree ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
-def test_siblings_share_their_prefix_exactly_and_differ_after(use_cache):
+def _sampler(family, use_cache, gen):
     torch.manual_seed(0)
-    m = DiffusionLM(tiny_config("llada")).eval()
-    s = FullSampler(m, SamplingConfig(steps=4, temperature=1.0), gen_length=12, block_length=4,
-                    use_cache=use_cache)
+    m = DiffusionLM(tiny_config(family)).eval()
+    cfg = SamplingConfig(steps=4, temperature=1.0)
+    if family == "sdar":  # blocks of 4 at absolute positions
+        return BlockSampler(m, cfg, max_new_tokens=gen, use_cache=use_cache)
+    return FullSampler(m, cfg, gen_length=gen, block_length=4, use_cache=use_cache)
+
+
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_siblings_share_their_prefix_exactly_and_differ_after(family, use_cache):
+    s = _sampler(family, use_cache, 12)
     spec = TreeSpec((3, 2), (5,))  # the fork at step 5: inside the second block
     leaves = s.generate_tree([[1, 2, 3], [4, 5]], spec, seed=7)
     assert len(leaves) == 12 and [t.tree.path for t in leaves[:6]] == [
@@ -63,7 +70,7 @@ def test_siblings_share_their_prefix_exactly_and_differ_after(use_cache):
     for p in range(2):
         for node in range(3):
             a, b = (_canvas(leaves[p * 6 + node * 2 + k]) for k in range(2))
-            # the same tokens at the same steps before the fork, nowhere else before it
+            # the same tokens at the same steps before the fork, at the same positions
             pre = [[(x, st) if st < 5 else None for x, st in zip(*c, strict=True)]
                    for c in (a, b)]
             assert pre[0] == pre[1]
@@ -130,13 +137,48 @@ def _offset(i, j):
     return 0.35 * math.sin(1.7 + 2.3 * i + 1.1 * j)
 
 
-def d_treerpo_loss(model, leaves, rewards, spec, temperature, eps=0.4, beta=0.01):
-    """For every non-root node: its parent's canvas (prompt, positions unmasked before the
-    parent's step, [MASK] elsewhere), read from the node's LAST leaf; one forward; the tokens
+def _score(model, ids, positions, targets, block_size, temperature):
+    """log softmax(logits / temperature)[target] of the plain model on one sequence."""
+    x = torch.tensor(ids)
+    lay = layouts.full([len(ids)]) if block_size is None else layouts.block_causal(
+        [len(ids)], block_size)
+    logits = model.logits(model(x, lay)[torch.tensor(positions)]).float() / temperature
+    return F.log_softmax(logits, -1).gather(-1, torch.tensor(targets)[:, None]).squeeze(-1)
+
+
+def _segment_logps(model, leaf, start, js, block_size, temperature):
+    """The tokens js, scored in the parent's state: the prompt, every position unmasked before
+    `start`, [MASK] elsewhere, in one forward of the whole canvas (full attention). Block
+    models: per block of js, that block as the parent had it (or as it started, for a block
+    the parent had not begun) after the clean blocks before it, cut after the block (the
+    sampler's state when the block's first segment step ran). Returns (js in scoring order,
+    their log-probs)."""
+    toks, steps = _canvas(leaf)
+    P, mask = len(leaf.prompt_ids), model.config.mask_token_id
+    if block_size is None:
+        ids = list(leaf.prompt_ids) + [x if s < start else mask
+                                       for x, s in zip(toks, steps, strict=True)]
+        return js, _score(model, ids, [P + j for j in js], [toks[j] for j in js], None,
+                          temperature)
+    order, out = [], []
+    for kb in sorted({(P + j) // block_size for j in js}):
+        ids = list(leaf.prompt_ids) + [
+            x if s < start or (P + i) // block_size < kb else mask
+            for i, (x, s) in enumerate(zip(toks, steps, strict=True))]
+        mine = [j for j in js if (P + j) // block_size == kb]
+        order += mine
+        out.append(_score(model, ids[:(kb + 1) * block_size], [P + j for j in mine],
+                          [toks[j] for j in mine], block_size, temperature))
+    return order, torch.cat(out)
+
+
+def d_treerpo_loss(model, leaves, rewards, spec, temperature, block_size, eps=0.4, beta=0.01):
+    """For every non-root node: its parent's canvas, read from the node's LAST leaf; the tokens
     the node unmasked (steps in [b_{d-1}, b_d)) up to the EOS of the node's first leaf, scored
-    there: -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta (exp(ref - lp) - (ref - lp) - 1), a
-    token mean per segment, a mean over segments. old / ref log-probs: lp plus fixed offsets."""
-    L, D, mask = spec.leaves, spec.depth, model.config.mask_token_id
+    there (_segment_logps): -min(r A, clip(r, 1 - eps, 1 + eps) A) + beta (exp(ref - lp) -
+    (ref - lp) - 1), a token mean per segment, a mean over segments. old / ref log-probs: lp
+    plus fixed offsets."""
+    L, D = spec.leaves, spec.depth
     adv = _hand_advantages(rewards, spec.factors)
     starts, ends = spec.starts, (*spec.branch_steps, 1 << 40)
     terms = []
@@ -145,19 +187,12 @@ def d_treerpo_loss(model, leaves, rewards, spec, temperature, eps=0.4, beta=0.01
             below = math.prod(spec.factors[d:])
             for node in range(math.prod(spec.factors[:d])):
                 last, first = leaves[p * L + (node + 1) * below - 1], leaves[p * L + node * below]
-                toks, steps = _canvas(last)
-                P = len(last.prompt_ids)
-                ids = list(last.prompt_ids) + [x if s < starts[d - 1] else mask
-                                               for x, s in zip(toks, steps, strict=True)]
+                steps = _canvas(last)[1]
                 js = [j for j, s in enumerate(steps) if starts[d - 1] <= s < ends[d - 1]
                       and j < len(first.token_ids)]
                 if not js:
                     continue
-                x = torch.tensor(ids)
-                logits = model.logits(model(x, layouts.full([len(ids)]))[
-                    torch.tensor([P + j for j in js])]).float() / temperature
-                lp = F.log_softmax(logits, -1).gather(
-                    -1, torch.tensor([toks[j] for j in js])[:, None]).squeeze(-1)
+                js, lp = _segment_logps(model, last, starts[d - 1], js, block_size, temperature)
                 k = p * L + node * below  # the first leaf: the trainer's item of this segment
                 old = lp.detach() + torch.tensor([_offset(k, j) for j in js])
                 ref = lp.detach() - torch.tensor([_offset(k + 3, j) for j in js])
@@ -173,10 +208,13 @@ def _grads(model):
     return [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
 
 
-def test_loss_and_gradient_equal_the_papers_segment_loss(tmp_path):
-    tr = RLTrainer(_model("llada"), TOK, DATA, alternate, _config(tmp_path))
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_loss_and_gradient_equal_the_papers_segment_loss(tmp_path, family):
+    tr = RLTrainer(_model(family), TOK, DATA, alternate, _config(tmp_path))
     batch = tr.rollout(DATA[:2])
-    spec = tr.cfg.tree_spec()
+    c = tr.model.config
+    B = c.block_size if c.block_causal else None
+    spec = tr.cfg.tree_spec(B)
     assert spec == TreeSpec((2, 2, 2), (2, 5))
     assert batch.advantages.shape == (16, 3)
     rows, trajs, _, adv, rewards = tr._copy_items(batch.trajs, list(range(16)),
@@ -191,7 +229,7 @@ def test_loss_and_gradient_equal_the_papers_segment_loss(tmp_path):
     prep[0].ref_logp = prep[0].ref_logp - torch.tensor(
         [_offset(k + 3, j) for k, j in zip(leaf, r.gen_index.tolist(), strict=True)])
     tr.model.zero_grad(set_to_none=True)
-    want_loss = d_treerpo_loss(tr.model, batch.trajs, batch.rewards.tolist(), spec, 0.9)
+    want_loss = d_treerpo_loss(tr.model, batch.trajs, batch.rewards.tolist(), spec, 0.9, B)
     want_loss.backward()
     want = _grads(tr.model)
     tr.model.zero_grad(set_to_none=True)
@@ -206,8 +244,9 @@ def test_loss_and_gradient_equal_the_papers_segment_loss(tmp_path):
     assert len(rows) <= 2 * (2 + 4 + 8) and len(rows) > 2 * 8
 
 
-def test_one_trainer_step_trains(tmp_path):
-    tr = RLTrainer(_model("llada"), TOK, DATA, alternate, _config(tmp_path, ppo_epochs=2))
+@pytest.mark.parametrize("family", ["llada", "sdar"])
+def test_one_trainer_step_trains(tmp_path, family):
+    tr = RLTrainer(_model(family), TOK, DATA, alternate, _config(tmp_path, ppo_epochs=2))
     before = [p.detach().clone() for p in tr.model.parameters()]
     log = tr.train_step()
     assert "skipped" not in log and math.isfinite(log["loss"]), log
@@ -248,9 +287,3 @@ def test_a_tree_without_the_preset_is_refused_naming_both_keys():
         RLConfig(estimator="tree").validate()
     with pytest.raises(ValueError, match="advantage=tree with tree_depth=0"):
         RLConfig(advantage="tree").validate()
-
-
-def test_block_models_are_refused_at_config_time():
-    with pytest.raises(ValueError, match="tree_depth=2.*block-causal"):
-        DTreeRPOConfig().check_model(tiny_config("sdar"))
-    DTreeRPOConfig().check_model(tiny_config("llada"))

@@ -28,7 +28,6 @@ from dlmkern.sampling.rules import (
     dream_transfer_count,
     in_chunks,
     sample_tokens,
-    sequence_seeds,
     transfer_schedule,
 )
 
@@ -89,28 +88,10 @@ class FullSampler:
     @torch.no_grad()
     def generate_tree(self, prompts: list[list[int]], spec, seed: int = 0,
                       seeds: list[int] | None = None) -> list[Trajectory]:
-        """d-TreeRPO's tree rollout (dlmkern.sampling.tree): spec.leaves trajectories per prompt
-        (prompt-major, leaf order), each with Trajectory.tree set; siblings share their
-        ancestors' tokens and steps exactly (checked). `seeds`: one per leaf, as generate takes
-        them; a prompt's tree draws from its first leaf's."""
-        from dlmkern.sampling.tree import TreeDraws, TreeLeaf, check_shared_prefix
+        """d-TreeRPO's tree rollout (dlmkern.sampling.tree.generate_tree)."""
+        from dlmkern.sampling.tree import generate_tree
 
-        L = spec.leaves
-        flat = [list(p) for p in prompts for _ in range(L)]
-        sd = sequence_seeds(len(flat), seed, seeds)
-        leaves = [i % L for i in range(len(flat))]
-        draws = TreeDraws(spec, leaves, [sd[i // L * L] for i in range(len(flat))])
-        # chunks of whole trees (at most max_seqs leaves, at least one tree)
-        step = max(self.cfg.max_seqs // L, 1) * L if self.cfg.max_seqs else len(flat)
-        out = []
-        for lo in range(0, len(flat), step):
-            out += self._generate(flat[lo:lo + step], sd[lo:lo + step],
-                                  [{} for _ in flat[lo:lo + step]],
-                                  draws=draws.part(lo, lo + step))
-        for i, t in enumerate(out):
-            t.tree = TreeLeaf(spec, leaves[i])
-        check_shared_prefix(out, spec)
-        return out
+        return generate_tree(self, prompts, spec, seed, seeds)
 
     def _planned(self, prompt: list[int]) -> Trajectory:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""

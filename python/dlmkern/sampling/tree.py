@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmkern.sampling.rules import sequence_seeds
+
 
 @dataclass(frozen=True)
 class TreeSpec:
@@ -154,3 +156,28 @@ def check_shared_prefix(trajs: list, spec: TreeSpec) -> None:
                     f"tree leaf {i % L} of prompt {i // L} differs from leaf {j % L} before "
                     f"their shared ancestor's branch step {b}: the sampler's forward is not "
                     f"deterministic across identical rows of one batch")
+
+
+def generate_tree(sampler, prompts: list[list[int]], spec: TreeSpec, seed: int = 0,
+                  seeds: list[int] | None = None) -> list:
+    """A sampler's tree rollout: spec.leaves trajectories per prompt (prompt-major, leaf
+    order), each with Trajectory.tree set, run by the sampler's `_generate(prompts, seeds,
+    given, draws=TreeDraws)` in chunks of whole trees (at most config.max_seqs leaves, at least
+    one tree); siblings' shared prefixes are checked. `seeds`: one per leaf, as generate takes
+    them; a prompt's tree draws from its first leaf's."""
+    L = spec.leaves
+    flat = [list(p) for p in prompts for _ in range(L)]
+    sd = sequence_seeds(len(flat), seed, seeds)
+    leaves = [i % L for i in range(len(flat))]
+    draws = TreeDraws(spec, leaves, [sd[i // L * L] for i in range(len(flat))])
+    cap = sampler.cfg.max_seqs
+    step = max(cap // L, 1) * L if cap else max(len(flat), 1)
+    out = []
+    for lo in range(0, len(flat), step):
+        out += sampler._generate(flat[lo:lo + step], sd[lo:lo + step],
+                                 [{} for _ in flat[lo:lo + step]],
+                                 draws=draws.part(lo, lo + step))
+    for i, t in enumerate(out):
+        t.tree = TreeLeaf(spec, leaves[i])
+    check_shared_prefix(out, spec)
+    return out

@@ -155,20 +155,25 @@ class RLConfig(DataConfig):
                                    "overwrite | resume")
     on_nonfinite: str = opt("stop", "NaN / inf loss, grad norm or reward: stop | skip it")
 
-    def tree_spec(self):
+    def tree_factors(self) -> tuple[int, ...]:
+        """Children per node at each depth of a tree rollout (() when tree_depth is 0)."""
+        return (self.tree_roots, *[self.tree_branching] * (self.tree_depth - 1)) \
+            if self.tree_depth > 0 else ()
+
+    def tree_spec(self, block_size: int | None = None):
         """The tree of tree rollouts (dlmkern.sampling.tree.TreeSpec), None when tree_depth is 0:
         tree_roots children at the root, tree_branching below, branch steps k * S / tree_depth
-        (k = 1..depth-1) of the S = steps per block x blocks static schedule."""
+        (k = 1..depth-1) of the step budget S = steps per block x blocks of max_new_tokens
+        (blocks of `block_size` for block models, of gen_block_length for full attention)."""
         if self.tree_depth <= 0:
             return None
         from dlmkern.sampling.tree import TreeSpec
 
-        n_blocks = -(-self.max_new_tokens // max(min(self.gen_block_length,
-                                                     self.max_new_tokens), 1))
-        total = self.sampling.per_block(n_blocks).steps * n_blocks
+        width = block_size or max(min(self.gen_block_length, self.max_new_tokens), 1)
+        n_blocks = -(-self.max_new_tokens // width)
+        steps = self.sampling.steps if block_size else self.sampling.per_block(n_blocks).steps
         D = self.tree_depth
-        return TreeSpec((self.tree_roots, *[self.tree_branching] * (D - 1)),
-                        tuple(total * k // D for k in range(1, D)))
+        return TreeSpec(self.tree_factors(), tuple(steps * n_blocks * k // D for k in range(1, D)))
 
     def resolved_shrinkage(self, block_causal: bool) -> int:
         """shrinkage, with 0 read as the paper's default for this kind of model (SPEC 4.3)."""
@@ -231,10 +236,6 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
-        if model_config.block_causal and self.tree_depth > 0:
-            raise ValueError(f"config: tree_depth={self.tree_depth} (d-TreeRPO's tree rollouts) "
-                             f"runs on the full-attention sampler (LLaDA / Dream); this model "
-                             f"is block-causal and the block sampler has no tree rollout")
         per_block = self.token_weights == "block_elbo" or self.estimator == "block_stratified"
         if not model_config.block_causal and per_block:
             raise ValueError(

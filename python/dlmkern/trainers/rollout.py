@@ -112,7 +112,8 @@ class Rollout:
                 return RolloutBatch([], torch.zeros(0, device=HOST), [], g)
             prompts = [self.prompt_format.encode(r, self.tok) for r in rows]
             sampler = self.sampler(model)
-            tree = self.cfg.tree_spec()
+            tree = self.cfg.tree_spec(model.config.block_size if model.config.block_causal
+                                      else None)
             trajs = sampler.generate(prompts, n_samples=g, seeds=seeds) if tree is None else \
                 sampler.generate_tree(prompts, tree, seeds=seeds)  # d-TreeRPO
             t1 = time.perf_counter()
@@ -126,10 +127,9 @@ class Rollout:
         batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
                              time.perf_counter() - t1)
         if with_advantages:  # computed once, here; a value model's GAE replaces them
-            tree = self.cfg.tree_spec()
             batch.advantages = group_advantages(rewards, g, self.cfg.advantage,
                                                 self.cfg.wd1_psi,
-                                                () if tree is None else tree.factors)
+                                                self.cfg.tree_factors())
         return batch
 
     @on_host

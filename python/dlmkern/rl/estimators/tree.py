@@ -4,7 +4,9 @@ are trained, every token unmasked at b_{d-1} or later is [MASK] (the parent's ca
 ones keep their values. A segment shared by several leaves is trained once, from its node's first
 leaf (TreeLeaf.owns): the other leaves hold no copy of it. Rows.step is the depth minus one,
 the column of the leaf's tree advantages (dlmkern.rl.advantages.tree_advantages) that the update
-gives the segment's tokens. The after-EOS context is masked as the parent had it."""
+gives the segment's tokens. The after-EOS context is masked as the parent had it. Block models:
+the rows' noisy blocks attend to the clean blocks before them, so each block of the segment is
+scored as the parent had it, or, for a block the parent had not begun, as it began."""
 
 from __future__ import annotations
 

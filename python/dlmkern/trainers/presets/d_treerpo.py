@@ -25,15 +25,20 @@ class DTreeRPOConfig(RLConfig):
     reference; the loss is the mean over segments of each segment's token mean (each segment is
     a loss sequence: reduction seq_mean). DARE's recipe: 256 tokens in blocks of 32, 128 steps
     (steps 16 per block), temperature 0.9, 12 ppo_epochs, weight decay 0.1, grad clip 0.2,
-    16 prompts per step. Full-attention models (LLaDA / Dream) only: the block sampler has no
-    tree rollout (refused at config time).
+    16 prompts per step. Full-attention (LLaDA / Dream) and block (SDAR) models; on a block
+    model (the paper has none) a segment's tokens are scored per block, each block as the
+    parent had it (or as it began, for a block the parent had not started) after the clean
+    blocks before it: the KV-reuse rows' one state per block.
 
     What differs: a segment shared by several leaves (an inner node's) is trained once, from its
     node's first leaf, exactly as DARE trains each (parent, child) pair once; a segment with no
-    token left (EOS before it) is dropped, where DARE counts it in the mean with a zero loss.
+    token left (EOS before it) is dropped, where DARE counts it in the mean with a zero loss;
+    an inner node's segment trains its tokens up to its first leaf's EOS (the sampler stops a
+    leaf at its EOS block; DARE cuts at the first EOS of the node's own canvas).
     Siblings share their ancestors by drawing the same uniforms until the fork (checked after
     sampling), rather than by copying the parent's canvas; a static step schedule runs over
-    the whole budget (DARE re-plans the block's schedule after a fork). The paper's
+    the whole budget (DARE re-plans the rest of the block at a fork: the same counts when they
+    split evenly). The paper's
     time-scheduled self-distillation loss (DARE's enable_self_distillation, on in its recipe)
     is not included. Full weights at lr 5e-7 (DARE trains LoRA rank 128 at lr 3e-5). The
     reference stays the initial policy. Log-probs are scored at the sampler's temperature (DARE
