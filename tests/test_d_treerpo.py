@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dlmkern.doctor.update_checks import advantages_order_as_rewards
 from dlmkern.models import DiffusionLM, tiny_config
 from dlmkern.ops import layouts
 from dlmkern.rl.advantages import tree_advantages
@@ -217,6 +218,7 @@ def test_loss_and_gradient_equal_the_papers_segment_loss(tmp_path, family):
     spec = tr.cfg.tree_spec(B)
     assert spec == TreeSpec((2, 2, 2), (2, 5))
     assert batch.advantages.shape == (16, 3)
+    advantages_order_as_rewards(batch)  # the doctor's check reads a leaf's own column
     rows, trajs, _, adv, rewards = tr._copy_items(batch.trajs, list(range(16)),
                                                   batch.advantages, batch.rewards)
     item_leaf = [batch.trajs.index(t) for t in trajs]
