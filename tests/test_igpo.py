@@ -12,6 +12,7 @@ import torch
 from dlmkern.ops import Objective, layouts, policy_value_loss
 from dlmkern.rl import ESTIMATORS, Rows, RowSpec, get_estimator, group_advantages
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig, Trajectory
+from dlmkern.sampling.tree import TreeLeaf, TreeSpec
 from dlmkern.trainers import IGPOConfig, RLConfig, RLTrainer, build_config
 from dlmkern.trainers.inpaint import solution_hint
 from dlmkern.trainers.update import selected_logp
@@ -58,6 +59,8 @@ def _traj():
 @pytest.mark.parametrize("block_size", [4, None])
 def test_no_rows_ever_train_an_inpainted_token(name, block_size):
     t = _traj()
+    if name == "tree":  # d-TreeRPO's segments: a tree leaf (one level of 2, its first leaf)
+        t.tree = TreeLeaf(TreeSpec((2,), ()), 0)
     rows = get_estimator(name).rows(t, RowSpec(M, block_size), torch.Generator().manual_seed(0))
     assert rows.gen_index.numel() > 0
     assert not set(rows.gen_index.tolist()) & set(t.inpainted)

@@ -36,14 +36,17 @@ def trajectory_logp(trainer, trajs) -> torch.Tensor:
 
 
 def advantages_order_as_rewards(batch) -> None:
-    """The rollout's own advantages (group z-scores; none with a value model, whose GAE runs in
-    the update) rank every group's completions as their rewards do. Raises AssertionError when
+    """The rollout's own advantages (group z-scores, or a tree leaf's local advantage among its
+    siblings; none with a value model, whose GAE runs in the update) rank every group's
+    completions as their rewards do. Raises AssertionError when
     a pair is ranked the other way round, or when no group has a reward spread to rank."""
     if batch.advantages is None:
         return
-    g = batch.group_size
+    g, a = batch.group_size, batch.advantages.float().cpu()
+    if a.dim() == 2:  # tree rollouts: a leaf's own column ranks it against its siblings
+        g, a = batch.trajs[0].tree.spec.factors[-1], a[:, -1]
     r = batch.rewards.float().cpu().view(-1, g)
-    a = batch.advantages.float().cpu().view(-1, g)
+    a = a.view(-1, g)
     dr, da = r[:, :, None] - r[:, None, :], a[:, :, None] - a[:, None, :]
     spread = dr != 0
     if not bool(spread.any()):

@@ -21,7 +21,7 @@ def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     return adv.view(-1)
 
 
-ADVANTAGES = ("zscore", "wd1")
+ADVANTAGES = ("zscore", "wd1", "tree")
 
 
 def wd1_weights(rewards: torch.Tensor, group_size: int, psi: float = 1.0) -> torch.Tensor:
@@ -36,15 +36,41 @@ def wd1_weights(rewards: torch.Tensor, group_size: int, psi: float = 1.0) -> tor
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "zscore",
-                     psi: float = 1.0) -> torch.Tensor:
+                     psi: float = 1.0, factors: tuple[int, ...] = ()) -> torch.Tensor:
     """Per-completion advantages from rewards [n] of consecutive groups (the config's
-    `advantage`): ``zscore`` (group_zscore: GRPO / TraceRL / DiPO) or ``wd1`` (wd1_weights, the
-    weights of wd1's weighted likelihood, with ratio_level none)."""
+    `advantage`): ``zscore`` (group_zscore: GRPO / TraceRL / DiPO), ``wd1`` (wd1_weights, the
+    weights of wd1's weighted likelihood, with ratio_level none) or ``tree`` (a group is a tree
+    of `factors`: tree_advantages, [n, depth], one advantage per leaf and depth)."""
     if kind == "zscore":
         return group_zscore(rewards, group_size)
     if kind == "wd1":
         return wd1_weights(rewards, group_size, psi)
+    if kind == "tree":
+        if math.prod(factors) != group_size:
+            raise ValueError(f"advantage=tree: a group of {group_size} is not a tree of "
+                             f"factors {factors}")
+        return tree_advantages(rewards, factors)
     raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {kind!r}")
+
+
+def tree_advantages(rewards: torch.Tensor, factors: tuple[int, ...]) -> torch.Tensor:
+    """d-TreeRPO's local advantages (dlmkern.sampling.tree: a prompt's leaves in mixed-radix
+    order, factors[d] children per depth-d node). A leaf's value is its reward, an inner node's
+    the mean of its children's values; a node's local advantage is its value minus the mean of
+    its siblings' values, the node itself left out (DARE's dtreerpo_algos.py; 0 without
+    siblings). rewards [n_prompts * prod(factors)] -> [n, D]: column d-1 holds the advantage of
+    each leaf's depth-d ancestor (the node whose segment unmasked its steps in [b_{d-1}, b_d))."""
+    D, L = len(factors), math.prod(factors)
+    values = [rewards.float().view(-1, *factors)]  # values[j]: nodes of depth D - j
+    for _ in range(D - 1):
+        values.append(values[-1].mean(-1))
+    cols = []
+    for d in range(1, D + 1):  # the depth-d nodes: [P, k_1, ..., k_d]
+        v, k = values[D - d], factors[d - 1]
+        rest = (v.sum(-1, keepdim=True) - v) / max(k - 1, 1)
+        adv = v - rest if k > 1 else torch.zeros_like(v)
+        cols.append(adv.reshape(*adv.shape, *([1] * (D - d))).expand(-1, *factors).reshape(-1))
+    return torch.stack(cols, -1).view(-1, L, D).view(-1, D)
 
 
 def keep_groups(rewards: torch.Tensor, group_size: int, low: float, high: float,

@@ -49,6 +49,8 @@ class Trajectory:
     # indices of token_ids given to the sampler (IGPO's inpainted hints), not sampled: their
     # step is -1 (visible from the start) and no row ever trains them (dlmkern.rl.rows)
     inpainted: list[int] = field(default_factory=list)
+    # a tree rollout's leaf (dlmkern.sampling.tree.TreeLeaf: its tree and leaf index), else None
+    tree: object | None = None
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;
@@ -134,6 +136,15 @@ class BlockSampler:
         return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
                          self._planned, inpaint)
 
+    @torch.no_grad()
+    def generate_tree(self, prompts: list[list[int]], spec, seed: int = 0,
+                      seeds: list[int] | None = None) -> list[Trajectory]:
+        """d-TreeRPO's tree rollout (dlmkern.sampling.tree.generate_tree)."""
+        from dlmkern.sampling.tree import generate_tree
+
+        self.step_shapes = []
+        return generate_tree(self, prompts, spec, seed, seeds)
+
     def _planned(self, prompt: list[int]) -> Trajectory:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
         from dlmkern.sampling.planned import block_trajectory
@@ -141,11 +152,11 @@ class BlockSampler:
         return block_trajectory(prompt, self.max_new_tokens, self.B, self.cfg)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
-                  given: list[dict[int, int]]) -> list[Trajectory]:
+                  given: list[dict[int, int]], draws=None) -> list[Trajectory]:
         device = next(self.model.parameters()).device
         seqs = [_Seq(Trajectory(list(p)), list(p), len(p) + self.max_new_tokens, given=g)
                 for p, g in zip(prompts, given, strict=True)]
-        draws = SequenceDraws(len(seqs), seeds=seeds)
+        draws = draws or SequenceDraws(len(seqs), seeds=seeds)
         graphs = self.cuda_graphs if self.cuda_graphs is not None else (
             self.use_cache and (device.type == "cuda" or planning() is not None))
         if graphs and device.type != "cuda":
@@ -218,7 +229,10 @@ class BlockSampler:
         uniforms = None  # [n_iter, S, B]
         if cfg.temperature > 0:
             live = [not s.done for s in seqs] + [False] * run.pad_seqs
-            uniforms = draws.block(live, n_iter, B, device)
+            # a step counts while its block has masked slots: iteration it is step s.step + it
+            steps = [[s.step + it for it in range(n_iter)] for s in seqs] + \
+                [[0] * n_iter] * run.pad_seqs
+            uniforms = draws.block(live, n_iter, B, device, steps=steps)
         pending = None
         for it in range(n_iter):
             st.load(n_static=n_static[min(it, cfg.steps - 1)])

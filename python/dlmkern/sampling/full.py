@@ -85,6 +85,14 @@ class FullSampler:
         return in_chunks(self._generate, prompts, n_samples, seed, seeds, self.cfg.max_seqs,
                          self._planned, inpaint)
 
+    @torch.no_grad()
+    def generate_tree(self, prompts: list[list[int]], spec, seed: int = 0,
+                      seeds: list[int] | None = None) -> list[Trajectory]:
+        """d-TreeRPO's tree rollout (dlmkern.sampling.tree.generate_tree)."""
+        from dlmkern.sampling.tree import generate_tree
+
+        return generate_tree(self, prompts, spec, seed, seeds)
+
     def _planned(self, prompt: list[int]) -> Trajectory:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
         from dlmkern.sampling.planned import full_trajectory
@@ -92,9 +100,9 @@ class FullSampler:
         return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
-                  given: list[dict[int, int]]) -> list[Trajectory]:
+                  given: list[dict[int, int]], draws=None) -> list[Trajectory]:
         device = next(self.model.parameters()).device
-        draws = SequenceDraws(len(prompts), seeds=seeds)
+        draws = draws or SequenceDraws(len(prompts), seeds=seeds)
         lens = [len(p) + self.gen_length for p in prompts]
         self._offsets, self._given = layouts.offsets(lens), given
         canvas = torch.tensor([t for p, g in zip(prompts, given, strict=True)
@@ -132,7 +140,8 @@ class FullSampler:
                              dtype=torch.long, device=HOST)
         masked = [[on and lo + j not in g for j in range(n)]  # inpainted slots: fixed
                   for on, g in zip(live, self._given, strict=True)]
-        if cfg.rule in ("static", "sequential"):
+        fixed = cfg.rule in ("static", "sequential")
+        if fixed:
             counts = [_static_counts(cfg, sum(m)) for m in masked]
             # steps after the last one that unmasks anything do nothing: not run
             n_iter = max((k + 1 for cs in counts for k, c in enumerate(cs) if c), default=0)
@@ -140,6 +149,9 @@ class FullSampler:
         else:  # the other rules unmask at least one slot per step
             n_iter = n
             counts = [[0] * n_iter for _ in live]
+        # the global step of each iteration (a static step that unmasks nothing takes no id)
+        steps = [[c0 + (sum(x > 0 for x in cs[:it]) if fixed else it) for it in range(n_iter)]
+                 for c0, cs in zip(counter, counts, strict=True)]
         blk = _Block(
             slots=slots.to(device),
             masked=torch.tensor(masked, dtype=torch.bool, device=HOST).view(S, n).to(device),
@@ -148,7 +160,8 @@ class FullSampler:
             counter=torch.tensor(counter, dtype=torch.long, device=HOST).to(device),
             n_static=torch.tensor(counts, dtype=torch.long, device=HOST).T.contiguous()
             .to(device),
-            uniforms=draws.block(live, n_iter, n, device) if cfg.temperature > 0 else None)
+            uniforms=draws.block(live, n_iter, n, device, steps=steps)
+            if cfg.temperature > 0 else None)
         if self.use_cache:
             self._plan_cache(blk, prompts, lo, canvas, device)
         else:

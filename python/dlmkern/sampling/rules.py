@@ -95,10 +95,12 @@ class SequenceDraws:
         self.gens = [torch.Generator(device="cpu").manual_seed(s)
                      for s in sequence_seeds(n, seed, seeds)]
 
-    def block(self, live: list[bool], n_iter: int, width: int, device) -> torch.Tensor:
+    def block(self, live: list[bool], n_iter: int, width: int, device,
+              steps: list[list[int]] | None = None) -> torch.Tensor:
         """Uniforms in (0, 1] of shape [n_iter, len(live), width] on ``device``: fresh draws for
         the first len(self.gens) rows that are live, ones elsewhere (rows past the real
-        sequences are padding)."""
+        sequences are padding). `steps` (each iteration's global step) is read by the tree
+        draws only (dlmkern.sampling.tree.TreeDraws)."""
         out = torch.ones(n_iter, len(live), width, device="cpu")
         for i, (g, on) in enumerate(zip(self.gens, live, strict=False)):
             if on:

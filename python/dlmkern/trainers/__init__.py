@@ -10,6 +10,7 @@ from dlmkern.trainers.presets import (
     CoupledGRPOConfig,
     DiffuGRPOConfig,
     DiPOConfig,
+    DTreeRPOConfig,
     EBPOConfig,
     ESPOConfig,
     GDPOConfig,
@@ -29,7 +30,7 @@ from dlmkern.trainers.vrpo import VRPO, VRPOConfig
 OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
 __all__ = ["OFFLINE", "PRESETS", "SFT", "VRPO", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig",
-           "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig",
-           "IGPOConfig", "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig",
-           "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig", "WD1Config",
-           "build_config", "load_config"]
+           "DTreeRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig",
+           "GDPOConfig", "IGPOConfig", "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer",
+           "RandomMaskConfig", "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig",
+           "WD1Config", "build_config", "load_config"]

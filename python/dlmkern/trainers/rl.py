@@ -220,7 +220,8 @@ class RLTrainer(Checkpointing):
                 for t, pos in zip(trajs, positions, strict=True)]
 
     def _copy_items(self, trajs, positions, sample_adv, rewards):
-        """split_copies: every noisy copy becomes an item of its own (its trajectory's position,
+        """split_copies (or an estimator whose copies are the loss's sequences, d-TreeRPO's
+        segments): every noisy copy becomes an item of its own (its trajectory's position,
         advantage and reward), so micro-batches may cut between a trajectory's copies. With
         seq_mean and as many copies per trajectory, the mean over items is the mean over
         trajectories of the mean over their copies: the unsplit loss of a copy ratio."""
@@ -248,7 +249,7 @@ class RLTrainer(Checkpointing):
             trajs, positions = [trajs[i] for i in keep], [positions[i] for i in keep]
             sample_adv = None if sample_adv is None else sample_adv[keep]
             rewards = rewards[keep]
-        if cfg.split_copies and cfg.micro_batch_tokens > 0:
+        if self.estimator.copies_are_items or (cfg.split_copies and cfg.micro_batch_tokens > 0):
             rows, trajs, positions, sample_adv, rewards = self._copy_items(
                 trajs, positions, sample_adv, rewards)
         else:

@@ -57,6 +57,13 @@ class RLConfig(DataConfig):
                          "((r - mean) / std, GRPO) | wd1 (wd1's weights softmax(wd1_psi * A) - "
                          "softmax(-wd1_psi * A), A = r - mean; needs ratio_level: none)")
     wd1_psi: float = opt(1.0, "advantage=wd1: the softmax's inverse temperature psi")
+    tree_depth: int = opt(0, "d-TreeRPO tree rollouts: levels of the tree (its branch steps "
+                          "cut the step budget into tree_depth equal segments; 0: off, plain "
+                          "group_size samples); needs estimator: tree and advantage: tree")
+    tree_roots: int = opt(4, "tree rollouts: children of the root (the paper's "
+                          "num_tree_samples)")
+    tree_branching: int = opt(4, "tree rollouts: children of every inner node below the root "
+                              "(the paper's T)")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -148,6 +155,26 @@ class RLConfig(DataConfig):
                                    "overwrite | resume")
     on_nonfinite: str = opt("stop", "NaN / inf loss, grad norm or reward: stop | skip it")
 
+    def tree_factors(self) -> tuple[int, ...]:
+        """Children per node at each depth of a tree rollout (() when tree_depth is 0)."""
+        return (self.tree_roots, *[self.tree_branching] * (self.tree_depth - 1)) \
+            if self.tree_depth > 0 else ()
+
+    def tree_spec(self, block_size: int | None = None):
+        """The tree of tree rollouts (dlmkern.sampling.tree.TreeSpec), None when tree_depth is 0:
+        tree_roots children at the root, tree_branching below, branch steps k * S / tree_depth
+        (k = 1..depth-1) of the step budget S = steps per block x blocks of max_new_tokens
+        (blocks of `block_size` for block models, of gen_block_length for full attention)."""
+        if self.tree_depth <= 0:
+            return None
+        from dlmkern.sampling.tree import TreeSpec
+
+        width = block_size or max(min(self.gen_block_length, self.max_new_tokens), 1)
+        n_blocks = -(-self.max_new_tokens // width)
+        steps = self.sampling.steps if block_size else self.sampling.per_block(n_blocks).steps
+        D = self.tree_depth
+        return TreeSpec(self.tree_factors(), tuple(steps * n_blocks * k // D for k in range(1, D)))
+
     def resolved_shrinkage(self, block_causal: bool) -> int:
         """shrinkage, with 0 read as the paper's default for this kind of model (SPEC 4.3)."""
         return self.shrinkage or (1 if block_causal else 8)
@@ -177,6 +204,7 @@ class RLConfig(DataConfig):
              f"{self.pass_rate_high}, {type(self).__name__}'s defaults unless you set them), or "
              f"use DiPOConfig"),
             *_advantage_checks(self, valued),
+            *_tree_checks(self),
             *_inpaint_checks(self),
             *_scored_sampling(self.sampling),
             *_estimator_checks(self),
@@ -260,6 +288,39 @@ def _advantage_checks(c: RLConfig, valued: bool) -> list:
         (c.advantage != "wd1" or not valued,
          "advantage=wd1 is a group weight, and use_value_model replaces the group advantages by "
          "GAE over trace steps: use one or the other"),
+    ]
+
+
+def _tree_checks(c: RLConfig) -> list:
+    """Tree rollouts (d-TreeRPO) come with their segments and their local advantages (a value
+    model is refused by the estimator check: tree rows have no trace steps)."""
+    on = c.tree_depth > 0
+    leaves = c.tree_roots * c.tree_branching ** max(c.tree_depth - 1, 0)
+    n_blocks = -(-c.max_new_tokens // max(min(c.gen_block_length, c.max_new_tokens), 1))
+    steps = (c.sampling.steps_total or c.sampling.steps * n_blocks)
+    return [
+        (c.tree_depth >= 0 and c.tree_roots >= 2 and c.tree_branching >= 2,
+         f"need tree_depth >= 0, tree_roots >= 2 and tree_branching >= 2 (a node's local "
+         f"advantage compares it with its siblings), got {c.tree_depth}, {c.tree_roots} and "
+         f"{c.tree_branching}"),
+        (on == (c.estimator == "tree"),
+         f"estimator={c.estimator} with tree_depth={c.tree_depth}: tree rollouts train their "
+         f"segments (estimator: tree), and estimator tree needs tree rollouts (tree_depth > 0)"),
+        (on == (c.advantage == "tree"),
+         f"advantage={c.advantage} with tree_depth={c.tree_depth}: tree rollouts take the tree's "
+         f"local advantages (advantage: tree), and advantage tree needs tree_depth > 0"),
+        (not on or c.group_size == leaves,
+         f"group_size={c.group_size} must be the tree's leaf count tree_roots x tree_branching^"
+         f"(tree_depth - 1) = {c.tree_roots} x {c.tree_branching}^{c.tree_depth - 1} = {leaves}"),
+        (not on or c.sampling.rule in ("static", "sequential"),
+         f"tree_depth={c.tree_depth} branches at fixed steps of a fixed schedule; "
+         f"sampling.rule={c.sampling.rule} takes as many steps as it needs: use sampling.rule: "
+         f"static"),
+        (not on or steps >= c.tree_depth,
+         f"tree_depth={c.tree_depth} needs at least as many sampler steps (sampling.steps x "
+         f"blocks = {steps})"),
+        (not on or not c.inpaint_column, f"tree_depth={c.tree_depth} with inpaint_column="
+         f"{c.inpaint_column!r}: IGPO's re-sampling does not keep a tree: use one or the other"),
     ]
 
 

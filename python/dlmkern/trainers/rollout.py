@@ -30,7 +30,8 @@ class RolloutBatch:
     group_size: int
     time_sample: float = 0.0
     time_reward: float = 0.0
-    advantages: torch.Tensor | None = field(default=None)  # [n] cfg.advantage (no value model)
+    # [n] cfg.advantage (no value model); advantage=tree: [n, tree depth]
+    advantages: torch.Tensor | None = field(default=None)
 
     def __len__(self) -> int:
         return len(self.trajs)
@@ -111,7 +112,10 @@ class Rollout:
                 return RolloutBatch([], torch.zeros(0, device=HOST), [], g)
             prompts = [self.prompt_format.encode(r, self.tok) for r in rows]
             sampler = self.sampler(model)
-            trajs = sampler.generate(prompts, n_samples=g, seeds=seeds)
+            tree = self.cfg.tree_spec(model.config.block_size if model.config.block_causal
+                                      else None)
+            trajs = sampler.generate(prompts, n_samples=g, seeds=seeds) if tree is None else \
+                sampler.generate_tree(prompts, tree, seeds=seeds)  # d-TreeRPO
             t1 = time.perf_counter()
             rewards = None
             if self.cfg.inpaint_column:  # IGPO: all-fail groups re-sampled with hints (it
@@ -124,7 +128,8 @@ class Rollout:
                              time.perf_counter() - t1)
         if with_advantages:  # computed once, here; a value model's GAE replaces them
             batch.advantages = group_advantages(rewards, g, self.cfg.advantage,
-                                                self.cfg.wd1_psi)
+                                                self.cfg.wd1_psi,
+                                                self.cfg.tree_factors())
         return batch
 
     @on_host

@@ -115,7 +115,8 @@ class Update:
                 if ms.value_model is not None:  # GAE over trace steps: the advantages
                     self._value_targets(prep, host, rewards[p.traj])
                 else:
-                    prep.adv = sample_adv[p.traj].to(dev)[r.traj]
+                    a = sample_adv[p.traj].to(dev)  # [n], or [n, D] per tree depth:
+                    prep.adv = a[r.traj] if a.dim() == 1 else a[r.traj, r.step]  # Rows.step
                 if trace_steps:
                     prep.logp_gap = _sampler_gap(host, [trajs[i] for i in p.traj], old)
                 self._objective_inputs(prep, host, [trajs[i] for i in p.traj])

@@ -15,6 +15,7 @@ from dlmkern.rl.estimators.quadrature import Quadrature
 from dlmkern.rl.estimators.random_mask import RandomMask
 from dlmkern.rl.estimators.stratified import Stratified
 from dlmkern.rl.estimators.trace import Trace
+from dlmkern.rl.estimators.tree import TreeSegments
 
 ESTIMATORS: dict[str, type[Estimator]] = {
     "trace": Trace,
@@ -26,6 +27,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "blockwise": Blockwise,
     "stratified": Stratified,
     "block_stratified": BlockStratified,
+    "tree": TreeSegments,
 }
 
 
@@ -53,4 +55,4 @@ def readers(key: str) -> list[str]:
 
 __all__ = ["ESTIMATORS", "BlockStratified", "Blockwise", "Coupled", "DiffuGRPO", "ElboMC",
            "Estimator", "NoisyCopy", "Quadrature", "RandomMask", "RowSpec", "Stratified", "Trace",
-           "from_config", "get", "readers"]
+           "TreeSegments", "from_config", "get", "readers"]

@@ -15,11 +15,12 @@ EPS = 1e-3  # random masking draws its rate t ~ U(EPS, 1): never a copy that mas
 
 
 class Estimator:
-    """Base class; subclasses set the three class attributes and implement ``copies``."""
+    """Base class; subclasses set the class attributes and implement ``copies``."""
 
     name: str = ""
     trace_steps: bool = False  # Rows.step are denoising trace steps (GAE over them is meaningful)
     random: bool = False       # draws random masks: rows(...) needs a torch.Generator (CPU)
+    copies_are_items: bool = False  # each noisy copy is a loss sequence of its own (d-TreeRPO)
 
     def copies(self, traj, spec: RowSpec, gen: torch.Generator | None) -> list[NoisyCopy]:
         """What each noisy copy of ONE trajectory (prompt_ids, token_ids, step_map) masks and

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dlmkern.trainers.presets.baselines import CoupledGRPOConfig, DiffuGRPOConfig, RandomMaskConfig
 from dlmkern.trainers.presets.bgpo import BGPOConfig
 from dlmkern.trainers.presets.cj_grpo import CJGRPOConfig
+from dlmkern.trainers.presets.d_treerpo import DTreeRPOConfig
 from dlmkern.trainers.presets.dipo import DiPOConfig
 from dlmkern.trainers.presets.ebpo import EBPOConfig
 from dlmkern.trainers.presets.espo import ESPOConfig
@@ -40,8 +41,9 @@ PRESETS: dict[str, type[RLConfig]] = {c.algo: c for c in (
     SPGConfig,
     BGPOConfig,
     EBPOConfig,
+    DTreeRPOConfig,
 )}
 
-__all__ = ["PRESETS", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig", "DiPOConfig",
-           "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig",
+__all__ = ["PRESETS", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig", "DTreeRPOConfig",
+           "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig",
            "JustGRPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig", "WD1Config"]
