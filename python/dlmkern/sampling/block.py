@@ -49,9 +49,11 @@ class Trajectory:
     # indices of token_ids given to the sampler (IGPO's inpainted hints), not sampled: their
     # step is -1 (visible from the start) and no row ever trains them (dlmkern.rl.rows)
     inpainted: list[int] = field(default_factory=list)
-    # FullSampler(record_predictions=True) (MDPO): per step of this sequence, in step order, the
-    # completion [gen_length] decoded from that step's state; [] otherwise
-    step_predictions: list[list[int]] = field(default_factory=list)
+    # FullSampler(record_predictions=True) (MDPO): [steps, gen_length] int32, row i the
+    # completion decoded from the state at global step prediction_steps[i] (every step, in
+    # order; the trainer keeps the steps it trains); None otherwise
+    step_predictions: torch.Tensor | None = None
+    prediction_steps: list[int] = field(default_factory=list)
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;

@@ -62,10 +62,10 @@ class FullSampler:
     each block and then runs only [current block | later positions] per step.
 
     ``record_predictions=True`` (MDPO, off by default: it projects the whole response onto the
-    vocabulary at every step) fills Trajectory.step_predictions: at each of the sequence's steps,
-    the completion decoded from that step's state, [gen_length] tokens: the committed ones, the
-    current block's draw (what the step would commit there) and the argmax at the later blocks'
-    still-masked positions."""
+    vocabulary at every step) fills Trajectory.step_predictions [steps, gen_length] (host int32):
+    at each of the sequence's steps, the completion decoded from that step's state: the committed
+    tokens, the current block's draw (what the step would commit there) and the argmax (never
+    the mask) at the later blocks' still-masked positions."""
 
     def __init__(self, model: DiffusionLM, config: SamplingConfig | None = None, *,
                  gen_length: int = 64, block_length: int = 32, eos_token_id: int | None = None,
@@ -164,7 +164,7 @@ class FullSampler:
             n_static=torch.tensor(counts, dtype=torch.long, device=HOST).T.contiguous()
             .to(device),
             uniforms=draws.block(live, n_iter, n, device) if cfg.temperature > 0 else None)
-        if self.record_predictions:
+        if self.record_predictions and planning() is None:  # (the planner: never read)
             blk.predictions = []
         if self.use_cache:
             self._plan_cache(blk, prompts, lo, canvas, device)
@@ -261,16 +261,20 @@ class FullSampler:
         """The block's one read-back: tokens, step map, log-probs and counters to the host; a
         sequence whose block holds EOS ends there (its after_eos context: the rest of the canvas,
         the positions after this block still [MASK] but for inpainted ones)."""
-        tokens, step_map, logprobs, counters, *preds = read(
+        preds = blk.predictions or []
+        active = torch.stack([a for _, a in preds]) if preds else blk.counter[:0]
+        tokens, step_map, logprobs, counters, active = read(
             canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape), blk.step_map,
-            blk.logprobs, blk.counter, *(x for pa in blk.predictions or [] for x in pa))
+            blk.logprobs, blk.counter, active)
         check_device_errors(canvas.device)  # the kernels' flag, once per block (CUDA)
+        # (synchronised by the read: a plain copy; int32 on the host, [steps, gen_length] each)
+        preds = torch.stack([p for p, _ in preds]).to(HOST, torch.int32) if preds else None
         for i, c in enumerate(counters):
             if done[i]:
                 continue
             t = trajs[i]
-            t.step_predictions.extend(p[i] for p, a in zip(preds[::2], preds[1::2], strict=True)
-                                      if a[i])
+            if preds is not None:
+                _append_predictions(t, preds[[k for k, a in enumerate(active) if a[i]], i])
             counter[i] = c
             t.token_ids.extend(tokens[i])
             t.step_map.extend(step_map[i])
@@ -284,6 +288,14 @@ class FullSampler:
                     if r in g:
                         t.after_eos_ids[r - n], t.after_eos_steps[r - n] = g[r], -1
                 done[i] = True
+
+
+def _append_predictions(t: Trajectory, preds: torch.Tensor) -> None:
+    """A block's recorded completions [its steps, gen_length] after the earlier blocks'."""
+    start = 0 if t.step_predictions is None else len(t.step_predictions)
+    t.prediction_steps.extend(range(start, start + preds.shape[0]))
+    t.step_predictions = preds if t.step_predictions is None else \
+        torch.cat([t.step_predictions, preds])
 
 
 def _static_counts(cfg: SamplingConfig, masked: int) -> list[int]:

@@ -15,6 +15,7 @@ from dlmkern.trainers.presets import (
     GDPOConfig,
     IGPOConfig,
     JustGRPOConfig,
+    MDPOConfig,
     RandomMaskConfig,
     SPGConfig,
     TraceRLConfig,
@@ -30,6 +31,6 @@ OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
 __all__ = ["OFFLINE", "PRESETS", "SFT", "VRPO", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig",
            "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig",
-           "IGPOConfig", "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig",
+           "IGPOConfig", "JustGRPOConfig", "MDPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig",
            "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig", "WD1Config",
            "build_config", "load_config"]
