@@ -14,7 +14,7 @@ from dlmkern.ops.objective import token_weights
 from dlmkern.rl import Rows, RowSpec, group_advantages
 from dlmkern.rl.advantages import mdpo_step_advantages, top_steps
 from dlmkern.rl.estimators import MDPOSteps
-from dlmkern.sampling import FullSampler, SamplingConfig, Trajectory
+from dlmkern.sampling import FullSampler, SamplingConfig, Trajectory, full
 from dlmkern.trainers import MDPOConfig, RLConfig, RLTrainer, build_config
 from dlmkern.trainers.update import selected_logp
 
@@ -43,7 +43,8 @@ def _replay(model, prompt, traj, gen_length, k):
 
 
 @pytest.mark.parametrize("block_length", [8, 4])
-def test_recorded_predictions_equal_a_step_by_step_replay(block_length):
+def test_recorded_predictions_equal_a_step_by_step_replay(block_length, monkeypatch):
+    monkeypatch.setattr(full, "_PREDICT_ROWS", 5)  # the projection in chunks, one cut mid-row
     m = _llada()
     prompts = [TOK.encode("1+2="), TOK.encode("33+4=")]
     cfg = SamplingConfig(rule="static", steps=2, temperature=0)
@@ -307,3 +308,28 @@ def test_the_preset_is_dares_recipe():
     s = c.sampling
     assert (s.rule, s.steps, s.temperature, s.confidence, c.gen_block_length) == (
         "static", 16, 0.6, "prob", 32)
+
+
+def test_the_planner_sees_every_step_recorded():
+    from dlmkern._host import planned
+
+    m = _llada()
+    s = FullSampler(m, SamplingConfig(steps=2), gen_length=8, block_length=4,
+                    record_predictions=True)
+    with planned():
+        t = s.generate([TOK.encode("1+2=")])[0]
+    assert t.prediction_steps == [0, 1, 2, 3] and t.step_predictions.shape == (4, 8)
+    assert len(MDPOSteps().copies(t, RowSpec(TOK.mask_token_id, None))) == 4
+
+
+def test_the_memory_planner_runs_an_mdpo_step(tmp_path):
+    from dlmkern.plan import PlannedRun
+
+    mc = tiny_config("llada", vocab_size=512, hidden_size=64, intermediate_size=128,
+                     num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16)
+    cfg = MDPOConfig(prompts_per_step=2, group_size=2, max_new_tokens=16, gen_block_length=8,
+                     output_dir=str(tmp_path), progress_bar=False, mdpo_train_steps=3,
+                     sampling=SamplingConfig(steps=4, temperature=0.6, max_seqs=4)).validate()
+    with PlannedRun(mc, cfg, ranks=1, prompt_tokens=8, dtype=torch.float32) as run:
+        stages = {**run.load(), **run.rollout(4), **run.update(0, False)}
+    assert stages["update_backward"]["total"] > stages["load"]["total"]

@@ -72,6 +72,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmkern._host import on_host
+
 RATIO_LEVELS = ("token", "block", "sequence", "copy", "elbo", "none")
 RATIO_FORMS = ("exp", "tangent")
 KL_KINDS = ("k1", "k3", "quadratic")
@@ -290,7 +292,8 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
     if kind == "mdpo":
         if old_logp is None:
             raise ValueError("token_weights=mdpo needs old_logp (the rollout policy's log-probs)")
-        w = token_weights("elbo", traj, step, gen_lengths).to(old_logp.device)
+        # the groups are host bookkeeping (real tensors even while dlmkern.plan fakes the rest)
+        w = on_host(token_weights)("elbo", traj, step, gen_lengths).to(old_logp.device)
         return w * old_logp.detach().float().exp()
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
     if kind == "block_elbo":

@@ -32,6 +32,9 @@ from dlmkern.sampling.rules import (
 )
 
 
+_PREDICT_ROWS = 2048  # record_predictions: response rows projected onto the vocabulary at once
+
+
 @dataclass
 class _Block:
     """One block's device state ([S, n] slot-major: slot j of row i is canvas position
@@ -101,7 +104,8 @@ class FullSampler:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
         from dlmkern.sampling.planned import full_trajectory
 
-        return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg)
+        return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg,
+                               self.record_predictions)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
                   given: list[dict[int, int]]) -> list[Trajectory]:
@@ -212,9 +216,7 @@ class FullSampler:
         if blk.cache is None:
             h = m.prediction_hidden(m(canvas, self._layout), self._layout.cu_seqlens)
             if blk.predictions is not None:
-                lg = m.logits(h.index_select(0, self._resp.view(-1)))
-                lg[:, self.mask_id] = float("-inf")  # as the draw: never the mask itself
-                self._argmax = lg.argmax(-1).view(self._resp.shape)
+                self._argmax = self._predict(h)
         else:
             h = m.decode(canvas.index_select(0, blk.seg_index), blk.positions, blk.cu, blk.cache)
             h = m.prediction_hidden(h, blk.cu)  # Dream: row r predicts the next position
@@ -247,6 +249,17 @@ class FullSampler:
                 pending, finished = lagged_all_done(blk.masked, pending)
                 if finished:
                     break
+
+    def _predict(self, h: torch.Tensor) -> torch.Tensor:
+        """[S, gen_length] argmax (never the mask, as the draw) of every response position,
+        projected _PREDICT_ROWS rows at a time (one [rows, V] logits buffer at most)."""
+        rows = self._resp.view(-1)
+        out = []
+        for lo in range(0, rows.numel(), _PREDICT_ROWS):
+            lg = self.model.logits(h.index_select(0, rows[lo:lo + _PREDICT_ROWS]))
+            lg[:, self.mask_id] = float("-inf")
+            out.append(lg.argmax(-1))
+        return torch.cat(out).view(self._resp.shape)
 
     def _record(self, blk: _Block, canvas, block_pred, active):
         """The completion decoded from this step's state: committed tokens, the block's draw,
