@@ -161,6 +161,25 @@ def test_rows_hold_each_kept_step_state_and_train_its_predictions():
         MDPOSteps().rows(Trajectory([1], [2, 3], [0, 1]), RowSpec(TOK.mask_token_id, None))
 
 
+def test_rows_never_train_inpainted_tokens_and_keep_after_eos_context_untrained():
+    # IGPO's inpainted tokens (step -1) are context from the first step; after EOS: context
+    t = Trajectory([1, 2, 3], [10, 11, 12, 13, 14], [0, -1, 1, 2, 1], inpainted=[1],
+                   after_eos_ids=[15, 16], after_eos_steps=[2, 2**62])
+    # each step's completion: what it commits, and predictions a later step overrules
+    t.step_predictions = torch.tensor([[10, 11, 22, 23, 24, 25, 26],
+                                       [10, 11, 12, 33, 14, 35, 36],
+                                       [10, 11, 12, 13, 14, 15, 46]], dtype=torch.int32)
+    t.prediction_steps = [0, 1, 2]
+    rows = MDPOSteps().rows(t, RowSpec(TOK.mask_token_id, None))
+    assert rows.gen_index.tolist() == [0, 2, 3, 4, 2, 3, 4, 3]
+    assert rows.targets.tolist() == [10, 22, 23, 24, 12, 33, 14, 13]
+    assert rows.step.tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    m = TOK.mask_token_id
+    # step 2's row: [prompt | 10 11 12 [M] 14 | [M] [M]] (15 decoded at step 2: masked there)
+    row2 = rows.input_ids[rows.layout.cu_seqlens[2]:rows.layout.cu_seqlens[3]].tolist()
+    assert row2 == [1, 2, 3, 10, 11, 12, m, 14, m, m]
+
+
 def _shift(traj, gen_index, step):
     return 0.3 * torch.sin(1.7 * traj.float() + 0.9 * gen_index.float() + 0.4 * step.float())
 

@@ -31,7 +31,6 @@ from dlmkern.sampling.rules import (
     transfer_schedule,
 )
 
-
 _PREDICT_ROWS = 2048  # record_predictions: response rows projected onto the vocabulary at once
 
 

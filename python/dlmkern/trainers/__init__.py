@@ -31,6 +31,6 @@ OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
 __all__ = ["OFFLINE", "PRESETS", "SFT", "VRPO", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig",
            "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig",
-           "IGPOConfig", "JustGRPOConfig", "MDPOConfig", "Preempted", "RLConfig", "RLTrainer", "RandomMaskConfig",
-           "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig", "WD1Config",
-           "build_config", "load_config"]
+           "IGPOConfig", "JustGRPOConfig", "MDPOConfig", "Preempted", "RLConfig", "RLTrainer",
+           "RandomMaskConfig", "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig",
+           "WD1Config", "build_config", "load_config"]

@@ -54,5 +54,5 @@ def readers(key: str) -> list[str]:
 
 
 __all__ = ["ESTIMATORS", "BlockStratified", "Blockwise", "Coupled", "DiffuGRPO", "ElboMC",
-           "Estimator", "MDPOSteps", "NoisyCopy", "Quadrature", "RandomMask", "RowSpec", "Stratified", "Trace",
-           "from_config", "get", "readers"]
+           "Estimator", "MDPOSteps", "NoisyCopy", "Quadrature", "RandomMask", "RowSpec",
+           "Stratified", "Trace", "from_config", "get", "readers"]

@@ -46,4 +46,5 @@ PRESETS: dict[str, type[RLConfig]] = {c.algo: c for c in (
 
 __all__ = ["PRESETS", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig", "DiPOConfig",
            "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig",
-           "JustGRPOConfig", "MDPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig", "WD1Config"]
+           "JustGRPOConfig", "MDPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig",
+           "WD1Config"]
