@@ -53,6 +53,7 @@ class _Block:
     rows: torch.Tensor | None = None        # rows of the block's slots in the forward's output
     # record_predictions: each step's decoded completion [S, gen_length] and who was active [S]
     predictions: list | None = None
+    lo: int = 0                             # the block's first response index
 
 
 class FullSampler:
@@ -167,6 +168,7 @@ class FullSampler:
             n_static=torch.tensor(counts, dtype=torch.long, device=HOST).T.contiguous()
             .to(device),
             uniforms=draws.block(live, n_iter, n, device) if cfg.temperature > 0 else None)
+        blk.lo = lo
         if self.record_predictions and planning() is None:  # (the planner: never read)
             blk.predictions = []
         if self.use_cache:
@@ -265,8 +267,7 @@ class FullSampler:
         the argmax at the other still-masked positions."""
         resp = canvas.index_select(0, self._resp.view(-1)).view(self._resp.shape)
         pred = torch.where(resp == self.mask_id, self._argmax, resp)
-        lo = int(blk.slots[0, 0] - self._resp[0, 0])
-        pred[:, lo:lo + block_pred.shape[1]] = block_pred
+        pred[:, blk.lo:blk.lo + block_pred.shape[1]] = block_pred
         blk.predictions.append((pred, active.clone()))
 
     def _finish_block(self, blk: _Block, canvas, trajs, done, counter, lo: int, hi: int):
