@@ -109,7 +109,9 @@ class RLConfig(DataConfig):
                              "models) | step (1 / tokens of its trace step or copy) | "
                              "transition (step, rescaled to mean 1 per trajectory: with "
                              "reduction seq_mean, each step weighs as one in its trajectory's "
-                             "mean, CJ-GRPO)")
+                             "mean, CJ-GRPO) | mdpo (n / |M_k| times the token's rollout "
+                             "probability exp(old logp): MDPO's lambda_t and confidence; "
+                             "estimator mdpo)")
     likelihood_bound: str = opt("none", "per-sequence likelihood bound replacing the token terms "
                                 "(SPG; ratio_level: none, token_weights: elbo): none | elbo | "
                                 "sandwich (ELBO for A > 0, EUBO for A <= 0) | mixture (A <= 0: "

@@ -148,7 +148,7 @@ class Rollout:
         the mdpo_train_steps steps of largest summed |advantage| are kept on the trajectories
         (Trajectory.step_predictions / prediction_steps: the steps the rows train)."""
         g, eos = self.cfg.group_size, self.tok.eos_token_id
-        counts = [t.step_predictions.shape[0] for t in trajs]
+        counts = [t.step_predictions.shape[0] for t in trajs]  # >= 1: every sequence steps
         S = max(counts)
         texts = [self.tok.decode(_until_eos(p, eos), skip_special_tokens=True)
                  for t in trajs for p in t.step_predictions.tolist()]
