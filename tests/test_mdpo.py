@@ -1,7 +1,9 @@
 """MDPO (He et al. 2025, "MDPO: Overcoming the Training-Inference Divide of Masked Diffusion
-Language Models"; DARE's verl/trainer/ppo/mdpo_algos.py): the sampler's per-step decoded
-completions, step-level rewards and advantages, and the per-step loss, each checked against a
-computation written here."""
+Language Models"; github.com/autonomousvision/mdpo and DARE's verl/trainer/ppo/mdpo_algos.py):
+the full-attention sampler's per-step decoded completions (LLaDA and Dream) against a replay,
+step-level rewards and advantages against a hand computation, the rows, the loss and gradient
+against the paper's loss written here in plain torch, a trainer step, the memory planner, and
+the refusals (block models included)."""
 
 import math
 
@@ -21,9 +23,10 @@ from dlmkern.trainers.update import selected_logp
 TOK = CharTokenizer()
 
 
-def _llada(seed=0):
+def _llada(seed=0, family="llada"):
+    """A tiny full-attention model: LLaDA, or Dream (row r predicts position r + 1)."""
     torch.manual_seed(seed)
-    return DiffusionLM(tiny_config("llada", vocab_size=TOK.vocab_size,
+    return DiffusionLM(tiny_config(family, vocab_size=TOK.vocab_size,
                                    mask_token_id=TOK.mask_token_id))
 
 
@@ -42,10 +45,11 @@ def _replay(model, prompt, traj, gen_length, k):
     return torch.where(torch.tensor(resp) == mask, lg.argmax(-1), torch.tensor(resp)).tolist()
 
 
+@pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("block_length", [8, 4])
-def test_recorded_predictions_equal_a_step_by_step_replay(block_length, monkeypatch):
+def test_recorded_predictions_equal_a_step_by_step_replay(block_length, family, monkeypatch):
     monkeypatch.setattr(full, "_PREDICT_ROWS", 5)  # the projection in chunks, one cut mid-row
-    m = _llada()
+    m = _llada(family=family)
     prompts = [TOK.encode("1+2="), TOK.encode("33+4=")]
     cfg = SamplingConfig(rule="static", steps=2, temperature=0)
     s = FullSampler(m, cfg, gen_length=8, block_length=block_length, record_predictions=True)
@@ -184,10 +188,11 @@ def _shift(traj, gen_index, step):
     return 0.3 * torch.sin(1.7 * traj.float() + 0.9 * gen_index.float() + 0.4 * step.float())
 
 
-def test_loss_and_gradient_are_mdpos_formula():
+@pytest.mark.parametrize("family", ["llada", "dream"])
+def test_loss_and_gradient_are_mdpos_formula(family):
     cfg = MDPOConfig().validate()
     T = cfg.sampling.temperature
-    model = _llada(2)
+    model = _llada(2, family)
     trajs = _trajectories(model)
     step_r = torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 1.0],
                            [1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
