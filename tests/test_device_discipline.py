@@ -14,7 +14,7 @@ import torch
 from dlmkern.doctor import e2e_checks as e2e
 from dlmkern.sampling import BlockSampler, FullSampler, SamplingConfig, sample_tokens
 from dlmkern.trainers import SFT, DiPO, DiPOConfig, RLTrainer, SFTConfig, TraceRL
-from dlmkern.trainers.presets import BGPOConfig, EBPOConfig, SPGConfig
+from dlmkern.trainers.presets import BGPOConfig, EBPOConfig, MDPOConfig, SPGConfig
 from torch.overrides import TorchFunctionMode
 
 PROMPTS = [e2e.TOK.encode(r["prompt"]) for r in e2e.DATA[:3]]
@@ -26,7 +26,7 @@ def _tokens(trajs):
 
 
 @pytest.mark.parametrize("kind", ["block", "block_graph_buffers", "block_uncached", "full",
-                                  "full_cached"])
+                                  "full_cached", "full_recorded"])
 def test_samplers_make_no_tensor_on_the_default_device(kind):
     # FullSampler drew its uniforms with torch.rand(n, generator=g) on the default device while
     # g lived on the model's device: on CUDA every LLaDA / Dream rollout at temperature > 0 died.
@@ -34,7 +34,8 @@ def test_samplers_make_no_tensor_on_the_default_device(kind):
     model = e2e.model("cpu", family)
     if family == "llada":
         make = lambda: FullSampler(model, HOT, gen_length=8, block_length=4,  # noqa: E731
-                                   use_cache=kind == "full_cached")
+                                   use_cache=kind == "full_cached",
+                                   record_predictions=kind == "full_recorded")
     else:
         make = lambda: BlockSampler(model, HOT, max_new_tokens=8,  # noqa: E731
                                     use_cache=kind != "block_uncached",
@@ -43,6 +44,9 @@ def test_samplers_make_no_tensor_on_the_default_device(kind):
     with torch.device("meta"):
         got = make().generate(PROMPTS, n_samples=2, seed=5)
     assert _tokens(got) == _tokens(want)
+    if kind == "full_recorded":
+        assert all(torch.equal(a.step_predictions, b.step_predictions)
+                   for a, b in zip(got, want, strict=True))
 
 
 def _trainers(out):
@@ -67,11 +71,14 @@ def _trainers(out):
                                   rl(preset=BGPOConfig, num_masks=3, micro_batch_tokens=40)),
         "ebpo": lambda: RLTrainer(e2e.model("cpu"), e2e.TOK, e2e.DATA, e2e.digit_share,
                                   rl(preset=EBPOConfig, num_masks=3)),
+        # MDPO: every step's decoded completion recorded, rewarded, and its step's rows trained
+        "mdpo": lambda: RLTrainer(e2e.model("cpu", "llada"), e2e.TOK, e2e.DATA, e2e.digit_share,
+                                  rl(preset=MDPOConfig, gen_block_length=4, mdpo_train_steps=2)),
     }
 
 
 @pytest.mark.parametrize("name", ["sft", "tracerl_value", "dipo_ref_kl", "llada", "coupled",
-                                  "diffu_grpo", "spg", "bgpo", "ebpo"])
+                                  "diffu_grpo", "spg", "bgpo", "ebpo", "mdpo"])
 def test_trainer_steps_and_checkpoints_make_no_tensor_on_the_default_device(tmp_path, name):
     # SFT drew batch indices with torch.randint(generator=<cpu>) on the default device; rewards,
     # the data order and the baselines' masks were made on it too.
@@ -159,17 +166,19 @@ def test_sample_tokens_never_draws_from_a_hidden_generator():
 
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
-@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize("use_cache, record", [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("rule", ["static", "sequential"])
-def test_full_sampler_steps_read_nothing_back_to_the_host(monkeypatch, family, use_cache, rule):
+def test_full_sampler_steps_read_nothing_back_to_the_host(monkeypatch, family, use_cache, record,
+                                                          rule):
     # Fixed-step rules run a block's steps without looking at the host at all (dynamic rules add
-    # one lagged "all done?" read per step, which on CUDA waits only for the previous step).
+    # one lagged "all done?" read per step, which on CUDA waits only for the previous step);
+    # MDPO's recorded completions are read with the block's tokens.
     model = e2e.model("cpu", family)
     calls = _watch(monkeypatch, FullSampler, "_denoise")
     cfg = SamplingConfig(rule=rule, temperature=1.0, steps=3,
                          schedule="dream" if family == "dream" else "even")
-    FullSampler(model, cfg, gen_length=8, block_length=4, use_cache=use_cache).generate(
-        PROMPTS, 2)
+    FullSampler(model, cfg, gen_length=8, block_length=4, use_cache=use_cache,
+                record_predictions=record).generate(PROMPTS, 2)
     assert len(calls) == 2 and all(seen == [] for seen in calls), calls
 
 

@@ -55,17 +55,17 @@ def test_diffu_grpo_masks_the_prompt_of_block_models():
 def test_registry():
     assert list(ESTIMATORS) == ["trace", "random_mask", "coupled", "diffu_grpo", "elbo_mc",
                                 "quadrature", "blockwise", "stratified", "block_stratified",
-                                "tree"]
+                                "tree", "mdpo"]
     assert "coupled" in ESTIMATORS and "nope" not in ESTIMATORS
     for name, cls in ESTIMATORS.items():
         est = get_estimator(name)
         assert isinstance(est, cls) and est.name == name
         assert est.trace_steps == (name == "trace")
-        assert est.random == (name not in ("trace", "tree"))
+        assert est.random == (name not in ("trace", "tree", "mdpo"))
     assert not get_estimator("diffu_grpo", prompt_mask_ratio=0.0).random
     with pytest.raises(ValueError, match="unknown estimator 'nope'; known: trace, random_mask, "
                                          "coupled, diffu_grpo, elbo_mc, quadrature, blockwise, "
-                                         "stratified, block_stratified, tree"):
+                                         "stratified, block_stratified, tree, mdpo"):
         get_estimator("nope")
     with pytest.raises(ValueError, match="unknown estimator"):
         baseline_rows("nope", [T], M, torch.Generator(), 4)

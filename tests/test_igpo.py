@@ -55,7 +55,8 @@ def _traj():
                       inpainted=[1, 2, 5])
 
 
-@pytest.mark.parametrize("name", list(ESTIMATORS))
+# (mdpo's rows need the sampler's per-step predictions: tests/test_mdpo.py checks it there)
+@pytest.mark.parametrize("name", [n for n in ESTIMATORS if n != "mdpo"])
 @pytest.mark.parametrize("block_size", [4, None])
 def test_no_rows_ever_train_an_inpainted_token(name, block_size):
     t = _traj()

@@ -35,7 +35,9 @@ An ``Objective`` says what the per-token policy loss is:
   ``block_elbo``: 1 / t_b with t_b the share of the token's block its noisy copy masks (a
   block-diffusion ELBO, one rate per block: EBPO); ``step``: 1 / (tokens trained at that trace
   step, or in that noisy copy), so each step weighs
-  as one (TraceRL's per-step normalisation); ``none``. Under a sequence / block ratio the
+  as one (TraceRL's per-step normalisation); ``mdpo``: ``elbo``'s n / |M_k| (MDPO's lambda_t)
+  times the rollout policy's probability of the token, exp(old logp) (MDPO's confidence weight,
+  no gradient); ``none``. Under a sequence / block ratio the
   weights also weigh the group's mean log-ratio, and each token's weight is divided by its
   group's mean weight (mean 1 in the group): with ELBO weights the log-ratio is then the
   ELBO difference / the length and a seq_mean reduction gives exactly one clipped term per
@@ -70,12 +72,14 @@ from dataclasses import dataclass
 
 import torch
 
+from dlmkern._host import on_host
+
 RATIO_LEVELS = ("token", "block", "sequence", "copy", "elbo", "none")
 RATIO_FORMS = ("exp", "tangent")
 KL_KINDS = ("k1", "k3", "quadratic")
 KL_LEVELS = ("token", "sequence")
 KL_TARGETS = ("old", "ref")
-TOKEN_WEIGHTS = ("none", "elbo", "block_elbo", "step", "transition")
+TOKEN_WEIGHTS = ("none", "elbo", "block_elbo", "step", "transition", "mdpo")
 REDUCTIONS = ("token_mean", "seq_mean", "sum")
 LIKELIHOOD_BOUNDS = ("none", "elbo", "sandwich", "mixture")
 
@@ -270,7 +274,8 @@ def call_objective(objective: Objective | None, *, eps_low=None, eps_high=None, 
 def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
                   gen_lengths: torch.Tensor,
                   copy_weight: torch.Tensor | None = None, *, blocks: torch.Tensor | None = None,
-                  block_lengths: torch.Tensor | None = None) -> torch.Tensor | None:
+                  block_lengths: torch.Tensor | None = None,
+                  old_logp: torch.Tensor | None = None) -> torch.Tensor | None:
     """Per trained token, its weight under ``token_weights=kind`` (None for ``none``). Tokens are
     grouped by (trajectory, Rows.step): a trace step's tokens, or one noisy copy's. ``step``:
     1 / (the group's size). ``elbo``: w / t with t = the group's size / the trajectory's
@@ -280,9 +285,16 @@ def token_weights(kind: str, traj: torch.Tensor, step: torch.Tensor,
     ELBO estimate. ``block_elbo``: groups also by block (``blocks``, per token), t = the group's
     size / the block's generated tokens (``block_lengths``, per token). ``transition``: (the
     trajectory's tokens here) / (its groups here * the group's size): every group of a
-    trajectory carries the same total weight, and the weights average 1 over the trajectory."""
+    trajectory carries the same total weight, and the weights average 1 over the trajectory.
+    ``mdpo``: ``elbo``'s weight times exp(old_logp) (per token, the rollout policy's log-prob)."""
     if kind == "none":
         return None
+    if kind == "mdpo":
+        if old_logp is None:
+            raise ValueError("token_weights=mdpo needs old_logp (the rollout policy's log-probs)")
+        # the groups are host bookkeeping (real tensors even while dlmkern.plan fakes the rest)
+        w = on_host(token_weights)("elbo", traj, step, gen_lengths).to(old_logp.device)
+        return w * old_logp.detach().float().exp()
     key = traj * (int(step.max()) + 1 if step.numel() else 1) + step
     if kind == "block_elbo":
         key = key * (int(blocks.max()) + 1 if blocks.numel() else 1) + blocks

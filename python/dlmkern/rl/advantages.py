@@ -1,5 +1,5 @@
-"""Advantages (SPEC 4.3 / 4.4): group z-scores, wd1's group weights, group filters, and GAE over
-trace steps."""
+"""Advantages (SPEC 4.3 / 4.4): group z-scores, wd1's group weights, MDPO's step-level
+advantages, group filters, and GAE over trace steps."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def group_zscore(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> t
     return adv.view(-1)
 
 
-ADVANTAGES = ("zscore", "wd1", "tree")
+ADVANTAGES = ("zscore", "wd1", "tree", "mdpo")
 
 
 def wd1_weights(rewards: torch.Tensor, group_size: int, psi: float = 1.0) -> torch.Tensor:
@@ -50,6 +50,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, kind: str = "zscore
             raise ValueError(f"advantage=tree: a group of {group_size} is not a tree of "
                              f"factors {factors}")
         return tree_advantages(rewards, factors)
+    if kind == "mdpo":
+        raise ValueError("advantage=mdpo is step-level: mdpo_step_advantages of each step's "
+                         "rewards (the rollout computes it), not of the completions' rewards")
     raise ValueError(f"advantage must be one of {', '.join(ADVANTAGES)}, got {kind!r}")
 
 
@@ -71,6 +74,38 @@ def tree_advantages(rewards: torch.Tensor, factors: tuple[int, ...]) -> torch.Te
         adv = v - rest if k > 1 else torch.zeros_like(v)
         cols.append(adv.reshape(*adv.shape, *([1] * (D - d))).expand(-1, *factors).reshape(-1))
     return torch.stack(cols, -1).view(-1, L, D).view(-1, D)
+
+
+def mdpo_step_advantages(step_rewards: torch.Tensor, group_size: int, eps: float = 1e-6,
+                         scale: bool = True) -> torch.Tensor:
+    """MDPO's step-level advantages (He et al. 2025; DARE's compute_step_wise_advantage) from
+    the rewards [n, S] of the completions decoded at each of S sampler steps: the score of step
+    k is its reward gain plus one, (r_k - r_{k-1}) + 1 (r_{-1} = 0), plus the mean reward of the
+    later steps, mean(r_{k+1..S-1}) (the last step: r_{S-1}); each step's scores are then
+    z-scored over the group of one prompt's completions, (x - mean) / (std + eps), std the
+    unbiased estimate (scale=False: x - mean, Dr.GRPO; a group of one: x itself)."""
+    r = step_rewards.float()
+    n, S = r.shape
+    gain = torch.cat([r[:, :1], r[:, 1:] - r[:, :-1]], 1) + 1.0
+    later = r.flip(1).cumsum(1).flip(1)  # sum of r_k..r_{S-1}
+    count = torch.arange(S - 1, 0, -1, dtype=r.dtype, device=r.device)
+    future = torch.cat([(later[:, 1:] / count) if S > 1 else r[:, :0], r[:, -1:]], 1)
+    x = (gain + future).view(-1, group_size, S)
+    if group_size == 1:
+        return x.view(n, S)
+    x = x - x.mean(1, keepdim=True)
+    if scale:
+        x = x / (x.std(1, keepdim=True) + eps)
+    return x.view(n, S)
+
+
+def top_steps(step_adv: torch.Tensor, k: int) -> torch.Tensor:
+    """The k steps (ascending) of largest summed |advantage| over the batch [n, S] (MDPO trains
+    those only; DARE's select_top_k_steps); every step when k <= 0 or k >= S."""
+    S = step_adv.shape[1]
+    if k <= 0 or k >= S:
+        return torch.arange(S, device=step_adv.device)
+    return step_adv.abs().sum(0).topk(k).indices.sort().values
 
 
 def keep_groups(rewards: torch.Tensor, group_size: int, low: float, high: float,

@@ -51,6 +51,9 @@ class NoisyCopy:
     # the copy's weight in its trajectory's ELBO estimate (a quadrature weight w_k, 1/M for M
     # Monte Carlo copies): token_weights=elbo is weight / t; None: 1 (the baselines' 1 / t)
     weight: float | None = None
+    # [n] the token each trained position is scored on; None: the trajectory's own (MDPO: the
+    # prediction of the copy's sampler step, which differs at positions committed later)
+    target: torch.Tensor | None = None
 
 
 @dataclass
@@ -121,6 +124,8 @@ def _check_copies(copies: Sequence[NoisyCopy], P: int, n: int, A: int) -> None:
         if am is not None and (am.shape != (A,) or am.dtype != torch.bool):
             raise ValueError(f"after_eos_masked must be [A={A}] bool, got {tuple(am.shape)} "
                              f"{am.dtype}")
+        if c.target is not None and c.target.shape != (n,):
+            raise ValueError(f"a noisy copy's target must be [n={n}], got {tuple(c.target.shape)}")
         if c.masked.shape != (n,) or c.step.shape != (n,) or c.masked.dtype != torch.bool:
             raise ValueError(f"a noisy copy needs masked [n] bool and step [n] over the n={n} "
                              f"generated tokens, got {tuple(c.masked.shape)} {c.masked.dtype} "
@@ -226,8 +231,18 @@ def build_rows(traj, copies: Sequence[NoisyCopy], spec: RowSpec) -> Rows:
     if given == {True}:  # stream k >= 1 holds copy k - 1
         weight = torch.tensor([float(c.weight) for c in copies], dtype=torch.float32)[
             stream[rows] - 1]
-    return Rows(input_ids, lay, rows, clean[pos[rows]], torch.zeros_like(rows), st[rows],
-                pos[rows] - P, 1, weight)
+    return Rows(input_ids, lay, rows, _targets(copies, clean, P, n)[stream[rows], pos[rows]],
+                torch.zeros_like(rows), st[rows], pos[rows] - P, 1, weight)
+
+
+def _targets(copies: Sequence[NoisyCopy], clean: torch.Tensor, P: int, n: int) -> torch.Tensor:
+    """[K + 1, L] the token each (stream, position) is trained on: the clean one, but for a
+    copy's own targets over the generated tokens."""
+    out = clean.expand(len(copies) + 1, -1).clone()
+    for k, c in enumerate(copies):
+        if c.target is not None:
+            out[k + 1, P:P + n] = c.target.long()
+    return out
 
 
 def _cat(parts, dtype=torch.long):

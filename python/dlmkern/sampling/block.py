@@ -51,6 +51,11 @@ class Trajectory:
     inpainted: list[int] = field(default_factory=list)
     # a tree rollout's leaf (dlmkern.sampling.tree.TreeLeaf: its tree and leaf index), else None
     tree: object | None = None
+    # FullSampler(record_predictions=True) (MDPO): [steps, gen_length] int32, row i the
+    # completion decoded from the state at global step prediction_steps[i] (every step, in
+    # order; the trainer keeps the steps it trains); None otherwise
+    step_predictions: torch.Tensor | None = None
+    prediction_steps: list[int] = field(default_factory=list)
 
     def text(self, tokenizer) -> str:
         """The completion as text: decoded without special tokens (EOS, padding), as TRL does;

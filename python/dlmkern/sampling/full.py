@@ -31,6 +31,8 @@ from dlmkern.sampling.rules import (
     transfer_schedule,
 )
 
+_PREDICT_ROWS = 2048  # record_predictions: response rows projected onto the vocabulary at once
+
 
 @dataclass
 class _Block:
@@ -49,6 +51,9 @@ class _Block:
     positions: torch.Tensor | None = None   # and their positions
     cu: torch.Tensor | None = None          # and their cu_seqlens
     rows: torch.Tensor | None = None        # rows of the block's slots in the forward's output
+    # record_predictions: each step's decoded completion [S, gen_length] and who was active [S]
+    predictions: list | None = None
+    lo: int = 0                             # the block's first response index
 
 
 class FullSampler:
@@ -57,11 +62,17 @@ class FullSampler:
 
     ``use_cache=False`` runs the whole canvas every step (LLaDA / Dream reference behaviour);
     ``use_cache=True`` caches the k / v of everything before the current block at the start of
-    each block and then runs only [current block | later positions] per step."""
+    each block and then runs only [current block | later positions] per step.
+
+    ``record_predictions=True`` (MDPO, off by default: it projects the whole response onto the
+    vocabulary at every step) fills Trajectory.step_predictions [steps, gen_length] (host int32):
+    at each of the sequence's steps, the completion decoded from that step's state: the committed
+    tokens, the current block's draw (what the step would commit there) and the argmax (never
+    the mask) at the later blocks' still-masked positions."""
 
     def __init__(self, model: DiffusionLM, config: SamplingConfig | None = None, *,
                  gen_length: int = 64, block_length: int = 32, eos_token_id: int | None = None,
-                 use_cache: bool = False):
+                 use_cache: bool = False, record_predictions: bool = False):
         if model.config.block_causal:
             raise ValueError("FullSampler is for full-attention models; use BlockSampler")
         if gen_length < 1 or block_length < 1:
@@ -70,6 +81,10 @@ class FullSampler:
         if cfg.cfg_scale and use_cache:
             raise ValueError("cfg_scale needs use_cache=False (LLaDA's guidance runs the whole "
                              "canvas twice, with and without the prompt)")
+        if record_predictions and (use_cache or cfg.cfg_scale):
+            raise ValueError("record_predictions needs use_cache=False and cfg_scale=0 (it reads "
+                             "the whole canvas's predictions from the plain forward)")
+        self.record_predictions = record_predictions
         self.model, self.cfg = model, cfg.per_block(-(-gen_length // block_length))
         self.gen_length, self.block_length = gen_length, block_length
         self.eos, self.use_cache = eos_token_id, use_cache
@@ -97,7 +112,8 @@ class FullSampler:
         """The planner's worst-case trajectory of this sampler (dlmkern.sampling.planned)."""
         from dlmkern.sampling.planned import full_trajectory
 
-        return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg)
+        return full_trajectory(prompt, self.gen_length, self.block_length, self.cfg,
+                               self.record_predictions)
 
     def _generate(self, prompts: list[list[int]], seeds: list[int],
                   given: list[dict[int, int]], draws=None) -> list[Trajectory]:
@@ -114,6 +130,9 @@ class FullSampler:
         self._layout = None if self.use_cache else layouts.full(lens * copies).to(device)
         self._prompt = torch.tensor([i < len(p) for p, n in zip(prompts, lens, strict=True)
                                      for i in range(n)], device=HOST).to(device)
+        self._resp = torch.tensor([[o + len(p) + j for j in range(self.gen_length)]
+                                   for o, p in zip(self._offsets, prompts, strict=False)],
+                                  dtype=torch.long, device=HOST).to(device)
         trajs = [Trajectory(p) for p in prompts]
         counter = [0] * len(prompts)
         done = [False] * len(prompts)
@@ -162,6 +181,9 @@ class FullSampler:
             .to(device),
             uniforms=draws.block(live, n_iter, n, device, steps=steps)
             if cfg.temperature > 0 else None)
+        blk.lo = lo
+        if self.record_predictions and planning() is None:  # (the planner: never read)
+            blk.predictions = []
         if self.use_cache:
             self._plan_cache(blk, prompts, lo, canvas, device)
         else:
@@ -195,7 +217,8 @@ class FullSampler:
 
     def _logits(self, blk: _Block, canvas) -> torch.Tensor:
         """Logits [S * n, V] of the block's slots (the rest of the canvas is run through the
-        model but never projected onto the vocabulary)."""
+        model but never projected onto the vocabulary; record_predictions: its response's argmax,
+        self._argmax [S, gen_length])."""
         m = self.model
         if blk.cache is None and self.cfg.cfg_scale:  # LLaDA's classifier-free guidance
             uncond = torch.where(self._prompt, self.mask_id, canvas)
@@ -206,6 +229,8 @@ class FullSampler:
             return un + (self.cfg.cfg_scale + 1) * (cond - un)
         if blk.cache is None:
             h = m.prediction_hidden(m(canvas, self._layout), self._layout.cu_seqlens)
+            if blk.predictions is not None:
+                self._argmax = self._predict(h)
         else:
             h = m.decode(canvas.index_select(0, blk.seg_index), blk.positions, blk.cu, blk.cache)
             h = m.prediction_hidden(h, blk.cu)  # Dream: row r predicts the next position
@@ -226,6 +251,8 @@ class FullSampler:
             sel = choose_batch(self.cfg, conf, ent, blk.masked, n_static) & active[:, None]
             flat = blk.slots.view(-1)
             old = canvas.index_select(0, flat).view(S, n)
+            if blk.predictions is not None:
+                self._record(blk, canvas, torch.where(blk.masked, tok, old), active)
             canvas.index_copy_(0, flat, torch.where(sel, tok, old).view(-1))
             blk.step_map.copy_(torch.where(sel, blk.counter[:, None].expand(S, n),
                                            blk.step_map))
@@ -237,18 +264,43 @@ class FullSampler:
                 if finished:
                     break
 
+    def _predict(self, h: torch.Tensor) -> torch.Tensor:
+        """[S, gen_length] argmax (never the mask, as the draw) of every response position,
+        projected _PREDICT_ROWS rows at a time (one [rows, V] logits buffer at most)."""
+        rows = self._resp.view(-1)
+        out = []
+        for lo in range(0, rows.numel(), _PREDICT_ROWS):
+            lg = self.model.logits(h.index_select(0, rows[lo:lo + _PREDICT_ROWS]))
+            lg[:, self.mask_id] = float("-inf")
+            out.append(lg.argmax(-1))
+        return torch.cat(out).view(self._resp.shape)
+
+    def _record(self, blk: _Block, canvas, block_pred, active):
+        """The completion decoded from this step's state: committed tokens, the block's draw,
+        the argmax at the other still-masked positions."""
+        resp = canvas.index_select(0, self._resp.view(-1)).view(self._resp.shape)
+        pred = torch.where(resp == self.mask_id, self._argmax, resp)
+        pred[:, blk.lo:blk.lo + block_pred.shape[1]] = block_pred
+        blk.predictions.append((pred, active.clone()))
+
     def _finish_block(self, blk: _Block, canvas, trajs, done, counter, lo: int, hi: int):
         """The block's one read-back: tokens, step map, log-probs and counters to the host; a
         sequence whose block holds EOS ends there (its after_eos context: the rest of the canvas,
         the positions after this block still [MASK] but for inpainted ones)."""
-        tokens, step_map, logprobs, counters = read(
+        preds = blk.predictions or []
+        active = torch.stack([a for _, a in preds]) if preds else blk.counter[:0]
+        tokens, step_map, logprobs, counters, active = read(
             canvas.index_select(0, blk.slots.view(-1)).view(blk.slots.shape), blk.step_map,
-            blk.logprobs, blk.counter)
+            blk.logprobs, blk.counter, active)
         check_device_errors(canvas.device)  # the kernels' flag, once per block (CUDA)
+        # (synchronised by the read: a plain copy; int32 on the host, [steps, gen_length] each)
+        preds = torch.stack([p for p, _ in preds]).to(HOST, torch.int32) if preds else None
         for i, c in enumerate(counters):
             if done[i]:
                 continue
             t = trajs[i]
+            if preds is not None:
+                _append_predictions(t, preds[[k for k, a in enumerate(active) if a[i]], i])
             counter[i] = c
             t.token_ids.extend(tokens[i])
             t.step_map.extend(step_map[i])
@@ -262,6 +314,14 @@ class FullSampler:
                     if r in g:
                         t.after_eos_ids[r - n], t.after_eos_steps[r - n] = g[r], -1
                 done[i] = True
+
+
+def _append_predictions(t: Trajectory, preds: torch.Tensor) -> None:
+    """A block's recorded completions [its steps, gen_length] after the earlier blocks'."""
+    start = 0 if t.step_predictions is None else len(t.step_predictions)
+    t.prediction_steps.extend(range(start, start + preds.shape[0]))
+    t.step_predictions = preds if t.step_predictions is None else \
+        torch.cat([t.step_predictions, preds])
 
 
 def _static_counts(cfg: SamplingConfig, masked: int) -> list[int]:

@@ -10,6 +10,9 @@ shares the first block), the generation blocks of the response for full-attentio
 
 from __future__ import annotations
 
+import torch
+
+from dlmkern._host import HOST, on_host
 from dlmkern.ops import layouts
 from dlmkern.sampling.block import Trajectory
 from dlmkern.sampling.rules import SamplingConfig
@@ -44,8 +47,16 @@ def block_trajectory(prompt: list[int], max_new_tokens: int, block: int,
     return _fill(Trajectory(list(prompt)), spans, cfg)
 
 
+@on_host
 def full_trajectory(prompt: list[int], gen_length: int, block_length: int,
-                    cfg: SamplingConfig) -> Trajectory:
-    """A full-attention sampler's worst-case trajectory: generation blocks of the response."""
+                    cfg: SamplingConfig, record_predictions: bool = False) -> Trajectory:
+    """A full-attention sampler's worst-case trajectory: generation blocks of the response
+    (record_predictions: a decoded completion of planned tokens at every step, MDPO)."""
     spans = [(lo, min(lo + block_length, gen_length)) for lo in range(0, gen_length, block_length)]
-    return _fill(Trajectory(list(prompt)), spans, cfg)
+    t = _fill(Trajectory(list(prompt)), spans, cfg)
+    if record_predictions:
+        steps = max(t.step_map) + 1
+        t.step_predictions = torch.full((steps, gen_length), PLANNED_TOKEN, dtype=torch.int32,
+                                        device=HOST)
+        t.prediction_steps = list(range(steps))
+    return t

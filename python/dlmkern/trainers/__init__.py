@@ -16,6 +16,7 @@ from dlmkern.trainers.presets import (
     GDPOConfig,
     IGPOConfig,
     JustGRPOConfig,
+    MDPOConfig,
     RandomMaskConfig,
     SPGConfig,
     TraceRLConfig,
@@ -31,6 +32,7 @@ OFFLINE = {"sft": SFT, "vrpo": VRPO}
 
 __all__ = ["OFFLINE", "PRESETS", "SFT", "VRPO", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig",
            "DTreeRPOConfig", "DiPO", "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig",
-           "GDPOConfig", "IGPOConfig", "JustGRPOConfig", "Preempted", "RLConfig", "RLTrainer",
+           "GDPOConfig", "IGPOConfig", "JustGRPOConfig", "MDPOConfig", "Preempted", "RLConfig",
+           "RLTrainer",
            "RandomMaskConfig", "SFTConfig", "SPGConfig", "TraceRL", "TraceRLConfig", "VRPOConfig",
            "WD1Config", "build_config", "load_config"]

@@ -55,7 +55,9 @@ class RLConfig(DataConfig):
                          "full attention)")
     advantage: str = opt("zscore", "per-completion advantage from the group's rewards: zscore "
                          "((r - mean) / std, GRPO) | wd1 (wd1's weights softmax(wd1_psi * A) - "
-                         "softmax(-wd1_psi * A), A = r - mean; needs ratio_level: none)")
+                         "softmax(-wd1_psi * A), A = r - mean; needs ratio_level: none) | mdpo "
+                         "(step-level: the completion decoded at every sampler step is "
+                         "rewarded, MDPO; needs estimator: mdpo, full-attention models)")
     wd1_psi: float = opt(1.0, "advantage=wd1: the softmax's inverse temperature psi")
     tree_depth: int = opt(0, "d-TreeRPO tree rollouts: levels of the tree (its branch steps "
                           "cut the step budget into tree_depth equal segments; 0: off, plain "
@@ -64,6 +66,8 @@ class RLConfig(DataConfig):
                           "num_tree_samples)")
     tree_branching: int = opt(4, "tree rollouts: children of every inner node below the root "
                               "(the paper's T)")
+    mdpo_train_steps: int = opt(0, "advantage=mdpo: train the steps of largest summed "
+                                "|advantage| over the batch, this many (0: every step)")
     use_value_model: bool = opt(False, "train a value model; advantages by GAE over trace steps")
     gamma: float = opt(1.0, "GAE discount over trace steps")
     lam: float = opt(1.0, "GAE lambda over trace steps")
@@ -112,7 +116,9 @@ class RLConfig(DataConfig):
                              "models) | step (1 / tokens of its trace step or copy) | "
                              "transition (step, rescaled to mean 1 per trajectory: with "
                              "reduction seq_mean, each step weighs as one in its trajectory's "
-                             "mean, CJ-GRPO)")
+                             "mean, CJ-GRPO) | mdpo (n / |M_k| times the token's rollout "
+                             "probability exp(old logp): MDPO's lambda_t and confidence; "
+                             "estimator mdpo)")
     likelihood_bound: str = opt("none", "per-sequence likelihood bound replacing the token terms "
                                 "(SPG; ratio_level: none, token_weights: elbo): none | elbo | "
                                 "sandwich (ELBO for A > 0, EUBO for A <= 0) | mixture (A <= 0: "
@@ -236,6 +242,13 @@ class RLConfig(DataConfig):
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")
+        if model_config.block_causal and (self.advantage == "mdpo" or self.estimator == "mdpo"):
+            raise ValueError(
+                f"config: advantage={self.advantage} / estimator={self.estimator} reward the "
+                f"completion decoded from every sampler step's state (MDPO); a block-causal "
+                f"model's state at a step holds no later blocks (they are generated after it), "
+                f"so that completion would stop at the current block: use a full-attention "
+                f"model (LLaDA / Dream)")
         per_block = self.token_weights == "block_elbo" or self.estimator == "block_stratified"
         if not model_config.block_causal and per_block:
             raise ValueError(
@@ -288,6 +301,30 @@ def _advantage_checks(c: RLConfig, valued: bool) -> list:
         (c.advantage != "wd1" or not valued,
          "advantage=wd1 is a group weight, and use_value_model replaces the group advantages by "
          "GAE over trace steps: use one or the other"),
+        *_step_advantage_checks(c),
+    ]
+
+
+def _step_advantage_checks(c: RLConfig) -> list:
+    """MDPO's step-level advantages index the rows of its own estimator by sampler step (a value
+    model is refused by the estimator check: its GAE needs trace rows)."""
+    mdpo = c.advantage == "mdpo"
+    return [
+        (mdpo == (c.estimator == "mdpo"),
+         f"advantage=mdpo (one advantage per sampler step) and estimator=mdpo (one noisy copy "
+         f"per sampler step, trained on that step's decoded completion) go together; got "
+         f"advantage={c.advantage} and estimator={c.estimator}: set both to mdpo or neither"),
+        (not mdpo or not c.inpaint_column,
+         f"advantage=mdpo and inpaint_column={c.inpaint_column!r} (IGPO's re-sampling with "
+         f"hints): its step rewards would mix hinted and plain steps; set inpaint_column: ''"),
+        (c.mdpo_train_steps >= 0, "mdpo_train_steps must be >= 0 (0: every step)"),
+        (mdpo or c.mdpo_train_steps == 0,
+         f"mdpo_train_steps={c.mdpo_train_steps} selects sampler steps of advantage=mdpo, and "
+         f"advantage={c.advantage} has none: set advantage: mdpo, or mdpo_train_steps: 0"),
+        (c.token_weights != "mdpo" or c.estimator == "mdpo",
+         f"token_weights=mdpo is MDPO's n / |M_k| times the token's probability, |M_k| the "
+         f"positions masked at step k, all trained by estimator=mdpo only; estimator="
+         f"{c.estimator} trains other tokens: set estimator: mdpo or another token_weights"),
     ]
 
 

@@ -13,6 +13,7 @@ import torch
 from dlmkern import distributed
 from dlmkern._host import HOST, on_host
 from dlmkern.rl import group_advantages, keep_groups
+from dlmkern.rl.advantages import mdpo_step_advantages, top_steps
 from dlmkern.sampling import sampler_for
 from dlmkern.sampling.block import Trajectory
 from dlmkern.trainers.checks import NonFiniteReward, RewardSpec
@@ -30,7 +31,8 @@ class RolloutBatch:
     group_size: int
     time_sample: float = 0.0
     time_reward: float = 0.0
-    # [n] cfg.advantage (no value model); advantage=tree: [n, tree depth]
+    # [n] cfg.advantage (no value model); advantage=tree: [n, tree depth]; advantage=mdpo:
+    # [n, steps], each step's
     advantages: torch.Tensor | None = field(default=None)
 
     def __len__(self) -> int:
@@ -56,7 +58,7 @@ class RolloutBatch:
             torch.cat([b.rewards for b in batches]) if batches else torch.zeros(0, device=HOST),
             [p for b in batches for p in b.prompts], group_size,
             sum(b.time_sample for b in batches), sum(b.time_reward for b in batches),
-            torch.cat(adv) if batches and all(a is not None for a in adv) else None)
+            _cat_advantages(adv) if batches and all(a is not None for a in adv) else None)
 
     def positions(self) -> tuple[list[int], int]:
         """Each trajectory's place in the step's global order of kept trajectories (prompt index
@@ -66,6 +68,15 @@ class RolloutBatch:
         where = {p: i for i, p in enumerate(order)}
         g = self.group_size
         return [where[p] * g + k for p in self.prompts for k in range(g)], len(order) * g
+
+
+def _cat_advantages(adv: list[torch.Tensor]) -> torch.Tensor:
+    """Per-trajectory advantages back to back; step-level ones ([n, steps], MDPO) padded with 0
+    to the most steps (a trajectory never trains a step it did not run)."""
+    if adv[0].dim() == 1:
+        return torch.cat(adv)
+    S = max(a.shape[1] for a in adv)
+    return torch.cat([torch.nn.functional.pad(a, (0, S - a.shape[1])) for a in adv])
 
 
 @on_host
@@ -95,7 +106,7 @@ class Rollout:
     def sampler(self, model):
         cfg = self.cfg
         return sampler_for(model, cfg.sampling, cfg.max_new_tokens, cfg.gen_block_length,
-                           self.tok.eos_token_id)
+                           self.tok.eos_token_id, record_predictions=cfg.advantage == "mdpo")
 
     def __call__(self, model, rows: list[dict], indices: list[int], step: int,
                  with_advantages: bool) -> RolloutBatch:
@@ -126,23 +137,56 @@ class Rollout:
             rewards = self.score(rows, trajs)
         batch = RolloutBatch(trajs, rewards, list(indices), g, t1 - t0,
                              time.perf_counter() - t1)
-        if with_advantages:  # computed once, here; a value model's GAE replaces them
+        if with_advantages and self.cfg.advantage == "mdpo":  # each step's decoded completion
+            batch.advantages = self.step_advantages(rows, trajs)
+        elif with_advantages:  # computed once, here; a value model's GAE replaces them
             batch.advantages = group_advantages(rewards, g, self.cfg.advantage,
                                                 self.cfg.wd1_psi,
                                                 self.cfg.tree_factors())
         return batch
 
     @on_host
+    def step_advantages(self, rows: list[dict], trajs: list[Trajectory]) -> torch.Tensor:
+        """MDPO: the completion decoded at each sampler step is rewarded (one reward call per
+        step and completion), step-level advantages [n, steps] computed from those rewards
+        (mdpo_step_advantages; a sequence that stopped early keeps its last reward), and only
+        the mdpo_train_steps steps of largest summed |advantage| are kept on the trajectories
+        (Trajectory.step_predictions / prediction_steps: the steps the rows train)."""
+        g, eos = self.cfg.group_size, self.tok.eos_token_id
+        counts = [t.step_predictions.shape[0] for t in trajs]  # >= 1: every sequence steps
+        S = max(counts)
+        texts = [self.tok.decode(_until_eos(p, eos), skip_special_tokens=True)
+                 for t in trajs for p in t.step_predictions.tolist()]
+        owner = [i for i, c in enumerate(counts) for _ in range(c)]
+        flat = self.score_texts([rows[i // g] for i in owner], texts)
+        step_r = torch.zeros(len(trajs), S, device=HOST)
+        at = 0
+        for i, c in enumerate(counts):
+            step_r[i, :c] = flat[at:at + c]
+            step_r[i, c:] = flat[at + c - 1]  # the state after its last step stays final
+            at += c
+        adv = mdpo_step_advantages(step_r, g)
+        keep = top_steps(adv, self.cfg.mdpo_train_steps).tolist()
+        for t, c in zip(trajs, counts, strict=True):
+            mine = [k for k in keep if k < c]
+            t.step_predictions, t.prediction_steps = t.step_predictions[mine], mine
+        return adv
+
+    @on_host
     def score(self, rows: list[dict], trajs: list[Trajectory]) -> torch.Tensor:
         """Summed rewards [len(trajs)] (host): each reward checked to return n finite floats,
         else a ValueError naming it (NaN / inf: NonFiniteReward)."""
         g = self.cfg.group_size
-        completions = [t.text(self.tok) for t in trajs]
-        expanded = [r for r in rows for _ in range(g)]
-        keys = dict.fromkeys(k for r in rows for k in r if k != "prompt")
+        return self.score_texts([r for r in rows for _ in range(g)],
+                                [t.text(self.tok) for t in trajs])
+
+    @on_host
+    def score_texts(self, expanded: list[dict], completions: list[str]) -> torch.Tensor:
+        """Summed rewards of completions [k] (host), completion i answering row expanded[i]."""
+        keys = dict.fromkeys(k for r in expanded for k in r if k != "prompt")
         columns = {k: [r.get(k) for r in expanded] for k in keys}
         prompt_text = [r["prompt"] for r in expanded]
-        rewards = torch.zeros(len(trajs), device=HOST)  # rewards, advantages: host-side
+        rewards = torch.zeros(len(completions), device=HOST)  # rewards, advantages: host-side
         for fn in self.reward_fns:
             rewards += torch.tensor(self.spec(fn)(prompt_text, completions, columns),
                                     dtype=torch.float32, device=HOST)
@@ -203,3 +247,8 @@ def reward_stats(sampled: RolloutBatch, cfg: RLConfig) -> dict:
         out["inpainted"] = int(distributed.all_sum(sum(bool(t.inpainted)
                                                        for t in sampled.trajs)))
     return out
+
+
+def _until_eos(tokens: list[int], eos: int | None) -> list[int]:
+    """A decoded completion up to its first EOS (included), as the sampler ends a sequence."""
+    return tokens[:tokens.index(eos) + 1] if eos is not None and eos in tokens else tokens

@@ -114,9 +114,9 @@ class Update:
                 prep = Prepared(p, r, old, ref, None)
                 if ms.value_model is not None:  # GAE over trace steps: the advantages
                     self._value_targets(prep, host, rewards[p.traj])
-                else:
-                    a = sample_adv[p.traj].to(dev)  # [n], or [n, D] per tree depth:
-                    prep.adv = a[r.traj] if a.dim() == 1 else a[r.traj, r.step]  # Rows.step
+                else:  # per trajectory, or per (trajectory, Rows.step): MDPO's [n, steps],
+                    # d-TreeRPO's [n, depths]
+                    prep.adv = _token_advantages(sample_adv[p.traj], host).to(dev)
                 if trace_steps:
                     prep.logp_gap = _sampler_gap(host, [trajs[i] for i in p.traj], old)
                 self._objective_inputs(prep, host, [trajs[i] for i in p.traj])
@@ -136,9 +136,10 @@ class Update:
                                          st.gen_block_length)
                 lens = response_block_lengths(host.gen_index, plen[host.traj], n[host.traj],
                                               st.block_size, st.gen_block_length)
+            old = prep.old_logp if obj.token_weights == "mdpo" else None
             prep.weights = token_weights(obj.token_weights, host.traj, host.step, n,
                                          host.copy_weight, blocks=blocks,
-                                         block_lengths=lens).to(self.device)
+                                         block_lengths=lens, old_logp=old).to(self.device)
         if obj.over_copies:  # a token's noisy copy (Rows.step) and place in its completion
             prep.copy_ids = host.step.to(self.device)
         if obj.bounded:
@@ -237,6 +238,14 @@ class Update:
         if vm is not None:
             value_opt.zero_grad(set_to_none=True)
         return stats
+
+
+def _token_advantages(sample_adv: torch.Tensor, host: Rows) -> torch.Tensor:
+    """Each trained token's advantage: its trajectory's, or (a [n, steps] table of step-level
+    advantages) its trajectory's at its Rows.step."""
+    if sample_adv.dim() == 1:
+        return sample_adv[host.traj]
+    return sample_adv[host.traj, host.step]
 
 
 def _vf_coef(mb: MiniBatch, p: Pass, obj: Objective, n_tokens: int) -> float:

@@ -11,6 +11,7 @@ from dlmkern.rl.estimators.blockwise import Blockwise
 from dlmkern.rl.estimators.coupled import Coupled
 from dlmkern.rl.estimators.diffu_grpo import DiffuGRPO
 from dlmkern.rl.estimators.elbo_mc import ElboMC
+from dlmkern.rl.estimators.mdpo import MDPOSteps
 from dlmkern.rl.estimators.quadrature import Quadrature
 from dlmkern.rl.estimators.random_mask import RandomMask
 from dlmkern.rl.estimators.stratified import Stratified
@@ -28,6 +29,7 @@ ESTIMATORS: dict[str, type[Estimator]] = {
     "stratified": Stratified,
     "block_stratified": BlockStratified,
     "tree": TreeSegments,
+    "mdpo": MDPOSteps,
 }
 
 
@@ -54,5 +56,5 @@ def readers(key: str) -> list[str]:
 
 
 __all__ = ["ESTIMATORS", "BlockStratified", "Blockwise", "Coupled", "DiffuGRPO", "ElboMC",
-           "Estimator", "NoisyCopy", "Quadrature", "RandomMask", "RowSpec", "Stratified", "Trace",
-           "TreeSegments", "from_config", "get", "readers"]
+           "Estimator", "MDPOSteps", "NoisyCopy", "Quadrature", "RandomMask", "RowSpec",
+           "Stratified", "Trace", "TreeSegments", "from_config", "get", "readers"]

@@ -20,6 +20,7 @@ from dlmkern.trainers.presets.espo import ESPOConfig
 from dlmkern.trainers.presets.gdpo import GDPOConfig
 from dlmkern.trainers.presets.igpo import IGPOConfig
 from dlmkern.trainers.presets.justgrpo import JustGRPOConfig
+from dlmkern.trainers.presets.mdpo import MDPOConfig
 from dlmkern.trainers.presets.spg import SPGConfig
 from dlmkern.trainers.presets.tracerl import TraceRLConfig
 from dlmkern.trainers.presets.wd1 import WD1Config
@@ -42,8 +43,10 @@ PRESETS: dict[str, type[RLConfig]] = {c.algo: c for c in (
     BGPOConfig,
     EBPOConfig,
     DTreeRPOConfig,
+    MDPOConfig,
 )}
 
 __all__ = ["PRESETS", "BGPOConfig", "CJGRPOConfig", "CoupledGRPOConfig", "DTreeRPOConfig",
            "DiPOConfig", "DiffuGRPOConfig", "EBPOConfig", "ESPOConfig", "GDPOConfig", "IGPOConfig",
-           "JustGRPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig", "WD1Config"]
+           "JustGRPOConfig", "MDPOConfig", "RandomMaskConfig", "SPGConfig", "TraceRLConfig",
+           "WD1Config"]
