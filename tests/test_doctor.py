@@ -92,8 +92,8 @@ def _rl_off(monkeypatch):  # the reward never reaches the policy's loss
 
 
 def _flip_rollout_advantages(monkeypatch):
-    real = rollout.group_zscore
-    monkeypatch.setattr(rollout, "group_zscore", lambda *a, **kw: -real(*a, **kw))
+    real = rollout.group_advantages  # the rollout's one call that makes group advantages
+    monkeypatch.setattr(rollout, "group_advantages", lambda *a, **kw: -real(*a, **kw))
 
 
 def _flip_value_loss(monkeypatch):  # the trainer's value term: both backends see it

@@ -1,4 +1,4 @@
-"""The algorithms as presets of one config (SPEC 4.7): each a subclass of RLConfig whose defaults
+"""The algorithms as presets of one config: each a subclass of RLConfig whose defaults
 ARE the algorithm (TRL's habit), one file each here with a docstring naming its paper, its code
 and what differs from them. A run file's ``algo:`` picks the preset (``PRESETS``) and its
 ``trainer:`` section overrides it field by field; ``dlmkern config ALGO`` lists its keys.

@@ -1,4 +1,4 @@
-"""The baselines (SPEC 4.5): random masking, coupled-GRPO (DiffuCoder) and diffu-GRPO (d1), each
+"""The baselines: random masking, coupled-GRPO (DiffuCoder) and diffu-GRPO (d1), each
 its estimator with the neutral GRPO-style defaults of RLConfig (not tuned to their papers' runs)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dlmkern.trainers.rl_config import preset_default as _same
 
 @dataclass
 class RandomMaskConfig(RLConfig):
-    """Random-masking RL, the plain baseline of SPEC 4.5 (no paper of its own): one noisy copy per
+    """Random-masking RL, the plain baseline (no paper of its own): one noisy copy per
     completion, each token masked with probability t ~ U(eps, 1) and the masked ones trained;
     GRPO advantages, clipped token ratio 0.2, token mean."""
 

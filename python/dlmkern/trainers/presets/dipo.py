@@ -1,4 +1,4 @@
-"""DiPO (SPEC 4.4): the preset."""
+"""DiPO (DiRL): the preset."""
 
 from __future__ import annotations
 

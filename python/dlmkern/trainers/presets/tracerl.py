@@ -1,4 +1,4 @@
-"""TraceRL (SPEC 4.3): the preset."""
+"""TraceRL: the preset."""
 
 from __future__ import annotations
 
