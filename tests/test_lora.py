@@ -322,3 +322,14 @@ def test_lora_keys_have_help_and_bad_settings_are_refused_at_config_time(tmp_pat
         TraceRL(_model(), TOK, DATA, parity,
                 _rl_cfg(tmp_path, lora=LoRAConfig(rank=4, targets="lm_head", dropout=0.1)))
     assert not os.path.exists(tmp_path / "curves.png")
+
+
+def test_compare_reports_a_lora_section_as_json():
+    import json
+
+    from dlmkern.compare import _own_keys
+
+    cfg = build_config(TraceRLConfig, {}, ["lora.rank=8"])
+    own = _own_keys(cfg, set())
+    assert own["lora"]["rank"] == 8
+    json.dumps(own)  # the table's file
