@@ -19,7 +19,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
   "$VPY" -m pip install -q --upgrade pip
   "$VPY" -m pip install -q "$TORCH_SPEC"
 fi
-"$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml transformers pyarrow datasets "scikit-build-core>=0.10" ninja ruff
+"$VPY" -m pip install -q numpy safetensors math-verify tqdm matplotlib pytest pyyaml transformers peft pyarrow datasets "scikit-build-core>=0.10" ninja ruff
 
 # Build what this machine runs: the CPU kernels always; the CUDA kernels when torch sees a GPU
 # (or DLMKERN_CUDA=ON: CI compiles them on a machine without one); the CUDA emulator module only

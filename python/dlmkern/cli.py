@@ -227,6 +227,17 @@ def cmd_config(args):
         print(f"{key:<26} {default!r:<14} {text}")
 
 
+def cmd_export(args):
+    """A LoRA adapter merged into its base model, written as a Hugging Face directory."""
+    from dlmkern.models.lora_io import merge_export
+
+    if not args.merge:
+        raise ValueError("export writes merged weights only: add --merge (the adapter "
+                         "directory itself is already the PEFT export)")
+    base = merge_export(args.adapter, args.out, args.base)
+    print(f"wrote {args.out}: {base} with the adapters of {args.adapter} merged")
+
+
 def cmd_doctor(args):
     from dlmkern.doctor import run
 
@@ -296,6 +307,17 @@ def main(argv=None):
 
     plan_cli.add_args(pl)
     pl.set_defaults(fn=plan_cli.command)
+    ex = sub.add_parser("export", help="merge a LoRA adapter (PEFT format: a run's "
+                        "checkpoint or its adapter/) into its base model: full weights in the "
+                        "base's dtype, a Hugging Face directory")
+    ex.add_argument("adapter", help="a PEFT adapter directory (adapter_config.json), or a "
+                    "checkpoint holding adapter/")
+    ex.add_argument("--out", required=True, help="the merged model's directory")
+    ex.add_argument("--base", help="the base model directory (default: the adapter's "
+                    "base_model_name_or_path)")
+    ex.add_argument("--merge", action="store_true", help="write W + s B A for every adapted "
+                    "layer (required: the only export there is)")
+    ex.set_defaults(fn=cmd_export)
     t = sub.add_parser("train", help="train from a YAML run file (RL, SFT or VRPO)",
                        description="Train from a YAML run file (RL, SFT or VRPO).",
                        epilog=keys_help(),

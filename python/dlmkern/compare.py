@@ -138,8 +138,9 @@ def _own_keys(cfg: RLConfig, given: set) -> dict:
     for f in dataclasses.fields(cfg):
         if f.name in given or f.name in SET_BY_COMPARE or f.name in BUDGET_KEYS:
             continue
-        if getattr(cfg, f.name) != getattr(neutral, f.name):
-            out[f.name] = getattr(cfg, f.name)
+        v = getattr(cfg, f.name)
+        if v != getattr(neutral, f.name):  # a nested section (lora) as its keys: JSON
+            out[f.name] = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
     return out
 
 

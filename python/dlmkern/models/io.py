@@ -65,8 +65,8 @@ def _policy_keys(model: DiffusionLM) -> dict[str, str]:
     """upstream name -> our name, for every tensor the checkpoint must hold."""
     keys = {}
     for name in model.state_dict():
-        if name == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
+        if (name == "lm_head.weight" and model.config.tie_word_embeddings) or ".lora_" in name:
+            continue  # tied; a LoRA adapter (saved merged, or by models.lora_io)
         keys[upstream_name(model.config.family, name)] = name
     return keys
 
@@ -202,6 +202,7 @@ def load(path: str, dtype: torch.dtype | None = None, device=None):
             with safe_open(file, framework="pt") as f:
                 for up in names:
                     own[expected[up]].copy_(f.get_tensor(up))
+    model.name_or_path = path  # e.g. a LoRA adapter's base_model_name_or_path
     return model
 
 
@@ -256,13 +257,18 @@ def load_for_run(model, target: RunTarget | None):
 
 def save_pretrained(model, path: str) -> None:
     """Writes config.json and model.safetensors under the upstream names (atomically: a
-    temporary file is renamed into place), in the model's own dtype."""
+    temporary file is renamed into place), in the model's own dtype; LoRA adapters merged
+    (models.lora_io.save_adapter writes them on their own)."""
+    from dlmkern.models.lora import merged_state
+
     is_value = isinstance(model, ValueModel)
     policy = model.trunk if is_value else model
     head = None
     if is_value:
         head = {"weight": model.value_head.weight, "bias": model.value_head.bias}
-    save_state(policy.config, policy.state_dict(), path, value_head=head)
+    with torch.no_grad():  # LoRA adapters merged (none: the state as it is)
+        state = merged_state(policy, policy.state_dict())
+    save_state(policy.config, state, path, value_head=head)
 
 
 def save_state(config: ModelConfig, state: dict, path: str, value_head: dict | None = None):

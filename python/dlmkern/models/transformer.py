@@ -13,6 +13,7 @@ from torch.utils.checkpoint import checkpoint
 
 from dlmkern._host import on_host
 from dlmkern.models.config import ModelConfig
+from dlmkern.models.lora import Linear
 from dlmkern.ops import block_attention, decode_attention
 from dlmkern.ops.layouts import Layout
 
@@ -74,10 +75,10 @@ class Attention(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         self.c = c
-        self.wq = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
-        self.wk = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.wv = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.wo = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.wq = Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
+        self.wk = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wv = Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
+        self.wo = Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -116,9 +117,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
-        self.w_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.w_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.w_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.w_gate = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.w_up = Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.w_down = Linear(c.intermediate_size, c.hidden_size, bias=False)
 
     def forward(self, x):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
@@ -156,7 +157,7 @@ class DiffusionLM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Layer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         self.gradient_checkpointing = False
@@ -193,7 +194,7 @@ class DiffusionLM(nn.Module):
             hidden = self.prediction_hidden(self(input_ids, layout), layout.cu_seqlens)
             full_targets = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
             full_targets[rows] = targets
-            return masked_logprobs(hidden, self.lm_head.weight, full_targets, rows=rows,
+            return masked_logprobs(hidden, self.output_weight(), full_targets, rows=rows,
                                    temperature=temperature)
         layout = self._layout(layout)
         x = self.embed(input_ids)
@@ -206,6 +207,11 @@ class DiffusionLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+    def output_weight(self) -> torch.Tensor:
+        """The output head's weight [V, H] as the fused log-prob path takes it (with a LoRA
+        adapter on lm_head: W + s B A, models.lora)."""
+        return self.lm_head.merged_weight()
 
     def prediction_hidden(self, hidden: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
         """The hidden state that predicts each position: itself, or (Dream) the previous position
@@ -292,7 +298,7 @@ class ValueModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: DiffusionLM) -> ValueModel:
-        """A value model whose trunk is a copy of ``policy``'s weights, in its dtype on its
+        """A value model whose trunk is a copy of ``policy``'s (base) weights, in its dtype on its
         device, and whose head is zero: built on the meta device and filled from the policy's
         tensors (no random init of a model, no fp32 copy)."""
         from dlmkern.models.io import materialize
@@ -301,7 +307,9 @@ class ValueModel(nn.Module):
         with torch.device("meta"):
             trunk = DiffusionLM(policy.config)
         trunk = materialize(trunk, p.dtype, p.device)
-        trunk.load_state_dict(policy.state_dict())
+        # a LoRA policy's base weights (its adapters are the policy's own)
+        trunk.load_state_dict({k: v for k, v in policy.state_dict().items()
+                               if ".lora_" not in k})
         return cls.around(trunk)
 
     @classmethod

@@ -45,12 +45,11 @@ class Checkpointing:
 
     def save(self, path: str):
         """Writes a checkpoint directory: dcp/ (model, value model, optimizers unless
-        save_optimizer is off), model/ (Hugging Face export), trainer_state.pt (progress and RNG
+        save_optimizer is off), model/ (Hugging Face export; with LoRA the merged weights, and
+        adapter/ the adapters in PEFT's format), trainer_state.pt (progress and RNG
         states), trainer_config.json. A temporary directory is renamed into place, so a crash
         never leaves a half-written checkpoint."""
         import torch.distributed.checkpoint as dcp
-
-        from dlmkern.models.io import save_state
 
         tmp = path.rstrip("/") + ".tmp"
         if distributed.rank() == 0:
@@ -62,7 +61,7 @@ class Checkpointing:
                      checkpoint_id=os.path.join(tmp, "dcp"))
         full = full_state(self.model)  # collective: every rank takes part
         if distributed.rank() == 0:
-            save_state(self.model.config, full, os.path.join(tmp, "model"))  # training dtype
+            _export(self.model, full, tmp)
             tok = getattr(self, "tok", None)
             if hasattr(tok, "save_pretrained"):  # a Hugging Face tokenizer: model/ is loadable
                 tok.save_pretrained(os.path.join(tmp, "model"))
@@ -195,6 +194,21 @@ class Checkpointing:
 
 
 _OPTIM_KEY = {"model": "optim", "value_model": "value_optim"}
+
+
+def _export(model, full: dict, out: str) -> None:
+    """model/ (Hugging Face directory, in the training dtype) from the policy's full state; a
+    LoRA policy's with its adapters merged, and adapter/ (PEFT's format) beside it."""
+    from dlmkern.models.io import save_state
+    from dlmkern.models.lora import has_adapters, merged_state
+    from dlmkern.models.lora_io import save_adapter
+
+    if not has_adapters(model):
+        save_state(model.config, full, os.path.join(out, "model"))
+        return
+    save_state(model.config, merged_state(model, full), os.path.join(out, "model"))
+    save_adapter(model, os.path.join(out, "adapter"), state=full,
+                 base=getattr(model, "name_or_path", None))
 
 
 def _set_models(state: dict, models) -> None:

@@ -9,6 +9,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from dlmkern.models.lora import LoRAConfig
+
 
 def help_field(default, text: str):
     """A dataclass field with its one-line help (printed by `dlmkern config`); mutable defaults
@@ -19,6 +21,10 @@ def help_field(default, text: str):
 
 
 opt = help_field
+
+LORA_HELP = ("LoRA adapters instead of full fine-tuning (lora.rank > 0; lora.targets, "
+             "lora.alpha, ...): the base weights stay frozen, checkpoints hold the adapters in "
+             "PEFT's format (adapter/) and the merged weights (model/)")
 
 
 @dataclass
@@ -89,10 +95,11 @@ class SFTConfig(OfflineConfig):
     algo: ClassVar[str] = "sft"
     total_steps: int = opt(200, "SFT steps of a run")
     min_mask_ratio: float = opt(1e-3, "t ~ U(min_mask_ratio, 1) per row")
+    lora: LoRAConfig = field(default_factory=LoRAConfig, metadata={"help": LORA_HELP})
 
     def validate(self):
         check_all([(0 < self.min_mask_ratio < 1, "min_mask_ratio must lie in (0, 1)"),
-                   *self.offline_checks()])
+                   *self.offline_checks(), *self.lora.checks()])
         return self
 
 

@@ -64,7 +64,7 @@ def masked_token_logprobs(model, packed: Packed) -> torch.Tensor:
     h = model.prediction_hidden(h, packed.layout.cu_seqlens)
     full_t = torch.zeros(packed.ids.numel(), dtype=torch.long, device=packed.ids.device)
     full_t[packed.rows] = packed.targets
-    return masked_logprobs(h, model.lm_head.weight, full_t, rows=packed.rows)
+    return masked_logprobs(h, model.output_weight(), full_t, rows=packed.rows)
 
 
 def stratified_mask_counts(length: int, n: int, gen: torch.Generator) -> list[int]:

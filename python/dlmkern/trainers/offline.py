@@ -15,12 +15,13 @@ from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import eval_due
 from dlmkern.models import DiffusionLM
 from dlmkern.models.io import load_config, load_for_run, run_target
+from dlmkern.models.lora import apply_lora
 from dlmkern.ops import check_device_errors
 from dlmkern.trainers.checkpoint import Checkpointing
 from dlmkern.trainers.checks import check_output_dir, nonfinite_guard, prepare_output_dir
 from dlmkern.trainers.config import to_dict
 from dlmkern.trainers.logging import RunLogger
-from dlmkern.trainers.optim import MixedPrecisionAdamW
+from dlmkern.trainers.optim import MixedPrecisionAdamW, trained
 from dlmkern.trainers.plan import micro_batches
 
 
@@ -48,19 +49,24 @@ class OfflineTrainer(Checkpointing):
         self.eval_fn = None if eval_dataset is None else self._held_out(
             eval_dataset, tokenizer, eval_reward)  # eval_fn(model) -> float (all ranks)
         check_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir, resume_from)
-        check_vocabulary(tokenizer, model.config if isinstance(model, DiffusionLM) else
-                         load_config(model))  # ids beyond it: an IndexError in step 0
+        model_config = model.config if isinstance(model, DiffusionLM) else load_config(model)
+        check_vocabulary(tokenizer, model_config)  # ids beyond it: an IndexError in step 0
+        lora = getattr(self.cfg, "lora", None)  # SFT's; VRPO has none
+        if lora is not None:
+            lora.check_model(model_config)
         start_from = prepare_output_dir(self.cfg.output_dir, self.cfg.existing_output_dir,
                                         writer=distributed.rank() == 0, resume_from=resume_from)
         self.model: DiffusionLM = distributed.to_local_device(load_for_run(model, target))
         self.device = next(self.model.parameters()).device
+        if lora is not None and lora.enabled:  # adapters, the base frozen (models.lora)
+            apply_lora(self.model, lora)
         self.ref_model = self.reference()  # before sharding: a copy of the starting weights
         self.model.gradient_checkpointing = self.cfg.gradient_checkpointing
         if self.distributed:  # FSDP2 before the optimizer sees the parameters
             for m in (self.model, self.ref_model):
                 if m is not None:
                     distributed.shard(m)
-        self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=self.cfg.lr,
+        self.opt = MixedPrecisionAdamW(trained(self.model), lr=self.cfg.lr,
                                        weight_decay=self.cfg.weight_decay,
                                        offload=self.cfg.optimizer_offload,
                                        offload_grad_sums=self.cfg.offload_grad_sums)

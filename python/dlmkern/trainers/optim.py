@@ -35,6 +35,12 @@ _LOW = (torch.bfloat16, torch.float16)
 _FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
 
 
+def trained(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters an optimizer of `model` steps: those that require gradients (with LoRA,
+    the adapters and a value model's head; the frozen base gets no optimizer state)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 class MixedPrecisionAdamW(torch.optim.AdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, offload: bool = False,

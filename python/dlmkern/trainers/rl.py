@@ -20,6 +20,7 @@ from dlmkern.data.checks import check_vocabulary
 from dlmkern.evaluate import HeldOut, eval_due
 from dlmkern.models import DiffusionLM, ValueModel
 from dlmkern.models.io import load_config, load_for_run, run_target
+from dlmkern.models.lora import apply_lora, has_adapters, shared_trunk
 from dlmkern.ops.objective import Objective
 from dlmkern.rewards.registry import get_rewards
 from dlmkern.rl import RowSpec
@@ -34,7 +35,7 @@ from dlmkern.trainers.checks import (
 )
 from dlmkern.trainers.config import build_config, to_dict
 from dlmkern.trainers.logging import RunLogger
-from dlmkern.trainers.optim import MixedPrecisionAdamW
+from dlmkern.trainers.optim import MixedPrecisionAdamW, trained
 from dlmkern.trainers.plan import plan_step, planned_trajectories
 from dlmkern.trainers.presets import DiPOConfig, TraceRLConfig
 from dlmkern.trainers.rl_config import RLConfig
@@ -122,17 +123,16 @@ class RLTrainer(Checkpointing):
         return config
 
     def _models(self, model: DiffusionLM, value_model: ValueModel | None) -> None:
-        cfg = self.cfg
+        cfg, lora = self.cfg, self.cfg.lora
         self.model = distributed.to_local_device(model)
         self.device = next(self.model.parameters()).device
-        if value_model is None and cfg.use_value_model:
-            value_model = ValueModel.from_policy(self.model)
-        self.value_model = value_model
-        if value_model is not None:
-            distributed.to_local_device(value_model)
-        # the frozen reference policy exists only when a KL to it is asked for
+        if lora.enabled:  # adapters on the policy, its base frozen (models.lora)
+            apply_lora(self.model, lora)
+        self.value_model = self._value_model(value_model)
+        # the frozen reference policy exists only when a KL to it is asked for; with LoRA it is
+        # the policy with its adapters disabled (Update), no copy
         self.ref_model = None
-        if cfg.kl_coef > 0 and cfg.kl_to == "ref":
+        if cfg.kl_coef > 0 and cfg.kl_to == "ref" and not lora.enabled:
             self.ref_model = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.model.gradient_checkpointing = cfg.gradient_checkpointing
         if self.value_model is not None:
@@ -143,16 +143,36 @@ class RLTrainer(Checkpointing):
                     distributed.shard(m)
         self.make_optimizers()
 
+    def _value_model(self, value_model: ValueModel | None) -> ValueModel | None:
+        """The value model: the one given, or (use_value_model) one built from the policy: with
+        lora.value, a trunk sharing the policy's frozen base weights with a LoRA of its own (and
+        its head); else a copy of the base weights. A given one gets its own LoRA too."""
+        cfg, lora = self.cfg, self.cfg.lora
+        if value_model is None and cfg.use_value_model:
+            if lora.enabled and lora.value:
+                value_model = ValueModel.around(shared_trunk(self.model))
+            else:
+                value_model = ValueModel.from_policy(self.model)
+            fresh = True
+        else:
+            fresh = False
+        if value_model is None:
+            return None
+        distributed.to_local_device(value_model)
+        if lora.enabled and lora.value and (fresh or not has_adapters(value_model.trunk)):
+            apply_lora(value_model.trunk, lora)
+        return value_model
+
     def make_optimizers(self) -> None:
         """The policy's (and value model's) optimizer, fresh, as the config sets them (also
         dlmkern.plan's, when it tries optimizer_offload)."""
         cfg = self.cfg
-        self.opt = MixedPrecisionAdamW(self.model.parameters(), lr=cfg.lr,
+        self.opt = MixedPrecisionAdamW(trained(self.model), lr=cfg.lr,
                                        weight_decay=cfg.weight_decay,
                                        offload=cfg.optimizer_offload,
                                        offload_grad_sums=cfg.offload_grad_sums)
         self.value_opt = None if self.value_model is None else MixedPrecisionAdamW(
-            self.value_model.parameters(), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
+            trained(self.value_model), lr=cfg.value_lr, weight_decay=cfg.weight_decay,
             offload=cfg.optimizer_offload, offload_grad_sums=cfg.offload_grad_sums)
         self.updater = self._update_stage()  # it trains with these optimizers
 
@@ -161,7 +181,8 @@ class RLTrainer(Checkpointing):
         the trainer's non-finite policy), never the trainer."""
         cfg, c = self.cfg, self.model.config
         models = UpdateModels(self.model, self.opt, self.ref_model, self.value_model,
-                              self.value_opt)
+                              self.value_opt, ref_is_base=self.cfg.lora.enabled and
+                              self.cfg.kl_to == "ref")
         settings = UpdateSettings(gamma=cfg.gamma, lam=cfg.lam, vf_clip=cfg.vf_clip,
                                   max_grad_norm=cfg.max_grad_norm,
                                   block_size=c.block_size if c.block_causal else None,

@@ -14,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
+from dlmkern.models.lora import LoRAConfig
 from dlmkern.ops.objective import REDUCTIONS
 from dlmkern.ops.objective import checks as objective_checks
 from dlmkern.rl.advantages import ADVANTAGES
@@ -21,7 +22,7 @@ from dlmkern.rl.estimators import ESTIMATORS
 from dlmkern.rl.estimators import get as get_estimator
 from dlmkern.rl.estimators import readers as estimator_readers
 from dlmkern.sampling.rules import SamplingConfig
-from dlmkern.trainers.config import DataConfig, check_all, check_types, policy_checks
+from dlmkern.trainers.config import LORA_HELP, DataConfig, check_all, check_types, policy_checks
 from dlmkern.trainers.config import help_field as opt
 
 
@@ -145,6 +146,9 @@ class RLConfig(DataConfig):
                                   "(16 bytes per bf16 parameter off the GPU; slower step)")
     offload_grad_sums: bool = opt(True, "with optimizer_offload: the fp32 gradient sums on the "
                                   "host too (false: on the GPU, 4 bytes per parameter there)")
+    lora: LoRAConfig = dataclasses.field(
+        default_factory=LoRAConfig,
+        metadata={"help": LORA_HELP + "; kl_to: ref is the model with its adapters disabled"})
     # bookkeeping
     seed: int = opt(0, "seeds data order, sampling and masks")
     output_dir: str = opt("runs/rl", "where logs, plots and checkpoints go")
@@ -216,6 +220,7 @@ class RLConfig(DataConfig):
             *_estimator_checks(self),
             *policy_checks(self),
             *objective_checks(self),
+            *self.lora.checks(),
             (self.token_weights not in ("elbo", "block_elbo") or
              self.estimator not in ESTIMATORS or not get_estimator(self.estimator).trace_steps,
              f"token_weights={self.token_weights} weights a token by 1/t, t the share of the "
@@ -239,6 +244,7 @@ class RLConfig(DataConfig):
 
     def check_model(self, model_config) -> None:
         """Settings that only one kind of model takes (its config.json is enough)."""
+        self.lora.check_model(model_config)
         if model_config.block_causal and (self.sampling.cfg_scale or self.sampling.steps_total):
             raise ValueError("config: sampling.cfg_scale and sampling.steps_total are LLaDA's "
                              "(full-attention models); this model is block-causal")

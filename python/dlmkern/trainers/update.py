@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST, read_floats
+from dlmkern.models.lora import adapters_disabled
 from dlmkern.ops import check_device_errors, policy_value_loss
 from dlmkern.ops.objective import Objective, response_block_lengths, response_blocks, token_weights
 from dlmkern.rl import Rows
@@ -48,6 +49,7 @@ class UpdateModels:
     ref_model: torch.nn.Module | None = None
     value_model: torch.nn.Module | None = None
     value_opt: object | None = None
+    ref_is_base: bool = False  # LoRA: the KL reference is the policy with adapters disabled
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,17 @@ class Update:
         """selected_logp at the sampler's temperature (validate refuses what it cannot score)."""
         return selected_logp(model, rows, self.device, temperature=self.objective.temperature)
 
+    def _ref_logp(self, r: Rows, old: torch.Tensor) -> torch.Tensor:
+        """The KL target's log-probs: the frozen reference copy, the policy with its LoRA
+        adapters disabled (ref_is_base), or the old policy's."""
+        ms = self.models
+        if ms.ref_model is not None:
+            return self._logp(ms.ref_model, r)
+        if ms.ref_is_base:
+            with adapters_disabled(ms.model):
+                return self._logp(ms.model, r)
+        return old
+
     def prepare(self, mb: MiniBatch, rows: list[Rows], trajs, sample_adv, rewards,
                 trace_steps: bool) -> list[Prepared]:
         ms, obj, dev = self.models, self.objective, self.device
@@ -110,7 +123,7 @@ class Update:
                 old = self._logp(ms.model, r)
                 ref = None
                 if obj.kl_coef > 0:  # the KL target: the reference (kl_to: ref) or the old policy
-                    ref = self._logp(ms.ref_model, r) if ms.ref_model else old
+                    ref = self._ref_logp(r, old)
                 prep = Prepared(p, r, old, ref, None)
                 if ms.value_model is not None:  # GAE over trace steps: the advantages
                     self._value_targets(prep, host, rewards[p.traj])
