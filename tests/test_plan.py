@@ -239,3 +239,25 @@ def test_train_goes_on_unplanned_when_this_torch_cannot_plan(tmp_path, monkeypat
     assert "no memory plan" in capsys.readouterr().out
     assert main(["plan", str(run_file)]) == 2
     assert "dlmkern plan: error: no MemTracker internals" in capsys.readouterr().err
+
+
+def test_plan_counts_a_lora_runs_adapter_only_optimizer_state(tmp_path, capsys):
+    # issue #30: with adapters the frozen base takes no gradient or optimizer state (the tracker
+    # must not hook a frozen weight beside a trained adapter in the same layer)
+    run = tmp_path / "run.yaml"
+    run.write_text("algo: tracerl\nmodel: nowhere\ndataset: nowhere.jsonl\n"
+                   "trainer:\n  prompts_per_step: 2\n  group_size: 2\n  max_new_tokens: 8\n"
+                   "  micro_batch_tokens: 64\n  sampling: {rule: sequential, steps: 4}\n")
+    model = _model_dir(tmp_path)
+    plans = {}
+    for name, over in (("full", []), ("lora", ["lora.rank=4"])):
+        out = tmp_path / f"{name}.json"
+        rc = main(["plan", str(run), f"model={model}", *over, "--gpu-memory", "4GiB",
+                   "--reserve", "0", "--prompt-tokens", "8", "--json", str(out)])
+        assert rc == 0, capsys.readouterr()
+        plans[name] = json.loads(out.read_text())["stages"]["optimizer_step"]
+    full, lora = plans["full"], plans["lora"]
+    n = sum(t.numel() for t in DiffusionLM(MC).parameters())
+    assert full["optimizer"] >= 8 * n  # fp32 moments of every parameter (4 bytes each, two)
+    assert 0 < lora["optimizer"] < full["optimizer"] / 20  # the adapters' only
+    assert 0 < lora["grads"] < full["grads"] / 20

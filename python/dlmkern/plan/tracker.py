@@ -48,9 +48,23 @@ class StageTracker(MemTracker):
         super()._pre_fw_hook(module, inputs)
 
     def _track_module_params_and_buffers(self, module, install_grad_hooks: bool = True):
-        # a frozen module (the KL reference policy) takes no gradient hooks: torch refuses them
-        trains = any(p.requires_grad for p in module.parameters())
-        return super()._track_module_params_and_buffers(module, install_grad_hooks and trains)
+        # a frozen parameter (the KL reference policy; a LoRA layer's base weight beside its
+        # trained adapters) takes no gradient hook: torch refuses one. Torch's own loop hooks
+        # every parameter of the module, so the hooks of the trained ones are installed here.
+        out = super()._track_module_params_and_buffers(module, False)
+        if install_grad_hooks:
+            for p in module.parameters():
+                if p.requires_grad and self._param_to_grad_hook_handles.get(p) is None:
+                    self._hook_grads(p)
+        return out
+
+    def _hook_grads(self, p) -> None:
+        """Count `p`'s gradient as it is made and accumulated (torch's own hooks, per tensor)."""
+        def seen(grad):
+            self._update_and_maybe_create_winfos(grad, _MemRefType.GRAD)
+
+        self._param_to_grad_hook_handles[p] = (
+            p.register_hook(seen), p.register_post_accumulate_grad_hook(lambda q: seen(q.grad)))
 
     def tag(self, tensors, category: str = "kv_cache") -> None:
         """Counts these (already tracked or new) tensors under `category` from now on."""
