@@ -187,6 +187,20 @@ def _sft_done(sft_dir: str, seed: int, size: DemoSize) -> bool:
         return json.load(f) == {"seed": seed, "size": dataclasses.asdict(size)}
 
 
+def timed_accuracy(tok, test):
+    """(held_out(model) -> accuracy on `test`, [seconds spent in it so far]): a run's held-out
+    curve, its time kept apart so the run's own wall time can leave it out."""
+    spent = [0.0]
+
+    def held_out(m):
+        t = time.perf_counter()
+        acc = accuracy(m, tok, test)
+        spent[0] += time.perf_counter() - t
+        return acc
+
+    return held_out, spent
+
+
 def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_dir: str,
            progress_bar: bool, acc_sft: float) -> float:
     """RL from the SFT model (in place); returns its wall time without the held-out evaluations
@@ -196,14 +210,7 @@ def run_rl(model, tok, train, test, algo: str, size: DemoSize, seed: int, out_di
                                    "progress_bar": progress_bar,
                                    "existing_output_dir": "overwrite"})
     trainer = trainer_cls(model, tok, train, exact_match, rl_cfg)
-    eval_time = [0.0]
-
-    def held_out(m):
-        t = time.perf_counter()
-        acc = accuracy(m, tok, test)
-        eval_time[0] += time.perf_counter() - t
-        return acc
-
+    held_out, eval_time = timed_accuracy(tok, test)
     trainer.eval_fn = held_out  # the held-out curve in the plot
     trainer.plot_marks = {"eval_accuracy": (acc_sft, "after SFT (the RL start)")}
     t0 = time.perf_counter()

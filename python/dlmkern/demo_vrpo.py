@@ -23,6 +23,7 @@ from dlmkern.demo import (
     accuracy,
     addition_task,
     compare_task,
+    timed_accuracy,
 )
 from dlmkern.models import load
 from dlmkern.run_layout import final_model
@@ -83,14 +84,7 @@ def run_vrpo_demo(out_dir: str = "runs/demo", seed: int = 0, steps: int | None =
                      log_every=max(1, keys["total_steps"] // 20),
                      eval_every=max(1, keys["total_steps"] // 5))
     trainer = VRPO(model, tok, path, cfg)
-    eval_time = [0.0]
-
-    def held_out(m):
-        t = time.perf_counter()
-        acc = accuracy(m, tok, test)
-        eval_time[0] += time.perf_counter() - t
-        return acc
-
+    held_out, eval_time = timed_accuracy(tok, test)
     trainer.eval_fn = held_out  # the held-out curve in curves.png
     t0 = time.perf_counter()
     trainer.train()

@@ -9,7 +9,8 @@ import torch
 from dlmkern._host import HOST, on_host
 from dlmkern.rl.rows import NoisyCopy, Rows, RowSpec, build_rows
 
-__all__ = ["EPS", "Estimator", "NoisyCopy", "RowSpec", "trained_copies", "uniform_mask"]
+__all__ = ["EPS", "Estimator", "NoisyCopy", "RowSpec", "exact_mask", "trained_copies",
+           "uniform_mask"]
 
 EPS = 1e-3  # random masking draws its rate t ~ U(EPS, 1): never a copy that masks nothing
 
@@ -53,6 +54,13 @@ def uniform_mask(n: int, gen: torch.Generator, eps: float = EPS) -> torch.Tensor
     scalar, then n uniforms."""
     t = eps + (1 - eps) * float(torch.rand((), generator=gen, device=HOST))
     return torch.rand(n, generator=gen, device=HOST) < t
+
+
+def exact_mask(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
+    """[n] bool: exactly k of the n tokens masked, chosen uniformly (one randperm draw)."""
+    m = torch.zeros(n, dtype=torch.bool, device=HOST)
+    m[torch.randperm(n, generator=gen, device=HOST)[:k]] = True
+    return m
 
 
 def trained_copies(masks: list[torch.Tensor]) -> list[NoisyCopy]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST
-from dlmkern.rl.estimators.base import NoisyCopy, RowSpec
+from dlmkern.rl.estimators.base import NoisyCopy, RowSpec, exact_mask
 from dlmkern.rl.estimators.blockwise import BlockCopies
 
 
@@ -39,7 +39,6 @@ class BlockStratified(BlockCopies):
             for b in range(n_blocks):
                 inside = (block == b).nonzero().squeeze(1)
                 k = min(int(levels[c * n_blocks + b] * inside.numel()) + 1, inside.numel())
-                pick = torch.randperm(inside.numel(), generator=gen, device=HOST)[:k]
-                masked[inside[pick]] = True
+                masked[inside[exact_mask(inside.numel(), k, gen)]] = True
             out.append(NoisyCopy(masked, torch.where(masked, c, -1).long()))
         return out

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST
-from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec, exact_mask
 
 
 def completion_blocks(P: int, n: int, spec: RowSpec, gen_block_length: int) -> torch.Tensor:
@@ -71,6 +71,6 @@ class Blockwise(BlockCopies):
             inside = (block == b).nonzero().squeeze(1)
             k = int(torch.randint(1, inside.numel() + 1, (), generator=gen, device=HOST))
             masked = block > b
-            masked[inside[torch.randperm(inside.numel(), generator=gen, device=HOST)[:k]]] = True
+            masked[inside[exact_mask(inside.numel(), k, gen)]] = True
             out.append(NoisyCopy(masked, torch.where(masked, c, -1).long()))
         return out

@@ -15,7 +15,7 @@ from functools import lru_cache
 import torch
 
 from dlmkern._host import HOST
-from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec, exact_mask
 from dlmkern.rl.estimators.elbo_mc import weighted_copies
 
 
@@ -49,8 +49,5 @@ class Quadrature(Estimator):
         nodes, weights = gauss_legendre(self.quadrature_nodes)
         masks = []
         for t in nodes:
-            k = min(n, max(1, round(t * n)))
-            m = torch.zeros(n, dtype=torch.bool, device=HOST)
-            m[torch.randperm(n, generator=gen, device=HOST)[:k]] = True
-            masks.append(m)
+            masks.append(exact_mask(n, min(n, max(1, round(t * n))), gen))
         return weighted_copies(masks, list(weights))

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from dlmkern._host import HOST
-from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec
+from dlmkern.rl.estimators.base import Estimator, NoisyCopy, RowSpec, exact_mask, trained_copies
 
 
 @dataclass(frozen=True)
@@ -38,9 +38,5 @@ class Stratified(Estimator):
         n = len(traj.token_ids)
         if not n:
             return []
-        out = []
-        for c, k in enumerate(self.counts(n, gen).tolist()):
-            masked = torch.zeros(n, dtype=torch.bool, device=HOST)
-            masked[torch.randperm(n, generator=gen, device=HOST)[:k]] = True
-            out.append(NoisyCopy(masked, torch.where(masked, c, -1).long()))
-        return out
+        # every count is >= 1: no copy is dropped, copy c trains at Rows.step c
+        return trained_copies([exact_mask(n, k, gen) for k in self.counts(n, gen).tolist()])
